@@ -1,0 +1,46 @@
+"""The one ``bootseer`` command.  Each part owns its sub-commands in its own ``cli`` module; this file
+only mounts them, so a part can be changed without touching the others."""
+
+from __future__ import annotations
+
+import typer
+
+from bootseer import __version__
+
+app = typer.Typer(
+    name="bootseer",
+    help="BootSeer: lazy image pull, hot-block prefetch, dependency snapshots and striped checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def _mount() -> None:
+    # Sub-command groups: (module, attribute, name).  Plain commands register themselves on `app`.
+    from integration import cli as integration_cli
+
+    app.add_typer(integration_cli.stack_app, name="stack")
+    app.add_typer(integration_cli.images_app, name="images")
+    app.command("quickstart")(integration_cli.quickstart)
+    app.add_typer(integration_cli.dev_app, name="dev")
+
+
+_mount()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Logging set-up shared by every daemon and command: text for people, JSON lines for collectors.
+
+Credentials must never reach a log: ``redact`` is applied to every formatted record, so a URL with
+``user:password@`` or an ``Authorization`` header value that slips into a message is masked anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+_SECRET_PATTERNS = [
+    (re.compile(r"(?i)(authorization:\s*)(bearer|basic)\s+[^\s'\",]+"), r"\1\2 ***"),
+    (re.compile(r"(?i)(\"?(?:password|secret|token|auth|identitytoken)\"?\s*[:=]\s*)\"?[^\s'\",}]+\"?"), r"\1***"),
+    (re.compile(r"(https?://)[^/\s:@]+:[^/\s@]+@"), r"\1***:***@"),
+]
+
+
+def redact(text: str) -> str:
+    """Mask credentials in ``text`` (basic/bearer headers, password fields, user:pass@ in URLs)."""
+    for pattern, repl in _SECRET_PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={"event": ..., ...}`` fields are carried through."""
+
+    _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._RESERVED and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return redact(json.dumps(doc, default=str))
+
+
+def setup(level: str = "info", fmt: str = "text", stream: object = None) -> None:
+    """Configure the root logger once for a process (idempotent: replaces earlier handlers)."""
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        logging.Formatter.converter = time.gmtime
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One installer for every place BootSeer runs: .ci/run, the README quickstart and the Dockerfile.
+# Idempotent: a second run installs nothing new. Needs root and the Debian/PyPI registries only.
+#
+#   integration/install.sh            system packages + the Python package (editable, with test extras)
+#   integration/install.sh --system   system packages only (the Dockerfile's first layer)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mode=${1:-all}
+
+SYSTEM_PACKAGES=(
+  containerd runc                       # the container runtime BootSeer plugs into
+  docker-registry                       # distribution 2.8: the local registry
+  erofs-utils                           # mkfs.erofs / dump.erofs for lazy layer blobs
+  fuse3 libfuse3-dev pkg-config         # pyfuse3 builds against libfuse3
+  skopeo umoci                          # OCI image tooling for test images
+  debootstrap mmdebstrap                # realistic Debian rootfs for the benchmark image
+  busybox-static                        # the small test image's userland
+  golang-github-containerd-containerd-dev  # containerd's .proto files (stub regeneration check)
+  iproute2 util-linux kmod procps psmisc  # netns/veth/tc, losetup, modprobe, ps/fuser
+  attr xz-utils zstd ca-certificates
+)
+
+missing=()
+for p in "${SYSTEM_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The distro's units must not grab the default sockets: the local stack runs its own instances.
+if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  systemctl disable --now containerd docker-registry >/dev/null 2>&1 || true
+fi
+for m in fuse overlay erofs loop; do modprobe "$m" 2>/dev/null || true; done
+
+[ "$mode" = "--system" ] && exit 0
+
+py=${PYTHON:-python3}
+"$py" -m pip install -q -e "$here[dev]"
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
