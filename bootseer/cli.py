@@ -33,6 +33,7 @@ def _mount() -> None:
     app.add_typer(integration_cli.images_app, name="images")
     app.command("quickstart")(integration_cli.quickstart)
     app.add_typer(integration_cli.dev_app, name="dev")
+    app.add_typer(integration_cli.config_app, name="config")
 
 
 _mount()

@@ -39,6 +39,21 @@ for m in fuse overlay erofs loop; do modprobe "$m" 2>/dev/null || true; done
 
 [ "$mode" = "--system" ] && exit 0
 
+# Python: the machine's own interpreter if pip may install into it (CI, developer machines), else a venv
+# (Debian's python3 is "externally managed": the Dockerfile path), linked onto PATH.
 py=${PYTHON:-python3}
-"$py" -m pip install -q -e "$here[dev]"
+command -v "$py" >/dev/null || { apt-get update -qq; apt-get install -y -qq --no-install-recommends python3; }
+if [ -z "${PYTHON:-}" ] && "$py" -c 'import sys, sysconfig, pathlib; sys.exit(not pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED").exists())' 2>/dev/null; then
+  venv_deps=(python3-venv python3-dev gcc)
+  for p in "${venv_deps[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || { apt-get update -qq; apt-get install -y -qq --no-install-recommends "${venv_deps[@]}"; break; }
+  done
+  [ -x /opt/bootseer/venv/bin/python ] || python3 -m venv /opt/bootseer/venv
+  py=/opt/bootseer/venv/bin/python
+fi
+extras=${BOOTSEER_EXTRAS-dev}  # the Dockerfile sets it empty: no test tools in the daemon image
+PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --disable-pip-version-check -e "$here${extras:+[$extras]}"
+bin=$(dirname "$("$py" -c 'import sys; print(sys.executable)')")
+[ -x /usr/local/bin/bootseer ] || [ "$bin" = /usr/local/bin ] || ln -sf "$bin/bootseer" /usr/local/bin/bootseer
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+"$py" -c 'import bootseer, pyfuse3, grpc' || { echo "install.sh: the Python package did not install" >&2; exit 1; }

@@ -1,0 +1,166 @@
+"""CLI for the integration pieces: ``bootseer stack …``, ``bootseer images …``, ``bootseer quickstart``,
+``bootseer config containerd`` and ``bootseer dev …``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from integration import containerd_config, images
+from integration.stack import DEFAULT_ROOT, Stack, StackConfig, StackError
+
+err = Console(stderr=True)
+stack_app = typer.Typer(help="The local stack: containerd + registry + BootSeer daemons in a scratch dir.",
+                        no_args_is_help=True)
+images_app = typer.Typer(help="Build and push the test and benchmark images (offline).", no_args_is_help=True)
+config_app = typer.Typer(help="Print configuration for other systems.", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tasks.", no_args_is_help=True)
+
+RootOpt = typer.Option(DEFAULT_ROOT, "--root", help="Scratch dir of the stack (env BOOTSEER_STACK_DIR).")
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(code)
+
+
+@stack_app.command("up")
+def stack_up(
+    root: Path = RootOpt,
+    rate: str = typer.Option(None, help="Shape the registry link, e.g. 1gbit or 200mbit."),
+    registry_port: int = typer.Option(0, help="Registry port (0: pick a free one)."),
+    cri_snapshotter: str = typer.Option("overlayfs", help="Snapshotter containerd's CRI plugin uses."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stack's addresses as JSON."),
+) -> None:
+    """Start containerd, a registry (optionally shaped) and the BootSeer daemons."""
+    try:
+        with err.status("starting the local stack…"):
+            st = Stack.up(StackConfig(root=root, rate=rate, registry_port=registry_port,
+                                      cri_snapshotter=cri_snapshotter))
+    except StackError as e:
+        _fail(str(e))
+    _print_status(st, as_json)
+
+
+@stack_app.command("down")
+def stack_down(root: Path = RootOpt,
+               keep: bool = typer.Option(False, help="Keep the scratch dir (logs, storage).")) -> None:
+    """Stop the stack and remove every mount, loop device, namespace and process it made."""
+    try:
+        st = Stack.load(root)
+    except StackError:
+        from integration.stack import StackInfo  # no state file: clean up by the root path alone
+
+        st = Stack(StackInfo(root=str(root.resolve()), containerd_socket="", containerd_config="", registry="",
+                             registry_url="", registry_storage="", sandbox_image=""))
+    st.down(remove=not keep)
+    err.print(f"stack at {root} is down")
+
+
+@stack_app.command("status")
+def stack_status(root: Path = RootOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Addresses, paths and processes of the stack."""
+    try:
+        st = Stack.load(root)
+    except StackError as e:
+        _fail(str(e), 3)
+    _print_status(st, as_json)
+
+
+def _print_status(st: Stack, as_json: bool) -> None:
+    doc = st.status()
+    if as_json:
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    t = Table(title=f"local stack at {doc['root']}", show_header=False)
+    for key in ("containerd_socket", "registry", "snapshotter_socket", "sidecar_url", "netns", "rate_bps",
+                "sandbox_image"):
+        if doc.get(key):
+            t.add_row(key, str(doc[key]))
+    for name, alive in doc["running"].items():
+        t.add_row(f"process {name}", f"pid {doc['pids'][name]} {'running' if alive else '[red]dead[/red]'}")
+    for name, path in doc["logs"].items():
+        t.add_row(f"log {name}", path)
+    Console().print(t)
+
+
+@images_app.command("push")
+def images_push(
+    which: str = typer.Argument(..., help="small | pause | realistic"),
+    registry: str = typer.Option(None, help="host:port (default: the running stack's registry)."),
+    root: Path = RootOpt,
+) -> None:
+    """Build (cached for realistic) and push a test image; prints its reference."""
+    reg = registry or Stack.load(root).info.registry
+    fn = {"small": images.push_small, "pause": images.push_pause, "realistic": images.push_realistic}.get(which)
+    if fn is None:
+        _fail(f"unknown image {which!r}: small, pause or realistic")
+        return
+    typer.echo(fn(reg))
+
+
+@images_app.command("build-realistic")
+def images_build_realistic(cache: Path = typer.Option(images.DEFAULT_CACHE)) -> None:
+    """Build the realistic benchmark image into the cache (minutes, once)."""
+    img = images.build_realistic(cache)
+    typer.echo(json.dumps({"layout": str(img.layout), "manifest": img.manifest_digest, "layers": img.layers}))
+
+
+@config_app.command("containerd")
+def config_containerd(
+    containerd_version: str = typer.Option("1.6", "--containerd-version", help="1.6, 1.7 or 2.x"),
+    address: str = typer.Option(containerd_config.DEFAULT_SOCKET, help="Snapshotter socket."),
+    root: str = typer.Option(containerd_config.DEFAULT_ROOT, help="Snapshotter root dir."),
+    no_cri: bool = typer.Option(False, "--no-cri", help="Only the proxy plugin, no CRI keys."),
+) -> None:
+    """Print the containerd config snippet that registers BootSeer."""
+    try:
+        typer.echo(containerd_config.snippet(containerd_version, address, root, cri=not no_cri), nl=False)
+    except ValueError as e:
+        _fail(str(e), 2)
+
+
+def quickstart(
+    root: Path = typer.Option(Path("/var/tmp/bootseer-quickstart"), help="Scratch dir (removed at the end)."),
+    keep: bool = typer.Option(False, help="Leave the stack running."),
+) -> None:
+    """Start a local stack, push the small test image, pull it and run a container from it."""
+    cid = "quickstart-" + secrets.token_hex(3)
+    with contextlib.suppress(StackError):
+        Stack.load(root).down()  # a previous run that was interrupted
+    try:
+        with err.status("starting the local stack…"):
+            st = Stack.up(StackConfig(root=root))
+        err.print(f"stack up: containerd {st.info.containerd_socket}, registry {st.info.registry}")
+    except StackError as e:
+        _fail(str(e))
+        return
+    try:
+        with err.status("building and pushing the small test image…"):
+            ref = images.push_small(st.info.registry)
+        err.print(f"pushed {ref}")
+        with err.status(f"pulling {ref}…"):
+            st.ctr("image", "pull", "--plain-http", ref)
+        out = st.ctr("run", "--rm", ref, cid).stdout
+        sys.stdout.write(out)
+        if out != images.SMALL_OUTPUT:
+            _fail(f"unexpected container output {out!r}")
+        err.print("[green]quickstart ok[/green]")
+    finally:
+        if not keep:
+            st.down()
+
+
+@dev_app.command("gen-protos")
+def dev_gen_protos(check: bool = typer.Option(False, help="Only check the committed stubs are fresh.")) -> None:
+    """Regenerate protos/ from containerd's .proto files (and the CRI subset)."""
+    from protos import generate
+
+    raise typer.Exit(generate.main(["--check"] if check else []))
