@@ -1,0 +1,94 @@
+"""Deployment artefacts are accepted by the systems that read them: containerd 1.6 (the generated config),
+systemd (the units) and the Kubernetes API schema (the DaemonSet)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from integration import containerd_config
+from integration.stack import free_port, unmount_below, wait_for
+from tests.conftest import scratch_root
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("unit", sorted((ROOT / "integration" / "systemd").glob("*.service")), ids=lambda p: p.name)
+def test_systemd_unit_verifies(unit: Path) -> None:
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    # systemd-analyze exits 0 on some bad settings and only complains on stderr: both must be clean
+    assert proc.returncode == 0 and unit.name not in proc.stderr, proc.stderr
+
+
+def test_snapshotter_unit_keeps_fuse_alive_across_restarts() -> None:
+    unit = (ROOT / "integration" / "systemd" / "bootseer-snapshotter.service").read_text()
+    assert "KillMode=process" in unit
+
+
+def test_daemonset_passes_kubernetes_schema() -> None:
+    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict",
+                           str(ROOT / "integration" / "k8s" / "daemonset.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("version", ["1.6", "1.7", "2.0"])
+def test_snippet_is_valid_toml_with_the_proxy_plugin(version: str) -> None:
+    doc = tomllib.loads(containerd_config.snippet(version, "/run/x.sock"))
+    assert doc["proxy_plugins"]["bootseer"] == {
+        "type": "snapshot", "address": "/run/x.sock",
+        "exports": {"root": containerd_config.DEFAULT_ROOT, "enable_remote_snapshot_annotations": "true"}}
+    assert doc["version"] == (3 if version.startswith("2") else 2)
+    if version.startswith("2"):
+        assert doc["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == "bootseer"
+        assert doc["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"][0]["snapshotter"] == "bootseer"
+    else:
+        cri = doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+        assert cri == {"snapshotter": "bootseer", "disable_snapshot_annotations": False}
+
+
+def test_snippet_rejects_unknown_containerd_version() -> None:
+    with pytest.raises(ValueError):
+        containerd_config.snippet("0.9")
+
+
+def test_containerd_16_loads_the_snippet() -> None:
+    """containerd 1.6 started with the printed snippet (via `imports`) registers the proxy snapshotter and
+    configures CRI to use it."""
+    root = scratch_root("cfg")
+    root.mkdir()
+    sock = root / "c.sock"
+    snippet = root / "bootseer.toml"
+    proc = subprocess.run([sys.executable, "-m", "bootseer.cli", "config", "containerd", "--containerd-version",
+                           "1.6", "--address", str(root / "snap.sock")], capture_output=True, text=True, check=True)
+    snippet.write_text(proc.stdout)
+    main = root / "config.toml"
+    main.write_text(
+        f'version = 2\nimports = ["{snippet}"]\nroot = "{root}/root"\nstate = "{root}/state"\n'
+        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
+        f'[plugins."io.containerd.grpc.v1.cri"]\n  stream_server_port = "{free_port()}"\n'
+    )
+    log = root / "containerd.log"
+    with open(log, "wb") as fh:
+        daemon = subprocess.Popen(["containerd", "--config", str(main)], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        def plugins() -> str:
+            return subprocess.run(["ctr", "-a", str(sock), "plugins", "ls"], capture_output=True, text=True,
+                                  timeout=5).stdout
+
+        wait_for("containerd", lambda: "bootseer" in plugins(), 30, daemon, log)  # type: ignore[arg-type]
+        line = next(ln for ln in plugins().splitlines() if " bootseer " in ln)
+        assert line.split()[0] == "io.containerd.snapshotter.v1"
+        dump = subprocess.run(["containerd", "--config", str(main), "config", "dump"], capture_output=True,
+                              text=True, check=True).stdout
+        cri = tomllib.loads(dump)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+        assert cri["snapshotter"] == "bootseer" and cri["disable_snapshot_annotations"] is False
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        unmount_below(root)
+        shutil.rmtree(root, ignore_errors=True)
