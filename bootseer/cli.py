@@ -27,6 +27,7 @@ def _root(
 
 def _mount() -> None:
     # Sub-command groups: (module, attribute, name).  Plain commands register themselves on `app`.
+    from ckptfs import cli as ckptfs_cli
     from integration import cli as integration_cli
 
     app.add_typer(integration_cli.stack_app, name="stack")
@@ -34,6 +35,7 @@ def _mount() -> None:
     app.command("quickstart")(integration_cli.quickstart)
     app.add_typer(integration_cli.dev_app, name="dev")
     app.add_typer(integration_cli.config_app, name="config")
+    app.add_typer(ckptfs_cli.app, name="ckptfs")
 
 
 _mount()

@@ -20,6 +20,7 @@ SYSTEM_PACKAGES=(
   golang-github-containerd-containerd-dev  # containerd's .proto files (stub regeneration check)
   iproute2 util-linux kmod procps psmisc  # netns/veth/tc, losetup, modprobe, ps/fuser
   attr xz-utils zstd ca-certificates
+  nginx-light                           # ckptfs benchmark: per-connection rate-limited stripe server
 )
 
 missing=()

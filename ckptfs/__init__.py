@@ -1,0 +1,37 @@
+"""ckptfs: checkpoints stored as striped, checksummed chunks, read back at the store's aggregate bandwidth.
+
+``ckptfs.put`` writes a directory; ``ckptfs.open`` / ``ckptfs.read_file`` read it from Python;
+``bootseer ckptfs mount`` shows it as a read-only filesystem (see :mod:`ckptfs.fusefs`).
+"""
+
+from ckptfs.api import CkptFile, open, read_file
+from ckptfs.cache import ChunkCache
+from ckptfs.errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    ChunkReadError,
+    CkptfsError,
+    CorruptChunkError,
+    ManifestError,
+)
+from ckptfs.put import put
+from ckptfs.reader import Checkpoint, ReaderOptions
+from ckptfs.store import StoreOptions, open_store
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointExists",
+    "CheckpointNotFound",
+    "ChunkCache",
+    "ChunkReadError",
+    "CkptFile",
+    "CkptfsError",
+    "CorruptChunkError",
+    "ManifestError",
+    "ReaderOptions",
+    "StoreOptions",
+    "open",
+    "open_store",
+    "put",
+    "read_file",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks: each module exposes ``main(argv) -> int`` for ``bootseer bench NAME``."""
