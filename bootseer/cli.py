@@ -26,15 +26,17 @@ def _root(
 
 
 def _mount() -> None:
-    # Sub-command groups: (module, attribute, name).  Plain commands register themselves on `app`.
+    # Each part's sub-commands; imports are local so a part's import error names that part.
     from ckptfs import cli as ckptfs_cli
     from integration import cli as integration_cli
+    from integration.bench import cli as bench_cli
 
     app.add_typer(integration_cli.stack_app, name="stack")
     app.add_typer(integration_cli.images_app, name="images")
     app.command("quickstart")(integration_cli.quickstart)
     app.add_typer(integration_cli.dev_app, name="dev")
     app.add_typer(integration_cli.config_app, name="config")
+    app.add_typer(bench_cli.app, name="bench")
     app.add_typer(ckptfs_cli.app, name="ckptfs")
 
 
