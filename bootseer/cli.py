@@ -27,6 +27,7 @@ def _root(
 
 def _mount() -> None:
     # Each part's sub-commands; imports are local so a part's import error names that part.
+    from bootseer import cri_cli
     from ckptfs import cli as ckptfs_cli
     from depsnap import cli as depsnap_cli
     from integration import cli as integration_cli
@@ -39,6 +40,7 @@ def _mount() -> None:
     app.add_typer(integration_cli.config_app, name="config")
     app.add_typer(bench_cli.app, name="bench")
     app.add_typer(ckptfs_cli.app, name="ckptfs")
+    app.add_typer(cri_cli.app, name="cri")
     app.add_typer(depsnap_cli.app, name="depsnap")
 
 

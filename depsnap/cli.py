@@ -32,6 +32,12 @@ def resolve_digest(image: str, plain_http: bool = False) -> str:
     return "sha256:" + hashlib.sha256(proc.stdout).hexdigest()
 
 
+def _spec(base: str, requirements: list[Path], apt: str, file: list[Path], run: str, platform: str,
+          plain_http: bool) -> DepSpec:
+    return DepSpec(resolve_digest(base, plain_http), platform, list(requirements),
+                   [a for a in apt.replace(",", " ").split() if a], list(file), run)
+
+
 @app.command("key")
 def key(
     base: str = typer.Option(..., help="Base image (a tag is resolved to its manifest digest first)."),
@@ -45,8 +51,7 @@ def key(
 ) -> None:
     """Print the key of a dependency snapshot and the inputs it was computed from."""
     try:
-        spec = DepSpec(resolve_digest(base, plain_http), platform, list(requirements),
-                       [a for a in apt.replace(",", " ").split() if a], list(file), run)
+        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
         inputs, k = spec.inputs(), spec.key()
     except SpecError as e:
         typer.echo(f"error: {e}", err=True)
@@ -60,3 +65,68 @@ def key(
     if inputs["unpinned"]:
         typer.echo(f"  note: {len(inputs['unpinned'])} unpinned requirement(s): the same key may install "
                    "different versions as the index moves", err=True)
+
+
+@app.command("resolve")
+def resolve_cmd(
+    base: str = typer.Option(..., help="Base image."),
+    repo: str = typer.Option(..., help="Repository snapshots are pushed to (host/path)."),
+    requirements: list[Path] = typer.Option([], "--requirements", "-r"),
+    apt: str = typer.Option(""),
+    file: list[Path] = typer.Option([], "--file"),
+    run: str = typer.Option("", help="The install command."),
+    platform: str = typer.Option("linux/amd64"),
+    plain_http: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print the image a job should start from: the snapshot if it exists, else the base (install will run)."""
+    from depsnap import build
+
+    try:
+        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+        found = build.resolve(repo, spec, plain_http)
+    except (SpecError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    doc = {"image": found.image if found else base, "digest": found.digest if found else spec.base_digest,
+           "hit": found is not None, "key": spec.key(), "install_needed": found is None}
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        typer.echo(doc["image"])
+        if not found:
+            typer.echo("note: no snapshot for this key yet; the install will run at job start", err=True)
+
+
+@app.command("build")
+def build_cmd(
+    base: str = typer.Option(..., help="Base image."),
+    push: str = typer.Option(..., "--push", help="Repository to push the snapshot to (host/path)."),
+    requirements: list[Path] = typer.Option([], "--requirements", "-r"),
+    apt: str = typer.Option(""),
+    file: list[Path] = typer.Option([], "--file"),
+    run: str = typer.Option(..., help="The install command (runs in the requirements' directory)."),
+    context: Path = typer.Option(None, help="Directory mounted at /depsnap (default: the requirements' dir)."),
+    wheels: Path = typer.Option(None, help="A directory of wheels mounted at /wheels (offline package index)."),
+    docker_host: str = typer.Option("unix:///var/run/docker.sock", help="Docker engine to build with."),
+    platform: str = typer.Option("linux/amd64"),
+    plain_http: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Build the snapshot with the Docker engine (reused if it exists) and push it; prints the image."""
+    import docker
+
+    from depsnap import build
+
+    try:
+        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+        ctx = context or (requirements[0].parent if requirements else Path.cwd())
+        res = build.build_docker(docker.DockerClient(base_url=docker_host, timeout=600), base, spec, push, ctx,
+                                 wheels, plain_http)
+    except (SpecError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps({"image": res.image, "digest": res.digest, "key": res.key, "built": res.built}))
+    else:
+        typer.echo(res.image)

@@ -17,6 +17,7 @@ SYSTEM_PACKAGES=(
   skopeo umoci                          # OCI image tooling for test images
   debootstrap mmdebstrap                # realistic Debian rootfs for the benchmark image
   busybox-static                        # the small test image's userland
+  docker.io                             # depsnap's Docker-engine path (tests start their own dockerd)
   golang-github-containerd-containerd-dev  # containerd's .proto files (stub regeneration check)
   iproute2 util-linux kmod procps psmisc  # netns/veth/tc, losetup, modprobe, ps/fuser
   attr xz-utils zstd ca-certificates
@@ -34,7 +35,7 @@ if ((${#missing[@]})); then
 fi
 # The distro's units must not grab the default sockets: the local stack runs its own instances.
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-  systemctl disable --now containerd docker-registry >/dev/null 2>&1 || true
+  systemctl disable --now containerd docker-registry docker docker.socket >/dev/null 2>&1 || true
 fi
 for m in fuse overlay erofs loop; do modprobe "$m" 2>/dev/null || true; done
 
