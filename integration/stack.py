@@ -13,6 +13,7 @@ crashed half-way.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -154,6 +155,8 @@ class Stack:
                 link.create()
             st._start_registry(link, cfg.timeout)
             images.push_pause(registry)
+            if cfg.snapshotter and importlib.util.find_spec("snapshotter.server") is not None:
+                st._start_snapshotter(cfg)
             st._start_containerd(cfg)
         except BaseException:
             st.down(remove=False)
@@ -189,6 +192,22 @@ class Stack:
         url = self.info.registry_url + "/v2/"
         wait_for("registry", lambda: requests.get(url, timeout=1).status_code == 200, timeout, proc,
                  Path(self.info.logs["registry"]))
+
+    def _start_snapshotter(self, cfg: StackConfig) -> None:
+        """BootSeer's snapshotter, before containerd (which connects to its socket as a proxy plugin)."""
+        sock, sroot = self.root / "snapshotter.sock", self.root / "snapshotter"
+        self.info.snapshotter_socket, self.info.snapshotter_root = str(sock), str(sroot)
+        conf = self.root / "snapshotter.toml"
+        conf.write_text(f"root = {json.dumps(str(sroot))}\naddress = {json.dumps(str(sock))}\n")
+        proc = self._spawn("snapshotter", [sys.executable, "-m", "bootseer.cli", "snapshotter", "serve",
+                                           "--config", str(conf)])
+
+        def ready() -> bool:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+            return True
+
+        wait_for("snapshotter", ready, cfg.timeout, proc, Path(self.info.logs["snapshotter"]))
 
     def _start_containerd(self, cfg: StackConfig) -> None:
         cdir = self.root / "containerd"
