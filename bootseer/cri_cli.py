@@ -17,8 +17,29 @@ app = typer.Typer(help="Talk to the container runtime over CRI (runtime.v1), lik
                   no_args_is_help=True)
 
 AddressOpt = typer.Option(
-    os.environ.get("CONTAINER_RUNTIME_ENDPOINT", DEFAULT_ADDRESS), "--address", "-a",
-    help="CRI endpoint: containerd's socket (env CONTAINER_RUNTIME_ENDPOINT, as for crictl).")
+    None, "--address", "-a", show_default=False,
+    help="CRI endpoint: containerd's socket.  Default: env CONTAINER_RUNTIME_ENDPOINT (as for crictl), else the "
+         f"local stack's containerd if `bootseer stack up` runs one, else {DEFAULT_ADDRESS}.")
+
+
+def default_address() -> str:
+    """Where to find a CRI runtime when ``--address`` is not given.
+
+    The local stack comes before the system socket because on a development machine ``bootseer cri run`` is
+    mostly used against the stack, and a system containerd (if any) would silently answer instead.
+    """
+    env = os.environ.get("CONTAINER_RUNTIME_ENDPOINT")
+    if env:
+        return env
+    try:  # the stack is optional here: any failure to find it means "use the system socket"
+        from integration.stack import Stack, StackError
+
+        sock = Stack.load().info.containerd_socket
+        if sock and os.path.exists(sock.removeprefix("unix://")):
+            return sock
+    except (ImportError, StackError, OSError, ValueError, TypeError):
+        pass
+    return DEFAULT_ADDRESS
 
 
 def _auth(user: str | None) -> RegistryAuth | None:
@@ -29,10 +50,10 @@ def _auth(user: str | None) -> RegistryAuth | None:
 
 
 @app.command("version")
-def version(address: str = AddressOpt) -> None:
+def version(address: str | None = AddressOpt) -> None:
     """Print the runtime's name and versions."""
     try:
-        with CRIClient(address) as cri:
+        with CRIClient(address or default_address()) as cri:
             v = cri.version()
     except CRIError as e:
         typer.echo(f"error: {e}", err=True)
@@ -41,11 +62,11 @@ def version(address: str = AddressOpt) -> None:
 
 
 @app.command("pull")
-def pull(image: str, address: str = AddressOpt,
+def pull(image: str, address: str | None = AddressOpt,
          user: str = typer.Option(None, "--user", help="Registry credentials USER:PASSWORD.")) -> None:
     """Pull IMAGE through CRI and print its image ID."""
     try:
-        with CRIClient(address) as cri:
+        with CRIClient(address or default_address()) as cri:
             typer.echo(cri.pull_image(image, _auth(user)))
     except CRIError as e:
         typer.echo(f"error: {e}", err=True)
@@ -56,7 +77,7 @@ def pull(image: str, address: str = AddressOpt,
 def run(
     image: str,
     command: list[str] = typer.Argument(None, help="Command and arguments (after --); default: the image's."),
-    address: str = AddressOpt,
+    address: str | None = AddressOpt,
     timeout: float = typer.Option(300.0, help="Seconds to wait for the container to exit."),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, repeatable."),
     user: str = typer.Option(None, "--user", help="Registry credentials USER:PASSWORD."),
@@ -65,7 +86,7 @@ def run(
     """Run IMAGE once in a fresh host-network pod; print its output and exit with its exit code."""
     envs = dict(e.partition("=")[::2] for e in env)
     try:
-        with CRIClient(address) as cri:
+        with CRIClient(address or default_address()) as cri:
             r = cri.run(image, command or [], timeout, env=envs, auth=_auth(user), pull=pull)
     except CRIError as e:
         typer.echo(f"error: {e}", err=True)

@@ -6,6 +6,7 @@ calls below would fail or decode garbage, because containerd speaks upstream's w
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -154,3 +155,9 @@ def test_cli_run(stack: Stack, small_image: str) -> None:
                            small_image, "--", "/bin/sh", "-c", "echo from-cli; exit 2"],
                           capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (2, "from-cli\n"), proc.stderr
+    # without --address it finds the running stack's containerd (BOOTSEER_STACK_DIR names the stack)
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINER_RUNTIME_ENDPOINT"}
+    env["BOOTSEER_STACK_DIR"] = str(stack.root)
+    proc = subprocess.run([sys.executable, "-m", "bootseer.cli", "cri", "run", small_image, "--", "echo", "found"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout) == (0, "found\n"), proc.stderr
