@@ -41,6 +41,14 @@ class StackError(RuntimeError):
     pass
 
 
+def _importable(module: str) -> bool:
+    """Whether an optional part of the project is installed (its parent package may be absent too)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @dataclass
 class StackConfig:
     root: Path = DEFAULT_ROOT
@@ -155,7 +163,7 @@ class Stack:
                 link.create()
             st._start_registry(link, cfg.timeout)
             images.push_pause(registry)
-            if cfg.snapshotter and importlib.util.find_spec("snapshotter.server") is not None:
+            if cfg.snapshotter and _importable("snapshotter.server"):
                 st._start_snapshotter(cfg)
             st._start_containerd(cfg)
         except BaseException:
