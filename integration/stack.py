@@ -161,6 +161,8 @@ class Stack:
         try:
             if link:
                 link.create()
+            if cfg.sidecar and _importable("registry_sidecar.sidecar"):
+                st._start_sidecar(cfg, link)
             st._start_registry(link, cfg.timeout)
             images.push_pause(registry)
             if cfg.snapshotter and _importable("snapshotter.server"):
@@ -192,6 +194,10 @@ class Stack:
                         "maintenance": {"uploadpurging": {"enabled": False}}},
             "http": {"addr": self.info.registry, "secret": secrets.token_hex(16)},
         }
+        if self.info.sidecar_url:  # every push is announced to the sidecar, which converts the image
+            doc["notifications"] = {"endpoints": [{
+                "name": "bootseer-sidecar", "url": self.info.sidecar_url + "/events", "timeout": "5s",
+                "threshold": 3, "backoff": "1s", "ignoredmediatypes": ["application/octet-stream"]}]}
         cfg.write_text(json.dumps(doc, indent=1))  # YAML is a superset of JSON
         argv = ["docker-registry", "serve", str(cfg)]
         if link:
@@ -200,6 +206,19 @@ class Stack:
         url = self.info.registry_url + "/v2/"
         wait_for("registry", lambda: requests.get(url, timeout=1).status_code == 200, timeout, proc,
                  Path(self.info.logs["registry"]))
+
+    def _start_sidecar(self, cfg: StackConfig, link: ShapedLink | None) -> None:
+        """The registry sidecar, before the registry (whose notifications point at it); mkfs runs niced."""
+        host = link.host_ip if link else "127.0.0.1"
+        listen = f"{host}:{free_port(host)}"
+        self.info.sidecar_url = f"http://{listen}"
+        conf = self.root / "sidecar.toml"
+        conf.write_text(f"listen = {json.dumps(listen)}\nregistry = {json.dumps(self.info.registry)}\n"
+                        f"state_dir = {json.dumps(str(self.root / 'sidecar'))}\nplain_http = true\nnice = 10\n")
+        proc = self._spawn("sidecar", [sys.executable, "-m", "registry_sidecar", "serve", "--config", str(conf)])
+        url = self.info.sidecar_url + "/healthz"
+        wait_for("sidecar", lambda: requests.get(url, timeout=1).status_code == 200, cfg.timeout, proc,
+                 Path(self.info.logs["sidecar"]))
 
     def _start_snapshotter(self, cfg: StackConfig) -> None:
         """BootSeer's snapshotter, before containerd (which connects to its socket as a proxy plugin)."""

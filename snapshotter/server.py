@@ -1,0 +1,91 @@
+"""Run the snapshotter: open the core, repair crash leftovers, serve gRPC on a root-only unix socket.
+
+Order at start matters: the crash repair (:meth:`Snapshotter.recover`) runs before the socket exists, so
+containerd can never observe a half-created snapshot, and the socket is created under a 0177 umask so
+there is no window in which anyone but root could connect (whoever can talk to this socket can make the
+daemon mount and delete directories as root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from bootseer import log as bslog
+from protos.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pbg
+from snapshotter import faults
+from snapshotter.config import Config
+from snapshotter.overlay import Snapshotter
+from snapshotter.remote import RemoteHandler
+from snapshotter.service import SnapshotsService
+
+log = logging.getLogger("bootseer.snapshotter")
+
+
+def _socket_dir(path: Path) -> None:
+    """Create the socket's directory root-only (0700).  A directory that already exists is not ours to
+    re-mode (it may be /run or a stack root); we only refuse one that others could write to."""
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        os.chmod(path, 0o700)
+        return
+    mode = path.stat().st_mode
+    if mode & 0o022 and not mode & 0o1000:
+        raise SystemExit(f"socket directory {path} is writable by others (mode {oct(mode & 0o7777)})")
+
+
+def _start_metrics(address: str) -> None:
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    log.info("metrics on http://%s/metrics", address)
+
+
+def build(cfg: Config, remote: RemoteHandler | None = None) -> tuple[grpc.Server, Snapshotter]:
+    """The core (crash-repaired) and a started gRPC server on ``cfg.address``."""
+    core = Snapshotter(cfg.root, remote)
+    removed = core.recover()
+    if removed:
+        log.info("removed %d directories left by an earlier crash: %s", len(removed), ", ".join(removed))
+    _socket_dir(cfg.address.parent)
+    if cfg.address.exists() or cfg.address.is_symlink():
+        cfg.address.unlink()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="snapshots"),
+                         options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
+    pbg.add_SnapshotsServicer_to_server(SnapshotsService(core), server)
+    old_umask = os.umask(0o177)  # the socket is born 0600
+    try:
+        if server.add_insecure_port(f"unix://{cfg.address}") == 0:
+            raise SystemExit(f"cannot listen on {cfg.address}")
+        server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(cfg.address, 0o600)
+    return server, core
+
+
+def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    bslog.setup(cfg.log_level, cfg.log_format)
+    faults.arm_from_env()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server, core = build(cfg, remote)
+    if cfg.metrics_address:
+        _start_metrics(cfg.metrics_address)
+    log.info("serving containerd snapshots API on %s (root %s)", cfg.address, cfg.root)
+    stop.wait()
+    log.info("stopping")
+    server.stop(grace=5).wait()
+    core.close()
+    with contextlib.suppress(FileNotFoundError):
+        cfg.address.unlink()
