@@ -1,0 +1,520 @@
+"""Getting chunks from the registry: range GETs, coalesced, de-duplicated, prioritised, verified.
+
+Everything here is plain blocking Python run in worker threads (never on the FUSE loop), testable against
+any HTTP server.  The rules, and why:
+
+* **Verified or nothing.**  Every chunk is hashed against the spec before it is stored or returned.  A
+  mismatch is logged (blob, chunk, expected and received digests), counted, retried like a transport
+  error, and in the end raised as :class:`FetchError` (EIO) — the reader gets an error, never wrong bytes,
+  and nothing unverified reaches the cache.
+* **One fetch per missing chunk.**  A chunk being fetched is registered as *in flight*; a second reader of
+  it waits for that fetch instead of issuing its own (containers read the same hot files from many
+  processes at once, and the kernel's read-ahead overlaps the reads that follow it).
+* **Coalescing.**  Adjacent missing chunks claimed by one caller go out as one range request, up to
+  ``max_range_bytes``: fewer round trips for sequential reads and background fill.
+* **Demand first.**  All fetchers of a daemon share a :class:`Scheduler`: a bounded number of requests in
+  flight, demand reads always admitted first, prefetch next, background fill only when no demand read is
+  waiting or running, and through a token bucket that caps its bandwidth.
+* **Bounded time.**  A demand read has a deadline (``read_timeout``); connect and socket-read timeouts are
+  clipped to it and the body is read against it, so a registry that hangs costs the reader EIO after the
+  deadline, not a hung process.  A chunk that just failed fails again at once for ``failure_memo``
+  seconds: the kernel retries a failed read-ahead page with a synchronous read, which would otherwise
+  wait out a second deadline.
+* **One outage, one deadline.**  A demand read that ran out of time or could not reach any endpoint
+  (as opposed to receiving bytes that failed verification) marks the blob's endpoints *down* for
+  ``failure_memo`` seconds, in the :class:`HttpClient` all blobs share: during that window every demand
+  read of a missing chunk, of any blob served by those endpoints, fails at once.  One ``read(2)`` of a
+  file makes the kernel issue several read-ahead requests for different chunks, one after the other
+  through the loop device; without this each would wait out its own deadline and the reader would see
+  EIO only after several times ``read_timeout``.  A corrupt chunk does not mark anything down: it is
+  EIO for the file that needs it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from snapshotter.lazy.cache import ChunkCache
+from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
+
+log = logging.getLogger("bootseer.lazy.fetch")
+
+DEMAND = "demand"
+PREFETCH = "prefetch"
+BACKGROUND = "background"
+KINDS = (DEMAND, PREFETCH, BACKGROUND)
+
+
+class FetchError(OSError):
+    """A chunk could not be fetched and verified in time.  Always EIO: that is what the reader sees."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+class Cancelled(FetchError):
+    """The fetch was abandoned because its layer is going away (background fill, prefetch)."""
+
+
+class CorruptChunk(FetchError):
+    """Bytes arrived but failed sha256 verification (the registry is reachable; the data is wrong)."""
+
+
+@dataclass
+class FetchConfig:
+    max_range_bytes: int = 8 << 20  # coalescing cap of one range request
+    connect_timeout: float = 5.0
+    io_timeout: float = 10.0  # longest silence of the server inside one request
+    read_timeout: float = 30.0  # whole budget of a demand read, retries included
+    retries: int = 3  # extra attempts after the first
+    backoff: float = 0.2  # first retry delay; doubles, capped by backoff_max
+    backoff_max: float = 2.0
+    failure_memo: float = 1.0  # a chunk that failed fails fast for this long (demand reads)
+    tls_verify: bool | str = True  # False, True, or a CA bundle path
+
+
+class MetricsSink(Protocol):
+    """What the fetcher reports (the manager's Prometheus metrics implement it)."""
+
+    def fetched(self, kind: str, nbytes: int, seconds: float) -> None: ...
+
+    def corrupt(self, spec: BlobSpec, index: int) -> None: ...
+
+    def failed(self, kind: str) -> None: ...
+
+
+@dataclass
+class FetchStats:
+    """Per-blob counters, for ``bootseer status`` and the tests."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    retries: int = 0
+    corrupt: int = 0  # chunks that failed verification (each failed attempt counts)
+    failures: int = 0  # ensure() calls that ended in FetchError
+    dedup_waits: int = 0  # times a caller waited on a fetch another caller had in flight
+
+    def as_dict(self) -> dict[str, object]:
+        return {"bytes": dict(self.bytes), "requests": dict(self.requests), "retries": self.retries,
+                "corrupt": self.corrupt, "failures": self.failures, "dedup_waits": self.dedup_waits}
+
+
+# ----------------------------------------------------------------------------------------- scheduling
+class TokenBucket:
+    """Bandwidth cap for background fill: ``rate`` bytes/s with a burst of ``burst`` bytes.
+
+    A request larger than the burst is admitted when the bucket is full and drives it negative, so the
+    long-run rate holds without splitting requests."""
+
+    def __init__(self, rate: float | None, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else (rate or 0.0) / 4
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self, n: int, cancel: threading.Event | None = None) -> None:
+        if not self.rate:
+            return
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= min(n, self.burst):
+                    self._tokens -= n
+                    return
+                wait = (min(n, self.burst) - self._tokens) / self.rate
+            if cancel is not None:
+                if cancel.wait(wait):
+                    raise Cancelled("cancelled while rate-limited")
+            else:
+                time.sleep(wait)  # rate limiting, not synchronisation
+
+
+class Scheduler:
+    """Admission of range requests across all blobs of a daemon: demand > prefetch > background.
+
+    ``max_requests`` bounds requests in flight; one slot is kept for demand reads (prefetch and background
+    may not take the last one), background fill runs at most ``background_requests`` at once and only
+    while no demand read is waiting or in flight, through ``bucket``."""
+
+    def __init__(self, max_requests: int = 8, background_requests: int = 2,
+                 background_rate: float | None = None) -> None:
+        self.max_requests = max(2, max_requests)
+        self.background_requests = max(1, background_requests)
+        self.bucket = TokenBucket(background_rate)
+        self._cond = threading.Condition()
+        self._active = dict.fromkeys(KINDS, 0)
+        self._waiting = dict.fromkeys(KINDS, 0)
+
+    def _may_start(self, kind: str) -> bool:
+        total = sum(self._active.values())
+        if kind == DEMAND:
+            return total < self.max_requests
+        if kind == PREFETCH:
+            return total < self.max_requests - 1 and not self._waiting[DEMAND]
+        return (total < self.max_requests - 1 and self._active[BACKGROUND] < self.background_requests
+                and not self._waiting[DEMAND] and not self._waiting[PREFETCH] and not self._active[DEMAND])
+
+    @contextlib.contextmanager
+    def slot(self, kind: str, nbytes: int, deadline: float | None = None,
+             cancel: threading.Event | None = None) -> Iterator[None]:
+        if kind == BACKGROUND:
+            self.bucket.acquire(nbytes, cancel)
+        with self._cond:
+            self._waiting[kind] += 1
+            try:
+                while not self._may_start(kind):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("cancelled while queued")
+                    timeout = 0.5 if cancel is not None else None
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise FetchError("timed out waiting for a request slot")
+                        timeout = min(timeout or left, left)
+                    self._cond.wait(timeout)
+                self._active[kind] += 1
+            finally:
+                self._waiting[kind] -= 1
+                self._cond.notify_all()  # a waiter's priority may have changed who can start
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active[kind] -= 1
+                self._cond.notify_all()
+
+    def demand_busy(self) -> bool:
+        with self._cond:
+            return bool(self._active[DEMAND] or self._waiting[DEMAND])
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+class HttpClient:
+    """One ``requests.Session`` per thread (sessions are not documented thread-safe) plus the auth hook."""
+
+    def __init__(self, auth: AuthHook = no_auth, tls_verify: bool | str = True, pool: int = 4) -> None:
+        self.auth = auth
+        self.tls_verify = tls_verify
+        self._pool = pool
+        self._local = threading.local()
+        self._down: dict[tuple[str, ...], tuple[float, float, str]] = {}  # endpoints → (since, until, why)
+        self._down_lock = threading.Lock()
+
+    # -- outages (see the module doc: one outage costs a reader one deadline, not one per chunk) ----------
+    def mark_down(self, endpoints: Sequence[str], seconds: float, why: str) -> None:
+        if seconds <= 0:
+            return
+        now = time.monotonic()
+        with self._down_lock:
+            self._down[tuple(endpoints)] = (now, now + seconds, why)
+
+    def mark_up(self, endpoints: Sequence[str]) -> None:
+        with self._down_lock:
+            self._down.pop(tuple(endpoints), None)
+
+    def down(self, endpoints: Sequence[str]) -> str | None:
+        """Why ``endpoints`` count as unreachable right now, or None."""
+        now = time.monotonic()
+        with self._down_lock:
+            entry = self._down.get(tuple(endpoints))
+            if entry is None:
+                return None
+            since, until, why = entry
+            if now >= until:
+                del self._down[tuple(endpoints)]
+                return None
+        return f"{why} (registry unreachable {now - since:.1f}s ago; retrying after {until - now:.1f}s)"
+
+    def session(self) -> requests.Session:
+        s: requests.Session | None = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool, max_retries=0)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            s.verify = self.tls_verify
+            s.trust_env = False  # proxies from the environment must not silently reroute blob reads
+            self._local.session = s
+        return s
+
+
+# ------------------------------------------------------------------------------------------- fetcher
+class _Pending:
+    """A chunk in flight: waiters block on ``done``; ``error`` says how it ended if it failed."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: FetchError | None = None
+
+
+class Fetcher:
+    """Fetches the chunks of one blob into its :class:`ChunkCache`."""
+
+    def __init__(self, spec: BlobSpec, cache: ChunkCache, *, scheduler: Scheduler, client: HttpClient,
+                 config: FetchConfig | None = None, metrics: MetricsSink | None = None) -> None:
+        self.spec = spec
+        self.cache = cache
+        self.scheduler = scheduler
+        self.client = client
+        self.config = config or FetchConfig()
+        self.metrics = metrics
+        self.stats = FetchStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[int, _Pending] = {}
+        self._failed: dict[int, tuple[float, FetchError]] = {}
+        self._endpoint = 0  # index into spec.endpoints() of the one that last worked
+
+    # -- public --------------------------------------------------------------------------------------
+    def read(self, offset: int, length: int, kind: str = DEMAND) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the blob (clamped to its end), fetching what is missing."""
+        length = max(0, min(length, self.spec.size - offset))
+        if length == 0:
+            return b""
+        chunks = self.spec.chunks_for(offset, length)
+        if not self.cache.has_all(chunks):
+            self.ensure(chunks, kind)
+        return self.cache.read(offset, length)
+
+    def ensure(self, indices: Sequence[int], kind: str = DEMAND, *, deadline: float | None = None,
+               cancel: threading.Event | None = None) -> None:
+        """Return once every chunk in ``indices`` is in the cache; raise :class:`FetchError` otherwise.
+
+        Chunks in flight elsewhere are waited for; the rest are claimed and fetched by this thread."""
+        if deadline is None and kind == DEMAND:
+            deadline = time.monotonic() + self.config.read_timeout
+        mine: list[int] = []
+        theirs: list[tuple[int, _Pending]] = []
+        now = time.monotonic()
+        if kind == DEMAND and not self.cache.has_all(indices):
+            down = self.client.down(self.spec.endpoints())
+            if down is not None:
+                with self._lock:
+                    self.stats.failures += 1
+                if self.metrics is not None:
+                    self.metrics.failed(kind)
+                raise FetchError(down)
+        with self._lock:
+            for i in indices:
+                if self.cache.has(i):
+                    continue
+                p = self._inflight.get(i)
+                if p is not None:
+                    theirs.append((i, p))
+                    continue
+                failed = self._failed.get(i)
+                if failed is not None and kind == DEMAND and now - failed[0] < self.config.failure_memo:
+                    self.stats.failures += 1
+                    raise FetchError(f"{failed[1].strerror} (failed {now - failed[0]:.1f}s ago)")
+                self._inflight[i] = _Pending()
+                mine.append(i)
+            self.stats.dedup_waits += len(theirs)
+        error: FetchError | None = None
+        if mine:
+            try:
+                self._fetch(mine, kind, deadline, cancel)
+            except FetchError as e:
+                error = e
+        for i, p in theirs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not p.done.wait(left):
+                error = error or FetchError(f"timed out waiting for chunk {i} fetched by another reader")
+            elif p.error is not None and not self.cache.has(i):
+                error = error or p.error
+        if error is not None:
+            with self._lock:
+                self.stats.failures += 1
+            if self.metrics is not None:
+                self.metrics.failed(kind)
+            raise error
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._inflight)
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _runs(self, indices: Sequence[int]) -> list[list[int]]:
+        """Group sorted chunk indices into runs of adjacent chunks no longer than ``max_range_bytes``."""
+        cap = max(1, self.config.max_range_bytes // self.spec.chunk_size)
+        runs: list[list[int]] = []
+        for i in sorted(indices):
+            if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < cap:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
+
+    def _fetch(self, claimed: list[int], kind: str, deadline: float | None, cancel: threading.Event | None) -> None:
+        """Fetch the chunks this thread claimed; always settles every claimed chunk's pending entry."""
+        todo = sorted(claimed)
+        last: FetchError | None = None
+        try:
+            for attempt in range(self.config.retries + 1):
+                if attempt:
+                    self.stats.retries += 1
+                    delay = min(self.config.backoff * 2 ** (attempt - 1), self.config.backoff_max)
+                    if deadline is not None:
+                        delay = min(delay, max(0.0, deadline - time.monotonic()))
+                    if cancel is not None:
+                        if cancel.wait(delay):
+                            raise Cancelled("cancelled")
+                    elif delay > 0:
+                        time.sleep(delay)  # back-off between attempts
+                for run in self._runs(todo):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise FetchError(f"timed out ({last.strerror if last else 'no answer'})")
+                    try:
+                        self._fetch_run(run, kind, deadline, cancel)
+                    except Cancelled:
+                        raise
+                    except FetchError as e:
+                        last = e
+                todo = [i for i in todo if not self.cache.has(i)]
+                if not todo:
+                    return
+            raise last or FetchError("fetch failed")
+        except FetchError as e:
+            now = time.monotonic()
+            todo = [i for i in todo if not self.cache.has(i)]
+            if kind == DEMAND and todo and not isinstance(e, (Cancelled, CorruptChunk)) \
+                    and not isinstance(last, CorruptChunk):
+                self.client.mark_down(self.spec.endpoints(), self.config.failure_memo, e.strerror or str(e))
+            with self._lock:
+                for i in todo:
+                    if not isinstance(e, Cancelled):
+                        self._failed[i] = (now, e)
+            if todo:
+                log.warning("%s: %d chunk(s) from #%d failed (%s): %s", self.spec.digest[:19], len(todo), todo[0],
+                            kind, e.strerror)
+            raise
+        finally:
+            with self._lock:
+                for i in claimed:
+                    p = self._inflight.pop(i, None)
+                    if p is not None:
+                        if not self.cache.has(i):
+                            p.error = last if last is not None else FetchError(f"chunk {i} not fetched")
+                        p.done.set()
+
+    def _fetch_run(self, run: list[int], kind: str, deadline: float | None, cancel: threading.Event | None) -> None:
+        start = self.spec.chunk_span(run[0])[0]
+        last_off, last_len = self.spec.chunk_span(run[-1])
+        end = last_off + last_len
+        with self.scheduler.slot(kind, end - start, deadline, cancel):
+            t0 = time.monotonic()
+            data = self._get(start, end, deadline)
+            elapsed = time.monotonic() - t0
+        self.client.mark_up(self.spec.endpoints())  # bytes arrived: whatever outage there was is over
+        with self._lock:
+            self.stats.bytes[kind] += len(data)
+            self.stats.requests[kind] += 1
+        if self.metrics is not None:
+            self.metrics.fetched(kind, len(data), elapsed)
+        view = memoryview(data)
+        bad: list[int] = []
+        for i in run:
+            off, length = self.spec.chunk_span(i)
+            piece = view[off - start : off - start + length]
+            got = hashlib.sha256(piece).hexdigest()
+            if got != self.spec.chunks[i]:
+                bad.append(i)
+                log.error("blob %s chunk %d (bytes %d-%d) failed verification: expected sha256 %s, got %s",
+                          self.spec.digest, i, off, off + length - 1, self.spec.chunks[i], got)
+                with self._lock:
+                    self.stats.corrupt += 1
+                if self.metrics is not None:
+                    self.metrics.corrupt(self.spec, i)
+                continue
+            self.cache.put(i, piece)
+            with self._lock:
+                self._failed.pop(i, None)
+                p = self._inflight.get(i)
+            if p is not None:
+                p.done.set()  # readers of this chunk may go on while the rest of the run is stored
+        if bad:
+            raise CorruptChunk(f"chunk(s) {bad} of {self.spec.digest} failed sha256 verification")
+
+    def _get(self, start: int, end: int, deadline: float | None) -> bytearray:
+        """GET bytes [start, end) from the endpoint that last worked; move on to the next one on failure."""
+        endpoints = self.spec.endpoints()
+        idx = self._endpoint % len(endpoints)
+        try:
+            return self._get_from(endpoints[idx], start, end, deadline)
+        except FetchError:
+            self._endpoint = idx + 1  # mirrors first, the registry last, round and round
+            raise
+
+    def _get_from(self, base: str, start: int, end: int, deadline: float | None) -> bytearray:
+        cfg = self.config
+        url = self.spec.blob_url(base)
+        refreshed = False
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise FetchError("timed out")
+            budget = left if left is not None else max(cfg.connect_timeout, cfg.io_timeout)
+            timeout = (min(cfg.connect_timeout, budget), min(cfg.io_timeout, budget))
+            headers = {**self.spec.headers, **self.client.auth(self.spec, refresh=refreshed),
+                       "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+            try:
+                resp = self.client.session().get(url, headers=headers, stream=True, timeout=timeout)
+            except requests.RequestException as e:
+                raise FetchError(f"GET {url} bytes {start}-{end - 1}: {type(e).__name__}: {e}") from e
+            try:
+                if resp.status_code == 401 and not refreshed:
+                    refreshed = True
+                    continue
+                return self._body(resp, url, start, end, deadline)
+            finally:
+                resp.close()
+
+    @staticmethod
+    def _body(resp: requests.Response, url: str, start: int, end: int, deadline: float | None) -> bytearray:
+        if resp.status_code == 206:
+            cr = resp.headers.get("Content-Range", "")
+            if not cr.startswith(f"bytes {start}-"):
+                raise FetchError(f"GET {url}: Content-Range {cr!r} does not start at {start}")
+            skip = 0
+        elif resp.status_code == 200:
+            skip = start  # the server ignored Range: correct but slow, so say so
+            log.warning("GET %s: server ignored Range (200); skipping %d bytes", url, start)
+        else:
+            raise FetchError(f"GET {url} bytes {start}-{end - 1}: HTTP {resp.status_code}")
+        want = end - start
+        buf = bytearray(want)
+        got = 0
+        try:
+            for piece in resp.iter_content(chunk_size=256 << 10):
+                if skip:
+                    if len(piece) <= skip:
+                        skip -= len(piece)
+                        continue
+                    piece = piece[skip:]
+                    skip = 0
+                n = min(len(piece), want - got)
+                buf[got : got + n] = piece[:n]
+                got += n
+                if got >= want:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise FetchError(f"GET {url}: timed out after {got} of {want} bytes")
+        except requests.RequestException as e:
+            raise FetchError(f"GET {url}: {type(e).__name__} after {got} of {want} bytes: {e}") from e
+        if got < want:
+            raise FetchError(f"GET {url}: short body, {got} of {want} bytes")
+        return buf

@@ -1,0 +1,156 @@
+"""``python -m snapshotter.lazy.serve``: a LayerManager in its own process, driven over a unix socket.
+
+Why it exists: pyfuse3 allows one FUSE mount per process and the interesting failures (a daemon killed
+with SIGKILL, restarted, its registry gone) are process-level events.  The tests and the benchmark therefore
+run the data path here, in a child process they can kill, and drive it with :class:`Control`.  It is also a
+handy debugging tool (``status`` shows every layer).  The snapshotter daemon does not use it: it embeds a
+:class:`~snapshotter.lazy.manager.LayerManager` directly.
+
+Protocol: one JSON object per connection, ``{"op": NAME, ...args}``, answered with one JSON line,
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "errno": N}``.  Ops: ``ping``, ``acquire``
+(spec, owner), ``release`` (owner, digest?, force?), ``retain`` (owners), ``status``, ``wait_swapped``
+(digest, timeout), ``prefetch`` (digest, ranges, wait?), ``metrics``, ``shutdown`` (teardown?).
+Control socket handlers run in their own threads — never on the FUSE thread — so they may mount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from snapshotter.lazy.manager import LayerManager, LazyConfig
+from snapshotter.lazy.spec import BlobSpec
+
+log = logging.getLogger("bootseer.lazy.serve")
+
+
+class ControlError(RuntimeError):
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+class Control:
+    """Client of the control socket."""
+
+    def __init__(self, path: Path | str, timeout: float = 60.0) -> None:
+        self.path = str(path)
+        self.timeout = timeout
+
+    def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout or self.timeout)
+            s.connect(self.path)
+            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                piece = s.recv(1 << 16)
+                if not piece:
+                    break
+                buf += piece
+        if not buf:
+            raise ControlError(f"{op}: no answer (daemon gone?)")
+        doc = json.loads(buf)
+        if not doc.get("ok"):
+            raise ControlError(f"{op}: {doc.get('error')}", doc.get("errno"))
+        return doc.get("result")
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        try:
+            req = json.loads(line)
+            result = self.server.dispatch(req)
+            out: dict[str, Any] = {"ok": True, "result": result}
+        except OSError as e:
+            out = {"ok": False, "error": str(e), "errno": e.errno}
+        except Exception as e:
+            log.exception("control request failed")
+            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        self.wfile.write(json.dumps(out).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, manager: LayerManager, stop: threading.Event) -> None:
+        self.manager = manager
+        self.stop = stop
+        self.teardown = False
+        super().__init__(path, _Handler)
+
+    def dispatch(self, req: dict[str, Any]) -> Any:
+        m = self.manager
+        op = req.get("op")
+        if op == "ping":
+            return {"pid": os.getpid(), "fuse": str(m.fuse_dir)}
+        if op == "acquire":
+            return {"mountpoint": str(m.acquire(BlobSpec.from_json(req["spec"]), req["owner"]))}
+        if op == "release":
+            return {"gone": m.release(req["owner"], req.get("digest"), force=bool(req.get("force")))}
+        if op == "retain":
+            return {"gone": m.retain(req["owners"])}
+        if op == "status":
+            return {"layers": m.status()}
+        if op == "wait_swapped":
+            return {"swapped": m.wait_swapped(req["digest"], float(req.get("timeout", 60)))}
+        if op == "prefetch":
+            job = m.prefetch(req["digest"], [tuple(r) for r in req["ranges"]], req.get("concurrency"))
+            if req.get("wait") is not None:
+                job.done.wait(float(req["wait"]))
+            return {"total": job.total, "fetched": job.fetched, "failed": job.failed, "done": job.done.is_set()}
+        if op == "housekeeping":
+            m.housekeeping()
+            return {}
+        if op == "metrics":
+            return generate_latest(m.metrics.registry).decode()
+        if op == "shutdown":
+            self.teardown = bool(req.get("teardown"))
+            self.stop.set()
+            return {}
+        raise ValueError(f"unknown op {op!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m snapshotter.lazy.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", required=True, type=Path, help="state directory (fuse/, cache/, mnt/, layers/)")
+    p.add_argument("--control", required=True, help="unix socket path for the control protocol")
+    p.add_argument("--config", default="{}", help="LazyConfig as JSON (e.g. '{\"fill\": {\"enabled\": false}}')")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    config = LazyConfig.from_dict(json.loads(args.config))
+    manager = LayerManager(args.root, config, registry=CollectorRegistry())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    outcomes = manager.start()
+    if os.path.exists(args.control):
+        os.unlink(args.control)
+    server = _Server(args.control, manager, stop)
+    threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+    log.info("lazy layer daemon ready (pid %d, root %s, restored %s)", os.getpid(), args.root, outcomes)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    manager.close(teardown=server.teardown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

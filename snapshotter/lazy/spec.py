@@ -1,0 +1,140 @@
+"""What the data path needs to know about one lazily served blob, and nothing more.
+
+A :class:`BlobSpec` is produced by whoever reads the image's index (the registry client) and handed to
+:class:`~snapshotter.lazy.manager.LayerManager`.  It is plain data — JSON-serialisable, persisted beside each
+layer — so a restarted daemon can serve the blob again without asking the index.  Credentials are *not*
+part of it: they expire and must never be written to disk, so they come from an :class:`AuthHook` that the
+daemon installs once and that is asked again on every 401.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class BlobSpec:
+    """An EROFS blob in a registry, cut into fixed chunks whose sha256 digests are known in advance.
+
+    ``registry`` is a base URL (``http://host:port`` or ``https://host``); ``mirrors`` are tried first, in
+    order (a P2P engine such as Dragonfly, a pull-through cache), the registry last.  ``chunks`` holds the
+    lowercase hex sha256 of every chunk; the last chunk may be shorter than ``chunk_size``.
+    """
+
+    registry: str
+    repository: str
+    digest: str  # sha256:<hex> of the whole EROFS blob
+    size: int
+    chunk_size: int
+    chunks: tuple[str, ...]
+    mirrors: tuple[str, ...] = ()
+    # Extra, non-secret request headers (e.g. a User-Agent); secrets come from the AuthHook.
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _DIGEST.match(self.digest):
+            raise ValueError(f"blob digest must be sha256:<64 hex>, not {self.digest!r}")
+        if self.size <= 0 or self.chunk_size <= 0 or self.chunk_size % 4096:
+            raise ValueError(f"bad size {self.size} / chunk size {self.chunk_size} (a multiple of 4096)")
+        if len(self.chunks) != n_chunks(self.size, self.chunk_size):
+            raise ValueError(f"{len(self.chunks)} chunk digests for {n_chunks(self.size, self.chunk_size)} chunks")
+        for c in self.chunks:
+            if not _HEX.match(c):
+                raise ValueError(f"chunk digest must be 64 lowercase hex characters, not {c!r}")
+        if not self.registry.startswith(("http://", "https://")):
+            raise ValueError(f"registry must be a base URL (http[s]://host[:port]), not {self.registry!r}")
+
+    # -- identity ----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """File-system-safe name of the blob: the FUSE file, cache dir and mount dir are called this."""
+        return self.digest.replace(":", "-")
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks)
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index`` in the blob."""
+        off = index * self.chunk_size
+        return off, min(self.chunk_size, self.size - off)
+
+    def chunks_for(self, offset: int, length: int) -> range:
+        """Indices of the chunks that cover ``[offset, offset+length)`` (clamped to the blob)."""
+        end = min(self.size, offset + length)
+        if length <= 0 or offset >= end:
+            return range(0)
+        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
+
+    def identity(self) -> str:
+        """A digest of everything that decides the cached bytes: a cache built for another spec is discarded."""
+        h = hashlib.sha256(f"{self.digest}\n{self.size}\n{self.chunk_size}\n".encode())
+        for c in self.chunks:
+            h.update(c.encode())
+        return h.hexdigest()
+
+    def endpoints(self) -> list[str]:
+        return [*self.mirrors, self.registry]
+
+    def blob_url(self, base: str) -> str:
+        return f"{base.rstrip('/')}/v2/{self.repository}/blobs/{self.digest}"
+
+    # -- persistence -------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"registry": self.registry, "repository": self.repository, "digest": self.digest,
+                "size": self.size, "chunk_size": self.chunk_size, "chunks": list(self.chunks),
+                "mirrors": list(self.mirrors), "headers": dict(self.headers)}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> BlobSpec:
+        return cls(registry=str(doc["registry"]), repository=str(doc["repository"]), digest=str(doc["digest"]),
+                   size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
+                   chunks=tuple(str(c) for c in doc["chunks"]), mirrors=tuple(doc.get("mirrors", ())),
+                   headers=dict(doc.get("headers", {})))
+
+
+def n_chunks(size: int, chunk_size: int) -> int:
+    return (size + chunk_size - 1) // chunk_size
+
+
+def chunk_digests(data: bytes | memoryview, chunk_size: int) -> tuple[str, ...]:
+    """The per-chunk sha256 list of ``data`` (what the converter's index records)."""
+    view = memoryview(data)
+    return tuple(hashlib.sha256(view[o : o + chunk_size]).hexdigest() for o in range(0, len(view), chunk_size))
+
+
+class AuthHook(Protocol):
+    """Returns the headers (``Authorization: Bearer …``) for requests about ``spec``.
+
+    ``refresh=True`` after a 401: the hook must fetch a new token rather than return a cached one.
+    Implementations do their own caching and locking; they are called from fetch worker threads.
+    """
+
+    def __call__(self, spec: BlobSpec, *, refresh: bool) -> Mapping[str, str]: ...
+
+
+def no_auth(spec: BlobSpec, *, refresh: bool) -> Mapping[str, str]:
+    """The hook for anonymous registries."""
+    return {}
+
+
+def split_ranges(spans: Sequence[tuple[int, int]], spec: BlobSpec) -> list[int]:
+    """Chunk indices covering byte ranges ``(offset, length)``, in first-seen order, de-duplicated.
+
+    Used by prefetch (hot-block manifests list byte ranges in first-access order)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    for off, length in spans:
+        for i in spec.chunks_for(off, length):
+            if i not in seen:
+                seen.add(i)
+                out.append(i)
+    return out

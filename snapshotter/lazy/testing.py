@@ -1,0 +1,444 @@
+"""Real parts for tests and benchmarks of the lazy data path: a docker-registry, EROFS blobs, a counting and
+misbehaving HTTP proxy, the data-path daemon in a child process, and cleanup that leaves nothing mounted.
+
+Nothing here is used by the daemon itself."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+
+from snapshotter.lazy import loop
+from snapshotter.lazy import mount as mnt
+from snapshotter.lazy.serve import Control
+from snapshotter.lazy.spec import BlobSpec, chunk_digests
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:.1f}s")
+        time.sleep(delay)  # polling a condition under a deadline
+        delay = min(delay * 2, 0.1)
+
+
+def run_with_deadline(fn: Callable[[], T], timeout: float, what: str = "call") -> T:
+    """Run ``fn`` in a thread; raise TimeoutError if it has not returned in ``timeout`` s (a hung read
+    must fail the test, not hang the suite; the thread is left to the cleanup that kills the daemon)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["v"] = fn()
+        except BaseException as e:
+            box["e"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{what} still blocked after {timeout:.1f}s")
+    if "e" in box:
+        raise box["e"]
+    return box["v"]  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------------------- trees
+def make_tree(root: Path, *, seed: int = 1, random_mib: int = 4, b64_mib: int = 9, small_files: int = 120) -> Path:
+    """A directory tree with a raw random file (stored uncompressed by erofs), a large base64 file
+    (compressible, random content), a numbers file, many small files, an empty file and a symlink."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "rand.bin").write_bytes(rng.randbytes(random_mib << 20))
+    (root / "b64.txt").write_bytes(base64.encodebytes(rng.randbytes(b64_mib << 20)))
+    (root / "seq.txt").write_text("".join(f"{i}\n" for i in range(300_000)))
+    for i in range(small_files):
+        d = root / "dir" / f"sub{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"file{i}.txt").write_bytes(rng.randbytes(rng.randint(10, 6000)).hex().encode())
+    (root / "empty").touch()
+    (root / "link").symlink_to("seq.txt")
+    return root
+
+
+def build_erofs(src: Path, out: Path, compressor: str = "lz4hc") -> Path:
+    """``mkfs.erofs -z<compressor>`` with fixed timestamp and UUID (reproducible, like the converter)."""
+    cmd = ["mkfs.erofs", f"-z{compressor}", "-T0", "-U6b5f6d3c-6e1a-4c36-9f3e-0b6f5b1c2d3e", "--all-root",
+           "--quiet", str(out), str(src)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """{relative path: sha256 (files) | '-> target' (symlinks) | 'dir'} of a tree."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- registry
+class Registry:
+    """Debian's docker-registry (distribution 2.8) on a loopback port, storage in ``root``."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = Path(root)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "storage").mkdir(exist_ok=True)
+        cfg = {"version": 0.1, "log": {"level": "warn", "accesslog": {"disabled": True}},
+               "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")},
+                           "maintenance": {"uploadpurging": {"enabled": False}}},
+               "http": {"addr": f"127.0.0.1:{self.port}", "secret": secrets.token_hex(16)}}
+        (self.root / "config.yml").write_text(json.dumps(cfg))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> Registry:
+        log = open(self.root / "registry.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(self.root / "config.yml")], stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {(self.root / 'registry.log').read_text()[-2000:]}")
+            try:
+                return requests.get(self.url + "/v2/", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, timeout, "registry up")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def blob_data(self, digest: str) -> Path:
+        hexd = digest.split(":", 1)[1]
+        return self.root / "storage/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+
+def push_blob(registry_url: str, repo: str, data: bytes) -> str:
+    """Monolithic upload: POST /v2/<repo>/blobs/uploads/ then PUT <location>?digest=…  Returns the digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    r = requests.post(f"{registry_url}/v2/{repo}/blobs/uploads/", timeout=30)
+    r.raise_for_status()
+    loc = r.headers["Location"]
+    if loc.startswith("/"):
+        loc = registry_url + loc
+    sep = "&" if "?" in loc else "?"
+    r = requests.put(f"{loc}{sep}digest={digest}", data=data,
+                     headers={"Content-Type": "application/octet-stream"}, timeout=120)
+    if r.status_code != 201:
+        raise RuntimeError(f"blob upload failed: HTTP {r.status_code} {r.text[:200]}")
+    return digest
+
+
+def spec_for(registry_url: str, repo: str, data: bytes, chunk_size: int) -> BlobSpec:
+    return BlobSpec(registry=registry_url, repository=repo, digest="sha256:" + hashlib.sha256(data).hexdigest(),
+                    size=len(data), chunk_size=chunk_size, chunks=chunk_digests(data, chunk_size))
+
+
+# ------------------------------------------------------------------------------------------- proxy
+@dataclass
+class ProxyRequest:
+    method: str
+    path: str
+    range: str | None
+    status: int = 0
+    nbytes: int = 0
+
+    def span(self) -> tuple[int, int] | None:
+        """(first, last) byte of a ``bytes=a-b`` range."""
+        if not self.range or not self.range.startswith("bytes="):
+            return None
+        a, _, b = self.range[6:].partition("-")
+        return int(a), int(b)
+
+
+@dataclass
+class _ProxyState:
+    mode: str = "pass"  # pass | hang | close
+    gate: threading.Event | None = None  # while set to an unset Event, range responses are held
+    requests: list[ProxyRequest] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+
+class CountingProxy:
+    """An HTTP proxy in front of the registry that counts what it serves and can misbehave on demand:
+    ``hang`` (accept, never answer — a registry that stalls), ``close`` (drop the connection), and a gate
+    that holds range responses until released (to make concurrent readers overlap deterministically)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.removeprefix("http://")
+        self.state = _ProxyState()
+        state = self.state
+        up = self.upstream
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_HEAD(self) -> None:
+                self._proxy("HEAD")
+
+            def do_GET(self) -> None:
+                self._proxy("GET")
+
+            def _proxy(self, method: str) -> None:
+                rec = ProxyRequest(method, self.path, self.headers.get("Range"))
+                with state.changed:
+                    state.requests.append(rec)
+                    state.changed.notify_all()
+                    while state.mode == "hang":
+                        if not state.changed.wait(60):
+                            break
+                    mode, gate = state.mode, state.gate
+                if mode == "close":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                conn = http.client.HTTPConnection(up, timeout=30)
+                try:
+                    hdrs = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    conn.request(method, self.path, headers=hdrs)
+                    resp = conn.getresponse()
+                    body = resp.read()
+                finally:
+                    conn.close()
+                if gate is not None and rec.range:
+                    gate.wait(60)
+                rec.status = resp.status
+                rec.nbytes = len(body) if method == "GET" else 0
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if method == "GET":
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set_mode(self, mode: str) -> None:
+        with self.state.changed:
+            self.state.mode = mode
+            self.state.changed.notify_all()
+
+    def hold(self) -> threading.Event:
+        gate = threading.Event()
+        self.state.gate = gate
+        return gate
+
+    def release(self) -> None:
+        gate, self.state.gate = self.state.gate, None
+        if gate is not None:
+            gate.set()
+
+    def reset(self) -> None:
+        with self.state.changed:
+            self.state.requests.clear()
+
+    def blob_requests(self, digest: str) -> list[ProxyRequest]:
+        with self.state.changed:
+            return [r for r in self.state.requests if r.method == "GET" and r.path.endswith("/blobs/" + digest)]
+
+    def served_bytes(self, digest: str) -> int:
+        return sum(r.nbytes for r in self.blob_requests(digest))
+
+    def close(self) -> None:
+        self.release()
+        self.set_mode("pass")
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ------------------------------------------------------------------------------------------ daemon
+class LazyDaemon:
+    """``python -m snapshotter.lazy.serve`` as a child process (see that module for why)."""
+
+    def __init__(self, root: Path, config: dict[str, Any] | None = None) -> None:
+        self.root = Path(root)
+        self.config = config or {}
+        self.control_path = self.root / "control.sock"
+        self.control = Control(self.control_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.root / "daemon.log"
+
+    def start(self, timeout: float = 30) -> LazyDaemon:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.control_path.unlink()
+        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "snapshotter.lazy.serve", "--root", str(self.root), "--control",
+             str(self.control_path), "--config", json.dumps(self.config), "--log-level", "info"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parents[2]))
+        out.close()
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lazy daemon exited {self.proc.returncode}: {self.tail()}")
+            if not self.control_path.exists():
+                return False
+            try:
+                self.control.call("ping", timeout=5)
+                return True
+            except (OSError, RuntimeError):
+                return False
+
+        wait_until(ready, timeout, "lazy daemon ready")
+        return self
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def call(self, op: str, **args: Any) -> Any:
+        return self.control.call(op, **args)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind — what a crash looks like to the kernel."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        self.proc = None
+
+    def stop(self, teardown: bool = True, timeout: float = 30) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.control.call("shutdown", teardown=teardown, timeout=timeout)
+                self.proc.wait(timeout)
+            except (OSError, RuntimeError, subprocess.TimeoutExpired):
+                self.kill()
+        self.proc = None
+
+    def status(self, digest: str) -> dict[str, Any]:
+        for layer in self.call("status")["layers"]:
+            if layer["digest"] == digest:
+                return dict(layer)
+        raise KeyError(digest)
+
+
+def cleanup_root(root: Path) -> list[str]:
+    """Remove every trace of a data-path root: mounts below it (erofs first, then FUSE), loop devices backed
+    by files below it.  Returns what it had to clean (so tests can assert a clean teardown left nothing)."""
+    root = Path(root).resolve()
+    prefix = str(root) + "/"
+    leftovers: list[str] = []
+    for m in reversed(mnt.mountinfo()):
+        if m.mountpoint.startswith(prefix):
+            leftovers.append(f"mount {m.fstype} {m.mountpoint}")
+            with contextlib.suppress(OSError):
+                mnt.umount(m.mountpoint, detach=True)
+    for n in loops_below(root):
+        leftovers.append(f"loop{n}")
+        with contextlib.suppress(OSError):
+            loop.detach(n)
+    return leftovers
+
+
+def loops_below(root: Path) -> list[int]:
+    """Loop devices whose backing file lies below ``root`` (including dead FUSE files and deleted caches)."""
+    prefix = str(Path(root).resolve()) + "/"
+    out: list[int] = []
+    for d in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            backing = (d / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(prefix) or f"/{Path(root).name}/" in backing:
+            out.append(int(d.name[4:]))
+    return out
+
+
+def drop_caches() -> None:
+    """Flush dirty pages and drop the page cache, dentries and inodes (root only)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def read_eio(path: Path) -> bool:
+    """True if reading ``path`` fails with EIO (the data path's answer to unverifiable bytes)."""
+    try:
+        path.read_bytes()
+    except OSError as e:
+        if e.errno == errno.EIO:
+            return True
+        raise
+    return False

@@ -1,0 +1,465 @@
+"""The lazy data path's plain cores, without a kernel: BlobSpec, the crash-safe chunk cache, the fetcher
+(against a real HTTP server in this process: coalescing, de-duplication, verification, timeouts, retries,
+auth, mirrors), the scheduler's priorities, and the FUSE operations driven by trio directly."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import http.server
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from snapshotter.lazy.cache import ChunkCache
+from snapshotter.lazy.fetcher import (
+    BACKGROUND,
+    DEMAND,
+    FetchConfig,
+    Fetcher,
+    FetchError,
+    HttpClient,
+    Scheduler,
+    TokenBucket,
+)
+from snapshotter.lazy.fusefs import BlobFS
+from snapshotter.lazy.spec import BlobSpec, chunk_digests, split_ranges
+from snapshotter.lazy.testing import free_port, run_with_deadline, wait_until
+
+CS = 64 << 10  # small chunks keep these tests fast; the kernel tests use 256 KiB
+REPO = "t/blob"
+
+
+def _blob(n_chunks: int = 20, tail: int = 1234, seed: int = 7) -> bytes:
+    return random.Random(seed).randbytes(n_chunks * CS - CS + tail)
+
+
+def _spec(data: bytes, base: str, **kw: Any) -> BlobSpec:
+    return BlobSpec(registry=base, repository=REPO, digest="sha256:" + hashlib.sha256(data).hexdigest(),
+                    size=len(data), chunk_size=CS, chunks=chunk_digests(data, CS), **kw)
+
+
+# ----------------------------------------------------------------------------------------------- spec
+def test_spec_chunk_math_and_json_round_trip() -> None:
+    data = _blob()
+    spec = _spec(data, "http://127.0.0.1:1")
+    assert spec.n_chunks == 20
+    assert spec.chunk_span(19) == (19 * CS, 1234)
+    assert list(spec.chunks_for(CS - 1, 2)) == [0, 1]
+    assert list(spec.chunks_for(len(data) - 1, 100)) == [19]
+    assert list(spec.chunks_for(len(data), 10)) == []
+    assert split_ranges([(5 * CS, 10), (0, 2 * CS), (5 * CS + 1, 1)], spec) == [5, 0, 1]
+    assert BlobSpec.from_json(spec.to_json()) == spec
+    assert spec.name == spec.digest.replace(":", "-")
+    with pytest.raises(ValueError):
+        BlobSpec(registry="http://x", repository=REPO, digest=spec.digest, size=len(data), chunk_size=CS,
+                 chunks=spec.chunks[:-1])
+    with pytest.raises(ValueError):
+        BlobSpec(registry="x:5000", repository=REPO, digest=spec.digest, size=len(data), chunk_size=CS,
+                 chunks=spec.chunks)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def test_cache_bits_become_durable_only_at_flush(tmp_path: Path) -> None:
+    data = _blob()
+    spec = _spec(data, "http://127.0.0.1:1")
+    a = ChunkCache(tmp_path / "c", spec)
+    assert os.stat(a.data_path).st_size == len(data) and a.disk_bytes() == 0  # sparse
+    a.put(3, data[3 * CS : 4 * CS])
+    a.put(19, data[19 * CS :])
+    assert a.has(3) and a.has(19) and not a.has(4)
+    assert a.read(3 * CS + 10, 100) == data[3 * CS + 10 : 3 * CS + 110]
+    assert a.local_bytes() == CS + 1234
+    # A crash now (no flush): a new instance must not believe in chunks whose bytes may not be on disk.
+    b = ChunkCache(tmp_path / "c", spec)
+    assert b.present_chunks == 0
+    b.close()
+    a.flush()
+    c = ChunkCache(tmp_path / "c", spec)
+    assert c.missing(range(0, 5)) == [0, 1, 2, 4] and c.has(19)
+    c.close()
+    a.close()
+
+
+def test_cache_verify_on_load_drops_bad_chunks_and_foreign_spec_resets(tmp_path: Path) -> None:
+    data = _blob()
+    spec = _spec(data, "http://127.0.0.1:1")
+    a = ChunkCache(tmp_path / "c", spec)
+    for i in (0, 1, 2):
+        off, n = spec.chunk_span(i)
+        a.put(i, data[off : off + n])
+    a.close()
+    with open(tmp_path / "c" / "data", "r+b") as f:  # the disk lied about chunk 1
+        f.seek(CS + 100)
+        f.write(b"\0garbage\0")
+    b = ChunkCache(tmp_path / "c", spec, verify=True)
+    assert [b.has(i) for i in range(3)] == [True, False, True]
+    b.close()
+    assert ChunkCache(tmp_path / "c", spec).missing(range(3)) == [1]  # the repair was persisted
+    other = _spec(_blob(seed=8), "http://127.0.0.1:1")
+    c = ChunkCache(tmp_path / "c", other)
+    assert c.present_chunks == 0
+    c.close()
+
+
+def test_cache_complete_means_the_data_file_is_the_blob(tmp_path: Path) -> None:
+    data = _blob(n_chunks=5, tail=CS)
+    spec = _spec(data, "http://127.0.0.1:1")
+    a = ChunkCache(tmp_path / "c", spec)
+    for i in reversed(range(5)):
+        a.put(i, data[i * CS : (i + 1) * CS])
+    assert a.complete
+    a.close()
+    assert (tmp_path / "c" / "data").read_bytes() == data
+    with pytest.raises(ValueError):
+        ChunkCache(tmp_path / "c", spec).put(0, b"short")
+
+
+# ------------------------------------------------------------------------------------- a blob server
+class BlobServer:
+    """A registry-shaped HTTP server for one blob: Range support, request log, and faults."""
+
+    def __init__(self, data: bytes, digest: str) -> None:
+        self.data = data
+        self.digest = digest
+        self.requests: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+        self.gate: threading.Event | None = None
+        self.hanging = False  # accept, then never answer (until set_hang(False))
+        self.cond = threading.Condition()
+        self.fail_next = 0  # answer 503 to this many requests
+        self.corrupt: set[int] = set()  # chunk indices served with a flipped byte
+        self.token: str | None = None  # require "Authorization: Bearer <token>"
+        self.ignore_range = False
+        srv = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                if not self.path.endswith("/blobs/" + srv.digest):
+                    self._reply(404, b"")
+                    return
+                if srv.token is not None and self.headers.get("Authorization") != f"Bearer {srv.token}":
+                    self._reply(401, b"")
+                    return
+                rng = self.headers.get("Range", "")
+                a, _, b = rng.removeprefix("bytes=").partition("-")
+                start, end = int(a), int(b) + 1
+                with srv.lock:
+                    srv.requests.append((start, end))
+                    failing = srv.fail_next > 0
+                    srv.fail_next -= 1 if failing else 0
+                with srv.cond:
+                    srv.cond.wait_for(lambda: not srv.hanging or srv.closing, timeout=60)
+                if srv.closing:
+                    return
+                if failing:
+                    self._reply(503, b"try later")
+                    return
+                if srv.gate is not None:
+                    srv.gate.wait(30)
+                body = bytearray(srv.data[start:end])
+                for i in srv.corrupt:
+                    if start <= i * CS < end:
+                        body[i * CS - start] ^= 0xFF
+                if srv.ignore_range:
+                    self._reply(200, srv.data)
+                    return
+                self._reply(206, bytes(body), {"Content-Range": f"bytes {start}-{end - 1}/{len(srv.data)}"})
+
+            def _reply(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body)
+
+        self.closing = False
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def set_hang(self, on: bool) -> None:
+        with self.cond:
+            self.hanging = on
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if self.gate is not None:
+            self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[bytes, BlobServer]]:
+    data = _blob()
+    srv = BlobServer(data, "sha256:" + hashlib.sha256(data).hexdigest())
+    yield data, srv
+    srv.close()
+
+
+def _fetcher(tmp_path: Path, spec: BlobSpec, *, auth: Any = None, sched: Scheduler | None = None,
+             **cfg: Any) -> Fetcher:
+    client = HttpClient(auth) if auth is not None else HttpClient()
+    return Fetcher(spec, ChunkCache(tmp_path / "cache", spec), scheduler=sched or Scheduler(8, 2),
+                   client=client, config=FetchConfig(**cfg))
+
+
+# -------------------------------------------------------------------------------------------- fetcher
+def test_fetch_reads_correct_bytes_coalesced_and_capped(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+    data, srv = served
+    f = _fetcher(tmp_path, _spec(data, srv.url), max_range_bytes=3 * CS)
+    assert f.read(CS + 5, 10) == data[CS + 5 : CS + 15]
+    assert srv.requests == [(CS, 2 * CS)]  # chunk granularity: the whole chunk, once
+    assert f.read(CS + 100, 50) == data[CS + 100 : CS + 150] and len(srv.requests) == 1  # local now
+    srv.requests.clear()
+    f.ensure(range(0, 8), BACKGROUND)  # chunk 1 is local: 0 | 2..7 in runs of at most 3 chunks
+    assert srv.requests == [(0, CS), (2 * CS, 5 * CS), (5 * CS, 8 * CS)]
+    assert f.read(len(data) - 3000, 5000) == data[-3000:]  # clamped at the end of the blob
+    assert f.stats.bytes[BACKGROUND] == 7 * CS and f.stats.requests[BACKGROUND] == 3
+
+
+def test_concurrent_readers_of_one_missing_chunk_cause_one_fetch(tmp_path: Path,
+                                                                  served: tuple[bytes, BlobServer]) -> None:
+    data, srv = served
+    f = _fetcher(tmp_path, _spec(data, srv.url))
+    srv.gate = threading.Event()
+    results: list[bytes] = []
+
+    def reader(k: int) -> None:
+        results.append(f.read(4 * CS + k * 1000, 500))
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(5)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: f.stats.dedup_waits == 4 and len(srv.requests) == 1, 10, "4 readers waiting on 1 fetch")
+    srv.gate.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == sorted(data[4 * CS + k * 1000 : 4 * CS + k * 1000 + 500] for k in range(5))
+    assert srv.requests == [(4 * CS, 5 * CS)]
+
+
+def test_corrupt_chunk_is_eio_and_never_cached_neighbours_are_fine(
+        tmp_path: Path, served: tuple[bytes, BlobServer], caplog: pytest.LogCaptureFixture) -> None:
+    data, srv = served
+    srv.corrupt = {3}
+    f = _fetcher(tmp_path, _spec(data, srv.url), retries=1, backoff=0.01)
+    with caplog.at_level(logging.ERROR, "bootseer.lazy.fetch"), pytest.raises(FetchError) as ei:
+        f.read(2 * CS, 3 * CS)  # chunks 2, 3, 4 in one range request
+    assert ei.value.errno == errno.EIO
+    assert "failed verification" in caplog.text and f.spec.chunks[3] in caplog.text
+    assert f.cache.has(2) and f.cache.has(4) and not f.cache.has(3)
+    assert f.stats.corrupt == 2  # first attempt and the retry
+    assert f.read(2 * CS, 10) == data[2 * CS : 2 * CS + 10]
+    with pytest.raises(FetchError):  # still corrupt upstream: still an error, fast (failure memo)
+        f.read(3 * CS, 10)
+    srv.corrupt.clear()
+    f.config.failure_memo = 0
+    assert f.read(3 * CS, 10) == data[3 * CS : 3 * CS + 10]
+
+
+def test_hanging_registry_is_eio_within_the_deadline_then_recovers(tmp_path: Path,
+                                                                    served: tuple[bytes, BlobServer]) -> None:
+    data, srv = served
+    f = _fetcher(tmp_path, _spec(data, srv.url), read_timeout=1.5, io_timeout=0.5, connect_timeout=0.5,
+                 backoff=0.05, failure_memo=30)  # a window that outlasts any load on the machine
+    srv.set_hang(True)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError) as ei:
+        run_with_deadline(lambda: f.read(0, 10), 10, "read from a hanging registry")
+    took = time.monotonic() - t0
+    assert ei.value.errno == errno.EIO
+    assert took < 10, took  # bounded by the deadline, not hung (the exact figure is the daemon test's)
+    with srv.lock:
+        sent = len(srv.requests)
+    with pytest.raises(FetchError):  # the same chunk again at once: fails without asking the registry
+        f.read(0, 10)
+    # Another chunk, even of another blob behind the same registry: one outage costs one deadline, not
+    # one per chunk the kernel's read-ahead asks for.
+    other = Fetcher(f.spec, ChunkCache(tmp_path / "cache2", f.spec), scheduler=f.scheduler, client=f.client,
+                    config=f.config)
+    with pytest.raises(FetchError, match="unreachable"):
+        other.read(5 * CS, 10)
+    with srv.lock:
+        assert len(srv.requests) == sent
+    f.client.mark_up(f.spec.endpoints())  # what the end of the window does
+    f.config.failure_memo = 0
+    srv.set_hang(False)
+    assert wait_until(lambda: _try_read(f, 0, 10), 5, "read after the registry is back") == data[:10]
+
+
+def _try_read(f: Fetcher, off: int, n: int) -> bytes | None:
+    try:
+        return f.read(off, n)
+    except FetchError:
+        return None
+
+
+def test_retries_auth_refresh_mirrors_and_servers_ignoring_range(tmp_path: Path,
+                                                                 served: tuple[bytes, BlobServer]) -> None:
+    data, srv = served
+    srv.fail_next = 2
+    f = _fetcher(tmp_path / "a", _spec(data, srv.url), retries=3, backoff=0.01)
+    assert f.read(0, 100) == data[:100] and f.stats.retries == 2
+
+    srv.token = "fresh"
+    calls: list[bool] = []
+
+    def auth(spec: BlobSpec, *, refresh: bool) -> dict[str, str]:
+        calls.append(refresh)
+        return {"Authorization": "Bearer " + ("fresh" if refresh else "stale")}
+
+    f = _fetcher(tmp_path / "b", _spec(data, srv.url), auth=auth)
+    assert f.read(CS, 100) == data[CS : CS + 100]
+    assert calls == [False, True]
+    srv.token = None
+
+    dead = f"http://127.0.0.1:{free_port()}"  # a mirror that is down: the registry answers
+    f = _fetcher(tmp_path / "c", _spec(data, srv.url, mirrors=(dead,)), retries=2, backoff=0.01)
+    assert f.read(2 * CS, 100) == data[2 * CS : 2 * CS + 100]
+
+    srv.ignore_range = True
+    f = _fetcher(tmp_path / "d", _spec(data, srv.url))
+    assert f.read(5 * CS + 7, 100) == data[5 * CS + 7 : 5 * CS + 107]
+
+
+def test_http_error_is_eio_not_retried_forever(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+    data, srv = served
+    spec = _spec(data, srv.url)
+    wrong = BlobSpec(registry=srv.url, repository="t/other", digest="sha256:" + "0" * 64, size=spec.size,
+                     chunk_size=CS, chunks=spec.chunks)
+    f = _fetcher(tmp_path, wrong, retries=2, backoff=0.01)
+    with pytest.raises(FetchError, match="HTTP 404"):
+        f.read(0, 10)
+    assert f.stats.failures == 1
+
+
+# ------------------------------------------------------------------------------------------ scheduler
+def test_background_yields_to_demand() -> None:
+    s = Scheduler(max_requests=3, background_requests=1)
+    order: list[str] = []
+    demand_in = threading.Event()
+    demand_out = threading.Event()
+
+    def demand() -> None:
+        with s.slot(DEMAND, 1):
+            demand_in.set()
+            demand_out.wait(10)
+            order.append("demand done")
+
+    def background() -> None:
+        with s.slot(BACKGROUND, 1, cancel=threading.Event()):
+            order.append("background ran")
+
+    td = threading.Thread(target=demand)
+    td.start()
+    demand_in.wait(10)
+    tb = threading.Thread(target=background)
+    tb.start()
+    tb.join(0.3)  # bounded wait: background must still be blocked while a demand read is in flight
+    assert tb.is_alive() and order == []
+    demand_out.set()
+    td.join(10)
+    tb.join(10)
+    assert order == ["demand done", "background ran"]
+
+
+def test_token_bucket_caps_the_rate() -> None:
+    b = TokenBucket(rate=4 << 20, burst=1 << 20)
+    t0 = time.monotonic()
+    for _ in range(5):
+        b.acquire(1 << 20)  # 5 MiB at 4 MiB/s with a 1 MiB burst: >= 1 s
+    assert time.monotonic() - t0 >= 0.9
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(FetchError):
+        b.acquire(4 << 20, cancel)
+
+
+# ------------------------------------------------------------------------------------ FUSE operations
+class _Source:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.local: set[int] = set()
+        self.slow_reads = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        return self.data[offset : offset + length] if offset in self.local else None
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.slow_reads += 1
+        if offset == 666:
+            raise FetchError("boom")
+        return self.data[offset : offset + length]
+
+
+def test_blobfs_operations_without_a_kernel() -> None:
+    fs = BlobFS(threads=2)
+    log: list[tuple[str, int, int]] = []
+    fs.access_log = lambda name, off, n, t: log.append((name, off, n))
+    src = _Source(bytes(range(256)) * 100)
+    ino = fs.add("sha256-abc", src)
+    assert fs.add("sha256-abc", src) == ino
+    with pytest.raises(FileExistsError):
+        fs.add("sha256-abc", _Source(b"x"))
+    ctx: Any = None
+
+    async def scenario() -> None:
+        attr = await fs.lookup(pyfuse3.ROOT_INODE, b"sha256-abc", ctx)
+        assert attr.st_ino == ino and attr.st_size == 25600 and attr.st_mode & 0o777 == 0o444
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.lookup(pyfuse3.ROOT_INODE, b"nope", ctx)
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.open(ino, os.O_RDWR, ctx)
+        assert e.value.errno == errno.EROFS
+        fi = await fs.open(ino, os.O_RDONLY, ctx)
+        assert fi.direct_io and not fi.keep_cache
+        assert await fs.read(fi.fh, 10, 5) == src.data[10:15]  # through a worker thread
+        src.local.add(20)
+        assert await fs.read(fi.fh, 20, 5) == src.data[20:25]  # answered on the loop
+        assert await fs.read(fi.fh, 25590, 100) == src.data[25590:]  # clamped
+        assert await fs.read(fi.fh, 30000, 100) == b""
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.read(fi.fh, 666, 10)
+        assert e.value.errno == errno.EIO
+        assert fs.remove("sha256-abc")  # unlinked while open: still served
+        assert await fs.read(fi.fh, 0, 3) == src.data[:3]
+        with pytest.raises(pyfuse3.FUSEError):
+            await fs.lookup(pyfuse3.ROOT_INODE, b"sha256-abc", ctx)
+        await fs.release(fi.fh)
+        with pytest.raises(pyfuse3.FUSEError):
+            await fs.getattr(ino, ctx)
+
+    trio.run(scenario)
+    assert src.slow_reads == 4
+    assert log[0] == ("sha256-abc", 10, 5) and len(log) == 5  # not the read past the end
+    st = fs.stats("sha256-abc")
+    assert st is None  # gone with the last close
+    assert fs.add("sha256-abc", src) > ino  # inode numbers are never reused
