@@ -6,8 +6,12 @@ index — are bind-mounted read-only.  The container's overlay upper dir is the 
 (:mod:`depsnap.difftar`) appended to the base (:mod:`depsnap.image`) and pushed under the key's tag.  A
 failed install pushes nothing and reports the tail of its log.
 
-Two builders racing on one key both produce a valid image for it: each checks the tag first and the second
-to finish simply re-points the tag; a job starting from either gets the same dependencies.
+Two builders racing on one key end with one image: each checks the tag before building and again before
+pushing (the later one then takes the earlier one's image and pushes nothing), and when both get to push,
+they push the same bytes — the layer tar, config and manifest are deterministic (mtimes clamped to the
+base's creation time, which the install also gets as ``SOURCE_DATE_EPOCH``), so an install that writes the
+same files gives the same image digest.  The registry has no compare-and-set on tags, so this — not a lock
+that could go stale when a node dies — is what keeps racers consistent.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class Result:
     built: bool  # False: the snapshot existed already
 
 
+def install_env(epoch: int) -> dict[str, str]:
+    """Environment of the install: no pip cache or version check (nothing to leave in the layer, no network),
+    and ``SOURCE_DATE_EPOCH`` so pip compiles hash-checked ``.pyc`` files, which do not depend on the mtimes
+    the layer clamps."""
+    return {"PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "SOURCE_DATE_EPOCH": str(epoch)}
+
+
 def snapshot_ref(repo: str, spec: DepSpec) -> str:
     return f"{repo}:{spec.tag()}"
 
@@ -68,12 +79,23 @@ def build_docker(
     if not spec.command:
         raise BuildError("no install command")
     client.images.pull(base)
+    work = Path(tempfile.mkdtemp(prefix="bs-depsnap-"))
+    try:
+        layout = image.fetch_base(base, work / "layout", plain_http)
+        epoch = image.base_epoch(layout)
+        return _build_docker(client, base, spec, repo, context, wheels, plain_http, timeout, layout, epoch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_docker(client: Any, base: str, spec: DepSpec, repo: str, context: Path, wheels: Path | None,
+                  plain_http: bool, timeout: float, layout: image.Layout, epoch: int) -> Result:
     volumes = {str(context.resolve()): {"bind": CONTEXT_MOUNT, "mode": "ro"}}
     if wheels is not None:
         volumes[str(wheels.resolve())] = {"bind": WHEELS_MOUNT, "mode": "ro"}
     container = client.containers.create(base, command=["/bin/sh", "-c", spec.command], network_mode="none",
                                          volumes=volumes, working_dir=CONTEXT_MOUNT, user="0",
-                                         environment={"PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+                                         environment=install_env(epoch))
     try:
         container.start()
         status = container.wait(timeout=timeout)
@@ -84,18 +106,16 @@ def build_docker(
         container.reload()
         upper = Path(container.attrs["GraphDriver"]["Data"]["UpperDir"])
         excludes = (*difftar.DEFAULT_EXCLUDES, CONTEXT_MOUNT.strip("/"), WHEELS_MOUNT.strip("/"))
-        work = Path(tempfile.mkdtemp(prefix="bs-depsnap-"))
-        try:
-            layout = image.fetch_base(base, work / "layout", plain_http)
-            stats: dict[str, int] = {}
-            ref = snapshot_ref(repo, spec)
-            digest = image.append_layer(layout, lambda dst: stats.update(difftar.write_layer(upper, dst, excludes)),
-                                        f"depsnap: {spec.command}", spec.tag())
-            image.push(layout, spec.tag(), ref, plain_http)
-            digest = image.exists(ref, plain_http) or digest
-            log.info("pushed %s (%s): %s", ref, digest, stats)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        stats: dict[str, int] = {}
+        ref = snapshot_ref(repo, spec)
+        digest = image.append_layer(layout, lambda dst: stats.update(difftar.write_layer(upper, dst, excludes, epoch)),
+                                    f"depsnap: {spec.command}", spec.tag(), epoch)
+        raced = resolve(repo, spec, plain_http)
+        if raced:  # another builder finished first: its image is the answer
+            return raced
+        image.push(layout, spec.tag(), ref, plain_http)
+        digest = image.exists(ref, plain_http) or digest
+        log.info("pushed %s (%s): %s", ref, digest, stats)
         return Result(ref, digest, spec.key(), True)
     finally:
         container.remove(force=True)

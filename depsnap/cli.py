@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from depsnap import build
 from depsnap.key import DepSpec, SpecError
 
 app = typer.Typer(help="Dependency snapshots: the install step kept as an image layer.", no_args_is_help=True)
@@ -80,8 +81,6 @@ def resolve_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Print the image a job should start from: the snapshot if it exists, else the base (install will run)."""
-    from depsnap import build
-
     try:
         spec = _spec(base, requirements, apt, file, run, platform, plain_http)
         found = build.resolve(repo, spec, plain_http)
@@ -98,6 +97,41 @@ def resolve_cmd(
             typer.echo("note: no snapshot for this key yet; the install will run at job start", err=True)
 
 
+def _engine_build(engine: str, base: str, spec: DepSpec, repo: str, ctx: Path, wheels: Path | None, plain_http: bool,
+                  address: str, namespace: str, snapshotter: str, docker_host: str) -> build.Result:
+    if engine == "containerd":
+        from depsnap import engine_containerd
+
+        return engine_containerd.build_containerd(address, base, spec, repo, ctx, wheels, plain_http, namespace,
+                                                  snapshotter)
+    if engine == "docker":
+        import docker
+
+        return build.build_docker(docker.DockerClient(base_url=docker_host, timeout=600), base, spec, repo, ctx,
+                                  wheels, plain_http)
+    raise SpecError(f"unknown engine {engine!r} (containerd or docker)")
+
+
+def _context(context: Path | None, requirements: list[Path]) -> Path:
+    return context or (requirements[0].parent if requirements else Path.cwd())
+
+
+ENGINE = typer.Option("containerd", help="Build with containerd (a node) or docker (a CI pipeline).")
+ADDRESS = typer.Option("/run/containerd/containerd.sock", help="containerd socket (engine containerd).")
+NAMESPACE = typer.Option("default", help="containerd namespace (engine containerd).")
+SNAPSHOTTER = typer.Option("bootseer", help="containerd snapshotter the base is unpacked into (engine containerd).")
+DOCKER_HOST = typer.Option("unix:///var/run/docker.sock", help="Docker engine (engine docker).")
+CONTEXT = typer.Option(None, help="Directory mounted at /depsnap (default: the requirements' dir).")
+WHEELS = typer.Option(None, help="A directory of wheels mounted at /wheels (offline package index).")
+
+
+def _emit(res: build.Result, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"image": res.image, "digest": res.digest, "key": res.key, "built": res.built}))
+    else:
+        typer.echo(res.image)
+
+
 @app.command("build")
 def build_cmd(
     base: str = typer.Option(..., help="Base image."),
@@ -106,27 +140,54 @@ def build_cmd(
     apt: str = typer.Option(""),
     file: list[Path] = typer.Option([], "--file"),
     run: str = typer.Option(..., help="The install command (runs in the requirements' directory)."),
-    context: Path = typer.Option(None, help="Directory mounted at /depsnap (default: the requirements' dir)."),
-    wheels: Path = typer.Option(None, help="A directory of wheels mounted at /wheels (offline package index)."),
-    docker_host: str = typer.Option("unix:///var/run/docker.sock", help="Docker engine to build with."),
+    context: Path = CONTEXT,
+    wheels: Path = WHEELS,
+    engine: str = ENGINE,
+    address: str = ADDRESS,
+    namespace: str = NAMESPACE,
+    snapshotter: str = SNAPSHOTTER,
+    docker_host: str = DOCKER_HOST,
     platform: str = typer.Option("linux/amd64"),
     plain_http: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Build the snapshot with the Docker engine (reused if it exists) and push it; prints the image."""
-    import docker
-
-    from depsnap import build
-
+    """Build the snapshot (reused if it exists) and push it; prints the image."""
     try:
         spec = _spec(base, requirements, apt, file, run, platform, plain_http)
-        ctx = context or (requirements[0].parent if requirements else Path.cwd())
-        res = build.build_docker(docker.DockerClient(base_url=docker_host, timeout=600), base, spec, push, ctx,
-                                 wheels, plain_http)
+        res = _engine_build(engine, base, spec, push, _context(context, requirements), wheels, plain_http, address,
+                            namespace, snapshotter, docker_host)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
-    if as_json:
-        typer.echo(json.dumps({"image": res.image, "digest": res.digest, "key": res.key, "built": res.built}))
-    else:
-        typer.echo(res.image)
+    _emit(res, as_json)
+
+
+@app.command("run")
+def run_cmd(
+    base: str = typer.Option(..., help="Base image."),
+    repo: str = typer.Option(..., help="Repository snapshots live in (host/path)."),
+    requirements: list[Path] = typer.Option([], "--requirements", "-r"),
+    apt: str = typer.Option(""),
+    file: list[Path] = typer.Option([], "--file"),
+    run: str = typer.Option(..., help="The install command (runs in the requirements' directory)."),
+    context: Path = CONTEXT,
+    wheels: Path = WHEELS,
+    engine: str = ENGINE,
+    address: str = ADDRESS,
+    namespace: str = NAMESPACE,
+    snapshotter: str = SNAPSHOTTER,
+    docker_host: str = DOCKER_HOST,
+    platform: str = typer.Option("linux/amd64"),
+    plain_http: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """What a job launcher calls: the snapshot image for these dependencies, built first if missing."""
+    try:
+        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+        res = build.resolve(repo, spec, plain_http) or _engine_build(
+            engine, base, spec, repo, _context(context, requirements), wheels, plain_http, address, namespace,
+            snapshotter, docker_host)
+    except (SpecError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    _emit(res, as_json)

@@ -8,6 +8,11 @@ within the diff stay hardlinks; xattrs travel as PAX ``SCHILY.xattr.*`` records 
 
 A directory renamed with overlay's ``redirect_dir`` feature cannot be expressed in a tar diff; such an upper
 dir is refused rather than turned into a wrong layer.
+
+The tar is deterministic, so two builders that install the same files push the same layer (and so the same
+image): entries in sorted order, no user/group *names* (they come from the building host's passwd), and with
+``epoch`` every mtime newer than it clamped to it (the reproducible-builds ``SOURCE_DATE_EPOCH`` rule; the
+install runs with ``SOURCE_DATE_EPOCH`` set so Python writes hash-checked ``.pyc`` files, which stay valid).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def _xattrs(path: str) -> dict[str, str]:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return out
-    for name in names:
+    for name in sorted(names):
         if name.startswith("trusted.overlay."):
             continue
         value = os.getxattr(path, name, follow_symlinks=False)
@@ -62,8 +67,18 @@ def _overlay_xattr(path: str, name: str) -> bytes | None:
         return None
 
 
-def write_layer(upper: Path, dst: IO[bytes], excludes: Iterable[str] = DEFAULT_EXCLUDES) -> dict[str, int]:
-    """Write the OCI layer tar of ``upper`` to ``dst``; return counts (files, whiteouts, opaque, bytes)."""
+def _normalize(info: tarfile.TarInfo, epoch: int | None) -> tarfile.TarInfo:
+    info.uname = info.gname = ""
+    mtime = int(info.mtime)
+    info.mtime = min(mtime, epoch) if epoch is not None else mtime
+    return info
+
+
+def write_layer(upper: Path, dst: IO[bytes], excludes: Iterable[str] = DEFAULT_EXCLUDES,
+                epoch: int | None = None) -> dict[str, int]:
+    """Write the OCI layer tar of ``upper`` to ``dst``; return counts (files, whiteouts, opaque, bytes).
+
+    ``epoch``: clamp mtimes to it (seconds since 1970), for a layer that depends only on the files' content."""
     excludes = tuple(excludes)
     stats = {"entries": 0, "whiteouts": 0, "opaque": 0, "bytes": 0}
     links: dict[tuple[int, int], str] = {}
@@ -78,12 +93,12 @@ def write_layer(upper: Path, dst: IO[bytes], excludes: Iterable[str] = DEFAULT_E
             if rel_dir:
                 if _overlay_xattr(dirpath, REDIRECT) is not None:
                     raise DiffError(f"{rel_dir}: renamed with overlay redirect_dir; mount with redirect_dir=off")
-                info = tf.gettarinfo(dirpath, rel_dir)
+                info = _normalize(tf.gettarinfo(dirpath, rel_dir), epoch)
                 info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in _xattrs(dirpath).items()}
                 tf.addfile(info)
                 stats["entries"] += 1
                 if _overlay_xattr(dirpath, OPAQUE) == b"y":
-                    tf.addfile(_whiteout(f"{rel_dir}/.wh..wh..opq", info.mtime))
+                    tf.addfile(_whiteout(f"{rel_dir}/.wh..wh..opq", int(info.mtime)))
                     stats["opaque"] += 1
             # symlinks to directories show up in dirnames: treat them as files
             entries = sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))])
@@ -94,10 +109,11 @@ def write_layer(upper: Path, dst: IO[bytes], excludes: Iterable[str] = DEFAULT_E
                     continue
                 st = os.lstat(full)
                 if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                    tf.addfile(_whiteout(f"{rel_dir}/.wh.{name}" if rel_dir else f".wh.{name}", int(st.st_mtime)))
+                    mtime = int(st.st_mtime) if epoch is None else min(int(st.st_mtime), epoch)
+                    tf.addfile(_whiteout(f"{rel_dir}/.wh.{name}" if rel_dir else f".wh.{name}", mtime))
                     stats["whiteouts"] += 1
                     continue
-                info = tf.gettarinfo(full, rel)
+                info = _normalize(tf.gettarinfo(full, rel), epoch)
                 info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in _xattrs(full).items()}
                 ident = (st.st_dev, st.st_ino)
                 if info.isreg() and st.st_nlink > 1:

@@ -7,6 +7,7 @@ can read work, and the base's layers are copied registry-side without recompress
 
 from __future__ import annotations
 
+import calendar
 import gzip
 import hashlib
 import json
@@ -73,8 +74,26 @@ def fetch_base(image: str, dest: Path, plain_http: bool = False) -> Layout:
     return Layout(dest)
 
 
-def append_layer(layout: Layout, write_tar: Callable[[IO[bytes]], Any], created_by: str, tag: str) -> str:
-    """Append a gzip layer written by ``write_tar`` to the ``base`` image of ``layout`` as ``tag``."""
+def base_epoch(layout: Layout) -> int:
+    """The base image's creation time (its config ``created``; 0 if absent): the deterministic clock of a
+    snapshot built on it — mtimes in the new layer are clamped to it and its history entry carries it."""
+    manifest = layout.manifest_for("base")
+    config = json.loads(layout.blob(manifest["config"]["digest"]).read_bytes())
+    created = str(config.get("created") or "")
+    if not created:
+        return 0
+    try:
+        return int(calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")))
+    except ValueError:
+        return 0
+
+
+def append_layer(layout: Layout, write_tar: Callable[[IO[bytes]], Any], created_by: str, tag: str,
+                 epoch: int | None = None) -> str:
+    """Append a gzip layer written by ``write_tar`` to the ``base`` image of ``layout`` as ``tag``.
+
+    With ``epoch`` the new config and manifest depend only on the base, the layer and ``created_by`` (history
+    time = ``epoch``), so builders that produce the same layer produce the same image digest."""
     tmp = layout.root / "layer.incoming"
     outer, inner = hashlib.sha256(), hashlib.sha256()
 
@@ -91,7 +110,7 @@ def append_layer(layout: Layout, write_tar: Callable[[IO[bytes]], Any], created_
 
     with open(tmp, "wb") as raw:
         tee = Tee(raw, outer)
-        with gzip.GzipFile(fileobj=tee, mode="wb", mtime=0) as gz:  # type: ignore[arg-type]
+        with gzip.GzipFile(fileobj=tee, mode="wb", mtime=0, compresslevel=6) as gz:  # type: ignore[arg-type]
             write_tar(Tee(gz, inner))  # type: ignore[arg-type]
     digest = "sha256:" + outer.hexdigest()
     size = tmp.stat().st_size
@@ -100,7 +119,8 @@ def append_layer(layout: Layout, write_tar: Callable[[IO[bytes]], Any], created_
     config = json.loads(layout.blob(manifest["config"]["digest"]).read_bytes())
     config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"].append("sha256:" + inner.hexdigest())
     config.setdefault("history", []).append({
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_by": created_by,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch if epoch is not None else time.time())),
+        "created_by": created_by,
         "comment": "bootseer depsnap"})
     cfg_digest, cfg_size = layout.put(json.dumps(config).encode())
     manifest = {

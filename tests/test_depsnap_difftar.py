@@ -70,3 +70,22 @@ def test_redirected_directory_is_refused(scratch: Path) -> None:
     os.setxattr(upper / "d", "trusted.overlay.redirect", b"/old")
     with pytest.raises(DiffError, match="redirect_dir"):
         write_layer(upper, io.BytesIO())
+
+
+def test_same_files_written_at_other_times_give_the_same_bytes(scratch: Path) -> None:
+    """Two builders installing the same files push the same layer: mtimes clamp to the epoch, no host names."""
+    tars = []
+    for i, when in enumerate((1_700_000_000, 1_800_000_123.5)):
+        upper = scratch / f"u{i}"
+        (upper / "pkg").mkdir(parents=True)
+        (upper / "pkg" / "mod.py").write_text("X = 1\n")
+        os.mknod(upper / "gone", 0o600 | 0o020000, 0)  # a whiteout
+        for p in (upper / "pkg" / "mod.py", upper / "pkg", upper / "gone"):
+            os.utime(p, (when, when), follow_symlinks=False)
+        buf = io.BytesIO()
+        write_layer(upper, buf, epoch=1_600_000_000)
+        tars.append(buf.getvalue())
+    assert tars[0] == tars[1]
+    with tarfile.open(fileobj=io.BytesIO(tars[0])) as tf:
+        assert {m.name: (m.mtime, m.uname) for m in tf.getmembers()} == {
+            ".wh.gone": (1_600_000_000, ""), "pkg": (1_600_000_000, ""), "pkg/mod.py": (1_600_000_000, "")}
