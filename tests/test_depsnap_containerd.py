@@ -108,6 +108,11 @@ def test_two_builders_one_key_one_image(stack: Stack, small_image: str, scratch:
         tags = requests.get(f"{stack.info.registry_url}/v2/{repo.split('/', 1)[1]}/tags/list", timeout=30).json()
         assert tags["tags"] == [docs[0]["image"].rsplit(":", 1)[1]]
         assert image.exists(docs[0]["image"], plain_http=True) == docs[0]["digest"]
+        # whatever the timing was, the two builds could only have pushed the same bytes: a third build of the
+        # key, later and elsewhere (another repository), gives the same image digest
+        again = subprocess.run([*cli[:cli.index("--repo") + 1], repo + "-again", *cli[cli.index("--repo") + 2:],
+                                "--namespace", nss[0]], capture_output=True, text=True, check=True)
+        assert (json.loads(again.stdout)["digest"], json.loads(again.stdout)["built"]) == (docs[0]["digest"], True)
     finally:
         for n in nss:
             for item in stack.ctr("images", "ls", "-q", namespace=n, check=False).stdout.split():
