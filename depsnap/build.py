@@ -43,6 +43,7 @@ class Result:
     digest: str  # manifest digest
     key: str
     built: bool  # False: the snapshot existed already
+    index: str | None = None  # digest of its BootSeer index (lazily loadable), when known
 
 
 def install_env(epoch: int) -> dict[str, str]:

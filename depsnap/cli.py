@@ -125,9 +125,21 @@ CONTEXT = typer.Option(None, help="Directory mounted at /depsnap (default: the r
 WHEELS = typer.Option(None, help="A directory of wheels mounted at /wheels (offline package index).")
 
 
+INDEX = typer.Option("auto", "--index", help="Make the image lazily loadable: auto (use the sidecar's index or "
+                     "convert here), wait (for the registry sidecar), none.")
+
+
+def _indexed(res: build.Result, base: str, plain_http: bool, mode: str) -> build.Result:
+    from depsnap import index
+
+    res.index = index.ensure_indexed(res.image, res.digest, base, plain_http, mode)
+    return res
+
+
 def _emit(res: build.Result, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps({"image": res.image, "digest": res.digest, "key": res.key, "built": res.built}))
+        typer.echo(json.dumps({"image": res.image, "digest": res.digest, "key": res.key, "built": res.built,
+                               "index": res.index}))
     else:
         typer.echo(res.image)
 
@@ -147,6 +159,7 @@ def build_cmd(
     namespace: str = NAMESPACE,
     snapshotter: str = SNAPSHOTTER,
     docker_host: str = DOCKER_HOST,
+    index_mode: str = INDEX,
     platform: str = typer.Option("linux/amd64"),
     plain_http: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
@@ -156,6 +169,7 @@ def build_cmd(
         spec = _spec(base, requirements, apt, file, run, platform, plain_http)
         res = _engine_build(engine, base, spec, push, _context(context, requirements), wheels, plain_http, address,
                             namespace, snapshotter, docker_host)
+        res = _indexed(res, base, plain_http, index_mode)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
@@ -177,16 +191,19 @@ def run_cmd(
     namespace: str = NAMESPACE,
     snapshotter: str = SNAPSHOTTER,
     docker_host: str = DOCKER_HOST,
+    index_mode: str = INDEX,
     platform: str = typer.Option("linux/amd64"),
     plain_http: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """What a job launcher calls: the snapshot image for these dependencies, built first if missing."""
+    """What a job launcher calls: the snapshot image for these dependencies, built first if missing, and
+    indexed so that it starts lazily."""
     try:
         spec = _spec(base, requirements, apt, file, run, platform, plain_http)
         res = build.resolve(repo, spec, plain_http) or _engine_build(
             engine, base, spec, repo, _context(context, requirements), wheels, plain_http, address, namespace,
             snapshotter, docker_host)
+        res = _indexed(res, base, plain_http, index_mode)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e

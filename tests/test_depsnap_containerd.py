@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from depsnap import engine_containerd as ec
-from depsnap import image
+from depsnap import image, index
 from depsnap.build import BuildError, resolve
 from depsnap.key import DepSpec
 from integration.stack import Stack, mounts_below
@@ -106,7 +106,8 @@ def test_two_builders_one_key_one_image(stack: Stack, small_image: str, scratch:
         docs = [json.loads(o[0]) for o in outs]
         assert docs[0]["digest"] == docs[1]["digest"] and docs[0]["image"] == docs[1]["image"]
         tags = requests.get(f"{stack.info.registry_url}/v2/{repo.split('/', 1)[1]}/tags/list", timeout=30).json()
-        assert tags["tags"] == [docs[0]["image"].rsplit(":", 1)[1]]
+        # one image tag (the index, when converted, adds its referrers-schema tag `sha256-…` beside it)
+        assert [t for t in tags["tags"] if not t.startswith("sha256-")] == [docs[0]["image"].rsplit(":", 1)[1]]
         assert image.exists(docs[0]["image"], plain_http=True) == docs[0]["digest"]
         # whatever the timing was, the two builds could only have pushed the same bytes: a third build of the
         # key, later and elsewhere (another repository), gives the same image digest
@@ -118,6 +119,35 @@ def test_two_builders_one_key_one_image(stack: Stack, small_image: str, scratch:
             for item in stack.ctr("images", "ls", "-q", namespace=n, check=False).stdout.split():
                 stack.ctr("images", "rm", "--sync", item, namespace=n, check=False)
             stack.ctr("namespaces", "rm", n, check=False)
+
+
+@pytest.mark.skipif(not index.converter_available(), reason="this checkout has no converter (registry_sidecar)")
+def test_run_makes_the_snapshot_lazily_loadable(stack: Stack, small_image: str, scratch: Path) -> None:
+    """`depsnap run` answers with an image that has a BootSeer index covering its new layer."""
+    from bootseer.registry import RegistryClient
+    from registry_sidecar.index import find_index
+
+    repo = repo_of(stack, "idx")
+    n = f"bs-depsnap-idx-{secrets.token_hex(3)}"
+    cli = [sys.executable, "-m", "bootseer.cli", "depsnap", "run", "--base", small_image, "--repo", repo,
+           "--run", BUSYBOX_CHANGES, "--address", stack.info.containerd_socket, "--namespace", n,
+           "--context", str(scratch), "--plain-http", "--index", "auto", "--json"]
+    try:
+        doc = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
+        # asking again finds the image and its index; nothing is built or converted twice
+        again = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
+    finally:
+        for item in stack.ctr("images", "ls", "-q", namespace=n, check=False).stdout.split():
+            stack.ctr("images", "rm", "--sync", item, namespace=n, check=False)
+        stack.ctr("namespaces", "rm", n, check=False)
+    assert doc["built"] and doc["index"]
+    found = find_index(RegistryClient(plain_http=True), repo, doc["digest"])
+    assert found is not None and found[0] == doc["index"]
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{doc['image']}"],
+                         capture_output=True, check=True).stdout
+    new_layer = json.loads(raw)["layers"][-1]["digest"]
+    assert new_layer in found[1].layers
+    assert (again["built"], again["index"]) == (False, doc["index"])
 
 
 def test_failed_install_pushes_nothing(stack: Stack, small_image: str, ns: str, scratch: Path) -> None:
