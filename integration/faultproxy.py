@@ -1,0 +1,272 @@
+"""A small fault-injecting HTTP proxy to put in front of a real registry in tests.
+
+It forwards every request to the upstream (keeping the client's ``Host`` so the registry's ``Location``
+headers point back at the proxy) and, on the requests a :class:`Fault` matches, injects a failure instead:
+an HTTP status (5xx, 429), a dropped connection (TCP reset before any answer), a response cut off half-way
+through its body, a slow answer (``delay`` seconds before forwarding), or a corrupted body.  It can also play an
+authenticating registry: ``auth="bearer"`` answers 401 with a ``WWW-Authenticate: Bearer`` challenge and serves
+``/token`` (checking basic credentials when ``username`` is set); ``auth="basic"`` wants basic credentials.
+
+Used by the registry client's and the converter's tests; ``hits`` records what happened to each request.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import secrets
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+              "transfer-encoding", "upgrade"}
+
+
+@dataclass
+class Fault:
+    """Inject ``action`` into the next ``times`` requests matching ``method`` and the ``path`` regex.
+
+    Actions: ``status`` (answer ``status``), ``drop`` (reset the connection), ``cut`` (send half the upstream
+    body then reset), ``delay`` (wait ``delay`` s, then forward), ``corrupt`` (flip a byte of the body).
+    """
+
+    action: str
+    path: str = ".*"
+    method: str = ".*"
+    times: int = 1
+    status: int = 503
+    delay: float = 0.0
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.hits < self.times and re.fullmatch(self.method, method) is not None
+                and re.search(self.path, path) is not None)
+
+
+@dataclass
+class FaultProxy:
+    upstream: str  # host:port of the real registry (plain HTTP)
+    auth: str | None = None  # None | "bearer" | "basic"
+    username: str = ""
+    password: str = ""
+    faults: list[Fault] = field(default_factory=list)
+    hits: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what happened)
+    tokens_issued: int = 0
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+    _tokens: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------------------------------ control
+    def start(self) -> FaultProxy:
+        proxy = self
+
+        class Handler(_Handler):
+            owner = proxy
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"{host}:{port}"
+
+    def add(self, action: str, **kw: Any) -> Fault:
+        f = Fault(action, **kw)
+        with self._lock:
+            self.faults.append(f)
+        return f
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+            self.hits.clear()
+
+    def _take(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for f in self.faults:
+                if f.matches(method, path):
+                    f.hits += 1
+                    return f
+        return None
+
+    def _record(self, method: str, path: str, what: str) -> None:
+        with self._lock:
+            self.hits.append((method, path, what))
+
+    def _new_token(self) -> str:
+        tok = secrets.token_urlsafe(24)
+        with self._lock:
+            self._tokens.add(tok)
+            self.tokens_issued += 1
+        return tok
+
+    def _token_ok(self, tok: str) -> bool:
+        with self._lock:
+            return tok in self._tokens
+
+    def _basic_ok(self, header: str) -> bool:
+        if not header.lower().startswith("basic "):
+            return False
+        try:
+            user, _, pw = base64.b64decode(header[6:]).decode().partition(":")
+        except ValueError:
+            return False
+        return user == self.username and pw == self.password
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: FaultProxy
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _reset(self) -> None:
+        """Close with RST, so the client sees a connection reset, not a clean end."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        p = self.owner
+        path = self.path
+        body = self._body()
+        if urlsplit(path).path == "/token":
+            return self._token()
+        if p.auth and not self._authorized():
+            return
+        fault = p._take(self.command, path)
+        if fault and fault.action == "status":
+            p._record(self.command, path, f"status {fault.status}")
+            err = {"errors": [{"code": "UNAVAILABLE", "message": "injected fault", "detail": None}]}
+            return self._send(fault.status, json.dumps(err).encode(), {"Content-Type": "application/json"})
+        if fault and fault.action == "drop":
+            p._record(self.command, path, "drop")
+            return self._reset()
+        if fault and fault.action == "delay":
+            # one record per request: the client has usually given up on this one before it is answered
+            p._record(self.command, path, f"delay {fault.delay}")
+            time.sleep(fault.delay)  # the injected slowness itself
+        self._forward(body, fault)
+
+    def _authorized(self) -> bool:
+        p = self.owner
+        got = self.headers.get("Authorization", "")
+        host = self.headers.get("Host", p.address)
+        if p.auth == "basic":
+            if p._basic_ok(got):
+                return True
+            p._record(self.command, self.path, "401 basic")
+            self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                       {"WWW-Authenticate": 'Basic realm="faultproxy"', "Content-Type": "application/json"})
+            return False
+        if got.lower().startswith("bearer ") and p._token_ok(got[7:]):
+            return True
+        m = re.match(r"^/v2/(.+?)/(manifests|blobs|tags|referrers)/", self.path)
+        scope = f',scope="repository:{m.group(1)}:pull"' if m else ""
+        p._record(self.command, self.path, "401 bearer")
+        challenge = f'Bearer realm="http://{host}/token",service="faultproxy"{scope}'
+        self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                   {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+        return False
+
+    def _token(self) -> None:
+        p = self.owner
+        q = parse_qs(urlsplit(self.path).query)
+        if p.username and not p._basic_ok(self.headers.get("Authorization", "")):
+            p._record(self.command, self.path, "token refused")
+            return self._send(401, b'{"details":"bad credentials"}', {"Content-Type": "application/json"})
+        if q.get("service") != ["faultproxy"]:
+            return self._send(400, b'{"details":"wrong service"}', {"Content-Type": "application/json"})
+        tok = p._new_token()
+        p._record(self.command, "/token", "token")
+        self._send(200, json.dumps({"token": tok, "expires_in": 300}).encode(), {"Content-Type": "application/json"})
+
+    def _forward(self, body: bytes, fault: Fault | None) -> None:
+        p = self.owner
+        conn = http.client.HTTPConnection(p.upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("authorization", "content-length")}
+        if body or self.command in ("PUT", "POST", "PATCH"):
+            headers["Content-Length"] = str(len(body))
+        try:
+            conn.request(self.command, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except OSError:
+            p._record(self.command, self.path, "upstream error")
+            return self._send(502, b"upstream unreachable")
+        finally:
+            conn.close()
+        what = f"{resp.status}"
+        if fault and fault.action == "corrupt" and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            what += " corrupted"
+        cut = fault is not None and fault.action == "cut" and len(data) > 1 and self.command != "HEAD"
+        if cut:
+            what += " cut"
+        # Recorded before the answer goes out, so a client that has its answer finds it in ``hits``; a delayed
+        # request was recorded when its delay began.
+        if not (fault and fault.action == "delay"):
+            p._record(self.command, self.path, what)
+        out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP | {"content-length"}]
+        declared = len(data)
+        if self.command == "HEAD":
+            declared = int(resp.getheader("Content-Length") or 0)
+        self.send_response(resp.status)
+        for k, v in out_headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(declared))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if cut:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            return self._reset()
+        self.wfile.write(data)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
