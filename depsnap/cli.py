@@ -129,6 +129,14 @@ INDEX = typer.Option("auto", "--index", help="Make the image lazily loadable: au
                      "convert here), wait (for the registry sidecar), none.")
 
 
+def _check_index_mode(mode: str) -> None:
+    from depsnap.index import MODES
+
+    if mode not in MODES:
+        typer.echo(f"error: --index {mode}: one of {', '.join(MODES)}", err=True)
+        raise typer.Exit(2)
+
+
 def _indexed(res: build.Result, base: str, plain_http: bool, mode: str) -> build.Result:
     from depsnap import index
 
@@ -165,6 +173,7 @@ def build_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Build the snapshot (reused if it exists) and push it; prints the image."""
+    _check_index_mode(index_mode)
     try:
         spec = _spec(base, requirements, apt, file, run, platform, plain_http)
         res = _engine_build(engine, base, spec, push, _context(context, requirements), wheels, plain_http, address,
@@ -198,6 +207,7 @@ def run_cmd(
 ) -> None:
     """What a job launcher calls: the snapshot image for these dependencies, built first if missing, and
     indexed so that it starts lazily."""
+    _check_index_mode(index_mode)
     try:
         spec = _spec(base, requirements, apt, file, run, platform, plain_http)
         res = build.resolve(repo, spec, plain_http) or _engine_build(

@@ -182,3 +182,24 @@ def test_pip_snapshot_is_importable_without_install(stack: Stack, realistic_imag
     out = stack.ctr("run", "--rm", res.image, "t-dsp-" + secrets.token_hex(3), "python3", "-c", probe,
                     namespace=ns, timeout=300)
     assert out.stdout == "hello from a dependency snapshot\n1\nFalse\n"
+
+
+def test_install_past_its_deadline_is_killed_and_cleaned_up(stack: Stack, small_image: str, ns: str,
+                                                             scratch: Path) -> None:
+    spec = DepSpec(image.exists(small_image, plain_http=True) or "", command="echo started; exec sleep 600")
+    repo = repo_of(stack, "slow")
+    with pytest.raises(BuildError, match="exited with 124") as ei:
+        ec.build_containerd(stack.info.containerd_socket, small_image, spec, repo, scratch, plain_http=True,
+                            namespace=ns, timeout=3)
+    assert "started" in ei.value.log_tail and "killed after 3 s" in ei.value.log_tail
+    assert resolve(repo, spec, plain_http=True) is None
+    assert depsnap_snapshots(stack, ns) == []
+    assert stack.ctr("containers", "ls", "-q", namespace=ns).stdout.split() == []
+    assert stack.ctr("tasks", "ls", "-q", namespace=ns).stdout.split() == []
+
+
+def test_cli_refuses_a_bad_index_mode_before_building(stack: Stack, small_image: str, scratch: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "bootseer.cli", "depsnap", "run", "--base", small_image, "--repo",
+                        repo_of(stack, "bad"), "--run", "true", "--index", "sometimes", "--plain-http"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "sometimes" in r.stderr and "auto, wait, none" in r.stderr

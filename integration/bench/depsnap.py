@@ -3,21 +3,23 @@ the install at job start.
 
 ``bootseer bench depsnap [--json FILE] [--repeats N]`` (or ``python -m integration.bench.depsnap``).
 
-Set-up, all local: a stack (containerd + registry + BootSeer's snapshotter, and the registry sidecar when the
-package has it), the realistic base image (Debian + python3 + numpy + torch) and a package index of real
-wheels — numpy plus 14 pure-Python packages, downloaded once into the wheel cache — mounted into the install
-container (no network).  The snapshot is built once with depsnap's containerd engine.
+Set-up, all local: a stack (containerd + registry + BootSeer's snapshotter; no sidecar, whose conversions
+would load the CPU during the runs), the realistic base image (Debian + python3 + numpy + torch) and a
+package index of real wheels — numpy plus 14 pure-Python packages, downloaded once into the wheel cache —
+mounted into the install container (no network).  Snapshots are built with depsnap's containerd engine and
+indexed by depsnap itself (only the new layer is converted; the base's EROFS blobs are reused).
 
-Each run starts from the same node state: the base image is present in containerd (nodes keep their base
-images), the snapshot image is not.  Modes, each ending when ``python3 -c "import numpy, requests, …"``
-inside the container has printed ``ready``:
+Each repeat builds a snapshot of its own (one marker file more, so another layer digest): no run finds a
+previous run's layer in the snapshotter's cache — every hit is the first start of that snapshot on the node.
+Node state for every run: the base image is present in containerd (nodes keep their base images), the
+snapshot image is not.  Modes, each ending when ``python3 -c "import numpy, requests, …"`` inside the
+container has printed ``ready``:
 
 * ``install``: run the install command in a container from the base, then import — what a job does today.
+* ``hit_lazy``: ``bootseer pull`` of the snapshot image into BootSeer's snapshotter (its new layer mounted
+  lazily from its EROFS blob), run, import — when the package has ``bootseer pull`` and the converter.
 * ``hit``: pull the snapshot image with ``ctr image pull`` (containerd's overlayfs path: only its one new
   layer travels, gunzipped and unpacked in full), run, import.
-* ``hit_lazy``: ``bootseer pull`` of the snapshot image into BootSeer's snapshotter (its new layer mounted
-  lazily from the EROFS blob the sidecar made), run, import — when the package has ``bootseer pull`` and a
-  sidecar.
 * ``floor``: the snapshot image already unpacked on the node: run, import — the part every mode shares
   (container start, interpreter start, the imports themselves).
 
@@ -42,10 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from depsnap import engine_containerd, image
+from depsnap import engine_containerd, image, index
 from depsnap.key import DepSpec
 from integration import images
-from integration.stack import Stack, StackConfig, running, wait_for
+from integration.stack import Stack, StackConfig, running
 
 PACKAGES = ["numpy==2.2.6", "six==1.17.0", "idna==3.10", "attrs==25.3.0", "packaging==25.0", "pyparsing==3.2.3",
             "python-dateutil==2.9.0.post0", "pytz==2025.2", "certifi==2025.4.26", "charset-normalizer==3.4.2",
@@ -69,26 +71,11 @@ def fetch_wheels(cache: Path) -> Path:
 
 
 def lazy_available() -> bool:
-    """``bootseer pull`` and the sidecar's index are what the lazy hit needs."""
+    """``bootseer pull`` and the converter are what the lazy hit needs."""
     try:
-        return all(importlib.util.find_spec(m) is not None for m in ("bootseer.pull", "registry_sidecar.index"))
+        return importlib.util.find_spec("bootseer.pull") is not None and index.converter_available()
     except ModuleNotFoundError:
         return False
-
-
-def wait_indexed(st: Stack, refs: list[str], timeout: float) -> None:
-    """Wait until the sidecar has indexed every image in ``refs`` (it converts each push on its own)."""
-    from bootseer.registry import RegistryClient
-    from registry_sidecar.index import find_index
-
-    client = RegistryClient(plain_http=True)
-    for ref in refs:
-        digest, repo = image.exists(ref, plain_http=True) or "", ref.rsplit(":", 1)[0]
-
-        def indexed(repo: str = repo, digest: str = digest) -> bool:
-            return find_index(client, repo, digest) is not None
-
-        wait_for(f"index of {ref}", indexed, timeout)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,26 +89,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "-r requirements.txt")
     probe = f"import {IMPORTS}; print('ready')"
     lazy = lazy_available() and not args.no_lazy
-    out: dict[str, Any] = {"packages": PACKAGES, "runs": {"install": [], "hit": [], "floor": []}, "notes": []}
+    out: dict[str, Any] = {"packages": PACKAGES, "runs": {"install": [], "hit": [], "floor": []}, "notes": [],
+                           "build_seconds": [], "index_seconds": [], "pull_seconds": {"hit": [], "hit_lazy": []}}
     if lazy:
         out["runs"]["hit_lazy"] = []
     else:
-        out["notes"].append("hit_lazy not measured: this checkout has no `bootseer pull` / registry sidecar")
+        out["notes"].append("hit_lazy not measured: this checkout has no `bootseer pull` / converter")
     try:
-        with running(StackConfig(root=root, sidecar=lazy)) as st:
+        # no sidecar: its conversions would load the CPU during the runs; depsnap indexes what it needs itself
+        with running(StackConfig(root=root, sidecar=False)) as st:
             base = images.push_realistic(st.info.registry)
             digest = image.exists(base, plain_http=True) or ""
-            spec = DepSpec(digest, requirements=[ctx / "requirements.txt"], command=install)
-            repo = f"{st.info.registry}/bootseer/depsnap-bench"
-            t0 = time.monotonic()
-            res = engine_containerd.build_containerd(st.info.containerd_socket, base, spec, repo, ctx, wheels,
-                                                     plain_http=True, namespace=NS + "-build")
-            out["build_seconds"] = round(time.monotonic() - t0, 2)
-            out["layer_bytes"] = _last_layer_size(st, res.image)
-            if lazy:
+            if lazy:  # the base's EROFS blobs, once (a cluster's sidecar has them long before any depsnap)
                 t0 = time.monotonic()
-                wait_indexed(st, [base, res.image], timeout=1800)
-                out["index_wait_seconds"] = round(time.monotonic() - t0, 2)
+                index.ensure_indexed(base, digest, None, plain_http=True)
+                out["base_index_seconds"] = round(time.monotonic() - t0, 2)
             # node state: the base unpacked in both snapshotters
             st.ctr("image", "pull", "--plain-http", base, namespace=NS, timeout=900)
             st.ctr("image", "pull", "--plain-http", "--snapshotter", "bootseer", base, namespace=NS, timeout=900)
@@ -134,23 +116,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             runs = out["runs"]
             for i in range(args.repeats):
-                st.ctr("image", "rm", "--sync", res.image, namespace=NS, check=False)
+                # a snapshot of its own per repeat (one marker file more: another layer digest), so that no
+                # run finds the previous run's layer in the snapshotter's cache — every hit is a first start
+                spec = DepSpec(digest, requirements=[ctx / "requirements.txt"],
+                               command=f"{install} && echo {i} > /etc/depsnap-bench-run")
+                t0 = time.monotonic()
+                res = engine_containerd.build_containerd(st.info.containerd_socket, base, spec,
+                                                         f"{st.info.registry}/bootseer/depsnap-bench", ctx, wheels,
+                                                         plain_http=True, namespace=NS + "-build")
+                out["build_seconds"].append(round(time.monotonic() - t0, 2))
+                out["layer_bytes"] = _last_layer_size(res.image)
+                if lazy:
+                    t0 = time.monotonic()
+                    index.ensure_indexed(res.image, res.digest, base, plain_http=True)
+                    out["index_seconds"].append(round(time.monotonic() - t0, 2))
+
                 t0 = time.monotonic()
                 ctr_run(base, f"bi-{i}", "sh", "-c", f"{install} && python3 -c \"{probe}\"", extra=tuple(mounts))
-                t1 = time.monotonic()
-                st.ctr("image", "pull", "--plain-http", res.image, namespace=NS, timeout=900)
-                ctr_run(res.image, f"bh-{i}", "python3", "-c", probe)
-                t2 = time.monotonic()
-                ctr_run(res.image, f"bf-{i}", "python3", "-c", probe)
-                t3 = time.monotonic()
-                runs["install"].append(round(t1 - t0, 3))
-                runs["hit"].append(round(t2 - t1, 3))
-                runs["floor"].append(round(t3 - t2, 3))
+                runs["install"].append(round(time.monotonic() - t0, 3))
                 if lazy:
-                    st.ctr("image", "rm", "--sync", res.image, namespace=NS, check=False)
                     t0 = time.monotonic()
-                    _lazy_hit(st, res.image, probe, f"bl-{i}")
+                    out["pull_seconds"]["hit_lazy"].append(_lazy_hit(st, res.image, probe, f"bl-{i}"))
                     runs["hit_lazy"].append(round(time.monotonic() - t0, 3))
+                    st.ctr("image", "rm", "--sync", res.image, namespace=NS, check=False)
+                t0 = time.monotonic()
+                st.ctr("image", "pull", "--plain-http", res.image, namespace=NS, timeout=900)
+                out["pull_seconds"]["hit"].append(round(time.monotonic() - t0, 3))
+                ctr_run(res.image, f"bh-{i}", "python3", "-c", probe)
+                runs["hit"].append(round(time.monotonic() - t0, 3))
+                t0 = time.monotonic()
+                ctr_run(res.image, f"bf-{i}", "python3", "-c", probe)
+                runs["floor"].append(round(time.monotonic() - t0, 3))
+                st.ctr("image", "rm", "--sync", res.image, namespace=NS, check=False)
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in out["runs"].items() if v}
@@ -171,13 +168,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _lazy_hit(st: Stack, ref: str, probe: str, name: str) -> None:
+def _lazy_hit(st: Stack, ref: str, probe: str, name: str) -> float:
+    """Lazy pull + run; returns the pull's share of the time."""
     from bootseer.pull import pull
 
-    pull(ref, address=st.info.containerd_socket, namespace=NS, snapshotter="bootseer", client=_client())
+    t0 = time.monotonic()
+    res = pull(ref, address=st.info.containerd_socket, namespace=NS, snapshotter="bootseer", client=_client())
+    pulled = round(time.monotonic() - t0, 3)
+    assert [lo.mode for lo in res.layers][-1] == "lazy", res.to_dict()
     r = st.ctr("run", "--rm", "--snapshotter", "bootseer", ref, name, "python3", "-c", probe, namespace=NS,
                timeout=1800)
     assert r.stdout.strip() == "ready", r.stdout + r.stderr
+    return pulled
 
 
 def _client() -> Any:
@@ -186,7 +188,7 @@ def _client() -> Any:
     return RegistryClient(plain_http=True)
 
 
-def _last_layer_size(st: Stack, ref: str) -> int:
+def _last_layer_size(ref: str) -> int:
     raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
                          capture_output=True, check=True).stdout
     return int(json.loads(raw)["layers"][-1]["size"])
