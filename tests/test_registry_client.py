@@ -61,7 +61,7 @@ def push_image(client: RegistryClient, ref: str, arch: str = "amd64", media_type
            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.digest, "size": cd.size},
            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld.digest, "size": ld.size}]}
     raw = json.dumps(doc).encode()
-    client.put_manifest(ref, raw, media_type, tag)
+    client.put_manifest(ref if tag else f"{ref}@{sha256_digest(raw)}", raw, media_type, tag)  # no tag: by digest
     return Manifest.from_bytes(raw, media_type)
 
 

@@ -1,0 +1,167 @@
+"""``bootseer convert IMAGE`` and ``bootseer sidecar serve``: thin command-line adapters over
+:mod:`registry_sidecar.convert` and :mod:`registry_sidecar.sidecar`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import typer
+
+from bootseer import log as bslog
+from bootseer.reference import Reference, ReferenceError
+from bootseer.registry import Platform, RegistryClient, RegistryError
+from registry_sidecar.convert import (
+    ConvertError,
+    ConvertOptions,
+    ImageConverter,
+    ImageResult,
+    LayerMap,
+    LayerResult,
+    MemoryLayerMap,
+)
+from registry_sidecar.index import DEFAULT_CHUNK_SIZE
+
+app = typer.Typer(help="The registry sidecar: converts pushed images into lazily loadable EROFS layers.",
+                  no_args_is_help=True)
+
+EXIT_SKIPPED = 3
+
+
+class _RichProgress:
+    """One progress bar per layer; its description names the phase (fetch, unpack, mkfs, push)."""
+
+    def __init__(self, console: object) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(TextColumn("{task.fields[layer]}"), TextColumn("{task.description:>7}"),
+                                 BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+                                 console=console, transient=False)  # type: ignore[arg-type]
+        self.tasks: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def _task(self, layer: str) -> int:
+        with self.lock:
+            if layer not in self.tasks:
+                self.tasks[layer] = self.progress.add_task("wait", layer=layer.split(":")[-1][:12], total=None)
+            return self.tasks[layer]
+
+    def phase(self, layer: str, name: str, total: int | None) -> None:
+        self.progress.update(self._task(layer), description=name, total=total, completed=0)
+
+    def advance(self, layer: str, n: int) -> None:
+        self.progress.advance(self._task(layer), n)
+
+    def done(self, result: LayerResult) -> None:
+        tid = self._task(result.digest)
+        label = result.status if result.status != "skipped" else "skipped"
+        size = result.blob.blob.size if result.blob else 0
+        self.progress.update(tid, description=label, total=size or 1, completed=size or 1)
+
+
+def _client(plain_http: bool, hosts_dir: Path | None, docker_config: Path | None) -> RegistryClient:
+    return RegistryClient(hosts_dir=hosts_dir, credentials=docker_config, plain_http=plain_http)
+
+
+def convert(
+    image: str = typer.Argument(..., help="Image reference, e.g. registry:5000/team/train:v3"),
+    platform: list[str] = typer.Option([], "--platform", help="os/arch or os/arch/variant of an index (repeatable); "
+                                       "default: this host's"),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary (layers, bytes in/out, seconds, MB/s)."),
+    plain_http: bool = typer.Option(False, "--plain-http", help="Use http:// for registries without hosts.toml."),
+    force: bool = typer.Option(False, "--force", help="Convert even if the image already has an index."),
+    chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, help="Chunk size of the index, bytes."),
+    parallel: int = typer.Option(2, help="Layers converted at once."),
+    state_dir: Path | None = typer.Option(None, help="Share the sidecar's layer map (sqlite) in this directory."),
+    hosts_dir: Path | None = typer.Option(None, help="containerd certs.d directory with hosts.toml files."),
+    docker_config: Path | None = typer.Option(None, help="docker config.json with credentials."),
+    log_level: str = typer.Option("warning", help="Log level."),
+) -> None:
+    """Convert every layer of IMAGE into an EROFS blob and attach the index referrer.
+
+    Exit status: 0 all layers indexed, 3 some layers skipped (reasons printed; the rest is indexed), 1 error.
+    """
+    bslog.setup(log_level)
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        ref = Reference.parse(image)
+        platforms = [Platform.parse(p) for p in platform] or [None]
+    except (ReferenceError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    layer_map: LayerMap = MemoryLayerMap()
+    if state_dir is not None:
+        from registry_sidecar.state import State
+
+        layer_map = State(state_dir / "sidecar.sqlite")
+    client = _client(plain_http, hosts_dir, docker_config)
+    converter = ImageConverter(client, ConvertOptions(chunk_size=chunk_size, parallel=parallel), layer_map)
+    results: list[ImageResult] = []
+    try:
+        for p in platforms:
+            progress = None if json_out or not err.is_terminal else _RichProgress(err)
+            if progress:
+                with progress.progress:
+                    results.append(converter.convert(ref, platform=p, force=force, progress=progress))
+            else:
+                results.append(converter.convert(ref, platform=p, force=force))
+    except (RegistryError, ConvertError, OSError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    summaries = [r.summary() for r in results]
+    if json_out:
+        out = summaries[0] if len(summaries) == 1 else summaries
+        sys.stdout.write(json.dumps(out, indent=1) + "\n")
+    else:
+        for s in summaries:
+            if s["already_indexed"]:
+                typer.echo(f"{s['ref']}: already indexed ({s['index']}); --force converts again")
+                continue
+            typer.echo(f"{s['ref']}: {s['converted']} converted, {s['reused']} reused, {len(s['skipped'])} skipped; "
+                       f"{s['bytes_in'] / 1e6:.1f} MB in, {s['bytes_out'] / 1e6:.1f} MB out, {s['seconds']:.1f}s "
+                       f"({s['mb_per_s']:.1f} MB/s); index {s['index']}")
+    skipped = [sk for s in summaries for sk in s["skipped"]]
+    for sk in skipped:
+        err.print(f"[yellow]skipped[/yellow] {sk['digest']}: {sk['reason']}")
+    if skipped:
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Path | None = typer.Option(None, "--config", help="TOML file (listen, registry, state_dir, …)."),
+    listen: str | None = typer.Option(None, help="host:port for /events, /healthz, /metrics."),
+    registry: str | None = typer.Option(None, help="host:port of the registry it serves."),
+    state_dir: str | None = typer.Option(None, help="Directory of the queue and layer map."),
+    plain_http: bool | None = typer.Option(None, "--plain-http/--tls", help="http:// to the registry."),
+    nice: int | None = typer.Option(None, help="Run mkfs.erofs with this nice value."),
+    log_level: str = typer.Option("info", help="Log level."),
+    log_format: str = typer.Option("text", help="text or json."),
+) -> None:
+    """Run the sidecar: receive the registry's notifications, convert every pushed image tag."""
+    from registry_sidecar.sidecar import SidecarConfig, serve
+
+    bslog.setup(log_level, log_format)
+    try:
+        cfg = SidecarConfig.load(config, listen=listen, registry=registry, state_dir=state_dir,
+                                 plain_http=plain_http, nice=nice)
+    except (ValueError, TypeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    logging.getLogger(__name__).info("starting with state in %s", cfg.state_dir)
+    serve(cfg)
+
+
+app.command("convert", help="Same as `bootseer convert`.")(convert)

@@ -1,0 +1,307 @@
+"""The BootSeer index: which EROFS blob stands for which layer of an image, and how to verify it chunk by chunk.
+
+Wire format
+-----------
+The index is an OCI artifact attached to the image manifest as a *referrer*:
+
+* **artifact manifest** — an OCI image manifest (``application/vnd.oci.image.manifest.v1+json``) with
+  ``artifactType: application/vnd.bootseer.index.v1+json`` (:data:`ARTIFACT_TYPE`), the empty config
+  (``application/vnd.oci.empty.v1+json``, ``{}``), ``subject`` = the image manifest's descriptor, and layers:
+
+  1. the **index blob** (media type :data:`INDEX_MEDIA_TYPE`, the same string as the artifact type);
+  2. every EROFS blob it names (media type :data:`EROFS_MEDIA_TYPE`, annotation
+     ``io.bootseer.layer.digest`` = the original layer digest) — listed so that registry garbage collection
+     keeps them alive as long as the index exists, and so ``skopeo copy --all`` / ``oras copy`` carry them.
+
+  It is pushed by digest and found with the referrers API or, on registries without it (distribution 2.8),
+  the referrers tag schema (``sha256-<hex>`` tag on an OCI index), see :meth:`RegistryClient.referrers`.
+
+* **index blob** — canonical JSON (sorted keys, no whitespace), so converting the same image twice yields
+  the same bytes, hence the same digests all the way up::
+
+      {"schemaVersion": 1,
+       "mediaType": "application/vnd.bootseer.index.v1+json",
+       "subject": "sha256:<image manifest digest>",
+       "converter": {"format": "erofs", "compression": "lz4hc", "version": 1},
+       "layers": [{"digest": "sha256:<original layer>", "mediaType": "<its media type>", "size": <its size>,
+                   "blob": {"mediaType": "application/vnd.bootseer.layer.v1.erofs",
+                            "digest": "sha256:<erofs blob>", "size": <bytes>},
+                   "chunkSize": 1048576,
+                   "chunks": ["<sha256 hex of chunk 0>", ...]}],
+       "skipped": [{"digest": "sha256:...", "mediaType": "...", "reason": "..."}]}
+
+  Chunk *i* covers bytes ``[i*chunkSize, min((i+1)*chunkSize, size))`` of the EROFS blob; the last chunk is
+  short.  Every lazily fetched range is checked against these digests before it is served or cached.
+  ``skipped`` lists layers that have no EROFS blob (unknown media type, refused as hostile, …), with the
+  reason; nodes pull those the ordinary way.
+
+The reader side (:class:`IndexReader`) is what the snapshotter calls on ``Prepare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bootseer.reference import Reference
+from bootseer.registry import (
+    EMPTY_DIGEST,
+    EMPTY_JSON,
+    MT_OCI_EMPTY,
+    MT_OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    NotFound,
+    RegistryClient,
+    RegistryError,
+    sha256_digest,
+)
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_TYPE = "application/vnd.bootseer.index.v1+json"
+INDEX_MEDIA_TYPE = ARTIFACT_TYPE
+EROFS_MEDIA_TYPE = "application/vnd.bootseer.layer.v1.erofs"
+LAYER_ANNOTATION = "io.bootseer.layer.digest"
+DEFAULT_CHUNK_SIZE = 1 << 20
+FORMAT_VERSION = 1
+CONVERTER = {"format": "erofs", "compression": "lz4hc", "version": FORMAT_VERSION}
+
+
+class BadIndex(RegistryError):
+    """The index artifact exists but is malformed."""
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """The EROFS stand-in of one original layer."""
+
+    layer_digest: str
+    layer_media_type: str
+    layer_size: int
+    blob: Descriptor
+    chunk_size: int
+    chunks: tuple[str, ...]  # sha256 hex per chunk
+    source: str = ""  # "registry/repository" to fetch the blob from (set by the reader)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``i`` in the blob."""
+        if not 0 <= i < len(self.chunks):
+            raise IndexError(f"chunk {i} out of range (0..{len(self.chunks) - 1})")
+        off = i * self.chunk_size
+        return off, min(self.chunk_size, self.blob.size - off)
+
+    def verify_chunk(self, i: int, data: bytes) -> bool:
+        return hashlib.sha256(data).hexdigest() == self.chunks[i]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.layer_digest, "mediaType": self.layer_media_type, "size": self.layer_size,
+                "blob": {"mediaType": self.blob.media_type, "digest": self.blob.digest, "size": self.blob.size},
+                "chunkSize": self.chunk_size, "chunks": list(self.chunks)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> LayerBlob:
+        blob = Descriptor.from_dict(d["blob"])
+        chunk_size = int(d["chunkSize"])
+        chunks = tuple(str(c) for c in d["chunks"])
+        if chunk_size <= 0 or len(chunks) != -(-blob.size // chunk_size):
+            raise BadIndex(f"layer {d.get('digest')}: {len(chunks)} chunk digests for {blob.size} bytes "
+                              f"in chunks of {chunk_size}")
+        return cls(str(d["digest"]), str(d.get("mediaType", "")), int(d.get("size", 0)), blob, chunk_size, chunks,
+                   source)
+
+
+@dataclass
+class ImageIndex:
+    subject: str
+    layers: dict[str, LayerBlob] = field(default_factory=dict)  # original layer digest → blob, in image order
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        doc = {"schemaVersion": 1, "mediaType": INDEX_MEDIA_TYPE, "subject": self.subject,
+               "converter": CONVERTER, "layers": [lb.to_dict() for lb in self.layers.values()],
+               "skipped": self.skipped}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, source: str = "") -> ImageIndex:
+        try:
+            doc = json.loads(raw)
+            if doc.get("mediaType") != INDEX_MEDIA_TYPE or int(doc.get("schemaVersion", 0)) != 1:
+                raise BadIndex(f"not a BootSeer index v1 ({doc.get('mediaType')!r})")
+            layers = [LayerBlob.from_dict(d, source) for d in doc.get("layers") or []]
+            return cls(str(doc["subject"]), {lb.layer_digest: lb for lb in layers}, list(doc.get("skipped") or []))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadIndex(f"malformed BootSeer index: {e}") from e
+
+
+def artifact_manifest(index_blob: Descriptor, subject: Descriptor, layers: list[LayerBlob]) -> bytes:
+    """The referrer manifest for an index blob (canonical JSON, deterministic)."""
+    blobs: dict[str, dict[str, Any]] = {}
+    for lb in layers:  # one entry per distinct blob (two identical layers share one)
+        blobs.setdefault(lb.blob.digest, {"mediaType": EROFS_MEDIA_TYPE, "digest": lb.blob.digest,
+                                          "size": lb.blob.size, "annotations": {LAYER_ANNOTATION: lb.layer_digest}})
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": MT_OCI_EMPTY, "digest": EMPTY_DIGEST, "size": len(EMPTY_JSON)},
+        "layers": [{"mediaType": INDEX_MEDIA_TYPE, "digest": index_blob.digest, "size": index_blob.size},
+                   *blobs.values()],
+        "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size},
+        "annotations": {"io.bootseer.index.version": str(FORMAT_VERSION)},
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def push_index(client: RegistryClient, repo: Reference | str, index: ImageIndex, subject: Descriptor) -> str:
+    """Push the index blob, the empty config and the artifact manifest (as a referrer); return its digest.
+
+    The EROFS blobs must already be in ``repo``.  Idempotent: same index, same digests, nothing new stored.
+    """
+    ref = repo if isinstance(repo, Reference) else Reference.parse(repo)
+    raw = index.to_json()
+    desc = client.push_blob(ref, raw)
+    client.push_blob(ref, EMPTY_JSON)
+    manifest = artifact_manifest(Descriptor(INDEX_MEDIA_TYPE, desc.digest, desc.size), subject,
+                                 list(index.layers.values()))
+    return client.push_referrer(ref, manifest, MT_OCI_MANIFEST)
+
+
+def find_index(client: RegistryClient, repo: Reference | str, manifest_digest: str
+               ) -> tuple[str, ImageIndex] | None:
+    """The index attached to ``manifest_digest`` in ``repo``: (artifact manifest digest, index), or None."""
+    ref = repo if isinstance(repo, Reference) else Reference.parse(repo)
+    ref = ref.in_repository(ref.repository)
+    descs = client.referrers(ref, manifest_digest, ARTIFACT_TYPE)
+    for desc in reversed(descs):  # the newest conversion wins when several exist
+        try:
+            man = client.get_manifest(ref.with_digest(desc.digest))
+        except NotFound:
+            continue  # a stale entry of the tag schema
+        blob = next((d for d in man.layers if d.media_type == INDEX_MEDIA_TYPE), None)
+        if blob is None or (man.subject and man.subject.digest != manifest_digest):
+            continue
+        index = ImageIndex.from_json(client.get_blob(ref, blob.digest), source=ref.name)
+        if index.subject != manifest_digest:
+            raise BadIndex(f"index {blob.digest} is for {index.subject}, attached to {manifest_digest}")
+        return desc.digest, index
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ reader
+class IndexReader:
+    """Answers the snapshotter's question on ``Prepare``: is there an EROFS blob for this layer, and what are
+    its chunk digests?  Cached in memory (LRU) and, with ``cache_dir``, on disk across restarts; a miss is
+    remembered for ``negative_ttl`` seconds so a burst of ``Prepare`` calls for an unconverted image costs one
+    registry round trip, yet a conversion that lands later is picked up.  Thread-safe; concurrent lookups
+    of one image share one fetch.
+    """
+
+    def __init__(self, client: RegistryClient | None = None, *, cache_dir: Path | str | None = None,
+                 negative_ttl: float = 30.0, max_images: int = 256) -> None:
+        self.client = client or RegistryClient()
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.negative_ttl = negative_ttl
+        self.max_images = max_images
+        self._mem: OrderedDict[tuple[str, str], ImageIndex] = OrderedDict()
+        self._misses: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], threading.Lock] = {}
+
+    def lookup(self, image_ref: str, manifest_digest: str, layer_digest: str) -> LayerBlob | None:
+        """The EROFS blob of ``layer_digest`` in image ``image_ref`` (manifest ``manifest_digest``), or None."""
+        idx = self.image_index(image_ref, manifest_digest)
+        return idx.layers.get(layer_digest) if idx else None
+
+    def image_index(self, image_ref: str, manifest_digest: str) -> ImageIndex | None:
+        """The whole index of an image, or None if it has none (yet).  Registry errors propagate."""
+        ref = Reference.parse(image_ref)
+        key = (ref.name, manifest_digest)
+        with self._lock:
+            hit = self._mem.get(key)
+            if hit is not None:
+                self._mem.move_to_end(key)
+                return hit
+            miss = self._misses.get(key)
+            if miss is not None and miss > time.monotonic():
+                return None
+            gate = self._inflight.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:  # someone else may have fetched it while we waited
+                if key in self._mem:
+                    return self._mem[key]
+            idx = self._from_disk(ref, manifest_digest)
+            if idx is None:
+                found = find_index(self.client, ref, manifest_digest)
+                idx = found[1] if found else None
+                if idx is not None:
+                    self._to_disk(ref, manifest_digest, idx)
+            with self._lock:
+                self._inflight.pop(key, None)
+                if idx is None:
+                    self._misses[key] = time.monotonic() + self.negative_ttl
+                    return None
+                self._misses.pop(key, None)
+                self._mem[key] = idx
+                while len(self._mem) > self.max_images:
+                    self._mem.popitem(last=False)
+            return idx
+
+    def invalidate(self, image_ref: str | None = None, manifest_digest: str | None = None) -> None:
+        """Forget cached answers (all, or one image's) — e.g. after a conversion finished."""
+        with self._lock:
+            if image_ref is None:
+                self._mem.clear()
+                self._misses.clear()
+                return
+            key = (Reference.parse(image_ref).name, manifest_digest or "")
+            self._mem.pop(key, None)
+            self._misses.pop(key, None)
+
+    def _disk_path(self, ref: Reference, manifest_digest: str) -> Path | None:
+        if not self.cache_dir:
+            return None
+        name = hashlib.sha256(f"{ref.name}@{manifest_digest}".encode()).hexdigest()
+        return self.cache_dir / f"{name}.json"
+
+    def _from_disk(self, ref: Reference, manifest_digest: str) -> ImageIndex | None:
+        path = self._disk_path(ref, manifest_digest)
+        if path is None or not path.exists():
+            return None
+        try:
+            idx = ImageIndex.from_json(path.read_bytes(), source=ref.name)
+        except (OSError, BadIndex) as e:
+            log.warning("ignoring unreadable index cache %s: %s", path, e)
+            return None
+        return idx if idx.subject == manifest_digest else None
+
+    def _to_disk(self, ref: Reference, manifest_digest: str, idx: ImageIndex) -> None:
+        path = self._disk_path(ref, manifest_digest)
+        if path is None:
+            return
+        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        tmp.write_bytes(idx.to_json())
+        os.replace(tmp, path)
+
+
+def manifest_descriptor(man: Manifest) -> Descriptor:
+    return Descriptor(man.media_type, man.digest, len(man.raw))
+
+
+__all__ = ["ARTIFACT_TYPE", "DEFAULT_CHUNK_SIZE", "EROFS_MEDIA_TYPE", "INDEX_MEDIA_TYPE", "ImageIndex",
+           "IndexReader", "LayerBlob", "artifact_manifest", "find_index", "push_index", "sha256_digest"]
