@@ -1,0 +1,385 @@
+"""The hot-block manifest: which byte ranges of which lazy layer a start-up read, and in what order.
+
+Built by ``bootseer record`` from the reads that reached FUSE while an image ran once from cold caches, and
+read by the snapshotter's prefetcher, which fetches the ranges of a freshly mounted layer in the same order
+before the container asks for them.  This module is the plain part — no kernel, no registry, no daemon — so
+every rule below is unit-tested on its own.
+
+From access records to ranges (:func:`build`)
+---------------------------------------------
+* Every access ``(blob, offset, length, t_ns)`` is widened to whole *units* — the layer's chunk size from the
+  BootSeer index (1 MiB by default): the fetcher moves, verifies and caches whole chunks, so a finer
+  manifest would only pretend to be cheaper than it is.  Sub-chunk gaps between reads disappear this way.
+* De-duplicated: a unit read many times keeps its *first* access time (times are relative to the start of
+  the recording, so recordings can be compared and merged).
+* Coalesced: units that are adjacent (or separated by at most ``gap`` bytes of units nobody read, which are
+  then fetched too: one request instead of two) become one range, but a range is cut where it would exceed
+  ``max_range`` bytes or where its units were first read more than ``window_ns`` apart — so a library read
+  sequentially over seconds stays spread over time in the order, and the prefetcher keeps fetching in the
+  order the container will read.
+* Ordered by first access: ``seq`` numbers the ranges of the whole image (all layers) by
+  ``(first_access_ns, layer position, offset)``.
+
+Parquet schema (one row per range; written with pyarrow, zstd-compressed)
+-------------------------------------------------------------------------
+=================  ========  ==================================================================
+column             type      meaning
+=================  ========  ==================================================================
+``layer_digest``   string    the image layer (as in the image manifest), dictionary-encoded
+``blob_digest``    string    its EROFS blob (as in the BootSeer index): the offsets are in this blob
+``offset``         int64     first byte of the range in the blob (a multiple of the chunk size)
+``length``         int64     bytes (whole chunks; the blob's last chunk may be short)
+``first_access_ns`` int64    first read of any byte of the range, ns after the recording started
+``seq``            int64     position in the image's prefetch order (0, 1, …; by first access)
+=================  ========  ==================================================================
+
+The schema's metadata key ``bootseer.hotblocks`` holds JSON: ``{"version": 1, "subject": "<image manifest
+digest>", "blobs": {"<blob digest>": {"layer": "<layer digest>", "size": N, "chunk_size": N}},
+"recordings": N, "commands": [[argv...], ...], "created": "<RFC 3339>"}``.  A file that does not follow all
+of this (or whose ranges fall outside their blob) is rejected as :class:`BadManifest` — the prefetcher
+then ignores it with a warning, it never fetches from a manifest it cannot trust.
+
+Merging (:func:`merge`) takes the union of the units of several manifests of one image, each unit keeping
+its earliest first access, and coalesces again: a manifest recorded for one command plus one recorded for
+another prefetches what either read, in the order either read it first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+META_KEY = b"bootseer.hotblocks"
+DEFAULT_CHUNK = 1 << 20
+DEFAULT_MAX_RANGE = 8 << 20  # the fetcher's largest range request
+DEFAULT_WINDOW_NS = 250_000_000  # units first read further apart than this start a new range
+
+SCHEMA = pa.schema([
+    pa.field("layer_digest", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+    pa.field("blob_digest", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+    pa.field("offset", pa.int64(), nullable=False),
+    pa.field("length", pa.int64(), nullable=False),
+    pa.field("first_access_ns", pa.int64(), nullable=False),
+    pa.field("seq", pa.int64(), nullable=False),
+])
+
+
+class BadManifest(ValueError):
+    """A hot-block manifest that cannot be trusted (corrupt, another image's, inconsistent)."""
+
+
+@dataclass(frozen=True)
+class Access:
+    """One read that reached FUSE: ``length`` bytes at ``offset`` of ``blob``, at daemon time ``t_ns``."""
+
+    blob: str
+    offset: int
+    length: int
+    t_ns: int
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Access:
+        return cls(str(doc["blob"]), int(doc["offset"]), int(doc["length"]), int(doc["t_ns"]))
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What the index says about a layer's blob: enough to align and bound its ranges."""
+
+    layer: str
+    size: int
+    chunk_size: int = DEFAULT_CHUNK
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.chunk_size <= 0:
+            raise ValueError(f"blob of layer {self.layer}: bad size {self.size} / chunk size {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class HotRange:
+    layer_digest: str
+    blob_digest: str
+    offset: int
+    length: int
+    first_access_ns: int
+    seq: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class HotBlockManifest:
+    subject: str  # the image manifest digest the recording ran
+    blobs: dict[str, BlobInfo]  # blob digest → its layer, size, chunk size (in image layer order)
+    ranges: list[HotRange] = field(default_factory=list)  # in seq order
+    recordings: int = 1
+    commands: list[list[str]] = field(default_factory=list)
+    created: str = ""
+
+    # -- queries ------------------------------------------------------------------------------------
+    def layer_order(self) -> list[str]:
+        return [b.layer for b in self.blobs.values()]
+
+    def blob_of(self, layer_digest: str) -> str | None:
+        return next((d for d, b in self.blobs.items() if b.layer == layer_digest), None)
+
+    def ranges_for(self, layer_digest: str) -> list[tuple[int, int]]:
+        """``(offset, length)`` of one layer's ranges, in prefetch order (what the prefetcher is given)."""
+        return [(r.offset, r.length) for r in self.ranges if r.layer_digest == layer_digest]
+
+    def hot_bytes(self, layer_digest: str | None = None) -> int:
+        return sum(r.length for r in self.ranges if layer_digest is None or r.layer_digest == layer_digest)
+
+    def duration_ns(self) -> int:
+        return max((r.first_access_ns for r in self.ranges), default=0)
+
+    def summary(self, buckets: int = 10) -> dict[str, Any]:
+        """Per layer: ranges, hot bytes, share of the layer's blob; for the image: the share of all blobs and
+        how the hot bytes spread over the recording's time (cumulative share per time bucket)."""
+        total_blob = sum(b.size for b in self.blobs.values())
+        hot = self.hot_bytes()
+        layers = []
+        for blob, info in self.blobs.items():
+            hb = self.hot_bytes(info.layer)
+            layers.append({"layer": info.layer, "blob": blob, "blob_size": info.size, "chunk_size": info.chunk_size,
+                           "ranges": sum(1 for r in self.ranges if r.blob_digest == blob), "hot_bytes": hb,
+                           "share_of_layer": round(hb / info.size, 4),
+                           "share_of_hot_set": round(hb / hot, 4) if hot else 0.0})
+        span = self.duration_ns()
+        spread = []
+        if self.ranges and buckets > 0:
+            done = 0
+            by_time = sorted(self.ranges, key=lambda r: r.first_access_ns)
+            k = 0
+            for b in range(1, buckets + 1):
+                limit = span * b // buckets
+                while k < len(by_time) and by_time[k].first_access_ns <= limit:
+                    done += by_time[k].length
+                    k += 1
+                spread.append({"until_s": round(limit / 1e9, 3), "hot_bytes": done,
+                               "share": round(done / hot, 4) if hot else 0.0})
+        return {"subject": self.subject, "recordings": self.recordings, "commands": self.commands,
+                "created": self.created, "ranges": len(self.ranges), "hot_bytes": hot, "image_blob_bytes": total_blob,
+                "share_of_image": round(hot / total_blob, 4) if total_blob else 0.0,
+                "duration_s": round(span / 1e9, 3), "layers": layers, "spread": spread}
+
+    # -- validation ---------------------------------------------------------------------------------
+    def check(self, image_layers: Sequence[str], index_blobs: Mapping[str, str] | None = None) -> None:
+        """Raise :class:`BadManifest` unless this manifest fits the image: every layer it names is one of the
+        image's ``image_layers``, and (with ``index_blobs``, layer → EROFS blob digest from the image's index)
+        its blob is the one the index names now — offsets into another blob would prefetch the wrong bytes."""
+        known = set(image_layers)
+        for blob, info in self.blobs.items():
+            if info.layer not in known:
+                raise BadManifest(f"layer {info.layer} is not a layer of the image")
+            if index_blobs is not None:
+                now = index_blobs.get(info.layer)
+                if now is not None and now != blob:
+                    raise BadManifest(f"layer {info.layer}: recorded on blob {blob}, the index now says {now}")
+
+    # -- Parquet ------------------------------------------------------------------------------------
+    def to_parquet(self) -> bytes:
+        cols: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
+        for r in self.ranges:
+            cols["layer_digest"].append(r.layer_digest)
+            cols["blob_digest"].append(r.blob_digest)
+            cols["offset"].append(r.offset)
+            cols["length"].append(r.length)
+            cols["first_access_ns"].append(r.first_access_ns)
+            cols["seq"].append(r.seq)
+        meta = {"version": FORMAT_VERSION, "subject": self.subject, "recordings": self.recordings,
+                "commands": self.commands, "created": self.created,
+                "blobs": {d: {"layer": b.layer, "size": b.size, "chunk_size": b.chunk_size}
+                          for d, b in self.blobs.items()}}
+        schema = SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+        table = pa.table(cols, schema=schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return buf.getvalue()
+
+    @classmethod
+    def from_parquet(cls, data: bytes) -> HotBlockManifest:
+        """Parse and check a manifest; anything malformed is :class:`BadManifest` (never a partial result)."""
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise BadManifest(f"not a readable Parquet file: {e}") from e
+        raw_meta = (table.schema.metadata or {}).get(META_KEY)
+        if raw_meta is None:
+            raise BadManifest("no bootseer.hotblocks metadata in the Parquet schema")
+        try:
+            meta = json.loads(raw_meta)
+            if int(meta["version"]) != FORMAT_VERSION:
+                raise BadManifest(f"unsupported hot-block manifest version {meta['version']}")
+            blobs = {str(d): BlobInfo(str(b["layer"]), int(b["size"]), int(b["chunk_size"]))
+                     for d, b in meta["blobs"].items()}
+            subject = str(meta["subject"])
+            recordings = int(meta.get("recordings", 1))
+            commands = [[str(a) for a in c] for c in meta.get("commands") or []]
+            created = str(meta.get("created", ""))
+        except BadManifest:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadManifest(f"bad bootseer.hotblocks metadata: {e}") from e
+        missing = [f.name for f in SCHEMA if f.name not in table.column_names]
+        if missing:
+            raise BadManifest(f"missing columns: {', '.join(missing)}")
+        try:
+            rows = {name: table.column(name).to_pylist() for name in (f.name for f in SCHEMA)}
+        except pa.ArrowException as e:
+            raise BadManifest(f"unreadable columns: {e}") from e
+        ranges: list[HotRange] = []
+        for i in range(table.num_rows):
+            try:
+                r = HotRange(str(rows["layer_digest"][i]), str(rows["blob_digest"][i]), int(rows["offset"][i]),
+                             int(rows["length"][i]), int(rows["first_access_ns"][i]), int(rows["seq"][i]))
+            except (TypeError, ValueError) as e:
+                raise BadManifest(f"row {i}: {e}") from e
+            info = blobs.get(r.blob_digest)
+            if info is None or info.layer != r.layer_digest:
+                raise BadManifest(f"row {i}: blob {r.blob_digest} of layer {r.layer_digest} is not in the metadata")
+            if r.offset < 0 or r.length <= 0 or r.end > info.size or r.first_access_ns < 0:
+                raise BadManifest(f"row {i}: range {r.offset}+{r.length} outside blob {r.blob_digest} "
+                                  f"({info.size} bytes) or bad time {r.first_access_ns}")
+            ranges.append(r)
+        ranges.sort(key=lambda r: r.seq)
+        if [r.seq for r in ranges] != list(range(len(ranges))):
+            raise BadManifest("seq is not 0..n-1")
+        return cls(subject, blobs, ranges, recordings, commands, created)
+
+
+# ------------------------------------------------------------------------------------------- building
+def _units(blob: BlobInfo, offset: int, length: int) -> range:
+    end = min(blob.size, offset + length)
+    if length <= 0 or offset < 0 or offset >= end:
+        return range(0)
+    return range(offset // blob.chunk_size, (end - 1) // blob.chunk_size + 1)
+
+
+def _coalesce(layer: str, blob_digest: str, blob: BlobInfo, first: Mapping[int, int], *, gap: int, max_range: int,
+              window_ns: int) -> list[tuple[int, int, int]]:
+    """Unit → first access time, to ``(offset, length, first_access_ns)`` ranges (see the module doc)."""
+    cs = blob.chunk_size
+    gap_units = max(0, gap // cs)
+    max_units = max(1, max_range // cs)
+    out: list[tuple[int, int, int]] = []
+    start = prev = -1
+    t_first = t_min = 0
+    for u in sorted(first):
+        t = first[u]
+        if start >= 0 and u - prev - 1 <= gap_units and u - start < max_units and abs(t - t_first) <= window_ns:
+            prev = u
+            t_min = min(t_min, t)
+            continue
+        if start >= 0:
+            out.append(_span(blob, start, prev, t_min))
+        start = prev = u
+        t_first = t_min = t
+    if start >= 0:
+        out.append(_span(blob, start, prev, t_min))
+    return out
+
+
+def _span(blob: BlobInfo, first_unit: int, last_unit: int, t: int) -> tuple[int, int, int]:
+    off = first_unit * blob.chunk_size
+    end = min(blob.size, (last_unit + 1) * blob.chunk_size)
+    return off, end - off, t
+
+
+def _assemble(subject: str, blobs: Mapping[str, BlobInfo], firsts: Mapping[str, Mapping[int, int]], *, gap: int,
+              max_range: int, window_ns: int) -> list[HotRange]:
+    position = {d: i for i, d in enumerate(blobs)}
+    rows: list[tuple[int, int, int, str, int]] = []  # (t, layer position, offset, blob, length)
+    for blob_digest, first in firsts.items():
+        info = blobs[blob_digest]
+        for off, length, t in _coalesce(info.layer, blob_digest, info, first, gap=gap, max_range=max_range,
+                                        window_ns=window_ns):
+            rows.append((t, position[blob_digest], off, blob_digest, length))
+    rows.sort()
+    return [HotRange(blobs[b].layer, b, off, length, t, seq) for seq, (t, _, off, b, length) in enumerate(rows)]
+
+
+def build(subject: str, blobs: Mapping[str, BlobInfo], accesses: Iterable[Access], *, gap: int = 0,
+          max_range: int = DEFAULT_MAX_RANGE, window_ns: int = DEFAULT_WINDOW_NS, start_ns: int | None = None,
+          command: Sequence[str] | None = None) -> HotBlockManifest:
+    """A manifest from the access records of one recording (see the module doc).
+
+    ``blobs`` maps each lazily served blob of the image to its layer (in image order); accesses of other
+    blobs are ignored.  Times become relative to ``start_ns`` (default: the first access)."""
+    acc = [a for a in accesses if a.blob in blobs]
+    base = start_ns if start_ns is not None else min((a.t_ns for a in acc), default=0)
+    firsts: dict[str, dict[int, int]] = {}
+    for a in acc:
+        first = firsts.setdefault(a.blob, {})
+        t = max(0, a.t_ns - base)
+        for u in _units(blobs[a.blob], a.offset, a.length):
+            old = first.get(u)
+            if old is None or t < old:
+                first[u] = t
+    ranges = _assemble(subject, blobs, firsts, gap=gap, max_range=max_range, window_ns=window_ns)
+    return HotBlockManifest(subject, dict(blobs), ranges, 1, [list(command)] if command else [], _now())
+
+
+def merge(*manifests: HotBlockManifest, gap: int = 0, max_range: int = DEFAULT_MAX_RANGE,
+          window_ns: int = DEFAULT_WINDOW_NS) -> HotBlockManifest:
+    """The union of several manifests of one image; every unit keeps its earliest first access.
+
+    All must have the same subject; a blob recorded with another chunk size (a re-conversion) cannot be
+    merged — the caller should drop the older manifest then (:class:`BadManifest`)."""
+    if not manifests:
+        raise ValueError("nothing to merge")
+    subject = manifests[0].subject
+    blobs: dict[str, BlobInfo] = {}
+    firsts: dict[str, dict[int, int]] = {}
+    for m in manifests:
+        if m.subject != subject:
+            raise BadManifest(f"cannot merge manifests of {subject} and {m.subject}")
+        for d, info in m.blobs.items():
+            have = blobs.setdefault(d, info)
+            if have != info:
+                raise BadManifest(f"blob {d}: recorded as {have} and as {info}")
+        for r in m.ranges:
+            first = firsts.setdefault(r.blob_digest, {})
+            for u in _units(blobs[r.blob_digest], r.offset, r.length):
+                old = first.get(u)
+                if old is None or r.first_access_ns < old:
+                    first[u] = r.first_access_ns
+    ranges = _assemble(subject, blobs, firsts, gap=gap, max_range=max_range, window_ns=window_ns)
+    commands = [c for m in manifests for c in m.commands]
+    return HotBlockManifest(subject, blobs, ranges, sum(m.recordings for m in manifests), commands, _now())
+
+
+def read_access_log(path: str, blobs: Iterable[str] | None = None) -> list[Access]:
+    """The daemon's JSON-lines access log (``{"blob", "offset", "length", "t_ns"}`` per FUSE read).
+
+    A torn last line (the daemon was killed mid-write) is skipped; any other malformed line is an error."""
+    want = set(blobs) if blobs is not None else None
+    out: list[Access] = []
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            a = Access.from_json(json.loads(line))
+        except (ValueError, KeyError, TypeError) as e:
+            if n == len(lines):  # unterminated last line
+                continue
+            raise ValueError(f"{path}:{n}: bad access record: {e}") from e
+        if want is None or a.blob in want:
+            out.append(a)
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
