@@ -5,14 +5,25 @@
     log_level = "info"          # debug | info | warning | error
     log_format = "text"         # text | json
     metrics_address = ""        # host:port for Prometheus /metrics; empty = off
+    remote_snapshots = false    # lazy layers for images with a BootSeer index (needs FUSE; off: plain overlay)
+    control_address = ""        # unix socket for `bootseer status`, recording, prefetch; "" = <address>.ctl
+    hosts_dir = "/etc/containerd/certs.d"   # registry mirrors/TLS as containerd's hosts.toml
+    plain_http = false          # registries without a hosts.toml over http:// (loopback always is)
+    docker_config = ""          # credentials file; "" = ~/.docker/config.json
+    access_log = ""             # JSON-lines log of every FUSE read (debugging; recordings use the socket)
 
-(the same keys may instead sit in a ``[snapshotter]`` table of a config file shared with other daemons).
+    [lazy]                      # the data path's knobs, see snapshotter.lazy.manager.LazyConfig
+    cache_cap_bytes = 21474836480
+    fetch = { read_timeout = 30.0 }
+
+(the same keys may instead sit in a ``[snapshotter]`` table of a config file shared with other daemons,
+with ``[snapshotter.lazy]``).
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +37,19 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     metrics_address: str = ""
+    remote_snapshots: bool = False  # off unless configured: it mounts FUSE under root (see the lazy package)
+    control_address: str = ""
+    hosts_dir: str = "/etc/containerd/certs.d"
+    plain_http: bool = False
+    docker_config: str = ""
+    access_log: str = ""
+    lazy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def control_path(self) -> Path:
+        """The control socket: ``control_address``, or the gRPC socket's path + ``.ctl``."""
+        return Path(self.control_address) if self.control_address else self.address.with_name(
+            self.address.name + ".ctl")
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> Config:
@@ -40,7 +64,10 @@ class Config:
         # one file may configure several BootSeer daemons: other parts' tables are theirs to check, and a
         # [snapshotter] table overrides the top-level keys
         section = doc.get("snapshotter", {})
+        lazy = doc.get("lazy") if isinstance(doc.get("lazy"), dict) else None
         doc = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+        if lazy is not None:
+            doc["lazy"] = lazy
         if isinstance(section, dict):
             doc.update(section)
         known = {f.name for f in fields(cls)}
@@ -56,4 +83,13 @@ class Config:
             raise ValueError(f"metrics_address must be host:port, not {cfg.metrics_address!r}")
         if cfg.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {cfg.log_format!r}")
+        if not isinstance(cfg.lazy, dict):
+            raise ValueError("lazy must be a table")
+        if cfg.remote_snapshots:
+            from snapshotter.lazy.manager import LazyConfig  # the data path's own check of its table
+
+            try:
+                LazyConfig.from_dict(cfg.lazy)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config {path}: [lazy]: {e}") from e
         return cfg

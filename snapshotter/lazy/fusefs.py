@@ -312,8 +312,8 @@ class FuseServer:
                 raise RuntimeError("pyfuse3 supports one FUSE mount per process; a FuseServer is already running")
             FuseServer._running = True
         try:
-            self.mountpoint.mkdir(parents=True, exist_ok=True)
             stale = mnt.clear_mountpoint(self.mountpoint)  # a crashed daemon's dead mount: ENOTCONN on access
+            self.mountpoint.mkdir(parents=True, exist_ok=True)
             if stale:
                 log.info("detached %d stale mount(s) at %s", stale, self.mountpoint)
             self._thread = threading.Thread(target=self._run, name="bootseer-fuse", daemon=True)

@@ -55,6 +55,10 @@ class LayerHooks(Protocol):
 
     def swapped(self, layer: LazyLayer) -> None: ...
 
+    def may_swap(self) -> bool:
+        """False while something (a recording) needs every read of the layer to keep reaching FUSE."""
+        ...
+
 
 @dataclass(frozen=True)
 class LayerPaths:
@@ -70,6 +74,9 @@ class FillConfig:
     retry_max: float = 30.0  # longest pause between attempts after background failures
     prefetch_concurrency: int = 4
     direct_io_after_swap: bool = False  # loop reads the cache file with O_DIRECT: one page-cache copy
+    # read-ahead of the loop device (erofs reads ahead, and faults around mmap'ed pages, by this much):
+    # None keeps the kernel's default; smaller values fetch less around each lazy read
+    read_ahead_kb: int | None = None
 
 
 class Prefetch:
@@ -144,7 +151,7 @@ class LazyLayer:
             if self.mounted:
                 return
             self._cancel.clear()
-            if self.cache.complete:
+            if self.cache.complete and self.hooks.may_swap():
                 self._setup_on(self.cache.open_readonly(), via_fuse=False)
             else:
                 self._register()
@@ -161,6 +168,8 @@ class LazyLayer:
         finally:
             os.close(backing_fd)
         with dev:  # keep the device open until the mount holds it, or autoclear would detach it
+            if self.fill_config.read_ahead_kb is not None:
+                loop.set_read_ahead_kb(dev.number, self.fill_config.read_ahead_kb)
             try:
                 mnt.mount_erofs(dev.path, self.paths.mountpoint)
             except OSError as e:
@@ -234,8 +243,8 @@ class LazyLayer:
                 return  # demand reads and prefetch may still complete the layer; housekeeping swaps it then
             try:
                 for run in self._runs(missing):
-                    if self._cancel.is_set():
-                        return
+                    if self._cancel.is_set() or not self.fill_config.enabled:
+                        return  # torn down, or fill paused (set_fill): resumed by a new start_fill()
                     self.fetcher.ensure(run, BACKGROUND, cancel=self._cancel)
                 pause = 0.5
             except Cancelled:
@@ -328,6 +337,8 @@ class LazyLayer:
                 return True
             if self._cancel.is_set() or not self.mounted or self.loop_number is None or not self.cache.complete:
                 return False
+            if not self.hooks.may_swap():
+                return False  # housekeeping swaps it once the hold is lifted
             self.cache.flush()  # the bitmap must say "complete" before the kernel depends on the file
             st = loop.status(self.loop_number)
             if st is None:

@@ -165,6 +165,11 @@ def _configure(fd: int, backing_fd: int, flags: int, block_size: int, name: str)
         raise
 
 
+def set_read_ahead_kb(number: int, kb: int) -> None:
+    """The device's read-ahead (sysfs ``queue/read_ahead_kb``): what a filesystem on it reads beyond a request."""
+    Path(f"/sys/block/loop{number}/queue/read_ahead_kb").write_text(f"{int(kb)}\n")
+
+
 def change_fd(number: int, new_backing_fd: int) -> None:
     """Switch a bound read-only device to another backing file of the same size (``LOOP_CHANGE_FD``)."""
     fd = _open_dev(number)

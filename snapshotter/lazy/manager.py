@@ -26,6 +26,7 @@ owns are deleted.  Layers in use are never evicted (the budget can be exceeded b
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -155,8 +156,15 @@ class LayerManager:
         self._layers: dict[str, LazyLayer] = {}  # layers with live objects (mounted, or going away)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
-        for d in ("fuse", "cache", "mnt", "layers"):
+        self._static_access_log = access_log
+        self._recordings: dict[str, Recording] = {}
+        for d in ("cache", "mnt", "layers"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        try:
+            self.fuse_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a killed daemon's FUSE mount (ENOTCONN): FuseServer.start() detaches it
+            if e.errno != errno.ENOTCONN:
+                raise
 
     # ------------------------------------------------------------------------------------ paths
     @property
@@ -222,6 +230,9 @@ class LayerManager:
         self._stop.set()
         if self._housekeeper is not None:
             self._housekeeper.join(10)
+        for rid in list(self._recordings):
+            with contextlib.suppress(Exception):
+                self.stop_recording(rid)
         with self._lock:
             layers = list(self._layers.values())
         for layer in layers:
@@ -325,6 +336,43 @@ class LayerManager:
             raise KeyError(digest)
         return layer.prefetch(ranges, concurrency)
 
+    # -------------------------------------------------------------------------------- access recording
+    def record(self, path: Path | str, digests: Iterable[str] | None = None, *, hold_swap: bool = True) -> Recording:
+        """Start logging every FUSE read (of ``digests``, or of every blob) to ``path`` as JSON lines (see
+        :class:`Recording`); :meth:`stop_recording` ends it.  Several recordings may run at once."""
+        rid = f"rec-{time.monotonic_ns():x}-{len(self._recordings)}"
+        rec = Recording(rid, Path(path), frozenset(digests) if digests is not None else None, hold_swap)
+        with self._lock:
+            self._recordings[rid] = rec
+        self.fs.access_log = self._log_access
+        log.info("recording FUSE accesses to %s (%s)%s", path, "all blobs" if digests is None else
+                 ", ".join(d[:19] for d in rec.digests or ()), "; swaps held" if hold_swap else "")
+        return rec
+
+    def stop_recording(self, rid: str) -> dict[str, Any]:
+        with self._lock:
+            rec = self._recordings.pop(rid, None)
+            if not self._recordings:
+                self.fs.access_log = self._static_access_log
+        if rec is None:
+            raise KeyError(f"no recording {rid!r}")
+        out = rec.close()
+        log.info("recording %s ended: %d reads logged to %s", rid, out["records"], rec.path)
+        return out
+
+    def swap_held(self) -> bool:
+        with self._lock:
+            return any(r.hold_swap for r in self._recordings.values())
+
+    def _log_access(self, name: str, offset: int, length: int, t_ns: int) -> None:
+        """The FUSE thread's hook: must not block (appends to a buffered local file)."""
+        if self._static_access_log is not None:
+            self._static_access_log(name, offset, length, t_ns)
+        with self._lock:
+            recs = list(self._recordings.values())
+        for r in recs:
+            r.write(name, offset, length, t_ns)
+
     def wait_swapped(self, digest: str, timeout: float | None = None) -> bool:
         layer = self.layer(digest)
         return layer is not None and layer.wait_swapped(timeout)
@@ -376,10 +424,22 @@ class LayerManager:
         self.metrics.layers.labels("fuse").set(sum(1 for x in layers if x.mounted and not x.swapped))
         self.metrics.layers.labels("swapped").set(sum(1 for x in layers if x.mounted and x.swapped))
 
-    def evict(self, need_bytes: int = 0) -> list[str]:
+    def set_fill(self, enabled: bool) -> None:
+        """Pause or resume background fill of every layer (a recording or a measurement of demand reads
+        wants it paused); demand reads and prefetch go on either way."""
+        self.config.fill.enabled = enabled  # the layers share this FillConfig and look at it per run
+        if enabled:
+            with self._lock:
+                layers = list(self._layers.values())
+            for layer in layers:
+                layer.start_fill()
+        log.info("background fill %s", "resumed" if enabled else "paused")
+
+    def evict(self, need_bytes: int = 0, cap: int | None = None) -> list[str]:
         """Delete caches of unowned, unmounted layers (least recently used first) until the caches fit the
-        budget with ``need_bytes`` to spare.  Returns the evicted digests."""
-        cap = self.config.cache_cap_bytes
+        budget (``cap``, default the configured one) with ``need_bytes`` to spare.  Returns the evicted
+        digests."""
+        cap = self.config.cache_cap_bytes if cap is None else cap
         with self._lock:
             candidates = sorted((r.last_used, d, r.spec) for d, r in self._records.items()
                                 if not r.owners and d not in self._layers)
@@ -484,6 +544,47 @@ class LayerManager:
                 log.exception("housekeeping failed")
 
 
+class Recording:
+    """An access log being written: one JSON object per FUSE read of a blob, in arrival order::
+
+        {"blob": "sha256:<hex>", "offset": 1048576, "length": 131072, "t_ns": 123456789}
+
+    ``t_ns`` is ``time.monotonic_ns()`` of the daemon (only differences mean something).  While a recording
+    with ``hold_swap`` runs, no layer leaves FUSE (no swap, and complete caches are mounted through FUSE
+    too), so every read that misses the erofs page cache is seen; drop the page cache first for a cold run.
+    """
+
+    def __init__(self, rid: str, path: Path, digests: frozenset[str] | None, hold_swap: bool) -> None:
+        self.id = rid
+        self.path = Path(path)
+        self.digests = digests  # None: every blob
+        self.hold_swap = hold_swap
+        self.records = 0
+        self.started_ns = time.monotonic_ns()
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
+
+    def write(self, name: str, offset: int, length: int, t_ns: int) -> None:
+        digest = name.replace("-", ":", 1)
+        if self.digests is not None and digest not in self.digests:
+            return
+        line = json.dumps({"blob": digest, "offset": offset, "length": length, "t_ns": t_ns}) + "\n"
+        with self._lock:
+            if self._fh.closed:
+                return
+            self._fh.write(line)
+            self.records += 1
+
+    def close(self) -> dict[str, Any]:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+        return {"id": self.id, "path": str(self.path), "records": self.records}
+
+
 class _Hooks:
     """A layer's view of its manager (records and metrics)."""
 
@@ -498,3 +599,6 @@ class _Hooks:
 
     def swapped(self, layer: LazyLayer) -> None:
         self._m.metrics.swaps.inc()
+
+    def may_swap(self) -> bool:
+        return not self._m.swap_held()

@@ -9,13 +9,19 @@ handy debugging tool (``status`` shows every layer).  The snapshotter daemon doe
 Protocol: one JSON object per connection, ``{"op": NAME, ...args}``, answered with one JSON line,
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "errno": N}``.  Ops: ``ping``, ``acquire``
 (spec, owner), ``release`` (owner, digest?, force?), ``retain`` (owners), ``status``, ``wait_swapped``
-(digest, timeout), ``prefetch`` (digest, ranges, wait?), ``metrics``, ``shutdown`` (teardown?).
+(digest, timeout), ``prefetch`` (digest, ranges, concurrency?, wait?), ``record_start`` (path, digests?,
+hold_swap?) / ``record_stop`` (id), ``set_fill`` (enabled), ``evict`` (need_bytes?, cap?: 0 drops every
+unused cache), ``housekeeping``, ``metrics``, ``shutdown`` (teardown?).
 Control socket handlers run in their own threads — never on the FUSE thread — so they may mount.
+
+The snapshotter daemon serves the same protocol (:class:`ControlServer`, without ``shutdown``) on its
+control socket, which is how ``bootseer status``, the recorder and the prefetcher reach its layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -113,6 +119,16 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             if req.get("wait") is not None:
                 job.done.wait(float(req["wait"]))
             return {"total": job.total, "fetched": job.fetched, "failed": job.failed, "done": job.done.is_set()}
+        if op == "record_start":
+            rec = m.record(req["path"], req.get("digests"), hold_swap=bool(req.get("hold_swap", True)))
+            return {"id": rec.id, "path": str(rec.path)}
+        if op == "record_stop":
+            return m.stop_recording(req["id"])
+        if op == "set_fill":
+            m.set_fill(bool(req["enabled"]))
+            return {}
+        if op == "evict":
+            return {"evicted": m.evict(int(req.get("need_bytes", 0)), req.get("cap"))}
         if op == "housekeeping":
             m.housekeeping()
             return {}
@@ -123,6 +139,35 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             self.stop.set()
             return {}
         raise ValueError(f"unknown op {op!r}")
+
+
+class ControlServer(_Server):
+    """The control protocol for a :class:`LayerManager` owned by someone else (the snapshotter daemon):
+    a root-only unix socket, served from its own threads; ``shutdown`` is refused."""
+
+    def __init__(self, path: Path | str, manager: LayerManager) -> None:
+        path = Path(path)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        old = os.umask(0o177)  # born 0600: whoever talks to it can mount and read any layer
+        try:
+            super().__init__(str(path), manager, threading.Event())
+        finally:
+            os.umask(old)
+        self.path = path
+        self._thread = threading.Thread(target=self.serve_forever, name="lazy-control", daemon=True)
+        self._thread.start()
+
+    def dispatch(self, req: dict[str, Any]) -> Any:
+        if req.get("op") == "shutdown":
+            raise ValueError("shutdown is not available on the snapshotter's control socket")
+        return super().dispatch(req)
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

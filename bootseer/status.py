@@ -1,0 +1,157 @@
+"""``bootseer status`` and ``bootseer pull``: the node-side commands of the lazy path.
+
+``status`` asks the snapshotter's control socket (see :mod:`snapshotter.lazy.serve`) for its lazy layers
+and prints, per layer, the blob, its size, how much of it is local, how much was fetched by whom (demand
+reads, prefetch of recorded hot blocks, background fill) and whether the layer left FUSE (swapped to its
+local file).  ``--json`` prints the same for scripts: ``{"layers": [{"digest", "size", "bytes_local",
+"fetched": {"demand", "prefetch", "background"}, "swapped", "mounted", ...}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+DEFAULT_CONTROL = "/run/bootseer/snapshotter.sock.ctl"
+
+
+def default_control() -> str:
+    """The local stack's snapshotter control socket if `bootseer stack up` runs one, else the system one."""
+    try:
+        from integration.stack import Stack, StackError
+
+        ctl = Stack.load().info.snapshotter_control
+        if ctl and os.path.exists(ctl):
+            return str(ctl)
+    except (ImportError, StackError, OSError, ValueError, TypeError):
+        pass
+    return DEFAULT_CONTROL
+
+
+def layer_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stable, documented shape of ``status --json`` (the daemon's own status has more, kept under
+    ``detail``)."""
+    rows = []
+    for doc in layers:
+        fetched = (doc.get("fetched") or {}).get("bytes") or {}
+        rows.append({
+            "digest": doc["digest"],
+            "size": int(doc.get("size", 0)),
+            "bytes_local": int(doc.get("bytes_local", 0)),
+            "fetched": {k: int(fetched.get(k, 0)) for k in ("demand", "prefetch", "background")},
+            "swapped": bool(doc.get("swapped")),
+            "mounted": bool(doc.get("mounted")),
+            "owners": list(doc.get("owners", [])),
+            "detail": doc,
+        })
+    return rows
+
+
+def status(control: str | None = typer.Option(None, "--control", help="The snapshotter's control socket "
+                                                "(default: the local stack's, else " + DEFAULT_CONTROL + ")."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Show the snapshotter's lazy layers: blob, size, bytes local, bytes fetched by kind, swapped."""
+    from snapshotter.lazy.serve import Control, ControlError
+
+    path = control or default_control()
+    if not Path(path).exists():
+        typer.echo(f"error: no snapshotter control socket at {path} (is the snapshotter running with "
+                   "remote_snapshots = true?)", err=True)
+        raise typer.Exit(1)
+    try:
+        layers = Control(path, timeout=30).call("status")["layers"]
+    except (OSError, ControlError) as e:
+        typer.echo(f"error: {path}: {e}", err=True)
+        raise typer.Exit(1) from None
+    rows = layer_rows(layers)
+    if as_json:
+        typer.echo(json.dumps({"layers": rows}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lazy layers ({len(rows)})")
+    table.add_column("blob", no_wrap=True, min_width=19)
+    for col in ("size", "local", "demand", "prefetch", "background", "state", "users"):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for r in rows:
+        state = "swapped" if r["swapped"] else ("FUSE" if r["mounted"] else "cached")
+        f = r["fetched"]
+        table.add_row(r["digest"][:19], _mib(r["size"]), _mib(r["bytes_local"]), _mib(f["demand"]),
+                      _mib(f["prefetch"]), _mib(f["background"]), state, str(len(r["owners"])))
+    Console().print(table)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def pull_cmd(
+    image: str = typer.Argument(..., help="Image reference, e.g. 127.0.0.1:5000/bootseer/realistic:v1."),
+    address: str | None = typer.Option(None, "--address", "-a", help="containerd's socket (default: the local "
+                                       "stack's, else /run/containerd/containerd.sock)."),
+    namespace: str = typer.Option("default", "--namespace", "-n", help="containerd namespace."),
+    snapshotter: str = typer.Option("bootseer", "--snapshotter", help="Snapshotter to unpack into."),
+    platform: str | None = typer.Option(None, "--platform",
+                                        help="os/arch (or os/arch/variant) of an index; default: the host."),
+    plain_http: bool = typer.Option(False, "--plain-http", help="Registries without hosts.toml over http://."),
+    hosts_dir: str | None = typer.Option(None, "--hosts-dir", help="containerd-style certs.d (default: env "
+                                         "BOOTSEER_HOSTS_DIR, else the local stack's, else /etc/containerd/certs.d)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Pull IMAGE into containerd with lazy layers where the image has a BootSeer index (like `ctr-remote
+    image rpull`); then `ctr run --snapshotter bootseer IMAGE …` starts at once."""
+    from rich.console import Console
+
+    from bootseer.cri_cli import default_address
+    from bootseer.pull import PullError, pull
+    from bootseer.registry import RegistryClient, RegistryError
+
+    addr = address or default_address()
+    hd = hosts_dir or os.environ.get("BOOTSEER_HOSTS_DIR") or _stack_hosts_dir() or "/etc/containerd/certs.d"
+    client = RegistryClient(hosts_dir=hd, plain_http=plain_http)
+    console = Console(stderr=True)
+
+    def progress(event: str, d: dict[str, Any]) -> None:
+        if not as_json:
+            console.print(f"layer {d['index'] + 1}/{d['count']} {d['digest'][:19]} {_mib(d['size'])}: "
+                          f"[bold]{d['mode']}[/bold] ({d['seconds']:.2f}s)")
+
+    try:
+        with console.status(f"pulling {image}", spinner="dots") if not as_json else _null():
+            res = pull(image, address=addr, namespace=namespace, snapshotter=snapshotter, client=client,
+                       platform=platform, progress=progress)
+    except (PullError, RegistryError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as e:  # grpc errors from containerd
+        typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=1))
+    else:
+        lazy = sum(lo.mode == "lazy" for lo in res.layers)
+        typer.echo(f"{res.image}: {len(res.layers)} layers, {lazy} lazy, {_mib(res.downloaded_bytes)} downloaded, "
+                   f"{res.seconds:.2f}s")
+
+
+def _stack_hosts_dir() -> str | None:
+    try:
+        from integration.stack import Stack, StackError
+
+        d = Path(Stack.load().info.containerd_config).parent / "certs.d"
+        return str(d) if d.is_dir() else None
+    except (ImportError, StackError, OSError, ValueError, TypeError):
+        return None
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
