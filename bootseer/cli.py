@@ -47,6 +47,10 @@ def _mount() -> None:
     app.add_typer(snapshotter_cli.app, name="snapshotter")
     app.command("pull")(status_cli.pull_cmd)
     app.command("status")(status_cli.status)
+    from recorder import cli as recorder_cli
+
+    app.command("record")(recorder_cli.record)
+    app.add_typer(recorder_cli.hotblocks_app, name="hotblocks")
 
 
 _mount()

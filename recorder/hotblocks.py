@@ -34,10 +34,11 @@ column             type      meaning
 =================  ========  ==================================================================
 
 The schema's metadata key ``bootseer.hotblocks`` holds JSON: ``{"version": 1, "subject": "<image manifest
-digest>", "blobs": {"<blob digest>": {"layer": "<layer digest>", "size": N, "chunk_size": N}},
-"recordings": N, "commands": [[argv...], ...], "created": "<RFC 3339>"}``.  A file that does not follow all
-of this (or whose ranges fall outside their blob) is rejected as :class:`BadManifest` — the prefetcher
-then ignores it with a warning, it never fetches from a manifest it cannot trust.
+digest>", "blobs": [{"digest": "<blob digest>", "layer": "<layer digest>", "size": N, "chunk_size": N}, …]
+(in image layer order), "recordings": N, "commands": [[argv...], ...], "created": "<RFC 3339>"}``.
+A file that does not follow all of this (or whose ranges fall outside their blob) is rejected as
+:class:`BadManifest` — the prefetcher then ignores it with a warning, it never fetches from a manifest it
+cannot trust.
 
 Merging (:func:`merge`) takes the union of the units of several manifests of one image, each unit keeping
 its earliest first access, and coalesces again: a manifest recorded for one command plus one recorded for
@@ -199,8 +200,8 @@ class HotBlockManifest:
             cols["seq"].append(r.seq)
         meta = {"version": FORMAT_VERSION, "subject": self.subject, "recordings": self.recordings,
                 "commands": self.commands, "created": self.created,
-                "blobs": {d: {"layer": b.layer, "size": b.size, "chunk_size": b.chunk_size}
-                          for d, b in self.blobs.items()}}
+                "blobs": [{"digest": d, "layer": b.layer, "size": b.size, "chunk_size": b.chunk_size}
+                          for d, b in self.blobs.items()]}
         schema = SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
         table = pa.table(cols, schema=schema)
         buf = io.BytesIO()
@@ -221,8 +222,8 @@ class HotBlockManifest:
             meta = json.loads(raw_meta)
             if int(meta["version"]) != FORMAT_VERSION:
                 raise BadManifest(f"unsupported hot-block manifest version {meta['version']}")
-            blobs = {str(d): BlobInfo(str(b["layer"]), int(b["size"]), int(b["chunk_size"]))
-                     for d, b in meta["blobs"].items()}
+            blobs = {str(b["digest"]): BlobInfo(str(b["layer"]), int(b["size"]), int(b["chunk_size"]))
+                     for b in meta["blobs"]}
             subject = str(meta["subject"])
             recordings = int(meta.get("recordings", 1))
             commands = [[str(a) for a in c] for c in meta.get("commands") or []]

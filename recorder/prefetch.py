@@ -1,0 +1,318 @@
+"""Replaying hot blocks: the snapshotter's side of record-and-prefetch.
+
+When a remote ``Prepare`` has set a lazy layer up, :meth:`HotBlockPrefetcher.on_prepare` looks for the image's
+hot-block manifest (a referrer of the image manifest, see :mod:`recorder.artifact`) and hands the layer's
+recorded ranges, in first-access order, to :meth:`LayerManager.prefetch
+<snapshotter.lazy.manager.LayerManager.prefetch>` — before the container exists, so by the time it reads,
+most of what it reads is local.  The rules the data path already guarantees, and why they matter here:
+
+* **Demand first.**  Prefetch requests go through the fetchers' shared scheduler behind demand reads (and
+  ahead of background fill): a container that outruns the prefetcher is never queued behind it.
+* **No double fetch.**  Chunks already local or in flight are skipped or waited for, never requested twice.
+* **Bounded.**  ``concurrency`` runs of coalesced chunks at a time per layer.
+* **Stops with the snapshot.**  Removing the snapshot tears the layer down, which cancels its prefetch.
+
+Nothing here blocks ``Prepare``: the lookup (one registry round trip per image, cached) and the prefetch run
+in a worker thread.  A manifest that is missing, corrupt, recorded on another blob of the layer, or names
+layers the image does not have is ignored with a warning — no prefetch, never a wrong one (and the fetcher
+verifies every chunk against the index regardless).
+
+Metrics (Prometheus, in the manager's registry, so the daemon's ``metrics`` control op shows them):
+``bootseer_hotblocks_hot_set_bytes_total`` (bytes of the ranges prefetch was asked to make local),
+``bootseer_hotblocks_prefetched_bytes_total`` (bytes prefetch fetched itself),
+``bootseer_hotblocks_demand_bytes_total{result="hit"|"miss"}`` (demand reads that touched a recorded range:
+already local thanks to prefetch, or not yet — needs the layer's ``demand_observer`` hook),
+``bootseer_hotblocks_prefetch_seconds`` (Prepare → prefetch of the layer done),
+``bootseer_hotblocks_prefetches_total{outcome}`` and ``bootseer_hotblocks_prefetch_running``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from recorder import artifact
+from recorder.hotblocks import HotBlockManifest
+
+if TYPE_CHECKING:
+    from bootseer.registry import RegistryClient
+
+log = logging.getLogger("bootseer.recorder.prefetch")
+
+OUTCOMES = ("done", "cancelled", "partial", "no_manifest", "not_recorded", "ignored", "error")
+
+
+class _Job(Protocol):
+    total: int
+    fetched: int
+    failed: int
+    done: threading.Event
+
+
+class _Manager(Protocol):
+    """What we need of :class:`snapshotter.lazy.manager.LayerManager`."""
+
+    def prefetch(self, digest: str, ranges: Sequence[tuple[int, int]], concurrency: int | None = None) -> Any: ...
+
+    def layer(self, digest: str) -> Any: ...
+
+
+def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tuple[int, int]] | None:
+    """The ranges to prefetch for one layer, in first-access order; None when the manifest was recorded on
+    another blob of that layer (a re-conversion: its offsets mean nothing in this blob)."""
+    recorded = hb.blob_of(layer_digest)
+    if recorded is None:
+        return []
+    if recorded != blob_digest:
+        return None
+    return hb.ranges_for(layer_digest)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = registry if registry is not None else REGISTRY
+        try:
+            self._make(reg)
+        except ValueError:  # a second prefetcher in this process (tests): keep its metrics apart
+            self._make(CollectorRegistry())
+
+    def _make(self, reg: CollectorRegistry) -> None:
+        self.registry = reg
+        self.hot_set = Counter("bootseer_hotblocks_hot_set_bytes", "Bytes of recorded hot ranges handed to "
+                               "prefetch", registry=reg)
+        self.prefetched = Counter("bootseer_hotblocks_prefetched_bytes", "Bytes fetched by hot-block prefetch",
+                                  registry=reg)
+        self.demand = Counter("bootseer_hotblocks_demand_bytes", "Demand reads touching recorded hot ranges: "
+                              "already local (hit) or not (miss)", ["result"], registry=reg)
+        self.seconds = Histogram("bootseer_hotblocks_prefetch_seconds", "Prepare to hot-block prefetch done, "
+                                 "per layer", registry=reg,
+                                 buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64, 128))
+        self.outcomes = Counter("bootseer_hotblocks_prefetches", "Layer prefetches by outcome", ["outcome"],
+                                registry=reg)
+        self.running = Gauge("bootseer_hotblocks_prefetch_running", "Layer prefetches running", registry=reg)
+        for r in ("hit", "miss"):
+            self.demand.labels(r)
+        for o in OUTCOMES:
+            self.outcomes.labels(o)
+
+
+@dataclass
+class LayerPrefetch:
+    """One layer's prefetch, for status and metrics."""
+
+    image: str
+    layer: str
+    blob: str
+    chunk_size: int
+    prepared: float  # time.monotonic() of the Prepare
+    state: str = "looking up"
+    ranges: int = 0
+    hot_bytes: int = 0
+    chunks: int = 0
+    chunks_fetched: int = 0
+    chunks_failed: int = 0
+    prefetched_bytes: int = 0
+    demand_hit_bytes: int = 0
+    demand_miss_bytes: int = 0
+    seconds: float | None = None
+    hot_chunks: frozenset[int] = field(default_factory=frozenset, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "layer": self.layer, "blob": self.blob, "state": self.state,
+                "ranges": self.ranges, "hot_bytes": self.hot_bytes, "chunks": self.chunks,
+                "chunks_fetched": self.chunks_fetched, "chunks_failed": self.chunks_failed,
+                "prefetched_bytes": self.prefetched_bytes, "demand_hit_bytes": self.demand_hit_bytes,
+                "demand_miss_bytes": self.demand_miss_bytes,
+                "seconds": None if self.seconds is None else round(self.seconds, 3)}
+
+
+class HotBlockPrefetcher:
+    """Looks up hot-block manifests and starts the prefetch of each lazily prepared layer (see the module doc).
+
+    ``client`` is the daemon's registry client (mirrors, credentials); ``ttl`` how long a fetched manifest
+    (or its absence: ``negative_ttl``) is trusted before a new recording is looked for."""
+
+    def __init__(self, manager: _Manager, client: RegistryClient, *, concurrency: int | None = None,
+                 ttl: float = 300.0, negative_ttl: float = 30.0, max_images: int = 64,
+                 registry: CollectorRegistry | None = None, enabled: bool = True) -> None:
+        self.manager = manager
+        self.client = client
+        self.concurrency = concurrency
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_images = max_images
+        self.enabled = enabled
+        if registry is None:
+            registry = getattr(getattr(manager, "metrics", None), "registry", None)
+        self.metrics = Metrics(registry)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], tuple[float, HotBlockManifest | None]] = OrderedDict()
+        self._gates: dict[tuple[str, str], threading.Lock] = {}
+        self._layers: dict[str, LayerPrefetch] = {}  # by blob digest: the latest prefetch of each blob
+        self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
+
+    # ------------------------------------------------------------------------------------------ API
+    def on_prepare(self, image_ref: str, manifest_digest: str, layer_digest: str, blob_digest: str,
+                   chunk_size: int, *, index_blobs: Mapping[str, str] | None = None,
+                   wait: bool = False) -> LayerPrefetch | None:
+        """A lazy layer of ``image_ref`` was just set up: prefetch its recorded ranges (in a worker thread
+        unless ``wait``).  ``index_blobs`` (layer → blob of the image's index) lets a manifest recorded on
+        other blobs be rejected as a whole.  Never raises."""
+        if not self.enabled or self._closed.is_set():
+            return None
+        lp = LayerPrefetch(image_ref, layer_digest, blob_digest, chunk_size, time.monotonic())
+        with self._lock:
+            self._layers[blob_digest] = lp
+        args = (lp, manifest_digest, dict(index_blobs) if index_blobs is not None else None)
+        if wait:
+            self._run(*args)
+            return lp
+        t = threading.Thread(target=self._run, args=args, name=f"hotblocks-{blob_digest[7:15]}", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+        return lp
+
+    def manifest(self, image_ref: str, manifest_digest: str,
+                 index_blobs: Mapping[str, str] | None = None) -> HotBlockManifest | None:
+        """The image's usable hot-block manifest (cached; concurrent lookups of one image share a fetch)."""
+        from bootseer.reference import Reference
+
+        ref = Reference.parse(image_ref)
+        key = (ref.name, manifest_digest)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > time.monotonic():
+                self._cache.move_to_end(key)
+                return hit[1]
+            gate = self._gates.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None and hit[0] > time.monotonic():
+                    return hit[1]
+            layers = [d.digest for d in self.client.get_manifest(ref.with_digest(manifest_digest)).layers]
+            found = artifact.fetch(self.client, ref, manifest_digest, image_layers=layers, index_blobs=index_blobs)
+            hb = found.manifest if found is not None else None
+            if found is not None:
+                log.info("hot-block manifest %s of %s: %d ranges, %.1f MiB", found.digest[:19], ref.name,
+                         len(hb.ranges) if hb else 0, (hb.hot_bytes() if hb else 0) / (1 << 20))
+            with self._lock:
+                self._cache[key] = (time.monotonic() + (self.ttl if hb is not None else self.negative_ttl), hb)
+                while len(self._cache) > self.max_images:
+                    self._cache.popitem(last=False)
+                self._gates.pop(key, None)
+            return hb
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [lp.as_dict() for lp in self._layers.values()]
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._closed.set()
+        with self._lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------------------------ internals
+    def _finish(self, lp: LayerPrefetch, state: str, outcome: str) -> None:
+        lp.state = state
+        self.metrics.outcomes.labels(outcome).inc()
+
+    def _run(self, lp: LayerPrefetch, manifest_digest: str, index_blobs: dict[str, str] | None) -> None:
+        try:
+            try:
+                hb = self.manifest(lp.image, manifest_digest, index_blobs)
+            except Exception as e:  # the registry is down, say: the container reads on demand
+                log.warning("no hot-block prefetch for %s: looking up its manifest failed: %s", lp.image, e)
+                self._finish(lp, "lookup failed", "error")
+                return
+            if hb is None:
+                self._finish(lp, "no manifest", "no_manifest")
+                return
+            ranges = plan(hb, lp.layer, lp.blob)
+            if ranges is None:
+                log.warning("hot-block manifest of %s was recorded on another blob of layer %s; ignored",
+                            lp.image, lp.layer[:19])
+                self._finish(lp, "ignored (other blob)", "ignored")
+                return
+            if not ranges:
+                self._finish(lp, "nothing recorded", "not_recorded")
+                return
+            self._prefetch(lp, ranges)
+        except Exception:
+            log.exception("hot-block prefetch of %s failed", lp.blob[:19])
+            self._finish(lp, "failed", "error")
+
+    def _prefetch(self, lp: LayerPrefetch, ranges: list[tuple[int, int]]) -> None:
+        cs = lp.chunk_size
+        lp.ranges = len(ranges)
+        lp.hot_bytes = sum(n for _, n in ranges)
+        lp.hot_chunks = frozenset(i for off, n in ranges for i in range(off // cs, (off + n - 1) // cs + 1))
+        self.metrics.hot_set.inc(lp.hot_bytes)
+        layer = self.manager.layer(lp.blob)
+        stats = getattr(getattr(layer, "fetcher", None), "stats", None)
+        before = int(stats.bytes.get("prefetch", 0)) if stats is not None else 0
+        if layer is not None and hasattr(layer, "demand_observer"):
+            layer.demand_observer = self._observer(lp)
+        self.metrics.running.inc()
+        try:
+            job = self.manager.prefetch(lp.blob, ranges, self.concurrency)
+            lp.chunks = int(job.total)
+            lp.state = "prefetching"
+            log.info("prefetching %d hot ranges (%.1f MiB, %d chunks missing) of layer %s", len(ranges),
+                     lp.hot_bytes / (1 << 20), job.total, lp.layer[:19])
+            while not job.done.wait(0.5):  # bounded waits: a closing daemon does not wait for the network
+                lp.chunks_fetched, lp.chunks_failed = int(job.fetched), int(job.failed)
+                if self._closed.is_set():
+                    break
+        finally:
+            self.metrics.running.dec()
+        lp.chunks_fetched, lp.chunks_failed = int(job.fetched), int(job.failed)
+        after = int(stats.bytes.get("prefetch", 0)) if stats is not None else before
+        lp.prefetched_bytes = max(0, after - before)
+        self.metrics.prefetched.inc(lp.prefetched_bytes)
+        lp.seconds = time.monotonic() - lp.prepared
+        self.metrics.seconds.observe(lp.seconds)
+        if lp.chunks_fetched + lp.chunks_failed < lp.chunks:
+            self._finish(lp, "cancelled", "cancelled")  # the layer went away (snapshot removed)
+        elif lp.chunks_failed:
+            self._finish(lp, "partial", "partial")
+        else:
+            self._finish(lp, "done", "done")
+        log.info("hot-block prefetch of layer %s %s in %.2fs: %d/%d chunks, %.1f MiB fetched", lp.layer[:19],
+                 lp.state, lp.seconds, lp.chunks_fetched, lp.chunks, lp.prefetched_bytes / (1 << 20))
+
+    def _observer(self, lp: LayerPrefetch) -> Callable[[int, int, bool], None]:
+        """Runs on the FUSE loop for every read of the layer: must be cheap and never raise."""
+        hit_c, miss_c = self.metrics.demand.labels("hit"), self.metrics.demand.labels("miss")
+
+        def observe(offset: int, length: int, hit: bool) -> None:
+            with contextlib.suppress(Exception):
+                cs = lp.chunk_size
+                first, last = offset // cs, (offset + max(length, 1) - 1) // cs
+                if not any(i in lp.hot_chunks for i in range(first, last + 1)):
+                    return
+                if hit:
+                    lp.demand_hit_bytes += length
+                    hit_c.inc(length)
+                else:
+                    lp.demand_miss_bytes += length
+                    miss_c.inc(length)
+
+        return observe
