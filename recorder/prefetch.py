@@ -182,6 +182,13 @@ class HotBlockPrefetcher:
         t.start()
         return lp
 
+    def __call__(self, manager: Any, image_ref: str, manifest_digest: str, layer_digest: str, spec: Any) -> None:
+        """The snapshotter's ``PrefetchHook`` (:mod:`snapshotter.lazy.handler`): ``spec`` is the layer's
+        :class:`~snapshotter.lazy.spec.BlobSpec`.  Starts the prefetch in a worker thread."""
+        if manager is not None and manager is not self.manager:
+            self.manager = manager
+        self.on_prepare(image_ref, manifest_digest, layer_digest, spec.digest, spec.chunk_size)
+
     def manifest(self, image_ref: str, manifest_digest: str,
                  index_blobs: Mapping[str, str] | None = None) -> HotBlockManifest | None:
         """The image's usable hot-block manifest (cached; concurrent lookups of one image share a fetch)."""
