@@ -45,12 +45,11 @@ def _mount() -> None:
     app.add_typer(cri_cli.app, name="cri")
     app.add_typer(depsnap_cli.app, name="depsnap")
     app.add_typer(snapshotter_cli.app, name="snapshotter")
+    from bootseer import profile as profile_cli
+
+    app.command("profile")(profile_cli.profile)
     app.command("pull")(status_cli.pull_cmd)
     app.command("status")(status_cli.status)
-    from recorder import cli as recorder_cli
-
-    app.command("record")(recorder_cli.record)
-    app.add_typer(recorder_cli.hotblocks_app, name="hotblocks")
 
 
 _mount()

@@ -16,6 +16,8 @@ import io
 import os
 from typing import Any
 
+from bootseer import events
+from bootseer.log import redact
 from ckptfs.reader import Checkpoint, ReaderOptions, ReadState
 from ckptfs.store import StoreOptions
 
@@ -35,6 +37,8 @@ class CkptFile(io.RawIOBase):
         self._state = ReadState()
         self._owns = owns_checkpoint
         self.name = path
+        self._opened = events.now()  # open → close is one "checkpoint_load" in the start-up profile
+        self._read = 0
 
     @property
     def size(self) -> int:
@@ -52,6 +56,7 @@ class CkptFile(io.RawIOBase):
         view = memoryview(b).cast("B")
         n = self._ckpt.readinto(self._entry, self._pos, view, self._state)
         self._pos += n
+        self._read += n
         return n
 
     def readall(self) -> bytes:
@@ -79,8 +84,11 @@ class CkptFile(io.RawIOBase):
         return self._pos
 
     def close(self) -> None:
-        if not self.closed and self._owns:
-            self._ckpt.close()
+        if not self.closed:
+            events.emit("checkpoint_load", self._opened, events.now(), component="ckptfs",
+                        uri=redact(self._ckpt.store.uri), path=self._entry.path, bytes=self._read)
+            if self._owns:
+                self._ckpt.close()
         super().close()
 
 

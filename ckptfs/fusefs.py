@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from bootseer import events
+from bootseer.log import redact
 from ckptfs.manifest import ChunkRef, FileEntry
 from ckptfs.reader import Checkpoint, ReadState
 
@@ -83,6 +85,9 @@ class CkptOperations(pyfuse3.Operations):
         self._nodes: dict[int, _Node] = {}
         self._by_path: dict[str, int] = {}
         self._fh: dict[int, tuple[int, FileEntry, ReadState]] = {}
+        # per open file: when it was opened and the bytes served to it, for the start-up profile's
+        # "checkpoint_load" (open → release), written at release
+        self._loads: dict[int, tuple[events.Stamp, list[int]]] = {}
         self._streams: dict[int, _Stream] = {}
         self.pusher: PagePusher | None = None
         self._fh_ids = itertools.count(1)
@@ -196,6 +201,7 @@ class CkptOperations(pyfuse3.Operations):
         assert node.entry is not None
         fh = next(self._fh_ids)
         self._fh[fh] = (inode, node.entry, ReadState())
+        self._loads[fh] = (events.now(), [0])
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -212,6 +218,9 @@ class CkptOperations(pyfuse3.Operations):
                 self.fast_reads += 1
             self.reads += 1
             self.read_bytes += len(data)
+            load = self._loads.get(fh)
+            if load is not None:
+                load[1][0] += len(data)
             if self.pusher is not None and data:
                 self._advance(ino, entry, (off + len(data) - 1) // self.ckpt.manifest.chunk_size)
             return data
@@ -220,7 +229,13 @@ class CkptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from e
 
     async def release(self, fh: int) -> None:
-        self._fh.pop(fh, None)
+        opened = self._fh.pop(fh, None)
+        load = self._loads.pop(fh, None)
+        if opened is not None and load is not None:
+            # bytes: what reached FUSE for this open (pages pushed ahead or already cached are not counted)
+            events.emit("checkpoint_load", load[0], events.now(), component="ckptfs mount",
+                        uri=redact(self.ckpt.store.uri), path=opened[1].path, size=opened[1].size,
+                        bytes=load[1][0])
 
     # -- page pushing --------------------------------------------------------------------------------
     def _advance(self, ino: int, entry: FileEntry, chunk: int) -> None:

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from bootseer import events
+from bootseer.log import redact
 from ckptfs.cache import ChunkCache
 from ckptfs.errors import CheckpointNotFound, ChunkReadError, CorruptChunkError
 from ckptfs.manifest import MANIFEST_NAME, ChunkRef, DirEntry, FileEntry, Manifest, normalise_path
@@ -518,7 +520,9 @@ class Checkpoint:
         buf = out if out is not None else bytearray(f.size)
         if len(buf) < f.size:
             raise ValueError(f"buffer of {len(buf)} bytes is too small for {path} ({f.size} bytes)")
-        n = self.readinto(f, 0, memoryview(buf)[: f.size], ReadState())
+        with events.span("checkpoint_load", component="ckptfs", uri=redact(self.store.uri), path=f.path,
+                         bytes=f.size):
+            n = self.readinto(f, 0, memoryview(buf)[: f.size], ReadState())
         assert n == f.size
         return buf
 
