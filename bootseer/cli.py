@@ -50,6 +50,10 @@ def _mount() -> None:
     app.command("profile")(profile_cli.profile)
     app.command("pull")(status_cli.pull_cmd)
     app.command("status")(status_cli.status)
+    from recorder import cli as recorder_cli
+
+    app.command("record")(recorder_cli.record)
+    app.add_typer(recorder_cli.hotblocks_app, name="hotblocks")
 
 
 _mount()
