@@ -32,13 +32,14 @@ PROBE = "ls /data/sub; test -e /data/keep.txt || echo keep-gone; cat /opt/x/f"
 
 @pytest.fixture
 def ns(stack: Stack) -> Iterator[str]:
-    """A containerd namespace of this test's own (a node state of its own), emptied afterwards."""
+    """A containerd namespace of this test's own (a node state of its own), emptied afterwards (containerd's
+    garbage collector removes the snapshots in the background; the stack's teardown removes the rest)."""
     name = "bs-depsnap-" + secrets.token_hex(3)
     yield name
     for item in stack.ctr("containers", "ls", "-q", namespace=name, check=False).stdout.split():
         stack.ctr("containers", "rm", item, namespace=name, check=False)
     for item in stack.ctr("images", "ls", "-q", namespace=name, check=False).stdout.split():
-        stack.ctr("images", "rm", "--sync", item, namespace=name, check=False)
+        stack.ctr("images", "rm", item, namespace=name, check=False)
     stack.ctr("namespaces", "rm", name, check=False)
 
 
