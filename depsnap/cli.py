@@ -9,9 +9,11 @@ from pathlib import Path
 
 import typer
 
+from bootseer import events
 from depsnap import build
 from depsnap.key import DepSpec, SpecError
 
+PHASE = "dependency_resolve"  # the start-up phase `bootseer profile` shows for resolve/run
 app = typer.Typer(help="Dependency snapshots: the install step kept as an image layer.", no_args_is_help=True)
 
 
@@ -82,8 +84,10 @@ def resolve_cmd(
 ) -> None:
     """Print the image a job should start from: the snapshot if it exists, else the base (install will run)."""
     try:
-        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
-        found = build.resolve(repo, spec, plain_http)
+        with events.span(PHASE, component="bootseer depsnap", base=base, mode="resolve") as attrs:
+            spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+            found = build.resolve(repo, spec, plain_http)
+            attrs.update(key=spec.key(), hit=found is not None, image=found.image if found else base)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
@@ -209,11 +213,15 @@ def run_cmd(
     indexed so that it starts lazily."""
     _check_index_mode(index_mode)
     try:
-        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
-        res = build.resolve(repo, spec, plain_http) or _engine_build(
-            engine, base, spec, repo, _context(context, requirements), wheels, plain_http, address, namespace,
-            snapshotter, docker_host)
-        res = _indexed(res, base, plain_http, index_mode)
+        with events.span(PHASE, component="bootseer depsnap", base=base, mode="run") as attrs:
+            spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+            attrs["key"] = spec.key()
+            found = build.resolve(repo, spec, plain_http)
+            attrs["hit"] = found is not None
+            res = found or _engine_build(engine, base, spec, repo, _context(context, requirements), wheels,
+                                         plain_http, address, namespace, snapshotter, docker_host)
+            res = _indexed(res, base, plain_http, index_mode)
+            attrs.update(image=res.image, digest=res.digest, built=res.built, indexed=res.index is not None)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -87,9 +88,15 @@ def test_build_whiteouts_reuse_and_fresh_node(stack: Stack, small_image: str, ns
     cli = [sys.executable, "-m", "bootseer.cli", "depsnap", "run", "--base", small_image, "--repo", repo,
            "--run", BUSYBOX_CHANGES, "--engine", "containerd", "--address", stack.info.containerd_socket,
            "--namespace", fresh, "--context", str(scratch), "--plain-http", "--json"]
-    doc = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
+    log = scratch / "events.jsonl"
+    env = {**os.environ, "BOOTSEER_EVENTS": str(log), "BOOTSEER_JOB_ID": "job-ds"}
+    doc = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True, env=env).stdout)
     assert (doc["image"], doc["digest"], doc["built"]) == (res.image, res.digest, False)
     assert stack.ctr("images", "ls", "-q", namespace=fresh, check=False).stdout.split() == []
+    # the launcher's call is a "dependency_resolve" phase of the job's start-up profile
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert (line["phase"], line["job"], line["status"]) == ("dependency_resolve", "job-ds", "ok")
+    assert line["attrs"]["hit"] is True and line["attrs"]["image"] == res.image and line["attrs"]["built"] is False
 
 
 def test_two_builders_one_key_one_image(stack: Stack, small_image: str, scratch: Path) -> None:
