@@ -10,6 +10,7 @@ don't go through CRI use the transfer service's ``unpack_config``.
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 DEFAULT_SOCKET = "/run/bootseer/snapshotter.sock"
@@ -31,11 +32,57 @@ def proxy_plugin(address: str | Path, root: str | Path = DEFAULT_ROOT, name: str
     )
 
 
+def host_platform() -> str:
+    """``linux/<arch>`` of this machine in OCI spelling (what the transfer service matches unpacks against)."""
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
+            "riscv64": "riscv64"}.get(platform.machine(), platform.machine())
+    return f"linux/{arch}"
+
+
+def _version(containerd_version: str) -> tuple[int, int]:
+    parts = containerd_version.strip().lstrip("v").split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] != "x" else 0
+    except ValueError:
+        raise ValueError(f"unsupported containerd version {containerd_version!r} (1.6, 1.7 or 2.x)") from None
+    if (major, minor) < (1, 6) or major > 2:
+        raise ValueError(f"unsupported containerd version {containerd_version!r} (1.6, 1.7 or 2.x)")
+    return major, minor
+
+
+def _unpack_config(plugin: str, platform_: str, default_snapshotter: str | None) -> str:
+    # Pulls through the transfer service (ctr, nerdctl; CRI on 2.1+) unpack with the first entry whose
+    # platform matches, unless the client names a snapshotter: BootSeer first, and the stock snapshotter
+    # after it so `--snapshotter overlayfs` pulls keep working (an unpack_config list replaces the default).
+    out = f'\n[[plugins.{_q(plugin)}.unpack_config]]\n  platform = {_q(platform_)}\n  snapshotter = "bootseer"\n'
+    if default_snapshotter:
+        out += (f'\n[[plugins.{_q(plugin)}.unpack_config]]\n  platform = {_q(platform_)}\n'
+                f"  snapshotter = {_q(default_snapshotter)}\n")
+    return out
+
+
 def snippet(containerd_version: str = "1.6", address: str | Path = DEFAULT_SOCKET,
-            root: str | Path = DEFAULT_ROOT, cri: bool = True, platform: str = "linux/amd64") -> str:
-    """The lines to merge into ``/etc/containerd/config.toml`` to use BootSeer as a (CRI) snapshotter."""
-    major = containerd_version.split(".")[0]
-    if major == "1":
+            root: str | Path = DEFAULT_ROOT, cri: bool = True, platform: str | None = None,
+            cri_pull: str = "local", keep_snapshotter: str | None = "overlayfs") -> str:
+    """The lines to merge into ``/etc/containerd/config.toml`` to use BootSeer as a (CRI) snapshotter.
+
+    - 1.6: config v2; the proxy plugin, and CRI's ``snapshotter`` with snapshot annotations on (CRI passes
+      the image ref and layer digests as labels: what a remote snapshot needs).
+    - 1.7: the same, plus the transfer service's ``unpack_config`` (``ctr --local=false`` pulls).
+    - 2.x: config v3; CRI's image settings moved to ``io.containerd.cri.v1.images``; ``unpack_config`` for
+      the transfer service, which ``ctr`` uses by default.  ``cri_pull="local"`` (default) keeps
+      ``disable_snapshot_annotations = false``, which 2.0 needs and which makes 2.1+ pull CRI images
+      without the transfer service; ``cri_pull="transfer"`` (2.1+) leaves it out so CRI pulls go through
+      the transfer service, where the ``enable_remote_snapshot_annotations`` export of the proxy plugin
+      makes containerd pass the same labels.
+    """
+    major, minor = _version(containerd_version)
+    if cri_pull not in ("local", "transfer"):
+        raise ValueError(f"cri_pull must be local or transfer, not {cri_pull!r}")
+    if cri_pull == "transfer" and (major, minor) < (2, 1):
+        raise ValueError("CRI pulls go through the transfer service only from containerd 2.1 on")
+    plat = platform or host_platform()
+    if major == 1:
         out = "version = 2\n\n" + proxy_plugin(address, root)
         if cri:
             out += (
@@ -44,22 +91,17 @@ def snippet(containerd_version: str = "1.6", address: str | Path = DEFAULT_SOCKE
                 "  # CRI must pass the image ref and layer digests to the snapshotter for lazy pull\n"
                 "  disable_snapshot_annotations = false\n"
             )
+        if minor >= 7:
+            out += _unpack_config("io.containerd.transfer.v1.local", plat, keep_snapshotter)
         return out
-    if major == "2":
-        out = "version = 3\n\n" + proxy_plugin(address, root)
-        if cri:
-            out += (
-                '\n[plugins."io.containerd.cri.v1.images"]\n'
-                '  snapshotter = "bootseer"\n'
-                "  disable_snapshot_annotations = false\n"
-            )
-        out += (
-            '\n[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n'
-            f"  platform = {_q(platform)}\n"
-            '  snapshotter = "bootseer"\n'
-        )
-        return out
-    raise ValueError(f"unsupported containerd version {containerd_version!r} (1.6, 1.7 or 2.x)")
+    out = "version = 3\n\n" + proxy_plugin(address, root)
+    if cri:
+        out += '\n[plugins."io.containerd.cri.v1.images"]\n  snapshotter = "bootseer"\n'
+        if cri_pull == "local":
+            out += "  # labels for lazy pull on CRI's own pull path (2.1+: also keeps CRI off the transfer service)\n"
+            out += "  disable_snapshot_annotations = false\n"
+    out += _unpack_config("io.containerd.transfer.v1.local", plat, keep_snapshotter)
+    return out
 
 
 def stack_config(

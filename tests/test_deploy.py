@@ -36,35 +36,69 @@ def test_daemonset_passes_kubernetes_schema() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("version", ["1.6", "1.7", "2.0"])
+@pytest.mark.parametrize("version", ["1.6", "1.7", "2.0", "2.1"])
 def test_snippet_is_valid_toml_with_the_proxy_plugin(version: str) -> None:
-    doc = tomllib.loads(containerd_config.snippet(version, "/run/x.sock"))
+    doc = tomllib.loads(containerd_config.snippet(version, "/run/x.sock", platform="linux/arm64"))
     assert doc["proxy_plugins"]["bootseer"] == {
         "type": "snapshot", "address": "/run/x.sock",
+        # the export tells containerd's transfer service to pass the image ref/layer labels (remote snapshots)
         "exports": {"root": containerd_config.DEFAULT_ROOT, "enable_remote_snapshot_annotations": "true"}}
     assert doc["version"] == (3 if version.startswith("2") else 2)
     if version.startswith("2"):
-        assert doc["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == "bootseer"
-        assert doc["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"][0]["snapshotter"] == "bootseer"
+        assert doc["plugins"]["io.containerd.cri.v1.images"] == {"snapshotter": "bootseer",
+                                                                 "disable_snapshot_annotations": False}
+        assert "io.containerd.grpc.v1.cri" not in doc["plugins"]  # v3 moved CRI's image keys
     else:
         cri = doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
         assert cri == {"snapshotter": "bootseer", "disable_snapshot_annotations": False}
+    if version == "1.6":
+        assert "io.containerd.transfer.v1.local" not in doc["plugins"]  # 1.6 has no transfer service
+    else:
+        # bootseer first (the default for transfer pulls), the stock snapshotter kept for explicit requests
+        assert doc["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"] == [
+            {"platform": "linux/arm64", "snapshotter": "bootseer"},
+            {"platform": "linux/arm64", "snapshotter": "overlayfs"}]
 
 
-def test_snippet_rejects_unknown_containerd_version() -> None:
-    with pytest.raises(ValueError):
-        containerd_config.snippet("0.9")
+def test_snippet_for_cri_pulls_through_the_transfer_service() -> None:
+    doc = tomllib.loads(containerd_config.snippet("2.1", cri_pull="transfer"))
+    # 2.1+ keeps CRI on its own pull path when disable_snapshot_annotations is set: here it must be absent
+    assert doc["plugins"]["io.containerd.cri.v1.images"] == {"snapshotter": "bootseer"}
+    unpack = doc["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+    assert unpack[0] == {"platform": containerd_config.host_platform(), "snapshotter": "bootseer"}
+    assert doc["proxy_plugins"]["bootseer"]["exports"]["enable_remote_snapshot_annotations"] == "true"
+    with pytest.raises(ValueError, match=r"containerd 2\.1"):
+        containerd_config.snippet("2.0", cri_pull="transfer")
 
 
-def test_containerd_16_loads_the_snippet() -> None:
+def test_snippet_without_cri_has_only_the_plugin_and_unpack() -> None:
+    doc = tomllib.loads(containerd_config.snippet("2.x", cri=False))
+    assert set(doc["plugins"]) == {"io.containerd.transfer.v1.local"} and "bootseer" in doc["proxy_plugins"]
+
+
+@pytest.mark.parametrize("bad", ["0.9", "1.5", "3.0", "latest", ""])
+def test_snippet_rejects_unknown_containerd_version(bad: str) -> None:
+    with pytest.raises(ValueError, match="unsupported containerd version"):
+        containerd_config.snippet(bad)
+
+
+def test_cli_reports_a_bad_version_clearly() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bootseer.cli", "config", "containerd", "--containerd-version",
+                           "9"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unsupported containerd version" in proc.stderr and not proc.stdout
+
+
+@pytest.mark.parametrize("version", ["1.6", "1.7"])
+def test_containerd_16_loads_the_snippet(version: str) -> None:
     """containerd 1.6 started with the printed snippet (via `imports`) registers the proxy snapshotter and
-    configures CRI to use it."""
+    configures CRI to use it; the 1.7 snippet's transfer keys are ignored by 1.6 (a mixed fleet can share one
+    file)."""
     root = scratch_root("cfg")
     root.mkdir()
     sock = root / "c.sock"
     snippet = root / "bootseer.toml"
     proc = subprocess.run([sys.executable, "-m", "bootseer.cli", "config", "containerd", "--containerd-version",
-                           "1.6", "--address", str(root / "snap.sock")], capture_output=True, text=True, check=True)
+                           version, "--address", str(root / "snap.sock")], capture_output=True, text=True, check=True)
     snippet.write_text(proc.stdout)
     main = root / "config.toml"
     main.write_text(
