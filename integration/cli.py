@@ -119,15 +119,10 @@ def config_containerd(
     address: str = typer.Option(containerd_config.DEFAULT_SOCKET, help="Snapshotter socket."),
     root: str = typer.Option(containerd_config.DEFAULT_ROOT, help="Snapshotter root dir."),
     no_cri: bool = typer.Option(False, "--no-cri", help="Only the proxy plugin, no CRI keys."),
-    platform: str = typer.Option(None, help="Platform of the transfer service's unpack_config (1.7, 2.x); "
-                                 "default: this machine's."),
-    cri_pull: str = typer.Option("local", help="2.1+: 'transfer' sends CRI pulls through the transfer service "
-                                 "(no disable_snapshot_annotations); 'local' keeps CRI's own pull path."),
 ) -> None:
-    """Print the containerd config snippet that registers BootSeer (merge it, or add it to `imports`)."""
+    """Print the containerd config snippet that registers BootSeer."""
     try:
-        typer.echo(containerd_config.snippet(containerd_version, address, root, cri=not no_cri, platform=platform,
-                                             cri_pull=cri_pull), nl=False)
+        typer.echo(containerd_config.snippet(containerd_version, address, root, cri=not no_cri), nl=False)
     except ValueError as e:
         _fail(str(e), 2)
 
@@ -135,8 +130,15 @@ def config_containerd(
 def quickstart(
     root: Path = typer.Option(Path("/var/tmp/bootseer-quickstart"), help="Scratch dir (removed at the end)."),
     keep: bool = typer.Option(False, help="Leave the stack running."),
+    index_timeout: float = typer.Option(180.0, help="Seconds to wait for the sidecar to index the pushed image."),
 ) -> None:
-    """Start a local stack, push the small test image, pull it and run a container from it."""
+    """Start a local stack, push the small test image, let the sidecar index it, pull it lazily and run it.
+
+    The same steps an operator takes on a node: push (the registry notifies the sidecar, which converts the
+    layers to EROFS blobs and attaches the index), `bootseer pull` (layers become lazy snapshots), `ctr run
+    --snapshotter bootseer`.  Without the lazy-pull parts in the installation it falls back to an ordinary
+    `ctr image pull` and says so.
+    """
     cid = "quickstart-" + secrets.token_hex(3)
     with contextlib.suppress(StackError):
         Stack.load(root).down()  # a previous run that was interrupted
@@ -151,16 +153,51 @@ def quickstart(
         with err.status("building and pushing the small test image…"):
             ref = images.push_small(st.info.registry)
         err.print(f"pushed {ref}")
-        with err.status(f"pulling {ref}…"):
-            st.ctr("image", "pull", "--plain-http", ref)
-        out = st.ctr("run", "--rm", ref, cid).stdout
+        lazy = bool(st.info.sidecar_url and st.info.snapshotter_socket)
+        if lazy:
+            _quickstart_lazy_pull(st, ref, index_timeout)
+            run = st.ctr("run", "--rm", "--snapshotter", "bootseer", ref, cid)
+        else:
+            err.print("[yellow]no sidecar/snapshotter in this installation: ordinary pull[/yellow]")
+            with err.status(f"pulling {ref}…"):
+                st.ctr("image", "pull", "--plain-http", ref)
+            run = st.ctr("run", "--rm", ref, cid)
+        out = run.stdout
         sys.stdout.write(out)
         if out != images.SMALL_OUTPUT:
             _fail(f"unexpected container output {out!r}")
-        err.print("[green]quickstart ok[/green]")
+        err.print("[green]quickstart ok[/green]" + (" (lazily pulled)" if lazy else ""))
     finally:
         if not keep:
             st.down()
+
+
+def _quickstart_lazy_pull(st: Stack, ref: str, timeout: float) -> None:
+    """Wait for the sidecar's index of ``ref``, then ``bootseer pull`` it; fail unless every layer is lazy."""
+    import time
+
+    from bootseer.pull import pull
+    from bootseer.registry import RegistryClient
+    from registry_sidecar.index import find_index
+
+    client = RegistryClient(hosts_dir=str(Path(st.info.containerd_config).parent / "certs.d"))
+    repo, _, _tag = ref.rpartition(":")
+    digest = client.get_manifest(ref).digest
+    deadline = time.monotonic() + timeout
+    with err.status("waiting for the sidecar to convert and index the image…"):
+        delay = 0.2
+        while find_index(client, repo, digest) is None:
+            if time.monotonic() > deadline:
+                _fail(f"the sidecar did not index {ref} within {timeout:.0f}s (see {st.info.logs.get('sidecar')})")
+            time.sleep(delay)  # polling the registry for the sidecar's result, with a deadline
+            delay = min(delay * 1.5, 2.0)
+    with err.status(f"pulling {ref} lazily…"):
+        res = pull(ref, address=st.info.containerd_socket, client=client)
+    modes = [lo.mode for lo in res.layers]
+    err.print(f"pulled {ref}: {len(modes)} layers, {modes.count('lazy')} lazy, "
+              f"{res.downloaded_bytes} bytes downloaded by containerd, {res.seconds:.2f}s")
+    if modes.count("lazy") != len(modes):
+        _fail(f"expected every layer to be lazy, got {modes}")
 
 
 @dev_app.command("gen-protos")
