@@ -230,3 +230,39 @@ def test_push_fetch_merge_and_ignore_bad_artifacts(registry: Registry, caplog: p
     caplog.clear()
     assert artifact.fetch(client, ref, subject.digest) is None
     assert "ignored" in caplog.text
+
+
+def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    """The snapshotter's side: a manifest of another blob of the layer, of layers the image lacks, or a corrupt
+    one gives no plan (and a warning), never an exception or a wrong plan; a good one gives the layer's ranges
+    in first-access order."""
+    from prometheus_client import CollectorRegistry
+
+    from recorder.prefetch import HotBlockPrefetcher, plan
+
+    client = RegistryClient(plain_http=True)
+    host = registry.url.removeprefix("http://")
+    ref = f"{host}/hb/pf{secrets.token_hex(3)}:v1"
+    subject = _image(client, ref, [L0, L1])
+    hot = HotBlockPrefetcher(None, client, registry=CollectorRegistry(), ttl=0, negative_ttl=0)  # type: ignore[arg-type]
+    assert hot.manifest(ref, subject.digest) is None  # none yet
+
+    hb = build(subject.digest, BLOBS, [acc(B1, 9 * MiB, 10, 0), acc(B0, 0, 10, 1), acc(B1, 2 * MiB, 10, 2)])
+    artifact.push(client, ref, subject, hb)
+    got = hot.manifest(ref, subject.digest)
+    assert got is not None and got.ranges == hb.ranges
+    assert plan(got, L1, B1) == [(9 * MiB, MiB), (2 * MiB, MiB)]
+    assert plan(got, L1, "sha256:" + "f" * 64) is None  # recorded on another blob of that layer
+    assert plan(got, "sha256:" + "9" * 64, B1) == []  # a layer the recording did not see
+
+    caplog.clear()  # the index now names another blob for L0: the whole manifest is ignored
+    assert hot.manifest(ref, subject.digest, {L0: "sha256:" + "f" * 64}) is None
+    assert "index now says" in caplog.text
+
+    # a manifest naming a layer the image does not have (recorded for another image, attached here)
+    stranger = build(subject.digest, {B0: BlobInfo("sha256:" + "7" * 64, 10 * MiB, MiB)}, [acc(B0, 0, 1, 0)])
+    stranger.created = "9999-01-01T00:00:00Z"
+    artifact.push(client, ref, subject, stranger)
+    caplog.clear()
+    assert hot.manifest(ref, subject.digest) is None
+    assert "not a layer of the image" in caplog.text
