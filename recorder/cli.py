@@ -120,7 +120,7 @@ def _print_summary(s: dict[str, Any], console_out: bool = True) -> None:
 
     table = Table(title=f"hot blocks of {s['subject'][:19]}: {_mib(s['hot_bytes'])} in {s['ranges']} ranges, "
                         f"{s['share_of_image'] * 100:.1f}% of {_mib(s['image_blob_bytes'])} "
-                        f"({s['recordings']} recording(s))")
+                        f"({s['recordings']} recording(s); the reads asked for {_mib(s['read_bytes'])})")
     for col in ("layer", "blob", "ranges", "hot", "of layer", "of hot set"):
         table.add_column(col, justify="left" if col in ("layer", "blob") else "right")
     for ly in s["layers"]:

@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 FORMAT_VERSION = 1
 META_KEY = b"bootseer.hotblocks"
 DEFAULT_CHUNK = 1 << 20
+PAGE = 4096  # granularity of read_bytes
 DEFAULT_MAX_RANGE = 8 << 20  # the fetcher's largest range request
 DEFAULT_WINDOW_NS = 250_000_000  # units first read further apart than this start a new range
 
@@ -126,6 +127,9 @@ class HotBlockManifest:
     recordings: int = 1
     commands: list[list[str]] = field(default_factory=list)
     created: str = ""
+    # blob → bytes the recorded reads really asked for (distinct 4 KiB pages): what the chunk-aligned hot set
+    # costs over it is the price of fetching and verifying whole chunks (a merge keeps the largest recording's)
+    read_bytes: dict[str, int] = field(default_factory=dict)
 
     # -- queries ------------------------------------------------------------------------------------
     def layer_order(self) -> list[str]:
@@ -154,6 +158,7 @@ class HotBlockManifest:
             hb = self.hot_bytes(info.layer)
             layers.append({"layer": info.layer, "blob": blob, "blob_size": info.size, "chunk_size": info.chunk_size,
                            "ranges": sum(1 for r in self.ranges if r.blob_digest == blob), "hot_bytes": hb,
+                           "read_bytes": self.read_bytes.get(blob, 0),
                            "share_of_layer": round(hb / info.size, 4),
                            "share_of_hot_set": round(hb / hot, 4) if hot else 0.0})
         span = self.duration_ns()
@@ -171,6 +176,7 @@ class HotBlockManifest:
                                "share": round(done / hot, 4) if hot else 0.0})
         return {"subject": self.subject, "recordings": self.recordings, "commands": self.commands,
                 "created": self.created, "ranges": len(self.ranges), "hot_bytes": hot, "image_blob_bytes": total_blob,
+                "read_bytes": sum(self.read_bytes.values()),
                 "share_of_image": round(hot / total_blob, 4) if total_blob else 0.0,
                 "duration_s": round(span / 1e9, 3), "layers": layers, "spread": spread}
 
@@ -199,7 +205,7 @@ class HotBlockManifest:
             cols["first_access_ns"].append(r.first_access_ns)
             cols["seq"].append(r.seq)
         meta = {"version": FORMAT_VERSION, "subject": self.subject, "recordings": self.recordings,
-                "commands": self.commands, "created": self.created,
+                "commands": self.commands, "created": self.created, "read_bytes": self.read_bytes,
                 "blobs": [{"digest": d, "layer": b.layer, "size": b.size, "chunk_size": b.chunk_size}
                           for d, b in self.blobs.items()]}
         schema = SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
@@ -228,6 +234,7 @@ class HotBlockManifest:
             recordings = int(meta.get("recordings", 1))
             commands = [[str(a) for a in c] for c in meta.get("commands") or []]
             created = str(meta.get("created", ""))
+            read_bytes = {str(d): int(n) for d, n in (meta.get("read_bytes") or {}).items()}
         except BadManifest:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -256,7 +263,7 @@ class HotBlockManifest:
         ranges.sort(key=lambda r: r.seq)
         if [r.seq for r in ranges] != list(range(len(ranges))):
             raise BadManifest("seq is not 0..n-1")
-        return cls(subject, blobs, ranges, recordings, commands, created)
+        return cls(subject, blobs, ranges, recordings, commands, created, read_bytes)
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -320,7 +327,12 @@ def build(subject: str, blobs: Mapping[str, BlobInfo], accesses: Iterable[Access
     acc = [a for a in accesses if a.blob in blobs]
     base = start_ns if start_ns is not None else min((a.t_ns for a in acc), default=0)
     firsts: dict[str, dict[int, int]] = {}
+    pages: dict[str, set[int]] = {}
     for a in acc:
+        size = blobs[a.blob].size
+        end = min(size, a.offset + a.length)
+        if a.offset >= 0 and a.offset < end:
+            pages.setdefault(a.blob, set()).update(range(a.offset // PAGE, (end - 1) // PAGE + 1))
         first = firsts.setdefault(a.blob, {})
         t = max(0, a.t_ns - base)
         for u in _units(blobs[a.blob], a.offset, a.length):
@@ -328,7 +340,8 @@ def build(subject: str, blobs: Mapping[str, BlobInfo], accesses: Iterable[Access
             if old is None or t < old:
                 first[u] = t
     ranges = _assemble(subject, blobs, firsts, gap=gap, max_range=max_range, window_ns=window_ns)
-    return HotBlockManifest(subject, dict(blobs), ranges, 1, [list(command)] if command else [], _now())
+    read = {b: min(blobs[b].size, len(p) * PAGE) for b, p in pages.items()}
+    return HotBlockManifest(subject, dict(blobs), ranges, 1, [list(command)] if command else [], _now(), read)
 
 
 def merge(*manifests: HotBlockManifest, gap: int = 0, max_range: int = DEFAULT_MAX_RANGE,
@@ -357,7 +370,8 @@ def merge(*manifests: HotBlockManifest, gap: int = 0, max_range: int = DEFAULT_M
                     first[u] = r.first_access_ns
     ranges = _assemble(subject, blobs, firsts, gap=gap, max_range=max_range, window_ns=window_ns)
     commands = [c for m in manifests for c in m.commands]
-    return HotBlockManifest(subject, blobs, ranges, sum(m.recordings for m in manifests), commands, _now())
+    read = {b: max(m.read_bytes.get(b, 0) for m in manifests) for b in blobs}
+    return HotBlockManifest(subject, blobs, ranges, sum(m.recordings for m in manifests), commands, _now(), read)
 
 
 def read_access_log(path: str, blobs: Iterable[str] | None = None) -> list[Access]:

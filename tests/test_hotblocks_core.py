@@ -54,6 +54,8 @@ def test_ranges_are_chunk_aligned_deduplicated_and_ordered_by_first_access() -> 
     assert hb.ranges_for(L0) == [(0, MiB), (3 * MiB, 2 * MiB), (10 * MiB, 123)]
     assert hb.hot_bytes() == 4 * MiB + 123 and hb.hot_bytes(L1) == MiB
     assert hb.commands == [["true"]]
+    # what the reads asked for, in distinct 4 KiB pages: B1 one page; B0 1 + 1 + 50 (200 kB across pages) + 1
+    assert hb.read_bytes == {B1: 4096, B0: 53 * 4096}
 
 
 def test_accesses_of_other_blobs_and_outside_the_blob_are_dropped() -> None:
@@ -83,7 +85,7 @@ def test_parquet_round_trip_keeps_everything_and_documented_schema() -> None:
     data = hb.to_parquet()
     back = HotBlockManifest.from_parquet(data)
     assert back.ranges == hb.ranges and back.blobs == hb.blobs and back.subject == SUBJECT
-    assert back.commands == [["python3", "-c", "x"]] and back.recordings == 1
+    assert back.commands == [["python3", "-c", "x"]] and back.recordings == 1 and back.read_bytes == hb.read_bytes
     table = pq.read_table(io.BytesIO(data))
     assert table.column_names == ["layer_digest", "blob_digest", "offset", "length", "first_access_ns", "seq"]
     meta = json.loads(table.schema.metadata[META_KEY])
