@@ -57,6 +57,8 @@ class StackConfig:
     cri_snapshotter: str = "overlayfs"
     snapshotter: bool = True  # start BootSeer's snapshotter when the package provides it
     sidecar: bool = True  # start the registry sidecar when the package provides it
+    lazy: bool = True  # the snapshotter serves indexed images' layers lazily (remote snapshots)
+    lazy_config: dict[str, Any] = field(default_factory=dict)  # its [lazy] table (LazyConfig knobs)
     timeout: float = 60.0
 
 
@@ -71,6 +73,8 @@ class StackInfo:
     sandbox_image: str
     snapshotter_socket: str | None = None
     snapshotter_root: str | None = None
+    snapshotter_control: str | None = None  # lazy layers' control socket (bootseer status, recorder)
+    snapshotter_metrics: str | None = None  # host:port of its Prometheus /metrics
     sidecar_url: str | None = None
     netns: str | None = None
     netns_id: str | None = None
@@ -225,7 +229,17 @@ class Stack:
         sock, sroot = self.root / "snapshotter.sock", self.root / "snapshotter"
         self.info.snapshotter_socket, self.info.snapshotter_root = str(sock), str(sroot)
         conf = self.root / "snapshotter.toml"
-        conf.write_text(f"root = {json.dumps(str(sroot))}\naddress = {json.dumps(str(sock))}\n")
+        text = f"root = {json.dumps(str(sroot))}\naddress = {json.dumps(str(sock))}\n"
+        metrics = f"127.0.0.1:{free_port()}"
+        self.info.snapshotter_metrics = metrics
+        text += f"metrics_address = {json.dumps(metrics)}\n"
+        if cfg.lazy:
+            control = self.root / "snapshotter.ctl"
+            self.info.snapshotter_control = str(control)
+            text += (f"remote_snapshots = true\ncontrol_address = {json.dumps(str(control))}\nplain_http = true\n"
+                     f"hosts_dir = {json.dumps(str(self.root / 'containerd' / 'certs.d'))}\n")
+            text += "[lazy]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.lazy_config.items())
+        conf.write_text(text)
         proc = self._spawn("snapshotter", [sys.executable, "-m", "bootseer.cli", "snapshotter", "serve",
                                            "--config", str(conf)])
 
@@ -305,6 +319,15 @@ class Stack:
                 tid = line.split()[0]
                 self.ctr("tasks", "kill", "-s", "SIGKILL", tid, namespace=ns, check=False, timeout=10)
                 self.ctr("tasks", "delete", "-f", tid, namespace=ns, check=False, timeout=20)
+
+
+def _toml_value(v: Any) -> str:
+    """A TOML value for plain data (JSON's scalars are TOML's; tables become inline tables)."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
 
 
 def _alive(pid: int) -> bool:

@@ -79,13 +79,26 @@ def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server, core = build(cfg, remote)
-    if cfg.metrics_address:
-        _start_metrics(cfg.metrics_address)
-    log.info("serving containerd snapshots API on %s (root %s)", cfg.address, cfg.root)
-    stop.wait()
-    log.info("stopping")
-    server.stop(grace=5).wait()
-    core.close()
+    lazy = None
+    if remote is None and cfg.remote_snapshots:
+        from snapshotter.lazy.daemon import LazyService  # FUSE and the registry client only when used
+
+        try:
+            lazy = LazyService.start(cfg)  # before the core's recovery, which hands its remote snapshots back
+            remote = lazy.handler
+        except Exception:  # no FUSE, a bad registry config…: serve plain overlay layers rather than nothing
+            log.exception("lazy layers are unavailable; every image is pulled the ordinary way")
+    try:
+        server, core = build(cfg, remote)
+        if cfg.metrics_address:
+            _start_metrics(cfg.metrics_address)
+        log.info("serving containerd snapshots API on %s (root %s)", cfg.address, cfg.root)
+        stop.wait()
+        log.info("stopping")
+        server.stop(grace=5).wait()
+        core.close()
+    finally:
+        if lazy is not None:
+            lazy.close()
     with contextlib.suppress(FileNotFoundError):
         cfg.address.unlink()

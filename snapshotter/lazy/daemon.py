@@ -1,0 +1,67 @@
+"""The lazy data path inside ``bootseer snapshotter serve``: LayerManager + index reader + control socket.
+
+Started before the snapshotter core recovers (the core's restart hand-back calls
+:meth:`~snapshotter.lazy.handler.LazyHandler.restore`, which needs the manager's restored records), stopped
+after the gRPC server: mounts stay on a plain stop, so a restarted daemon finds swapped layers working and
+re-attaches the ones still behind FUSE.  State lives in ``<root>/lazy`` (see
+:mod:`snapshotter.lazy.manager`) and ``<root>/index-cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshotter.config import Config
+from snapshotter.lazy.handler import LazyHandler, RegistrySpecs
+from snapshotter.lazy.manager import LayerManager, LazyConfig
+from snapshotter.lazy.serve import ControlServer
+
+log = logging.getLogger("bootseer.lazy")
+
+
+class _FileAccessLog:
+    """``access_log = PATH``: every FUSE read, as JSON lines, for as long as the daemon runs."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - lives as long as the daemon
+
+    def __call__(self, name: str, offset: int, length: int, t_ns: int) -> None:
+        self._fh.write(json.dumps({"blob": name.replace("-", ":", 1), "offset": offset, "length": length,
+                                   "t_ns": t_ns}) + "\n")
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+@dataclass
+class LazyService:
+    manager: LayerManager
+    handler: LazyHandler
+    control: ControlServer
+    access_log: _FileAccessLog | None = None
+
+    @classmethod
+    def start(cls, cfg: Config) -> LazyService:
+        t0 = time.monotonic()
+        specs = RegistrySpecs.create(hosts_dir=cfg.hosts_dir or None, plain_http=cfg.plain_http,
+                                     docker_config=cfg.docker_config or None, cache_dir=cfg.root / "index-cache")
+        access = _FileAccessLog(Path(cfg.access_log)) if cfg.access_log else None
+        manager = LayerManager(cfg.root / "lazy", LazyConfig.from_dict(cfg.lazy), auth=specs.auth,
+                               access_log=access)
+        outcomes = manager.start()
+        control = ControlServer(cfg.control_path, manager)
+        log.info("lazy layers ready in %.2fs (%d restored, control socket %s)", time.monotonic() - t0,
+                 len(outcomes), cfg.control_path)
+        return cls(manager, LazyHandler(manager, specs), control, access)
+
+    def close(self) -> None:
+        """Daemon stop: mounts stay (see the module doc)."""
+        self.control.close()
+        self.manager.close(teardown=False)
+        if self.access_log is not None:
+            self.access_log.close()

@@ -1,0 +1,192 @@
+"""The snapshotter's :class:`~snapshotter.remote.RemoteHandler` for lazy layers: CRI labels → index → mount.
+
+On a remote ``Prepare`` containerd passes (with ``disable_snapshot_annotations = false``, or from
+``bootseer pull``) the image reference, the manifest digest and the layer digest.  :class:`LazyHandler` asks
+a :class:`SpecSource` whether the image's BootSeer index has an EROFS blob for that layer; if so it has the
+:class:`~snapshotter.lazy.manager.LayerManager` mount it and returns the mount as the layer's lowerdir, and
+the core commits the snapshot under the chain ID and answers ``ALREADY_EXISTS``.  Any other outcome — labels
+missing, no index, a layer the converter skipped, a registry error, a mount that failed — returns None or
+raises, and the core falls back to the ordinary pull, so a broken lazy path costs speed, never a start.
+
+Ownership: each remote snapshot holds its layer as owner ``<namespace>/<snapshot name>`` (the committed
+record's), so Remove releases exactly that hold and the restart hand-back (:meth:`LazyHandler.restore`)
+drops every hold whose snapshot no longer exists.
+
+:class:`RegistrySpecs` is the production :class:`SpecSource`: :class:`registry_sidecar.index.IndexReader`
+over :class:`bootseer.registry.RegistryClient` (hosts.toml mirrors, docker credentials, bearer tokens),
+whose endpoints and auth become the blob's :class:`~snapshotter.lazy.spec.BlobSpec` and
+:class:`~snapshotter.lazy.spec.AuthHook`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlparse
+
+from snapshotter.lazy.manager import LayerManager
+from snapshotter.lazy.spec import BlobSpec
+from snapshotter.metastore import Record
+from snapshotter.remote import (
+    LABEL_CRI_IMAGE_REF,
+    LABEL_CRI_LAYER_DIGEST,
+    LABEL_CRI_MANIFEST_DIGEST,
+    RemoteLayer,
+    RemoteRequest,
+)
+
+if TYPE_CHECKING:
+    from bootseer.registry import RegistryClient
+    from registry_sidecar.index import IndexReader
+
+log = logging.getLogger("bootseer.lazy.handler")
+
+LABEL_BLOB = "containerd.io/snapshot/bootseer.blob"  # on remote snapshots: the EROFS blob digest
+REMOTE_NAME = "bootseer"
+
+
+class SpecSource(Protocol):
+    """``(image ref, manifest digest, layer digest)`` → the layer's EROFS blob, or None (no index / not
+    converted).  May raise: the caller falls back to the ordinary pull."""
+
+    def __call__(self, image_ref: str, manifest_digest: str, layer_digest: str) -> BlobSpec | None: ...
+
+
+class PrefetchHook(Protocol):
+    """Called after a layer was mounted lazily, for the hot-block prefetcher (the recorder's part): it looks
+    up the image's hot-block manifest and calls :meth:`LayerManager.prefetch` with the layer's ranges.  It
+    runs in the Prepare's thread, so it should only start work (``prefetch`` returns at once); errors are
+    logged and never fail the Prepare."""
+
+    def __call__(self, manager: LayerManager, image_ref: str, manifest_digest: str, layer_digest: str,
+                 spec: BlobSpec) -> None: ...
+
+
+def owner_of(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+class LazyHandler:
+    """Implements :class:`snapshotter.remote.RemoteHandler` over a started :class:`LayerManager`."""
+
+    def __init__(self, manager: LayerManager, specs: SpecSource, name: str = REMOTE_NAME,
+                 prefetch: PrefetchHook | None = None) -> None:
+        self.manager = manager
+        self.specs = specs
+        self.name = name
+        self.prefetch = prefetch
+        self._last = threading.local()  # (lower, owner) of this thread's last prepare, for release(…, None)
+
+    def prepare(self, req: RemoteRequest) -> RemoteLayer | None:
+        image = req.labels.get(LABEL_CRI_IMAGE_REF, "")
+        manifest = req.labels.get(LABEL_CRI_MANIFEST_DIGEST, "")
+        layer = req.labels.get(LABEL_CRI_LAYER_DIGEST, "")
+        if not (image and manifest and layer):
+            log.debug("%s: no CRI labels (image ref, manifest and layer digest); ordinary pull", req.key)
+            return None
+        spec = self.specs(image, manifest, layer)
+        if spec is None:
+            log.info("layer %s of %s has no lazy blob; ordinary pull", layer[:19], image)
+            return None
+        owner = owner_of(req.namespace, req.target)
+        lower = self.manager.acquire(spec, owner)
+        self._last.value = (lower, owner, spec.digest)
+        log.info("layer %s of %s is lazy: blob %s at %s", layer[:19], image, spec.digest[:19], lower)
+        if self.prefetch is not None:
+            try:
+                self.prefetch(self.manager, image, manifest, layer, spec)
+            except Exception:
+                log.exception("prefetch hook failed for layer %s of %s", layer[:19], image)
+        return RemoteLayer(lower=lower, name=self.name, size=spec.size, inodes=0, labels={LABEL_BLOB: spec.digest})
+
+    def release(self, lower: Path, record: Record | None) -> None:
+        if record is not None:
+            self.manager.release(owner_of(record.ns, record.key), record.labels.get(LABEL_BLOB))
+            return
+        last = getattr(self._last, "value", None)  # the core releases in the thread that prepared
+        if last is not None and Path(last[0]) == Path(lower):
+            self._last.value = None
+            self.manager.release(last[1], last[2])
+        else:
+            log.warning("release of %s without a record or a matching prepare; the restart hand-back will "
+                        "drop it", lower)
+
+    def restore(self, records: list[Record]) -> None:
+        owners = {owner_of(r.ns, r.key) for r in records if r.labels.get(LABEL_BLOB)}
+        gone = self.manager.retain(owners)
+        if gone:
+            log.info("released %d lazy layers no snapshot uses any more", len(gone))
+        for r in records:
+            digest = r.labels.get(LABEL_BLOB)
+            if digest and self.manager.mountpoint(digest) is None:
+                log.error("remote snapshot %s/%s: its lazy layer %s is not mounted (cache gone?); containers "
+                          "using it will fail until the image is pulled again", r.ns, r.key, digest[:19])
+
+
+# ------------------------------------------------------------------------------------- the registry
+class RegistryAuthHook:
+    """:class:`~snapshotter.lazy.spec.AuthHook` over :class:`bootseer.registry.RegistryClient`'s authenticator.
+
+    The first request goes with whatever token the client holds for the blob's repository (none for an
+    anonymous registry); after a 401 (``refresh=True``) a ``HEAD`` of the blob through the client runs the
+    challenge / token flow, and the token it obtained is used.  Tokens stay in memory only."""
+
+    def __init__(self, client: RegistryClient, registries: Mapping[str, str]) -> None:
+        self.client = client
+        self.registries = registries  # endpoint base URL → registry name (docker.io, host:port)
+
+    def __call__(self, spec: BlobSpec, *, refresh: bool) -> Mapping[str, str]:
+        from bootseer.reference import Reference
+
+        host = urlparse(spec.registry).netloc
+        scopes = (f"repository:{spec.repository}:pull",)
+        if refresh:
+            registry = self.registries.get(spec.registry, host)
+            try:
+                self.client.blob_exists(Reference(registry, spec.repository), spec.digest)
+            except Exception as e:  # the fetch then fails with the registry's own answer
+                log.warning("token refresh for %s/%s failed: %s", host, spec.repository, e)
+        header = self.client.auth.cached_header(host, scopes)
+        return {"Authorization": header} if header else {}
+
+
+class RegistrySpecs:
+    """:class:`SpecSource` reading BootSeer indexes from the image's registry (with a disk cache)."""
+
+    def __init__(self, client: RegistryClient, reader: IndexReader) -> None:
+        self.client = client
+        self.reader = reader
+        self.registries: dict[str, str] = {}
+        self.auth = RegistryAuthHook(client, self.registries)
+
+    @classmethod
+    def create(cls, *, hosts_dir: str | None, plain_http: bool, docker_config: str | None,
+               cache_dir: Path) -> RegistrySpecs:
+        from bootseer.registry import RegistryClient
+        from registry_sidecar.index import IndexReader
+
+        client = RegistryClient(hosts_dir=hosts_dir, credentials=docker_config or None, plain_http=plain_http,
+                                retries=2, read_timeout=30.0)
+        return cls(client, IndexReader(client, cache_dir=cache_dir))
+
+    def __call__(self, image_ref: str, manifest_digest: str, layer_digest: str) -> BlobSpec | None:
+        from bootseer.reference import Reference
+
+        blob = self.reader.lookup(image_ref, manifest_digest, layer_digest)
+        if blob is None:
+            return None
+        ref = Reference.parse(blob.source or image_ref)
+        bases: list[str] = []
+        for ep in self.client.hosts.endpoints(ref.registry, "pull"):
+            if ep.base.endswith("/v2"):  # an override_path endpoint does not take /v2/<repo>/blobs URLs
+                base = ep.base.removesuffix("/v2")
+                bases.append(base)
+                self.registries[base] = ref.registry
+        if not bases:
+            raise RuntimeError(f"{ref.registry}: no endpoint to fetch lazy blobs from")
+        return BlobSpec(registry=bases[-1], mirrors=tuple(bases[:-1]), repository=ref.repository,
+                        digest=blob.blob.digest, size=blob.blob.size, chunk_size=blob.chunk_size,
+                        chunks=tuple(blob.chunks))

@@ -1,0 +1,158 @@
+"""``bootseer pull`` and the CRI path with a *mixed* image: the small test image converted, then indexed with
+one of its three layers left out, so two layers are lazy (remote snapshots over FUSE → loop → erofs) and one is
+downloaded and applied the ordinary way — on top of, and below, lazy ones.  The container's filesystem must
+be exactly the small image's (whiteouts and opaque directories across the layer boundaries included).  An
+image without any index is pulled the ordinary way.  Also the pure parts: chain IDs and the CRI labels.
+
+The stack runs without the sidecar (this test writes the index itself) and with BootSeer as CRI snapshotter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bootseer.containerd import Containerd
+from bootseer.cri import CRIClient
+from bootseer.pull import chain_ids, layer_labels
+from bootseer.registry import RegistryClient
+from integration import images
+from integration.stack import Stack, StackConfig, running
+from protos.containerd.services.snapshots.v1 import snapshots_pb2 as spb
+from snapshotter.lazy.serve import Control
+from tests.conftest import scratch_root
+
+
+def test_chain_ids_and_cri_labels() -> None:
+    a, b, c = ("sha256:" + hashlib.sha256(x).hexdigest() for x in (b"a", b"b", b"c"))
+    ab = "sha256:" + hashlib.sha256(f"{a} {b}".encode()).hexdigest()
+    assert chain_ids([a, b, c]) == [a, ab, "sha256:" + hashlib.sha256(f"{ab} {c}".encode()).hexdigest()]
+    labels = layer_labels("r/x:1", "sha256:m", ["sha256:l0", "sha256:l1", "sha256:l2"], 1, "sha256:ch")
+    assert labels == {"containerd.io/snapshot.ref": "sha256:ch",
+                      "containerd.io/snapshot/cri.image-ref": "r/x:1",
+                      "containerd.io/snapshot/cri.manifest-digest": "sha256:m",
+                      "containerd.io/snapshot/cri.layer-digest": "sha256:l1",
+                      "containerd.io/snapshot/cri.image-layers": "sha256:l1,sha256:l2"}
+    many = [f"sha256:{i:064x}" for i in range(100)]  # the following-layers label stays under containerd's 4 KiB
+    lab = layer_labels("r/x:1", "sha256:m", many, 0, "sha256:ch")["containerd.io/snapshot/cri.image-layers"]
+    assert 0 < len(lab) + len("containerd.io/snapshot/cri.image-layers") <= 4096 and lab.startswith(many[0])
+
+
+@pytest.fixture(scope="module")
+def mixed() -> Iterator[tuple[Stack, str, str, list[str]]]:
+    """(stack, mixed image ref, plain image ref, layer digests left lazy)."""
+    from registry_sidecar.convert import convert_image
+    from registry_sidecar.index import ImageIndex, manifest_descriptor, push_index
+
+    with running(StackConfig(root=scratch_root("pl"), cri_snapshotter="bootseer", sidecar=False)) as st:
+        ref = images.push_small(st.info.registry, repo="bootseer/small-mixed")
+        plain = st.info.sandbox_image  # busybox, pushed by the stack, never indexed (no sidecar)
+        client = RegistryClient(hosts_dir=str(Path(st.info.containerd_config).parent / "certs.d"), plain_http=True)
+        res = convert_image(client, ref)
+        man, _ = client.resolve_image(ref)
+        full = ImageIndex.from_json(client.get_blob(ref, _index_blob(client, ref, res.index_digest)))
+        left_out = man.layers[1].digest
+        part = ImageIndex(man.digest, {d: lb for d, lb in full.layers.items() if d != left_out})
+        push_index(client, ref, part, manifest_descriptor(man))
+        assert res.index_digest is not None
+        client.delete_manifest(ref, res.index_digest)  # only the partial index is left
+        yield st, ref, plain, [d for d in part.layers]
+
+
+def _index_blob(client: RegistryClient, ref: str, artifact: str | None) -> str:
+    from bootseer.reference import Reference
+    from registry_sidecar.index import INDEX_MEDIA_TYPE
+
+    assert artifact is not None
+    man = client.get_manifest(Reference.parse(ref).with_digest(artifact))
+    return next(d.digest for d in man.layers if d.media_type == INDEX_MEDIA_TYPE)
+
+
+def _pull(st: Stack, ns: str, ref: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bootseer.cli", "pull", "--json", "-a", st.info.containerd_socket,
+                          "-n", ns, "--hosts-dir", str(Path(st.info.containerd_config).parent / "certs.d"), ref],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+@pytest.fixture
+def ns(mixed: tuple[Stack, str, str, list[str]]) -> Iterator[str]:
+    st = mixed[0]
+    name = "bs-pl-" + secrets.token_hex(3)
+    yield name
+    for item in st.ctr("images", "ls", "-q", namespace=name, check=False).stdout.split():
+        st.ctr("images", "rm", "--sync", item, namespace=name, check=False)
+    st.ctr("namespaces", "rm", name, check=False)
+
+
+def _tree_problems(st: Stack, ns: str, top_chain: str) -> list[str]:
+    """Mount a view of ``top_chain`` as containerd hands it out and compare with the small image."""
+    key = "view-" + secrets.token_hex(3)
+    target = Path(tempfile.mkdtemp(prefix="bs-pl-view-"))
+    with Containerd(st.info.containerd_socket, ns) as cd:
+        r = cd.snapshots.View(spb.ViewSnapshotRequest(snapshotter="bootseer", key=key, parent=top_chain),
+                              metadata=cd.md(), timeout=60)
+        try:
+            [m] = r.mounts
+            subprocess.run(["mount", "-t", "none" if m.type == "bind" else m.type, "-o", ",".join(m.options),
+                            m.source, str(target)], check=True)
+            try:
+                return images.check_small_tree(target)
+            finally:
+                subprocess.run(["umount", str(target)], check=True)
+        finally:
+            cd.remove("bootseer", key)
+            target.rmdir()
+
+
+def test_mixed_image_bootseer_pull_and_ctr_run(mixed: tuple[Stack, str, str, list[str]], ns: str) -> None:
+    st, ref, _, lazy_layers = mixed
+    res = _pull(st, ns, ref)
+    modes = {lo["digest"]: lo["mode"] for lo in res["layers"]}
+    assert [modes[d] for d in lazy_layers] == ["lazy", "lazy"] and list(modes.values()).count("pulled") == 1, res
+    out = st.ctr("run", "--rm", "--snapshotter", "bootseer", ref, "m-" + secrets.token_hex(3), *images.SMALL_CMD,
+                 namespace=ns)
+    assert out.stdout == images.SMALL_OUTPUT
+    assert _tree_problems(st, ns, res["layers"][-1]["chain_id"]) == []
+    assert _pull(st, ns, ref)["downloaded_bytes"] == 0  # pulling again: everything is there
+
+
+def test_mixed_image_cri_path(mixed: tuple[Stack, str, str, list[str]]) -> None:
+    st, ref, _, _ = mixed
+    with CRIClient(st.info.containerd_socket) as cri:
+        r = cri.run(ref, images.SMALL_CMD, timeout=120)
+        try:
+            assert (r.exit_code, r.stdout_text) == (0, images.SMALL_OUTPUT)
+            remote = []  # what containerd's CRI namespace holds as remote snapshots of ours
+            listing = st.ctr("snapshots", "--snapshotter", "bootseer", "ls", namespace="k8s.io").stdout
+            for line in listing.splitlines()[1:]:
+                key = line.split()[0]
+                info = json.loads(st.ctr("snapshots", "--snapshotter", "bootseer", "info", key,
+                                         namespace="k8s.io").stdout)
+                if (info.get("Labels") or {}).get("containerd.io/snapshot/remote") == "bootseer":
+                    remote.append(key)
+            assert len(remote) == 2, remote
+        finally:
+            cri.remove_image(ref)
+    assert st.info.snapshotter_control
+    layers = Control(st.info.snapshotter_control).call("status")["layers"]
+    # both lazy blobs known; with every image gone, containerd's GC removed the snapshots and so released them
+    assert len(layers) == 2 and not any(x["mounted"] for x in layers), layers
+
+
+def test_image_without_index_is_pulled_the_ordinary_way(mixed: tuple[Stack, str, str, list[str]], ns: str) -> None:
+    st, _, plain, _ = mixed
+    res = _pull(st, ns, plain)
+    assert [lo["mode"] for lo in res["layers"]] == ["pulled"]
+    assert res["downloaded_bytes"] == res["layers"][0]["size"]
+    out = st.ctr("run", "--rm", "--snapshotter", "bootseer", plain, "p-" + secrets.token_hex(3), "/bin/sh", "-c",
+                 "echo ordinary", namespace=ns)
+    assert out.stdout == "ordinary\n"
