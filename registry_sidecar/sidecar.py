@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import signal
+import sys
 import threading
 import time
 import tomllib
@@ -338,6 +339,18 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer dropping a kept-alive connection (the registry does on restart) is not worth a traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s: %s", client_address, exc)
+            return
+        log.exception("error serving %s", client_address)
+
+
 class SidecarServer:
     """The service: HTTP server + workers.  ``with SidecarServer(cfg) as s:`` in tests, :func:`serve` in prod."""
 
@@ -345,8 +358,7 @@ class SidecarServer:
         self.sidecar = Sidecar(cfg, client)
         host, _, port = cfg.listen.rpartition(":")
         handler = type("Handler", (_Handler,), {"sidecar": self.sidecar})
-        self.httpd = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host.strip("[]") or "0.0.0.0", int(port)), handler)
         self._thread: threading.Thread | None = None
 
     @property

@@ -5,6 +5,7 @@ nothing behind, while the rest of the image is still indexed; registry faults ar
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
@@ -276,3 +277,29 @@ def test_registry_outage_is_reported_clearly_and_leaves_nothing(stack: Stack, pr
         ImageConverter(client, ConvertOptions(workdir=tmp_path / "w")).convert(via)
     assert list((tmp_path / "w").iterdir()) == []
     assert find_index(client, ref, man.digest) is None
+
+
+def test_convert_through_a_token_registry_with_docker_credentials(stack: Stack, small_layout: Path,
+                                                                  tmp_path: Path) -> None:
+    """401 then the bearer-token flow, with the credentials from a docker config; none of them in the output."""
+    client = RegistryClient(plain_http=True)
+    ref, man = push_layout(client, small_layout, unique_repo(stack, "auth"))
+    secret = "s3cret-" + secrets.token_hex(4)
+    with FaultProxy(stack.info.registry, auth="bearer", username="ci", password=secret) as proxy:
+        cfg = tmp_path / "config.json"
+        cfg.write_text(json.dumps({"auths": {proxy.address: {
+            "auth": base64.b64encode(f"ci:{secret}".encode()).decode()}}}))
+        via = ref.replace(stack.info.registry, proxy.address)
+        proc = subprocess.run([sys.executable, "-m", "bootseer.cli", "convert", "--plain-http", "--json",
+                               "--docker-config", str(cfg), "--log-level", "debug", via],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout)["converted"] == 3
+        assert proxy.tokens_issued >= 1 and any(w == "401 bearer" for _, _, w in proxy.hits)
+        assert secret not in proc.stdout + proc.stderr
+        # without credentials: a clear refusal, not a hang or a traceback
+        bad = subprocess.run([sys.executable, "-m", "bootseer.cli", "convert", "--plain-http", "--force",
+                              "--docker-config", str(tmp_path / "none.json"), via],
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert find_index(client, ref, man.digest) is not None
