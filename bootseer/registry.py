@@ -696,8 +696,10 @@ class RegistryClient:
 
         Registries with the referrers API index it themselves (they answer ``OCI-Subject``); for the others
         we add it to the ``sha256-<hex>`` tag index.  Updating that tag is read-modify-write: concurrent
-        writers in one process are serialised; across processes the last writer could drop an entry
-        (distribution has no conditional PUT), so one sidecar per registry is the supported set-up.
+        writers in one process are serialised; across processes (the sidecar's index, the recorder's hot
+        blocks) distribution has no conditional PUT, so after writing we read the tag back and add our entry
+        again if another writer's update replaced ours.  That narrows the race to a writer whose read-back
+        falls between its own write and the other's; one sidecar per registry keeps index writes serial.
         """
         ref = _ref(ref)
         man = Manifest.from_bytes(raw, media_type)
@@ -708,17 +710,20 @@ class RegistryClient:
         if resp.headers.get("OCI-Subject") == subject.digest:
             return digest
         tag = referrers_tag(subject.digest)
+        entry = Descriptor(media_type, digest, len(raw), annotations=man.doc.get("annotations"),
+                           artifact_type=man.artifact_type).to_dict()
         with self._lock_for(f"{ref.name}:{tag}"):
-            index = self._referrers_tag_index(ref, subject.digest)
-            doc: dict[str, Any] = index.doc if index else {"schemaVersion": 2, "mediaType": MT_OCI_INDEX,
-                                                           "manifests": []}
-            if any(m.get("digest") == digest for m in doc.get("manifests") or []):
-                return digest
-            entry = Descriptor(media_type, digest, len(raw), annotations=man.doc.get("annotations"),
-                               artifact_type=man.artifact_type).to_dict()
-            doc["manifests"] = [*(doc.get("manifests") or []), entry]
-            body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-            self._put_manifest(ref.in_repository(ref.repository), body, MT_OCI_INDEX, tag)
+            for _ in range(4):
+                index = self._referrers_tag_index(ref, subject.digest)
+                doc: dict[str, Any] = index.doc if index else {"schemaVersion": 2, "mediaType": MT_OCI_INDEX,
+                                                               "manifests": []}
+                if any(m.get("digest") == digest for m in doc.get("manifests") or []):
+                    return digest
+                doc["manifests"] = [*(doc.get("manifests") or []), entry]
+                body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+                self._put_manifest(ref.in_repository(ref.repository), body, MT_OCI_INDEX, tag)
+            log.warning("referrers tag %s of %s: our entry %s keeps being replaced by other writers", tag,
+                        ref.name, digest)
         return digest
 
     def _lock_for(self, key: str) -> threading.Lock:

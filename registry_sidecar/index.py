@@ -245,12 +245,17 @@ class IndexReader:
             with self._lock:  # someone else may have fetched it while we waited
                 if key in self._mem:
                     return self._mem[key]
-            idx = self._from_disk(ref, manifest_digest)
-            if idx is None:
-                found = find_index(self.client, ref, manifest_digest)
-                idx = found[1] if found else None
-                if idx is not None:
-                    self._to_disk(ref, manifest_digest, idx)
+            try:
+                idx = self._from_disk(ref, manifest_digest)
+                if idx is None:
+                    found = find_index(self.client, ref, manifest_digest)
+                    idx = found[1] if found else None
+                    if idx is not None:
+                        self._to_disk(ref, manifest_digest, idx)
+            except BaseException:
+                with self._lock:
+                    self._inflight.pop(key, None)
+                raise
             with self._lock:
                 self._inflight.pop(key, None)
                 if idx is None:
@@ -295,8 +300,12 @@ class IndexReader:
         if path is None:
             return
         tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(idx.to_json())
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(idx.to_json())
+            os.replace(tmp, path)
+        except OSError as e:  # a cache, not the truth: the registry still has the index
+            log.warning("cannot cache index at %s: %s", path, e)
+            tmp.unlink(missing_ok=True)
 
 
 def manifest_descriptor(man: Manifest) -> Descriptor:
