@@ -1,4 +1,5 @@
-"""Build a dependency snapshot with the Docker Engine (what CI pipelines have), through the ``docker`` SDK.
+"""Resolve a dependency snapshot, publish a build's diff, and build with the Docker Engine (what CI
+pipelines have) through the ``docker`` SDK; the containerd engine is :mod:`depsnap.engine_containerd`.
 
 The install runs once in a container on top of the base image, with no network (``--network none``):
 inputs — the requirements files' directory and, optionally, a directory of wheels serving as the package
@@ -63,6 +64,33 @@ def resolve(repo: str, spec: DepSpec, plain_http: bool = False) -> Result | None
     return Result(ref, digest, spec.key(), False) if digest else None
 
 
+def base_ref(base: str, spec: DepSpec) -> str:
+    """``base`` pinned to the manifest digest the key was computed from: the build uses exactly that base even
+    if the tag has moved since."""
+    return f"{base.split('@', 1)[0]}@{spec.base_digest}"
+
+
+def publish_diff(base: image.BaseImage, upper: Path, spec: DepSpec, repo: str, work: Path,
+                 excludes: tuple[str, ...], plain_http: bool) -> Result:
+    """The install's upper dir → the snapshot image, pushed under the key's tag — unless another builder
+    pushed it meanwhile, in which case that image is the answer and nothing is pushed."""
+    epoch = base.epoch()
+    stats: dict[str, int] = {}
+    layer = image.write_layer_blob(work, lambda dst: stats.update(difftar.write_layer(upper, dst, excludes, epoch)))
+    manifest, config, media_type = image.compose(base, layer, f"depsnap: {spec.command}", epoch)
+    ref = snapshot_ref(repo, spec)
+    raced = resolve(repo, spec, plain_http)
+    if raced:
+        log.info("%s appeared while building; using it", ref)
+        return raced
+    digest = image.publish(base, layer, manifest, config, media_type, ref, plain_http)
+    log.info("pushed %s (%s): %s", ref, digest, stats)
+    return Result(ref, digest, spec.key(), True)
+
+
+DIFF_EXCLUDES = (*difftar.DEFAULT_EXCLUDES, CONTEXT_MOUNT.strip("/"), WHEELS_MOUNT.strip("/"))
+
+
 def build_docker(
     client: Any,
     base: str,
@@ -79,24 +107,16 @@ def build_docker(
         return found
     if not spec.command:
         raise BuildError("no install command")
-    client.images.pull(base)
-    work = Path(tempfile.mkdtemp(prefix="bs-depsnap-"))
-    try:
-        layout = image.fetch_base(base, work / "layout", plain_http)
-        epoch = image.base_epoch(layout)
-        return _build_docker(client, base, spec, repo, context, wheels, plain_http, timeout, layout, epoch)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _build_docker(client: Any, base: str, spec: DepSpec, repo: str, context: Path, wheels: Path | None,
-                  plain_http: bool, timeout: float, layout: image.Layout, epoch: int) -> Result:
+    pinned = base_ref(base, spec)
+    base_img = image.load_base(pinned, plain_http)
+    client.images.pull(pinned)
     volumes = {str(context.resolve()): {"bind": CONTEXT_MOUNT, "mode": "ro"}}
     if wheels is not None:
         volumes[str(wheels.resolve())] = {"bind": WHEELS_MOUNT, "mode": "ro"}
-    container = client.containers.create(base, command=["/bin/sh", "-c", spec.command], network_mode="none",
+    container = client.containers.create(pinned, command=["/bin/sh", "-c", spec.command], network_mode="none",
                                          volumes=volumes, working_dir=CONTEXT_MOUNT, user="0",
-                                         environment=install_env(epoch))
+                                         environment=install_env(base_img.epoch()))
+    work = Path(tempfile.mkdtemp(prefix="bs-depsnap-"))
     try:
         container.start()
         status = container.wait(timeout=timeout)
@@ -106,17 +126,7 @@ def _build_docker(client: Any, base: str, spec: DepSpec, repo: str, context: Pat
             raise BuildError(f"install command exited with {status.get('StatusCode')}; nothing was pushed", tail)
         container.reload()
         upper = Path(container.attrs["GraphDriver"]["Data"]["UpperDir"])
-        excludes = (*difftar.DEFAULT_EXCLUDES, CONTEXT_MOUNT.strip("/"), WHEELS_MOUNT.strip("/"))
-        stats: dict[str, int] = {}
-        ref = snapshot_ref(repo, spec)
-        digest = image.append_layer(layout, lambda dst: stats.update(difftar.write_layer(upper, dst, excludes, epoch)),
-                                    f"depsnap: {spec.command}", spec.tag(), epoch)
-        raced = resolve(repo, spec, plain_http)
-        if raced:  # another builder finished first: its image is the answer
-            return raced
-        image.push(layout, spec.tag(), ref, plain_http)
-        digest = image.exists(ref, plain_http) or digest
-        log.info("pushed %s (%s): %s", ref, digest, stats)
-        return Result(ref, digest, spec.key(), True)
+        return publish_diff(base_img, upper, spec, repo, work, DIFF_EXCLUDES, plain_http)
     finally:
         container.remove(force=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,14 +1,13 @@
 """Build a dependency snapshot with containerd — what a GPU node has — through its API and BootSeer's snapshotter.
 
-Steps, each on containerd's own services (:mod:`bootseer.containerd`), all under one lease so containerd's
-garbage collector leaves half-done work alone:
+Steps, each on containerd's own services (:mod:`bootseer.containerd`), under leases so containerd's garbage
+collector leaves half-done work alone:
 
-1. **Base into containerd.**  The base image's blobs go into the content store (with the ``gc.ref`` labels
-   containerd's own pull writes, so the image record keeps them alive) and its layers are unpacked into the
-   snapshotter exactly as containerd's unpacker does: ``Prepare`` with ``containerd.io/snapshot.ref`` = the
-   layer's chain ID plus the CRI image/layer labels, ``Diff.Apply``, ``Commit`` under the chain ID.  A layer
-   the snapshotter can serve lazily answers ``ALREADY_EXISTS`` and is not downloaded; a layer already there
-   (a node keeps its base images) costs one ``Stat``.
+1. **Base into containerd** with ``bootseer pull`` (:mod:`bootseer.pull`), pinned to the manifest digest the
+   key was computed from: a layer already on the node costs one ``Stat``, an indexed layer is mounted lazily
+   by the snapshotter (``ALREADY_EXISTS`` on ``Prepare``) and never downloaded, any other is downloaded and
+   applied as containerd's unpacker does.  The base's layer tars are not needed for the push either
+   (:mod:`depsnap.image` mounts them across repositories), so a node with the base pays nothing for it.
 2. **An active snapshot** is ``Prepare``\\ d on top of the base's chain — the same overlay a job's container
    would get — and mounted on a scratch dir.
 3. **The install runs in a container over it**, through containerd's runtime (runc under a v2 shim) with
@@ -25,9 +24,6 @@ The active snapshot is removed whatever happens; a failed install pushes nothing
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import os
 import secrets
@@ -37,92 +33,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bootseer.containerd import Containerd, Descriptor
-from depsnap import difftar, image
-from depsnap.build import CONTEXT_MOUNT, WHEELS_MOUNT, BuildError, Result, install_env, resolve, snapshot_ref
+from bootseer.containerd import Containerd
+from bootseer.pull import pull
+from depsnap import image
+from depsnap.build import (
+    CONTEXT_MOUNT,
+    DIFF_EXCLUDES,
+    WHEELS_MOUNT,
+    BuildError,
+    Result,
+    base_ref,
+    install_env,
+    publish_diff,
+    resolve,
+)
 from depsnap.key import DepSpec
 
 log = logging.getLogger("bootseer.depsnap")
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-SNAPSHOT_REF = "containerd.io/snapshot.ref"
-CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
-CRI_LAYER = "containerd.io/snapshot/cri.layer-digest"
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI chain IDs: ``chain(0) = diff(0)``, ``chain(n) = sha256(chain(n-1) + " " + diff(n))``."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
-
-
-def _put_file(cd: Containerd, path: Path, desc: Descriptor, labels: dict[str, str]) -> None:
-    if cd.content_exists(desc.digest):
-        if labels:
-            cd.set_content_labels(desc.digest, labels)
-        return
-
-    def chunks():  # type: ignore[no-untyped-def]
-        with open(path, "rb") as fh:
-            yield from iter(lambda: fh.read(1 << 20), b"")
-
-    # a unique ref: two builders writing the same blob at once must not collide on containerd's ref lock
-    cd.write_content(f"depsnap-{desc.digest}-{secrets.token_hex(4)}", chunks(), desc.size, desc.digest, labels)
-
-
-def import_base(cd: Containerd, layout: image.Layout, name: str, snapshotter: str) -> tuple[str, dict[str, Any]]:
-    """Put the ``base`` image of ``layout`` into containerd as ``name`` and unpack it into ``snapshotter``.
-
-    Returns the chain ID of its top layer and its config."""
-    manifest = layout.manifest_for("base")
-    raw_manifest = json.dumps(manifest).encode()
-    m_digest = "sha256:" + hashlib.sha256(raw_manifest).hexdigest()
-    config = json.loads(layout.blob(manifest["config"]["digest"]).read_bytes())
-    diff_ids = list(config["rootfs"]["diff_ids"])
-    layers = [Descriptor(x["mediaType"], x["digest"], int(x["size"])) for x in manifest["layers"]]
-    if len(diff_ids) != len(layers) or not layers:
-        raise BuildError(f"base image {name}: {len(layers)} layers but {len(diff_ids)} diff_ids")
-    chains = chain_ids(diff_ids)
-    for desc, diff_id in zip(layers, diff_ids, strict=True):
-        _put_file(cd, layout.blob(desc.digest), desc, {"containerd.io/uncompressed": diff_id})
-    cfg = manifest["config"]
-    _put_file(cd, layout.blob(cfg["digest"]), Descriptor(cfg["mediaType"], cfg["digest"], int(cfg["size"])),
-              {f"containerd.io/gc.ref.snapshot.{snapshotter}": chains[-1]})
-    refs = {"containerd.io/gc.ref.content.config": cfg["digest"]}
-    refs.update({f"containerd.io/gc.ref.content.l.{i}": d.digest for i, d in enumerate(layers)})
-    cd.put_bytes(raw_manifest, m_digest, refs)
-    cd.put_image(name, Descriptor(image.MT_OCI_MANIFEST, m_digest, len(raw_manifest)))
-    parent = ""
-    for desc, chain in zip(layers, chains, strict=True):
-        if cd.stat(snapshotter, chain) is None:
-            _unpack_layer(cd, snapshotter, desc, chain, parent,
-                          {CRI_IMAGE_REF: name, CRI_MANIFEST: m_digest, CRI_LAYER: desc.digest})
-        parent = chain
-    return chains[-1], config
-
-
-def _unpack_layer(cd: Containerd, snapshotter: str, desc: Descriptor, chain: str, parent: str,
-                  labels: dict[str, str]) -> None:
-    """Prepare/Apply/Commit one layer the way containerd's unpacker does (including its remote-snapshot answer)."""
-    key = f"extract-{secrets.token_hex(6)} {chain}"
-    try:
-        mounts = cd.prepare(snapshotter, key, parent, {SNAPSHOT_REF: chain, **labels})
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # the snapshotter made it (lazily) or a racer did
-            return
-        raise
-    try:
-        cd.apply(desc, mounts)
-        cd.commit(snapshotter, chain, key, {SNAPSHOT_REF: chain})
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-            raise
-    finally:
-        cd.remove(snapshotter, key)  # NOT_FOUND after a successful commit: ignored
 
 
 def _mount(mounts: list[Any], target: Path) -> Path:
@@ -196,43 +124,33 @@ def build_containerd(
         return found
     if not spec.command:
         raise BuildError("no install command")
-    ref = snapshot_ref(repo, spec)
+    pinned = base_ref(base, spec)
+    base_img = image.load_base(pinned, plain_http)
     work = Path(tempfile.mkdtemp(prefix="bs-depsnap-"))
+    rootfs = work / "rootfs"
     try:
-        layout = image.fetch_base(base, work / "layout", plain_http)
-        epoch = image.base_epoch(layout)
+        pulled = pull(pinned, address=address, namespace=namespace, snapshotter=snapshotter,
+                      client=image.client(plain_http))
+        log.info("base %s on the node in %.1f s: %s", pinned, pulled.seconds,
+                 ", ".join(lo.mode for lo in pulled.layers))
         with Containerd(address, namespace) as cd, cd.leased():
-            top, config = import_base(cd, layout, base, snapshotter)
             key = f"depsnap-{spec.key()[:16]}-{secrets.token_hex(4)}"
-            mounts = cd.prepare(snapshotter, key, top, {"bootseer.depsnap/key": spec.key()})
+            mounts = cd.prepare(snapshotter, key, pulled.layers[-1].chain_id, {"bootseer.depsnap/key": spec.key()})
             try:
-                rootfs = work / "rootfs"
                 rootfs.mkdir()
                 upper = _mount(mounts, rootfs)
                 try:
-                    env = dict(e.split("=", 1) for e in config.get("config", {}).get("Env") or [] if "=" in e)
-                    env.update(install_env(epoch))
+                    env = dict(e.split("=", 1) for e in base_img.config.get("config", {}).get("Env") or [] if "=" in e)
+                    env.update(install_env(base_img.epoch()))
                     code, output = run_install(address, namespace, rootfs, spec, env, context, wheels, timeout)
                 finally:
                     subprocess.run(["umount", str(rootfs)], capture_output=True)
                 if code != 0:
                     tail = "\n".join(output.splitlines()[-30:])
                     raise BuildError(f"install command exited with {code}; nothing was pushed", tail)
-                excludes = (*difftar.DEFAULT_EXCLUDES, CONTEXT_MOUNT.strip("/"), WHEELS_MOUNT.strip("/"))
-                stats: dict[str, int] = {}
-                digest = image.append_layer(
-                    layout, lambda dst: stats.update(difftar.write_layer(upper, dst, excludes, epoch)),
-                    f"depsnap: {spec.command}", spec.tag(), epoch)
+                return publish_diff(base_img, upper, spec, repo, work, DIFF_EXCLUDES, plain_http)
             finally:
                 cd.remove(snapshotter, key)
-        raced = resolve(repo, spec, plain_http)
-        if raced:  # another builder finished first: its image is the answer (the same one if installs reproduce)
-            log.info("%s appeared while building; using it (ours: %s, theirs: %s)", ref, digest, raced.digest)
-            return raced
-        image.push(layout, spec.tag(), ref, plain_http)
-        log.info("pushed %s (%s): %s", ref, digest, stats)
-        return Result(ref, image.exists(ref, plain_http) or digest, spec.key(), True)
     finally:
-        with contextlib.suppress(OSError):
-            if not os.path.ismount(work / "rootfs"):
-                shutil.rmtree(work, ignore_errors=True)
+        if not os.path.ismount(rootfs):
+            shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,14 @@
-"""Image surgery for depsnap: take the base image as an OCI layout, append one layer (config
-``rootfs.diff_ids`` and ``history`` updated), push the result under the key's tag.
+"""Image surgery for depsnap: the base image's manifest and config, one layer appended (config
+``rootfs.diff_ids`` and ``history`` updated), the result pushed under the key's tag.
 
-Registry traffic goes through skopeo (a real, widely used client), so base images in any registry skopeo
-can read work, and the base's layers are copied registry-side without recompression.
+Registry traffic goes through the project's registry client (:mod:`bootseer.registry`: Docker credentials,
+bearer tokens, ``hosts.toml`` mirrors, verified digests).  Only the new layer, the new config and the new
+manifest are uploaded; the base's layers are never downloaded — they are already in the base's repository,
+and the registry links them into the snapshot's repository (cross-repository mount) or, for a base in
+another registry, they are streamed across once.
+
+Everything here is deterministic: the same base, the same layer bytes and the same ``created_by`` give the
+same config and manifest digests, so two builders of one key push the same image.
 """
 
 from __future__ import annotations
@@ -12,89 +18,95 @@ import gzip
 import hashlib
 import json
 import os
-import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+from bootseer.reference import Reference
+from bootseer.registry import (
+    MT_DOCKER_LAYER,
+    MT_DOCKER_MANIFEST,
+    MT_OCI_LAYER_GZIP,
+    MT_OCI_MANIFEST,
+    Manifest,
+    NotFound,
+    RegistryClient,
+    RegistryError,
+    default_client,
+)
 
 
 class ImageError(RuntimeError):
     pass
 
 
-def _skopeo(*args: str, plain_http: bool) -> subprocess.CompletedProcess[str]:
-    flags: list[str] = []
-    if plain_http:
-        copy = args[0] == "copy"
-        flags = ["--src-tls-verify=false", "--dest-tls-verify=false"] if copy else ["--tls-verify=false"]
-    proc = subprocess.run(["skopeo", args[0], *flags, "--retry-times", "2", *args[1:]], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise ImageError(f"skopeo {args[0]} failed: {proc.stderr.strip()}")
-    return proc
+def client(plain_http: bool = False) -> RegistryClient:
+    return default_client(plain_http=plain_http)
 
 
 def exists(image: str, plain_http: bool = False) -> str | None:
-    """The manifest digest of ``image`` if the registry has it, else None."""
+    """The manifest digest ``image`` points at if the registry has it, else None."""
     try:
-        raw = _skopeo("inspect", "--raw", f"docker://{image}", plain_http=plain_http).stdout
-    except ImageError as e:
-        if "manifest unknown" in str(e) or "not found" in str(e).lower():
-            return None
-        raise
-    return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+        desc = client(plain_http).head_manifest(Reference.parse(image))
+    except RegistryError as e:
+        raise ImageError(f"cannot look up {image}: {e}") from e
+    return desc.digest if desc and desc.digest else None
 
 
-class Layout:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+@dataclass
+class BaseImage:
+    """The base as the registry has it: the (platform) image manifest and its config."""
 
-    def blob(self, digest: str) -> Path:
-        return self.root / "blobs" / "sha256" / digest.split(":", 1)[1]
+    ref: Reference
+    manifest: Manifest
+    config_raw: bytes
 
-    def put(self, data: bytes) -> tuple[str, int]:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        self.blob(digest).write_bytes(data)
-        return digest, len(data)
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(json.loads(self.config_raw))
 
-    def manifest_for(self, tag: str) -> dict[str, Any]:
-        index = json.loads((self.root / "index.json").read_text())
-        for m in index["manifests"]:
-            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
-                return dict(json.loads(self.blob(m["digest"]).read_bytes()))
-        raise ImageError(f"tag {tag} not in layout {self.root}")
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    def epoch(self) -> int:
+        """The base's creation time (config ``created``; 0 if absent): the deterministic clock of snapshots
+        built on it — mtimes in the new layer are clamped to it and its history entry carries it."""
+        created = str(self.config.get("created") or "")
+        try:
+            return calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")) if created else 0
+        except ValueError:
+            return 0
 
 
-def fetch_base(image: str, dest: Path, plain_http: bool = False) -> Layout:
-    _skopeo("copy", "--quiet", f"docker://{image}", f"oci:{dest}:base", plain_http=plain_http)
-    return Layout(dest)
-
-
-def base_epoch(layout: Layout) -> int:
-    """The base image's creation time (its config ``created``; 0 if absent): the deterministic clock of a
-    snapshot built on it — mtimes in the new layer are clamped to it and its history entry carries it."""
-    manifest = layout.manifest_for("base")
-    config = json.loads(layout.blob(manifest["config"]["digest"]).read_bytes())
-    created = str(config.get("created") or "")
-    if not created:
-        return 0
+def load_base(image: str, plain_http: bool = False, platform: str | None = None) -> BaseImage:
+    reg = client(plain_http)
+    ref = Reference.parse(image)
     try:
-        return int(calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")))
-    except ValueError:
-        return 0
+        manifest, _ = reg.resolve_image(ref, platform)
+        if manifest.config is None:
+            raise ImageError(f"{image}: manifest {manifest.digest} has no config (not a container image)")
+        return BaseImage(ref, manifest, reg.get_blob(ref, manifest.config.digest))
+    except NotFound as e:
+        raise ImageError(f"base image {image} not found: {e}") from e
+    except RegistryError as e:
+        raise ImageError(f"cannot read base image {image}: {e}") from e
 
 
-def append_layer(layout: Layout, write_tar: Callable[[IO[bytes]], Any], created_by: str, tag: str,
-                 epoch: int | None = None) -> str:
-    """Append a gzip layer written by ``write_tar`` to the ``base`` image of ``layout`` as ``tag``.
+@dataclass
+class Layer:
+    path: Path
+    digest: str  # of the gzip blob
+    size: int
+    diff_id: str  # of the uncompressed tar
 
-    With ``epoch`` the new config and manifest depend only on the base, the layer and ``created_by`` (history
-    time = ``epoch``), so builders that produce the same layer produce the same image digest."""
-    tmp = layout.root / "layer.incoming"
+
+def write_layer_blob(dest_dir: Path, write_tar: Callable[[IO[bytes]], Any]) -> Layer:
+    """Gzip what ``write_tar`` writes into a file under ``dest_dir`` (gzip header without name or time, so the
+    blob depends on the tar bytes only), hashing both the blob and the tar on the way."""
     outer, inner = hashlib.sha256(), hashlib.sha256()
 
     class Tee:
@@ -108,33 +120,54 @@ def append_layer(layout: Layout, write_tar: Callable[[IO[bytes]], Any], created_
         def flush(self) -> None:
             self.f.flush()
 
-    with open(tmp, "wb") as raw:
-        tee = Tee(raw, outer)
-        with gzip.GzipFile(fileobj=tee, mode="wb", mtime=0, compresslevel=6) as gz:  # type: ignore[arg-type]
-            write_tar(Tee(gz, inner))  # type: ignore[arg-type]
-    digest = "sha256:" + outer.hexdigest()
-    size = tmp.stat().st_size
-    os.replace(tmp, layout.blob(digest))
-    manifest = layout.manifest_for("base")
-    config = json.loads(layout.blob(manifest["config"]["digest"]).read_bytes())
-    config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"].append("sha256:" + inner.hexdigest())
+    fd, tmp = tempfile.mkstemp(prefix="layer-", dir=dest_dir)
+    with os.fdopen(fd, "wb") as raw, \
+            gzip.GzipFile(fileobj=Tee(raw, outer), mode="wb", mtime=0, compresslevel=6) as gz:  # type: ignore[arg-type]
+        write_tar(Tee(gz, inner))  # type: ignore[arg-type]
+    path = Path(tmp)
+    return Layer(path, "sha256:" + outer.hexdigest(), path.stat().st_size, "sha256:" + inner.hexdigest())
+
+
+def compose(base: BaseImage, layer: Layer, created_by: str, epoch: int) -> tuple[bytes, bytes, str]:
+    """(manifest, config, manifest media type) of the base plus ``layer``, in the base's manifest format."""
+    config = base.config
+    config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"].append(layer.diff_id)
     config.setdefault("history", []).append({
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch if epoch is not None else time.time())),
-        "created_by": created_by,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), "created_by": created_by,
         "comment": "bootseer depsnap"})
-    cfg_digest, cfg_size = layout.put(json.dumps(config).encode())
-    manifest = {
-        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest, "size": cfg_size},
-        "layers": [*manifest["layers"], {"mediaType": MT_OCI_LAYER_GZIP, "digest": digest, "size": size}],
-    }
-    m_digest, m_size = layout.put(json.dumps(manifest).encode())
-    index = json.loads((layout.root / "index.json").read_text())
-    index["manifests"].append({"mediaType": MT_OCI_MANIFEST, "digest": m_digest, "size": m_size,
-                               "annotations": {"org.opencontainers.image.ref.name": tag}})
-    (layout.root / "index.json").write_text(json.dumps(index))
-    return m_digest
+    config_raw = json.dumps(config, separators=(",", ":")).encode()
+    doc = json.loads(base.manifest.raw)
+    media_type = base.manifest.media_type
+    if media_type not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST):
+        raise ImageError(f"base manifest type {media_type} is not an image manifest")
+    doc["config"] = {**doc["config"], "digest": "sha256:" + hashlib.sha256(config_raw).hexdigest(),
+                     "size": len(config_raw)}
+    layer_type = MT_DOCKER_LAYER if media_type == MT_DOCKER_MANIFEST else MT_OCI_LAYER_GZIP
+    doc["layers"] = [*doc["layers"], {"mediaType": layer_type, "digest": layer.digest, "size": layer.size}]
+    return json.dumps(doc, separators=(",", ":")).encode(), config_raw, media_type
 
 
-def push(layout: Layout, tag: str, dest: str, plain_http: bool = False) -> None:
-    _skopeo("copy", "--quiet", f"oci:{layout.root}:{tag}", f"docker://{dest}", plain_http=plain_http)
+def publish(base: BaseImage, layer: Layer, manifest_raw: bytes, config_raw: bytes, media_type: str, dest: str,
+            plain_http: bool = False) -> str:
+    """Push the snapshot image to ``dest`` (``host/repo:tag``); returns its manifest digest.
+
+    Blobs first (the base's layers mounted from the base's repository or copied, then the new layer and the
+    config), the manifest last: a tag never points at an image whose blobs are not all there."""
+    reg = client(plain_http)
+    target = Reference.parse(dest)
+    try:
+        same_registry = target.registry == base.ref.registry
+        for desc in base.manifest.layers:
+            if reg.blob_exists(target, desc.digest) is not None:
+                continue
+            if same_registry and reg.mount_blob(target, desc.digest, base.ref.repository):
+                continue
+            with tempfile.NamedTemporaryFile(prefix="bs-depsnap-blob-") as fh:  # another registry: copy it once
+                reg.fetch_blob(base.ref, desc.digest, fh, desc.size)
+                fh.flush()
+                reg.push_blob(target, Path(fh.name), desc.digest, chunk_size=64 << 20)
+        reg.push_blob(target, layer.path, layer.digest, chunk_size=64 << 20)
+        reg.push_blob(target, config_raw)
+        return reg.put_manifest(target, manifest_raw, media_type)
+    except RegistryError as e:
+        raise ImageError(f"pushing {dest} failed: {e}") from e

@@ -74,8 +74,9 @@ def test_build_whiteouts_reuse_and_fresh_node(stack: Stack, small_image: str, ns
     assert "depsnap" not in names  # the inputs' mount point is not part of the result
     assert depsnap_snapshots(stack, ns) == [] and mounts_below(scratch) == []
 
-    # the base is now a containerd image of this node, unpacked into BootSeer's snapshotter
-    assert small_image in stack.ctr("images", "ls", "-q", namespace=ns).stdout.split()
+    # the base — exactly the manifest the key names — is now a containerd image of this node, unpacked into
+    # BootSeer's snapshotter
+    assert f"{small_image}@{spec.base_digest}" in stack.ctr("images", "ls", "-q", namespace=ns).stdout.split()
 
     # the snapshot image runs in plain containerd: deletions and the replaced directory are applied
     stack.ctr("image", "pull", "--plain-http", res.image, namespace=ns)
