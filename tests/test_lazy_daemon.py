@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import secrets
 import shutil
@@ -343,4 +344,31 @@ def test_bad_blob_fails_acquire_and_leaves_nothing(world: World, proxy: Counting
     assert mnt.mounts_at(daemon_root / "mnt" / good.name) == [] and loops_below(daemon_root) == []
     mp = _acquire(d, good)  # and the right spec still works afterwards
     assert _read(mp / "seq.txt") == (world.src / "seq.txt").read_bytes()
+    _assert_clean(d, daemon_root)
+
+
+def test_recording_logs_every_fuse_read_and_holds_the_swap(world: World, proxy: CountingProxy,
+                                                           start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+    """What the recorder relies on: while a recording runs, every read reaching FUSE for the blob is logged
+    (blob digest, offset, length, monotonic ns) and the layer stays behind FUSE even once it is complete."""
+    d = start({"fill_rate": 64 << 20})
+    spec = world.spec(proxy.url)
+    log_path = daemon_root / "rec" / "reads.jsonl"
+    rec = d.call("record_start", path=str(log_path), digests=[world.digest], hold_swap=True)
+    mp = _acquire(d, spec)
+    assert _read(mp / "seq.txt") == (world.src / "seq.txt").read_bytes()
+    wait_until(lambda: d.status(world.digest)["chunks_local"] == d.status(world.digest)["chunks"], 60,
+               "background fill complete")
+    d.call("housekeeping")
+    assert not d.status(world.digest)["swapped"]  # held: the recording must keep seeing reads
+    assert _read(mp / "b64.txt") == (world.src / "b64.txt").read_bytes()
+    fuse_reads = d.status(world.digest)["fuse"]["reads"]
+    out = d.call("record_stop", id=rec["id"])
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert out["records"] == len(lines) == fuse_reads > 0
+    assert {x["blob"] for x in lines} == {world.digest}
+    assert all(0 <= x["offset"] < spec.size and x["length"] > 0 for x in lines)
+    assert [x["t_ns"] for x in lines] == sorted(x["t_ns"] for x in lines)
+    d.call("housekeeping")  # the hold is gone: the complete layer leaves FUSE
+    assert d.call("wait_swapped", digest=world.digest, timeout=60)["swapped"]
     _assert_clean(d, daemon_root)

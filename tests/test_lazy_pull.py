@@ -269,6 +269,17 @@ def test_bootseer_pull_then_ctr_run(lazy: Lazy, ns: str) -> None:
           f"{lazy.image_bytes / 1e6:.1f} MB as gzip layers, {erofs / 1e6:.1f} MB as EROFS blobs; "
           f"pull took {res['seconds']:.2f}s")
     assert served < min(lazy.image_bytes, erofs // 2)
+    st = subprocess.run([sys.executable, "-m", "bootseer.cli", "status", "--json", "--control",
+                         str(lazy.st.info.snapshotter_control)], capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0, st.stderr
+    rows = {r["digest"]: r for r in json.loads(st.stdout)["layers"]}
+    for b in lazy.blobs():
+        r = rows[b]
+        assert r["mounted"] and not r["swapped"] and r["fetched"]["background"] == 0
+        assert 0 < r["fetched"]["demand"] <= r["bytes_local"] <= r["size"]
+    metrics = requests.get(f"http://{lazy.st.info.snapshotter_metrics}/metrics", timeout=10).text
+    assert re.search(r'^bootseer_lazy_fetched_bytes_total\{kind="demand"\} [1-9]', metrics, re.M)
+    assert "bootseer_lazy_fetch_seconds_bucket" in metrics and "bootseer_lazy_cache_hits_total" in metrics
     # containerd's metadata knows the snapshots (they are what kept the layers mounted for the run)
     info = lazy.st.ctr("snapshots", "--snapshotter", "bootseer", "ls", namespace=ns).stdout
     assert len([ln for ln in info.splitlines()[1:] if ln.strip()]) >= 3
