@@ -174,3 +174,35 @@ def test_healthz_reports_a_dead_worker(server: SidecarServer) -> None:
     r = requests.get(f"{server.url}/healthz", timeout=5)
     assert r.status_code == 503 and r.json()["status"] == "degraded"
     assert requests.post(f"{server.url}/events", data=b"not json", timeout=5).status_code == 400
+
+
+def test_an_index_push_converts_each_platform_manifest(stack: Stack, client: RegistryClient, small_layout: Path,
+                                                       sidecar_cfg: SidecarConfig, own_repo: str) -> None:
+    from bootseer.registry import MT_OCI_INDEX, MT_OCI_MANIFEST, Manifest
+
+    reg = stack.info.registry
+    _, amd = push_layout(client, small_layout, f"{reg}/{own_repo}")
+    # an "arm64" image: the same layers under another config (so another manifest digest)
+    cfg = json.dumps({"architecture": "arm64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    cdesc = client.push_blob(f"{reg}/{own_repo}", cfg)
+    doc = dict(amd.doc, config={"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdesc.digest,
+                                "size": cdesc.size})
+    arm = Manifest.from_bytes(json.dumps(doc).encode(), MT_OCI_MANIFEST)
+    client.put_manifest(f"{reg}/{own_repo}@{arm.digest}", arm.raw, MT_OCI_MANIFEST)
+    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [
+        {"mediaType": MT_OCI_MANIFEST, "digest": amd.digest, "size": len(amd.raw),
+         "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": MT_OCI_MANIFEST, "digest": arm.digest, "size": len(arm.raw),
+         "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        {"mediaType": MT_OCI_MANIFEST, "digest": amd.digest, "size": len(amd.raw),  # an attestation's slot
+         "platform": {"os": "unknown", "architecture": "unknown"}}]}
+    raw = json.dumps(index).encode()
+    idigest = client.put_manifest(f"{reg}/{own_repo}@{Manifest.from_bytes(raw).digest}", raw, MT_OCI_INDEX)
+    with SidecarServer(sidecar_cfg) as s:
+        assert post(s.url, envelope(own_repo, idigest, "multi", media_type=MT_OCI_INDEX)) == {"queued": 1}
+        wait_for("index job done", lambda: jobs(s.url)[0]["state"] == "done", 300)
+        result = json.loads(jobs(s.url)[0]["result"])
+    assert sorted(r["manifest"] for r in result) == sorted([amd.digest, arm.digest])
+    assert sorted(r["converted"] + r["reused"] for r in result) == [3, 3]
+    for m in (amd, arm):
+        assert find_index(client, f"{reg}/{own_repo}", m.digest) is not None
