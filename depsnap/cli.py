@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import typer
@@ -22,17 +20,19 @@ def _group() -> None:
     """depsnap sub-commands."""
 
 
-def resolve_digest(image: str, plain_http: bool = False) -> str:
+def resolve_digest(ref: str, plain_http: bool = False) -> str:
     """The manifest digest a reference points at now (a digest reference is returned as is)."""
-    if "@sha256:" in image:
-        return image.split("@", 1)[1]
-    args = ["skopeo", "inspect", "--raw", "--retry-times", "2"]
-    if plain_http:
-        args.append("--tls-verify=false")
-    proc = subprocess.run([*args, f"docker://{image}"], capture_output=True)
-    if proc.returncode != 0:
-        raise SpecError(f"cannot resolve {image}: {proc.stderr.decode(errors='replace').strip()}")
-    return "sha256:" + hashlib.sha256(proc.stdout).hexdigest()
+    if "@sha256:" in ref:
+        return ref.split("@", 1)[1]
+    from depsnap import image
+
+    try:
+        digest = image.exists(ref, plain_http)
+    except (image.ImageError, ValueError) as e:
+        raise SpecError(f"cannot resolve {ref}: {e}") from e
+    if not digest:
+        raise SpecError(f"cannot resolve {ref}: no such image in the registry")
+    return digest
 
 
 def _spec(base: str, requirements: list[Path], apt: str, file: list[Path], run: str, platform: str,

@@ -51,7 +51,7 @@ def exists(image: str, plain_http: bool = False) -> str | None:
     """The manifest digest ``image`` points at if the registry has it, else None."""
     try:
         desc = client(plain_http).head_manifest(Reference.parse(image))
-    except RegistryError as e:
+    except (RegistryError, ValueError) as e:  # ValueError: not a valid reference
         raise ImageError(f"cannot look up {image}: {e}") from e
     return desc.digest if desc and desc.digest else None
 
@@ -84,7 +84,10 @@ class BaseImage:
 
 def load_base(image: str, plain_http: bool = False, platform: str | None = None) -> BaseImage:
     reg = client(plain_http)
-    ref = Reference.parse(image)
+    try:
+        ref = Reference.parse(image)
+    except ValueError as e:
+        raise ImageError(str(e)) from e
     try:
         manifest, _ = reg.resolve_image(ref, platform)
         if manifest.config is None:
