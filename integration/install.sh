@@ -22,6 +22,7 @@ SYSTEM_PACKAGES=(
   iproute2 util-linux kmod procps psmisc  # netns/veth/tc, losetup, modprobe, ps/fuser
   attr xz-utils zstd ca-certificates
   nginx-light                           # ckptfs benchmark: per-connection rate-limited stripe server
+  stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev  # start-up benchmark's peer
 )
 
 missing=()

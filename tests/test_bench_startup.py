@@ -1,0 +1,105 @@
+"""The start-up benchmark's pure parts: argument checks, the registry-log byte count, ratio keys the issues
+name, the report, and the stargz peer's build key.  No benchmark runs and no Go build here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from integration.bench import peer, startup
+
+
+def test_rate_keys_name_the_ratio_suffixes() -> None:
+    assert startup.rate_key("1gbit") == "1g"
+    assert startup.rate_key("200mbit") == "200m"
+    assert startup.rate_key("500kbit") == "500k"
+
+
+def test_bad_modes_and_rates_are_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="choose from overlayfs"):
+        startup.parse_modes("overlayfs,nydus")
+    with pytest.raises(ValueError, match="bad rate"):
+        startup.parse_rates("fast")
+    with pytest.raises(ValueError, match="twice"):
+        startup.parse_rates("1gbit,1000mbit")
+    assert startup.parse_modes("floor, stargz,floor") == ["floor", "stargz"]
+
+
+def test_main_refuses_bad_arguments_before_touching_the_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert startup.main(["--modes", "bogus"]) == 2
+    assert "unknown mode" in capsys.readouterr().err
+
+
+def test_registry_bytes_counts_completed_get_responses_only() -> None:
+    def line(method: str, written: int) -> str:
+        return json.dumps({"http.request.method": method, "http.response.written": written,
+                           "msg": "response completed"})
+
+    lines = [line("GET", 1000), line("HEAD", 0), line("PUT", 5000), line("GET", 24),
+             '10.0.0.1 - - [23/Nov/2026] "GET /v2/x/blobs/sha256:aa HTTP/1.1" 200 1000',  # access-log twin
+             '{"msg": "response completed", broken']
+    assert startup.registry_bytes(lines) == 1024
+
+
+def test_ratios_carry_the_keys_the_issues_ask_for() -> None:
+    modes = {"overlayfs": 20.0, "floor": 4.0, "stargz": 11.0, "stargz-optimized": 10.0, "lazy": 8.0,
+             "prefetch": 5.0}
+    ratios = startup.compute_ratios({"1g": modes, "200m": {k: v * 1.5 for k, v in modes.items()}}, 1.1)
+    for k in ("prefetch_vs_full_pull_1g", "prefetch_vs_floor_1g", "prefetch_vs_full_pull_200m",
+              "prefetch_vs_floor_200m", "fetched_vs_hotset", "prefetch_vs_stargz_opt_1g",
+              "prefetch_vs_stargz_opt_200m", "stargz_opt_vs_floor_1g", "stargz_opt_vs_floor_200m",
+              "lazy_vs_full_pull_1g", "lazy_vs_floor_200m"):
+        assert k in ratios, k
+    assert ratios["prefetch_vs_stargz_opt_1g"] == 0.5
+    goals = startup.goal_status(ratios)
+    assert goals["prefetch_vs_stargz_opt_1g"]["met"] is True
+    assert goals["prefetch_vs_floor_1g"]["met"] is True  # 1.25 ≤ 1.3
+
+
+def test_unmeasured_modes_leave_their_ratios_out() -> None:
+    ratios = startup.compute_ratios({"1g": {"overlayfs": 20.0, "floor": 4.0, "stargz-optimized": 9.0}})
+    assert "prefetch_vs_floor_1g" not in ratios
+    assert ratios["stargz_opt_vs_floor_1g"] == 2.25
+    assert startup.goal_status(ratios)["prefetch_vs_floor_1g"]["met"] is None
+
+
+def test_markdown_report_shows_every_measured_mode_and_why_others_are_missing() -> None:
+    med = {"1g": {"overlayfs": 20.0, "floor": 4.0, "stargz-optimized": 9.0}}
+    ratios = startup.compute_ratios(med)
+    result = {"rates": ["1gbit"], "runs": 3, "median_seconds": med, "ratios": ratios,
+              "goals": startup.goal_status(ratios), "command": ["python3", "-c", "x"],
+              "bytes": {"1g": {"overlayfs": {"link_to_output": 305_000_000}}},
+              "skipped": {"prefetch": "this checkout has no `bootseer record`"}}
+    md = startup.markdown(result)
+    assert "| overlayfs (full pull) | 20.00 | 5.00 | 305 |" in md
+    assert "stargz optimized" in md and "BootSeer lazy" not in md
+    assert "`prefetch`: this checkout has no `bootseer record`" in md
+    assert "`stargz_opt_vs_floor_1g` | 2.250" in md
+
+
+def test_bootseer_modes_name_the_missing_command() -> None:
+    assert startup.bootseer_mode_missing("lazy", {"pull", "convert"}) is None
+    assert "`bootseer record`" in (startup.bootseer_mode_missing("prefetch", {"pull", "convert"}) or "")
+    assert startup.bootseer_mode_missing("stargz", set()) is None
+
+
+def test_peer_build_key_follows_its_sources_and_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("main.go", "build.sh"):
+        (tmp_path / name).write_bytes((peer.SOURCE_DIR / name).read_bytes())
+    monkeypatch.setattr(peer, "SOURCE_DIR", tmp_path)
+    a = peer.source_key("go1.19")
+    assert peer.source_key("go1.19") == a
+    assert peer.source_key("go1.21") != a
+    (tmp_path / "main.go").write_text((tmp_path / "main.go").read_text() + "\n// changed\n")
+    assert peer.source_key("go1.19") != a
+
+
+def test_peer_missing_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peer.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(peer, "GO_SOURCES", Path("/nonexistent"))
+    why = peer.missing() or ""
+    assert "ctr-remote" in why and "golang-go" in why and "apt-get install" in why
+    with pytest.raises(peer.PeerUnavailable):
+        peer.build(Path("/nonexistent-cache"))
