@@ -1,7 +1,8 @@
 """Resolve a dependency snapshot, publish a build's diff, and build with the Docker Engine (what CI
 pipelines have) through the ``docker`` SDK; the containerd engine is :mod:`depsnap.engine_containerd`.
 
-The install runs once in a container on top of the base image, with no network (``--network none``):
+The install runs once in a container on top of the base image, with no network (``--network none``; ``host``
+for installs that need a package index):
 inputs — the requirements files' directory and, optionally, a directory of wheels serving as the package
 index — are bind-mounted read-only.  The container's overlay upper dir is the diff; it becomes one OCI layer
 (:mod:`depsnap.difftar`) appended to the base (:mod:`depsnap.image`) and pushed under the key's tag.  A
@@ -64,6 +65,14 @@ def resolve(repo: str, spec: DepSpec, plain_http: bool = False) -> Result | None
     return Result(ref, digest, spec.key(), False) if digest else None
 
 
+NETWORKS = ("none", "host")
+
+
+def check_network(network: str) -> None:
+    if network not in NETWORKS:
+        raise BuildError(f"network {network!r}: one of {', '.join(NETWORKS)}")
+
+
 def base_ref(base: str, spec: DepSpec) -> str:
     """``base`` pinned to the manifest digest the key was computed from: the build uses exactly that base even
     if the tag has moved since."""
@@ -100,8 +109,10 @@ def build_docker(
     wheels: Path | None = None,
     plain_http: bool = False,
     timeout: float = 1800,
+    network: str = "none",
 ) -> Result:
     """Run ``spec.command`` on ``base`` in the Docker engine behind ``client``; push the snapshot to ``repo``."""
+    check_network(network)
     found = resolve(repo, spec, plain_http)
     if found:
         return found
@@ -113,7 +124,7 @@ def build_docker(
     volumes = {str(context.resolve()): {"bind": CONTEXT_MOUNT, "mode": "ro"}}
     if wheels is not None:
         volumes[str(wheels.resolve())] = {"bind": WHEELS_MOUNT, "mode": "ro"}
-    container = client.containers.create(pinned, command=["/bin/sh", "-c", spec.command], network_mode="none",
+    container = client.containers.create(pinned, command=["/bin/sh", "-c", spec.command], network_mode=network,
                                          volumes=volumes, working_dir=CONTEXT_MOUNT, user="0",
                                          environment=install_env(base_img.epoch()))
     work = Path(tempfile.mkdtemp(prefix="bs-depsnap-"))

@@ -102,17 +102,17 @@ def resolve_cmd(
 
 
 def _engine_build(engine: str, base: str, spec: DepSpec, repo: str, ctx: Path, wheels: Path | None, plain_http: bool,
-                  address: str, namespace: str, snapshotter: str, docker_host: str) -> build.Result:
+                  address: str, namespace: str, snapshotter: str, docker_host: str, network: str) -> build.Result:
     if engine == "containerd":
         from depsnap import engine_containerd
 
         return engine_containerd.build_containerd(address, base, spec, repo, ctx, wheels, plain_http, namespace,
-                                                  snapshotter)
+                                                  snapshotter, network=network)
     if engine == "docker":
         import docker
 
         return build.build_docker(docker.DockerClient(base_url=docker_host, timeout=600), base, spec, repo, ctx,
-                                  wheels, plain_http)
+                                  wheels, plain_http, network=network)
     raise SpecError(f"unknown engine {engine!r} (containerd or docker)")
 
 
@@ -127,6 +127,7 @@ SNAPSHOTTER = typer.Option("bootseer", help="containerd snapshotter the base is 
 DOCKER_HOST = typer.Option("unix:///var/run/docker.sock", help="Docker engine (engine docker).")
 CONTEXT = typer.Option(None, help="Directory mounted at /depsnap (default: the requirements' dir).")
 WHEELS = typer.Option(None, help="A directory of wheels mounted at /wheels (offline package index).")
+NETWORK = typer.Option("none", help="The install's network: none (hermetic) or host (to reach a package index).")
 
 
 INDEX = typer.Option("auto", "--index", help="Make the image lazily loadable: auto (use the sidecar's index or "
@@ -171,6 +172,7 @@ def build_cmd(
     namespace: str = NAMESPACE,
     snapshotter: str = SNAPSHOTTER,
     docker_host: str = DOCKER_HOST,
+    network: str = NETWORK,
     index_mode: str = INDEX,
     platform: str = typer.Option("linux/amd64"),
     plain_http: bool = typer.Option(False),
@@ -181,7 +183,7 @@ def build_cmd(
     try:
         spec = _spec(base, requirements, apt, file, run, platform, plain_http)
         res = _engine_build(engine, base, spec, push, _context(context, requirements), wheels, plain_http, address,
-                            namespace, snapshotter, docker_host)
+                            namespace, snapshotter, docker_host, network)
         res = _indexed(res, base, plain_http, index_mode)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -204,6 +206,7 @@ def run_cmd(
     namespace: str = NAMESPACE,
     snapshotter: str = SNAPSHOTTER,
     docker_host: str = DOCKER_HOST,
+    network: str = NETWORK,
     index_mode: str = INDEX,
     platform: str = typer.Option("linux/amd64"),
     plain_http: bool = typer.Option(False),
@@ -219,7 +222,7 @@ def run_cmd(
             found = build.resolve(repo, spec, plain_http)
             attrs["hit"] = found is not None
             res = found or _engine_build(engine, base, spec, repo, _context(context, requirements), wheels,
-                                         plain_http, address, namespace, snapshotter, docker_host)
+                                         plain_http, address, namespace, snapshotter, docker_host, network)
             res = _indexed(res, base, plain_http, index_mode)
             attrs.update(image=res.image, digest=res.digest, built=res.built, indexed=res.index is not None)
     except (SpecError, RuntimeError) as e:

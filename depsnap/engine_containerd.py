@@ -43,6 +43,7 @@ from depsnap.build import (
     BuildError,
     Result,
     base_ref,
+    check_network,
     install_env,
     publish_diff,
     resolve,
@@ -84,11 +85,15 @@ def _ctr(address: str, namespace: str, *args: str, timeout: float = 60) -> subpr
 
 
 def run_install(address: str, namespace: str, rootfs: Path, spec: DepSpec, env: dict[str, str], context: Path,
-                wheels: Path | None, timeout: float) -> tuple[int, str]:
-    """Run ``spec.command`` in a container (containerd's runtime, no network) on ``rootfs``; (exit code, log)."""
+                wheels: Path | None, timeout: float, network: str = "none") -> tuple[int, str]:
+    """Run ``spec.command`` in a container (containerd's runtime) on ``rootfs``; (exit code, log).
+
+    ``network``: ``none`` (a network namespace of its own with nothing in it) or ``host``."""
     cid = f"depsnap-{spec.key()[:12]}-{secrets.token_hex(3)}"
     argv = ["ctr", "-a", address, "-n", namespace, "run", "--rm", "--rootfs", "--cwd", CONTEXT_MOUNT,
             "--mount", f"type=bind,src={context.resolve()},dst={CONTEXT_MOUNT},options=rbind:ro"]
+    if network == "host":
+        argv.append("--net-host")
     if wheels is not None:
         argv += ["--mount", f"type=bind,src={wheels.resolve()},dst={WHEELS_MOUNT},options=rbind:ro"]
     for k, v in env.items():
@@ -117,8 +122,12 @@ def build_containerd(
     namespace: str = "default",
     snapshotter: str = "bootseer",
     timeout: float = 1800,
+    network: str = "none",
 ) -> Result:
-    """Run ``spec.command`` on ``base`` in the containerd at ``address``; push the snapshot to ``repo``."""
+    """Run ``spec.command`` on ``base`` in the containerd at ``address``; push the snapshot to ``repo``.
+
+    ``network="host"`` lets the install reach a package index; the default keeps it hermetic."""
+    check_network(network)
     found = resolve(repo, spec, plain_http)
     if found:
         return found
@@ -142,7 +151,8 @@ def build_containerd(
                 try:
                     env = dict(e.split("=", 1) for e in base_img.config.get("config", {}).get("Env") or [] if "=" in e)
                     env.update(install_env(base_img.epoch()))
-                    code, output = run_install(address, namespace, rootfs, spec, env, context, wheels, timeout)
+                    code, output = run_install(address, namespace, rootfs, spec, env, context, wheels, timeout,
+                                               network)
                 finally:
                     subprocess.run(["umount", str(rootfs)], capture_output=True)
                 if code != 0:

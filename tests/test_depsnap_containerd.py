@@ -5,7 +5,9 @@ same image without building; two builders at once end with one image; a failed i
 
 from __future__ import annotations
 
+import functools
 import gzip
+import http.server
 import io
 import json
 import os
@@ -13,6 +15,7 @@ import secrets
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,3 +215,35 @@ def test_cli_refuses_a_bad_index_mode_before_building(stack: Stack, small_image:
                         repo_of(stack, "bad"), "--run", "true", "--index", "sometimes", "--plain-http"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "sometimes" in r.stderr and "auto, wait, none" in r.stderr
+
+
+@pytest.fixture
+def loopback_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A package index on loopback: a directory served over HTTP by a server of the test's own."""
+    root = tmp_path_factory.mktemp("index")
+    (root / "pkg-1.0.txt").write_text("package payload\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_network_is_none_unless_asked_for(stack: Stack, small_image: str, ns: str, scratch: Path,
+                                          loopback_index: str) -> None:
+    cmd = f"busybox mkdir -p /opt/pkg && busybox wget -q -O /opt/pkg/payload {loopback_index}/pkg-1.0.txt"
+    spec = DepSpec(image.exists(small_image, plain_http=True) or "", command=cmd)
+    repo = repo_of(stack, "net")
+    with pytest.raises(BuildError, match="exited with") as ei:  # hermetic by default: loopback is not the host's
+        ec.build_containerd(stack.info.containerd_socket, small_image, spec, repo, scratch, plain_http=True,
+                            namespace=ns)
+    assert "wget" in ei.value.log_tail
+    res = ec.build_containerd(stack.info.containerd_socket, small_image, spec, repo, scratch, plain_http=True,
+                              namespace=ns, network="host")
+    assert "opt/pkg/payload" in layer_names(stack, res.image)
+    with pytest.raises(BuildError, match="network 'bridge'"):
+        ec.build_containerd(stack.info.containerd_socket, small_image, spec, repo, scratch, plain_http=True,
+                            namespace=ns, network="bridge")
