@@ -33,6 +33,7 @@ def _mount() -> None:
     from depsnap import cli as depsnap_cli
     from integration import cli as integration_cli
     from integration.bench import cli as bench_cli
+    from registry_sidecar import cli as sidecar_cli
     from snapshotter import cli as snapshotter_cli
 
     app.add_typer(integration_cli.stack_app, name="stack")
@@ -44,6 +45,8 @@ def _mount() -> None:
     app.add_typer(ckptfs_cli.app, name="ckptfs")
     app.add_typer(cri_cli.app, name="cri")
     app.add_typer(depsnap_cli.app, name="depsnap")
+    app.add_typer(sidecar_cli.app, name="sidecar")
+    app.command("convert")(sidecar_cli.convert)
     app.add_typer(snapshotter_cli.app, name="snapshotter")
     from bootseer import profile as profile_cli
 

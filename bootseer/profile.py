@@ -171,6 +171,8 @@ _DETAIL_KEYS = ("image", "layer", "path", "bytes", "ranges", "key", "hit", "reso
 def _detail(ev: Event) -> str:
     parts = []
     for k in _DETAIL_KEYS:
+        if k == "image" and "layer" in ev.attrs:
+            continue  # a layer's line: the image is on the pull's line already
         if k in ev.attrs:
             v = ev.attrs[k]
             if k == "bytes" and isinstance(v, int):
@@ -236,8 +238,10 @@ def gantt(prof: Profile, out: Path) -> None:
             color = _COLORS.get(p.ev.phase, "#8172B3")
             ax.barh(i, max(p.duration, prof.total * 0.002), left=p.offset, color=color,
                     edgecolor="black" if p.ev.status != "ok" else color, hatch="//" if p.ev.status != "ok" else None)
-            extra = p.ev.attrs.get("layer") or p.ev.attrs.get("path") or ""
-            labels.append(f"{p.ev.phase} {str(extra)[:19]}".strip())
+            layer, path = p.ev.attrs.get("layer"), p.ev.attrs.get("path")
+            extra = str(layer)[:19] if layer else ("…" + str(path)[-24:] if path and len(str(path)) > 25
+                                                   else str(path or ""))
+            labels.append(f"{p.ev.phase} {extra}".strip())
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("seconds since the first phase started")

@@ -72,6 +72,11 @@ def build(cfg: Config, remote: RemoteHandler | None = None) -> tuple[grpc.Server
     return server, core
 
 
+def _recorded(core: Snapshotter, ns: str, name: str) -> bool:
+    with core.store.read() as tx:
+        return tx.find(ns, name) is not None
+
+
 def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
     """Serve until SIGTERM/SIGINT."""
     bslog.setup(cfg.log_level, cfg.log_format)
@@ -90,6 +95,8 @@ def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
             log.exception("lazy layers are unavailable; every image is pulled the ordinary way")
     try:
         server, core = build(cfg, remote)
+        if lazy is not None:
+            lazy.handler.bind(lambda ns, name: _recorded(core, ns, name))
         if cfg.metrics_address:
             _start_metrics(cfg.metrics_address)
         log.info("serving containerd snapshots API on %s (root %s)", cfg.address, cfg.root)

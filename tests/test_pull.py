@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bootseer.containerd import Containerd
@@ -156,3 +157,45 @@ def test_image_without_index_is_pulled_the_ordinary_way(mixed: tuple[Stack, str,
     out = st.ctr("run", "--rm", "--snapshotter", "bootseer", plain, "p-" + secrets.token_hex(3), "/bin/sh", "-c",
                  "echo ordinary", namespace=ns)
     assert out.stdout == "ordinary\n"
+
+
+def test_racing_remote_prepares_of_one_layer_keep_it_held(mixed: tuple[Stack, str, str, list[str]]) -> None:
+    """Two Prepares naming the same target at once (two pulls of one image): both answered ALREADY_EXISTS,
+    one snapshot recorded, and the loser's clean-up does not drop the winner's hold on the layer."""
+    import threading
+
+    from bootseer.pull import LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF
+    from tests.snapshotter_fixtures import Client, code_of
+
+    st, ref, _, lazy_layers = mixed
+    assert st.info.snapshotter_socket and st.info.snapshotter_control
+    client = RegistryClient(hosts_dir=str(Path(st.info.containerd_config).parent / "certs.d"), plain_http=True)
+    man, _ = client.resolve_image(ref)
+    layer = man.layers[0].digest
+    assert layer in lazy_layers
+    target = "sha256:" + secrets.token_hex(32)  # a name no other test uses: the handler is asked every time
+    labels = {LABEL_SNAPSHOT_REF: target, LABEL_CRI_IMAGE_REF: ref, LABEL_CRI_MANIFEST_DIGEST: man.digest,
+              LABEL_CRI_LAYER_DIGEST: layer}
+    c = Client(Path(st.info.snapshotter_socket), namespace=None)  # as containerd 1.6's proxy calls
+    codes: list[object] = []
+    gate = threading.Barrier(4)
+
+    def prepare(i: int) -> None:
+        gate.wait()
+        codes.append(code_of(c.prepare, f"extract-{i} {target}", "", labels))
+
+    threads = [threading.Thread(target=prepare, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert codes == [grpc.StatusCode.ALREADY_EXISTS] * 4
+        assert [i.name for i in c.list()].count(target) == 1
+        held = [x for x in Control(st.info.snapshotter_control).call("status")["layers"] if f"/{target}" in x["owners"]]
+        assert len(held) == 1 and held[0]["mounted"], held
+    finally:
+        c.remove(target)
+        c.close()
+    after = Control(st.info.snapshotter_control).call("status")["layers"]
+    assert not [x for x in after if f"/{target}" in x["owners"]]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
@@ -79,6 +79,12 @@ class LazyHandler:
         self.name = name
         self.prefetch = prefetch
         self._last = threading.local()  # (lower, owner) of this thread's last prepare, for release(…, None)
+        self._recorded: Callable[[str, str], bool] | None = None
+
+    def bind(self, recorded: Callable[[str, str], bool]) -> None:
+        """``recorded(namespace, name)``: whether the core holds that snapshot.  Two Prepares of one layer
+        racing share one owner (the chain ID); the loser's release must not drop the winner's hold."""
+        self._recorded = recorded
 
     def prepare(self, req: RemoteRequest) -> RemoteLayer | None:
         image = req.labels.get(LABEL_CRI_IMAGE_REF, "")
@@ -109,6 +115,10 @@ class LazyHandler:
         last = getattr(self._last, "value", None)  # the core releases in the thread that prepared
         if last is not None and Path(last[0]) == Path(lower):
             self._last.value = None
+            ns, _, name = last[1].partition("/")
+            if self._recorded is not None and self._recorded(ns, name):
+                log.info("%s: a concurrent Prepare recorded it first; its hold stays", name)
+                return
             self.manager.release(last[1], last[2])
         else:
             log.warning("release of %s without a record or a matching prepare; the restart hand-back will "
