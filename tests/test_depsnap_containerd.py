@@ -22,11 +22,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from bootseer.registry import RegistryClient
 from depsnap import engine_containerd as ec
-from depsnap import image, index
+from depsnap import image
 from depsnap.build import BuildError, resolve
 from depsnap.key import DepSpec
 from integration.stack import Stack, mounts_below
+from registry_sidecar.index import find_index
 from tests.test_depsnap_docker import pip_cmd, wheels  # noqa: F401  (fixture: the local package index)
 
 BUSYBOX_CHANGES = ("busybox rm /data/keep.txt && busybox rm -r /data/sub && busybox mkdir /data/sub && "
@@ -133,12 +135,8 @@ def test_two_builders_one_key_one_image(stack: Stack, small_image: str, scratch:
             stack.ctr("namespaces", "rm", n, check=False)
 
 
-@pytest.mark.skipif(not index.converter_available(), reason="this checkout has no converter (registry_sidecar)")
 def test_run_makes_the_snapshot_lazily_loadable(stack: Stack, small_image: str, scratch: Path) -> None:
     """`depsnap run` answers with an image that has a BootSeer index covering its new layer."""
-    from bootseer.registry import RegistryClient
-    from registry_sidecar.index import find_index
-
     repo = repo_of(stack, "idx")
     n = f"bs-depsnap-idx-{secrets.token_hex(3)}"
     cli = [sys.executable, "-m", "bootseer.cli", "depsnap", "run", "--base", small_image, "--repo", repo,

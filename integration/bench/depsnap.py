@@ -17,7 +17,7 @@ container has printed ``ready``:
 
 * ``install``: run the install command in a container from the base, then import — what a job does today.
 * ``hit_lazy``: ``bootseer pull`` of the snapshot image into BootSeer's snapshotter (its new layer mounted
-  lazily from its EROFS blob), run, import — when the package has ``bootseer pull`` and the converter.
+  lazily from its EROFS blob), run, import.
 * ``hit``: pull the snapshot image with ``ctr image pull`` (containerd's overlayfs path: only its one new
   layer travels, gunzipped and unpacked in full), run, import.
 * ``floor``: the snapshot image already unpacked on the node: run, import — the part every mode shares
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import secrets
@@ -70,14 +69,6 @@ def fetch_wheels(cache: Path) -> Path:
     return cache
 
 
-def lazy_available() -> bool:
-    """``bootseer pull`` and the converter are what the lazy hit needs."""
-    try:
-        return importlib.util.find_spec("bootseer.pull") is not None and index.converter_available()
-    except ModuleNotFoundError:
-        return False
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     wheels = fetch_wheels(Path(args.wheel_cache))
     pip = next(wheels.glob("pip-*.whl")).name
@@ -88,13 +79,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     install = (f"python3 /wheels/{pip}/pip install -q --no-index --find-links /wheels --break-system-packages "
                "-r requirements.txt")
     probe = f"import {IMPORTS}; print('ready')"
-    lazy = lazy_available() and not args.no_lazy
+    lazy = not args.no_lazy
     out: dict[str, Any] = {"packages": PACKAGES, "runs": {"install": [], "hit": [], "floor": []}, "notes": [],
                            "build_seconds": [], "index_seconds": [], "pull_seconds": {"hit": [], "hit_lazy": []}}
     if lazy:
         out["runs"]["hit_lazy"] = []
     else:
-        out["notes"].append("hit_lazy not measured: this checkout has no `bootseer pull` / converter")
+        out["notes"].append("hit_lazy not measured (--no-lazy)")
     try:
         # no sidecar: its conversions would load the CPU during the runs; depsnap indexes what it needs itself
         with running(StackConfig(root=root, sidecar=False)) as st:
