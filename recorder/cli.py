@@ -41,6 +41,9 @@ def record(
     timeout: float = typer.Option(300.0, "--timeout", help="Stop after this many seconds (a failure when "
                                   "--ready-line is given and did not match)."),
     env: list[str] = typer.Option([], "--env", "-e", help="K=V for the container (repeatable)."),
+    runs: int = typer.Option(1, "--runs", min=1, max=20, help="Record this many runs and keep their union: the "
+                             "first run reads every chunk from the registry, later ones from local chunks, and "
+                             "the kernel's read-ahead differs a little between the two; 2 gives a steadier set."),
     merge: bool = typer.Option(False, "--merge", help="Fold this recording into the image's existing manifest "
                                "(union, ordered by earliest first access)."),
     push: bool = typer.Option(True, "--push/--no-push", help="Push the manifest as a referrer of the image."),
@@ -78,8 +81,9 @@ def record(
         typer.echo("error: --timeout must be positive", err=True)
         raise typer.Exit(2)
     opts = RecordOptions(image=image, command=list(command or []), ready_line=ready_line, timeout=timeout,
-                         env=list(env), merge=merge, push=push, output=output, address=address or default_address(),
-                         control=control or default_control(), snapshotter=snapshotter,
+                         env=list(env), merge=merge, runs=runs, push=push, output=output,
+                         address=address or default_address(), control=control or default_control(),
+                         snapshotter=snapshotter,
                          hosts_dir=_hosts_dir(hosts_dir), plain_http=plain_http, platform=platform)
     console = Console(stderr=True, highlight=False)
 
