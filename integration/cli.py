@@ -119,10 +119,15 @@ def config_containerd(
     address: str = typer.Option(containerd_config.DEFAULT_SOCKET, help="Snapshotter socket."),
     root: str = typer.Option(containerd_config.DEFAULT_ROOT, help="Snapshotter root dir."),
     no_cri: bool = typer.Option(False, "--no-cri", help="Only the proxy plugin, no CRI keys."),
+    platform: str = typer.Option(None, help="Platform of the transfer service's unpack_config (1.7, 2.x); "
+                                 "default: this machine's."),
+    cri_pull: str = typer.Option("local", help="2.1+: 'transfer' sends CRI pulls through the transfer service "
+                                 "(no disable_snapshot_annotations); 'local' keeps CRI's own pull path."),
 ) -> None:
-    """Print the containerd config snippet that registers BootSeer."""
+    """Print the containerd config snippet that registers BootSeer (merge it, or add it to `imports`)."""
     try:
-        typer.echo(containerd_config.snippet(containerd_version, address, root, cri=not no_cri), nl=False)
+        typer.echo(containerd_config.snippet(containerd_version, address, root, cri=not no_cri, platform=platform,
+                                             cri_pull=cri_pull), nl=False)
     except ValueError as e:
         _fail(str(e), 2)
 

@@ -21,6 +21,7 @@ SYSTEM_PACKAGES=(
   golang-github-containerd-containerd-dev  # containerd's .proto files (stub regeneration check)
   iproute2 util-linux kmod procps psmisc  # netns/veth/tc, losetup, modprobe, ps/fuser
   attr xz-utils zstd ca-certificates
+  e2fsprogs                             # filefrag (FIEMAP): lazy-pull tests find which chunk holds a file
   nginx-light                           # ckptfs benchmark: per-connection rate-limited stripe server
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev  # start-up benchmark's peer
 )
