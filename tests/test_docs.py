@@ -242,3 +242,56 @@ def test_metrics_doc_lists_exactly_the_declared_metrics() -> None:
     declared = _declared_metrics()
     assert declared, "no metrics found in the code"
     assert documented == declared
+
+
+def _documented_series(section_prefix: str) -> list[str]:
+    """Series of docs/metrics.md's sections whose heading starts with ``section_prefix``."""
+    out, current = [], ""
+    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
+        if line.startswith("## "):
+            current = line[3:]
+        m = re.match(r"^\| `(bootseer_\w+)` \| (\w+) \|", line)
+        if m and current.startswith(section_prefix):
+            out.append(m.group(1) + ("_bucket" if m.group(2) == "histogram" else ""))
+    return out
+
+
+def test_a_running_snapshotter_serves_the_documented_series_after_a_lazy_pull(stack: Any, small_image: str) -> None:
+    """The local stack's snapshotter (lazy layers on) after the sidecar indexed the small image, ``bootseer
+    pull`` made its layers lazy and a container ran from them: /metrics has every documented series."""
+    import secrets
+    import time
+
+    import requests
+
+    from bootseer.pull import pull
+    from bootseer.registry import RegistryClient
+    from integration import images
+    from registry_sidecar.index import find_index
+
+    if not (stack.info.sidecar_url and stack.info.snapshotter_metrics and stack.info.snapshotter_control):
+        pytest.fail("the local stack runs without the sidecar or the lazy snapshotter")
+    client = RegistryClient(hosts_dir=str(Path(stack.info.containerd_config).parent / "certs.d"))
+    repo = small_image.rpartition(":")[0]
+    digest = client.get_manifest(small_image).digest
+    deadline = time.monotonic() + 180
+    while find_index(client, repo, digest) is None:  # the sidecar converts after the push's notification
+        assert time.monotonic() < deadline, "the sidecar did not index the small image in 180 s"
+        time.sleep(0.2)  # polling a registry for another process's result, with a deadline
+    ns = "docs-" + secrets.token_hex(3)
+    try:
+        res = pull(small_image, address=stack.info.containerd_socket, namespace=ns, client=client)
+        assert [lo.mode for lo in res.layers].count("lazy") == len(res.layers), res
+        out = stack.ctr("run", "--rm", "--snapshotter", "bootseer", small_image, "docs-" + secrets.token_hex(3),
+                        namespace=ns).stdout
+        assert out == images.SMALL_OUTPUT
+        text = requests.get(f"http://{stack.info.snapshotter_metrics}/metrics", timeout=10).text
+    finally:
+        stack.ctr("image", "rm", small_image, namespace=ns, check=False)
+    served = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln and not ln.startswith("#")}
+    expected = _documented_series("Snapshotter: Snapshots API") + _documented_series("Snapshotter: lazy layers")
+    assert not set(expected) - served, f"documented but not served: {sorted(set(expected) - served)}"
+    hot = _documented_series("Snapshotter: hot-block")
+    if any(s.startswith("bootseer_hotblocks_") for s in served):  # the prefetcher is wired in: all of it
+        assert not set(hot) - served, f"documented but not served: {sorted(set(hot) - served)}"
+    assert re.search(r'^bootseer_snapshotter_grpc_calls_total\{code="OK",method="Prepare"\} [1-9]', text, re.M)
