@@ -30,10 +30,57 @@ def test_snapshotter_unit_keeps_fuse_alive_across_restarts() -> None:
     assert "KillMode=process" in unit
 
 
-def test_daemonset_passes_kubernetes_schema() -> None:
-    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict",
-                           str(ROOT / "integration" / "k8s" / "daemonset.yaml")], capture_output=True, text=True)
+@pytest.mark.parametrize("manifest", sorted((ROOT / "integration" / "k8s").glob("*.yaml")), ids=lambda p: p.name)
+def test_kubernetes_manifests_pass_the_schema(manifest: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", str(manifest)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _k8s(name: str) -> dict[str, dict]:
+    import yaml
+
+    return {d["kind"]: d for d in yaml.safe_load_all((ROOT / "integration" / "k8s" / name).read_text())}
+
+
+def test_daemonset_gives_the_snapshotter_what_lazy_layers_need(tmp_path: Path) -> None:
+    from snapshotter.config import Config
+
+    docs = _k8s("daemonset.yaml")
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["securityContext"]["privileged"] is True  # FUSE, loop devices, erofs/overlay mounts
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    # the lazy layers mounted under /var/lib/bootseer must be visible to containerd on the host
+    assert mounts["/var/lib/bootseer"]["mountPropagation"] == "Bidirectional"
+    host = {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}
+    for path in ("/dev/fuse", "/run/bootseer", "/run/containerd", "/etc/containerd/certs.d"):
+        assert host[mounts[path]["name"]] == path
+    # the ConfigMap is a config the daemon accepts, serving where the unit, probe and containerd snippet expect
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text(docs["ConfigMap"]["data"]["config.toml"])
+    cfg = Config.load(cfg_file)
+    assert str(cfg.address) == containerd_config.DEFAULT_SOCKET and str(cfg.root) == containerd_config.DEFAULT_ROOT
+    assert cfg.remote_snapshots and cfg.metrics_address.endswith(f":{c['ports'][0]['containerPort']}")
+    assert tomllib.loads(cfg_file.read_text())["events"]["path"].startswith("/var/lib/bootseer/")
+
+
+def test_registry_pod_wires_notifications_to_the_sidecar(tmp_path: Path) -> None:
+    import yaml
+
+    from registry_sidecar.sidecar import SidecarConfig, notifications_config
+
+    docs = _k8s("registry-sidecar.yaml")
+    data = docs["ConfigMap"]["data"]
+    registry = yaml.safe_load(data["config.yml"])
+    side_file = tmp_path / "sidecar.toml"
+    side_file.write_text(data["sidecar.toml"])
+    side = SidecarConfig.load(side_file)
+    port = side.listen.rpartition(":")[2]
+    assert registry["notifications"] == notifications_config(f"http://127.0.0.1:{port}")
+    assert side.registry.rpartition(":")[2] == registry["http"]["addr"].rpartition(":")[2]
+    containers = {c["name"]: c for c in docs["Deployment"]["spec"]["template"]["spec"]["containers"]}
+    assert containers["sidecar"]["args"][:2] == ["sidecar", "serve"]
 
 
 @pytest.mark.parametrize("version", ["1.6", "1.7", "2.0", "2.1"])
