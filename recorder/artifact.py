@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bootseer.reference import Reference
@@ -91,13 +91,15 @@ def candidates(client: RegistryClient, image: Reference | str, manifest_digest: 
 
 
 def fetch(client: RegistryClient, image: Reference | str, manifest_digest: str, *,
-          image_layers: Sequence[str] | None = None, index_blobs: dict[str, str] | None = None) -> Found | None:
+          image_layers: Sequence[str] | None = None, index_blobs: Mapping[str, str] | None = None,
+          descs: Sequence[Descriptor] | None = None) -> Found | None:
     """The newest hot-block manifest of the image, or None (none, or the newest is unusable: warned).
 
     With ``image_layers`` (the image's layer digests) and ``index_blobs`` (layer → EROFS blob of the index),
-    a manifest that does not fit the image is ignored too.  Registry errors other than "not found" propagate."""
+    a manifest that does not fit the image is ignored too.  ``descs``: :func:`candidates` if already listed.
+    Registry errors other than "not found" propagate."""
     ref = _repo(image)
-    for desc in candidates(client, ref, manifest_digest):
+    for desc in descs if descs is not None else candidates(client, ref, manifest_digest):
         try:
             man = client.get_manifest(ref.with_digest(desc.digest))
         except NotFound:

@@ -12,7 +12,8 @@ most of what it reads is local.  The rules the data path already guarantees, and
 * **Bounded.**  ``concurrency`` runs of coalesced chunks at a time per layer.
 * **Stops with the snapshot.**  Removing the snapshot tears the layer down, which cancels its prefetch.
 
-Nothing here blocks ``Prepare``: the lookup (one registry round trip per image, cached) and the prefetch run
+Nothing here blocks ``Prepare``: the lookup (a referrers listing per pull; the Parquet blob only when a new
+recording was pushed) and the prefetch run
 in a worker thread.  A manifest that is missing, corrupt, recorded on another blob of the layer, or names
 layers the image does not have is ignored with a warning — no prefetch, never a wrong one (and the fetcher
 verifies every chunk against the index regardless).
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from recorder import artifact
-from recorder.hotblocks import HotBlockManifest
+from recorder.hotblocks import BadManifest, HotBlockManifest
 
 if TYPE_CHECKING:
     from bootseer.registry import RegistryClient
@@ -137,24 +138,28 @@ class LayerPrefetch:
 class HotBlockPrefetcher:
     """Looks up hot-block manifests and starts the prefetch of each lazily prepared layer (see the module doc).
 
-    ``client`` is the daemon's registry client (mirrors, credentials); ``ttl`` how long a fetched manifest
-    (or its absence: ``negative_ttl``) is trusted before a new recording is looked for."""
+    ``client`` is the daemon's registry client (mirrors, credentials).  Freshness: a recording pushed a
+    moment ago must be used by the very next pull (CI records, then starts), and a pull's own Prepares must
+    not hide it (``bootseer record`` pulls the image before it pushes) — so every lookup lists the image's
+    hot-block referrers (one small request), and only the Parquet blob of a new newest artifact is fetched;
+    within ``reuse_for`` seconds a lookup is reused as is (the Prepares of one pull come in a burst)."""
 
     def __init__(self, manager: _Manager, client: RegistryClient, *, concurrency: int | None = None,
-                 ttl: float = 300.0, negative_ttl: float = 30.0, max_images: int = 64,
+                 reuse_for: float = 1.0, max_images: int = 64,
                  registry: CollectorRegistry | None = None, enabled: bool = True) -> None:
         self.manager = manager
         self.client = client
         self.concurrency = concurrency
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
+        self.reuse_for = reuse_for
         self.max_images = max_images
         self.enabled = enabled
         if registry is None:
             registry = getattr(getattr(manager, "metrics", None), "registry", None)
         self.metrics = Metrics(registry)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str], tuple[float, HotBlockManifest | None]] = OrderedDict()
+        # (repository, manifest digest) → (reuse until, newest artifact digest, its manifest or None if unusable)
+        self._cache: OrderedDict[tuple[str, str], tuple[float, str | None, HotBlockManifest | None]] = OrderedDict()
+        self._layers_of: dict[tuple[str, str], list[str]] = {}  # image manifests are immutable
         self._gates: dict[tuple[str, str], threading.Lock] = {}
         self._layers: dict[str, LayerPrefetch] = {}  # by blob digest: the latest prefetch of each blob
         self._threads: list[threading.Thread] = []
@@ -200,23 +205,40 @@ class HotBlockPrefetcher:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > time.monotonic():
                 self._cache.move_to_end(key)
-                return hit[1]
+                return hit[2]
             gate = self._gates.setdefault(key, threading.Lock())
         with gate:
             with self._lock:
                 hit = self._cache.get(key)
                 if hit is not None and hit[0] > time.monotonic():
-                    return hit[1]
-            layers = [d.digest for d in self.client.get_manifest(ref.with_digest(manifest_digest)).layers]
-            found = artifact.fetch(self.client, ref, manifest_digest, image_layers=layers, index_blobs=index_blobs)
-            hb = found.manifest if found is not None else None
-            if found is not None:
-                log.info("hot-block manifest %s of %s: %d ranges, %.1f MiB", found.digest[:19], ref.name,
-                         len(hb.ranges) if hb else 0, (hb.hot_bytes() if hb else 0) / (1 << 20))
+                    return hit[2]
+                layers = self._layers_of.get(key)
+            if layers is None:
+                layers = [d.digest for d in self.client.get_manifest(ref.with_digest(manifest_digest)).layers]
+            descs = artifact.candidates(self.client, ref, manifest_digest)
+            newest = descs[0].digest if descs else None
+            if hit is not None and hit[1] == newest:
+                parsed = hit[2]  # nothing new was pushed: the parsed manifest (or the verdict on it) still holds
+                hb = parsed
+                if hb is not None and index_blobs is not None:
+                    try:
+                        hb.check(layers, index_blobs)
+                    except BadManifest as e:
+                        log.warning("hot-block manifest of %s ignored: %s", ref.name, e)
+                        hb = None
+            else:
+                found = artifact.fetch(self.client, ref, manifest_digest, image_layers=layers,
+                                       index_blobs=index_blobs, descs=descs)
+                parsed = hb = found.manifest if found is not None else None
+                if found is not None:
+                    log.info("hot-block manifest %s of %s: %d ranges, %.1f MiB", found.digest[:19], ref.name,
+                             len(found.manifest.ranges), found.manifest.hot_bytes() / (1 << 20))
             with self._lock:
-                self._cache[key] = (time.monotonic() + (self.ttl if hb is not None else self.negative_ttl), hb)
+                self._cache[key] = (time.monotonic() + self.reuse_for, newest, parsed)
+                self._layers_of[key] = layers
                 while len(self._cache) > self.max_images:
-                    self._cache.popitem(last=False)
+                    old, _ = self._cache.popitem(last=False)
+                    self._layers_of.pop(old, None)
                 self._gates.pop(key, None)
             return hb
 

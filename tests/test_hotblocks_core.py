@@ -246,7 +246,7 @@ def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog
     host = registry.url.removeprefix("http://")
     ref = f"{host}/hb/pf{secrets.token_hex(3)}:v1"
     subject = _image(client, ref, [L0, L1])
-    hot = HotBlockPrefetcher(None, client, registry=CollectorRegistry(), ttl=0, negative_ttl=0)  # type: ignore[arg-type]
+    hot = HotBlockPrefetcher(None, client, registry=CollectorRegistry(), reuse_for=0)  # type: ignore[arg-type]
     assert hot.manifest(ref, subject.digest) is None  # none yet
 
     hb = build(subject.digest, BLOBS, [acc(B1, 9 * MiB, 10, 0), acc(B0, 0, 10, 1), acc(B1, 2 * MiB, 10, 2)])
