@@ -153,10 +153,17 @@ def place(evs: list[Event]) -> tuple[float, list[Placed]]:
     return t0, placed
 
 
-def build(source: Path, job: str | None = None, lookback: float = DEFAULT_LOOKBACK) -> Profile:
-    evs, skipped = events.read(source)
+def build(sources: Path | list[Path], job: str | None = None, lookback: float = DEFAULT_LOOKBACK) -> Profile:
+    """The profile of one job from one or more event logs (say, the node's and the training container's)."""
+    evs: list[Event] = []
+    skipped = 0
+    for source in [sources] if isinstance(sources, Path) else sources:
+        got, bad = events.read(source)
+        evs += got
+        skipped += bad
     if not evs:
-        raise EventLogError(f"event log {source} has no events" + (f" ({skipped} unreadable lines)" if skipped
+        names = ", ".join(str(x) for x in ([sources] if isinstance(sources, Path) else sources))
+        raise EventLogError(f"event log {names} has no events" + (f" ({skipped} unreadable lines)" if skipped
                                                                   else ""))
     job, chosen = select(evs, job, lookback)
     t0, placed = place(chosen)
@@ -261,8 +268,8 @@ def gantt(prof: Profile, out: Path) -> None:
 
 
 def profile(
-    events_file: Path = typer.Option(None, "--events", help="Event log (default: $BOOTSEER_EVENTS, else "
-                                     "[events] path in the config)."),
+    events_files: list[Path] = typer.Option(None, "--events", help="Event log, repeatable (the node's and a "
+                                            "container's); default: $BOOTSEER_EVENTS, else [events] path."),
     job: str = typer.Option(None, "--job", help="Job id (default: the job of the newest tagged line)."),
     png: Path = typer.Option(None, "--png", help="Write a Gantt chart of the phases to this PNG file."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON instead of tables."),
@@ -271,12 +278,13 @@ def profile(
 ) -> None:
     """Per-phase timeline of a job's start-up (image pull/mount, prefetch, dependency resolve, checkpoint
     load) from the BootSeer event log, as tables and a PNG Gantt chart."""
-    source = events_file or events.path()
-    if source is None:
+    default = events.path()
+    sources = list(events_files or ([default] if default is not None else []))
+    if not sources:
         typer.echo(f"bootseer profile: no event log: pass --events FILE, or set {events.ENV_PATH}", err=True)
         raise typer.Exit(2)
     try:
-        prof = build(source, job, lookback)
+        prof = build(sources, job, lookback)
     except EventLogError as e:
         typer.echo(f"bootseer profile: {e}", err=True)
         raise typer.Exit(1) from None

@@ -198,3 +198,16 @@ def test_ckptfs_mount_logs_each_open_to_release(log: Path, tmp_path: Path) -> No
     assert (line["phase"], line["job"], line["component"]) == ("checkpoint_load", "job-m", "ckptfs mount")
     assert line["attrs"]["path"] == "model.pt" and line["attrs"]["size"] == 2 << 20
     assert 0 < line["attrs"]["bytes"] <= 2 << 20
+
+
+def test_profile_joins_several_logs(tmp_path: Path) -> None:
+    """The node's log (snapshotter) and the job container's own (ckptfs) give one timeline."""
+    node, job = tmp_path / "node.jsonl", tmp_path / "job.jsonl"
+    _write(node, [_ev("image_mount", 0.0, 1.0, None, image="reg/train:1"),
+                  _ev("dependency_resolve", 1.0, 2.0, "job-2", image="reg/train:1")])
+    _write(job, [_ev("checkpoint_load", 3.0, 4.0, "job-2", path="m.pt")])
+    proc = _cli("profile", "--events", str(node), "--events", str(job), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [e["phase"] for e in doc["events"]] == ["image_mount", "dependency_resolve", "checkpoint_load"]
+    assert doc["job"] == "job-2" and doc["total_s"] == pytest.approx(4.0)
