@@ -14,7 +14,8 @@ and end, across several processes (snapshotter, launcher, training process), whi
 aggregates.  Appending a line is cheap enough for every pull and every checkpoint load.
 
 Where lines go: ``$BOOTSEER_EVENTS`` if set (empty or ``off``: nowhere), else ``path`` in the ``[events]``
-table of ``$BOOTSEER_CONFIG`` (default ``/etc/bootseer/config.toml``), else nowhere.  Off by default, so a
+table of the daemon's config file (:func:`use_config`), or of ``$BOOTSEER_CONFIG`` (default
+``/etc/bootseer/config.toml``), else nowhere.  Off by default, so a
 library use of ckptfs on a laptop writes no surprise files.
 
 Which job: ``job=`` if given, else ``$BOOTSEER_JOB_ID`` (set it in the job's environment: the launcher, the
@@ -83,8 +84,18 @@ def boot_id() -> str:
     return _boot_id
 
 
+_config_file: Path | None = None
+
+
+def use_config(path: str | os.PathLike[str] | None) -> None:
+    """Read ``[events] path`` from this file (a daemon's ``--config``) instead of ``$BOOTSEER_CONFIG`` or the
+    default; ``None`` goes back to those.  ``$BOOTSEER_EVENTS`` still wins."""
+    global _config_file
+    _config_file = Path(path) if path is not None else None
+
+
 def _config_path() -> Path | None:
-    cfg = Path(os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+    cfg = _config_file or Path(os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
     try:
         doc = tomllib.loads(cfg.read_text())
     except FileNotFoundError:

@@ -65,6 +65,14 @@ def test_path_comes_from_env_then_config_and_can_be_off(tmp_path: Path, monkeypa
     monkeypatch.setenv(events.ENV_CONFIG, str(tmp_path / "missing.toml"))
     monkeypatch.delenv(events.ENV_PATH)
     assert events.path() is None
+    daemon = tmp_path / "daemon.toml"  # a daemon started with --config FILE reads [events] from FILE
+    daemon.write_text(f'[events]\npath = "{tmp_path / "daemon.jsonl"}"\n')
+    events.use_config(daemon)
+    try:
+        assert events.path() == tmp_path / "daemon.jsonl"
+    finally:
+        events.use_config(None)
+    assert events.path() is None
 
 
 def test_an_unwritable_log_never_breaks_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
