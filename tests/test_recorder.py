@@ -272,11 +272,14 @@ def test_manifest_of_an_overlapping_command_helps(world: World, realistic: str, 
     world.cold(realistic)
     out, _, misses, _ = world.start_with_prefetch(realistic, ns, TORCH)  # numpy's manifest, torch's start
     assert out == images.REALISTIC_OUTPUT
+    prefetched = sum(int(x["fetched"]["bytes"]["prefetch"]) for x in world.status(realistic).values())
+    assert 0 < prefetched <= numpy_hot  # the newest manifest (numpy's) was the one replayed
     world.st.ctr("images", "rm", "--sync", realistic, namespace=ns, check=False)
 
     merged = world.record(realistic, TORCH, "--merge")
     assert merged.returncode == 0, merged.stderr
     torch_hot = json.loads(merged.stdout)["summary"]["hot_bytes"]
-    print(f"torch start with numpy's manifest ({numpy_hot / MiB:.1f} MiB): {misses / MiB:.1f} MiB demand misses; "
+    print(f"torch start with numpy's manifest ({numpy_hot / MiB:.1f} MiB, {prefetched / MiB:.1f} MiB prefetched): "
+          f"{misses / MiB:.1f} MiB demand misses; "
           f"merged hot set {torch_hot / MiB:.1f} MiB")
     assert misses < torch_hot - numpy_hot // 2  # python + numpy came from prefetch
