@@ -463,3 +463,38 @@ def test_blobfs_operations_without_a_kernel() -> None:
     st = fs.stats("sha256-abc")
     assert st is None  # gone with the last close
     assert fs.add("sha256-abc", src) > ino  # inode numbers are never reused
+
+
+class _Hooks:
+    def changed(self, layer: Any) -> None:
+        return None
+
+    def cache_hit(self) -> None:
+        return None
+
+    def swapped(self, layer: Any) -> None:
+        return None
+
+    def may_swap(self) -> bool:
+        return True
+
+
+def test_layer_tells_its_demand_observer_about_every_read(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+    """What the hot-block prefetcher counts: each read reaching FUSE, and whether its chunks were local."""
+    from snapshotter.lazy.layer import LayerPaths, LazyLayer
+
+    data, srv = served
+    spec = _spec(data, srv.url)
+    paths = LayerPaths(cache=tmp_path / "c", mountpoint=tmp_path / "m", fuse_file=tmp_path / "f")
+    layer = LazyLayer(spec, paths, fetcher_factory=lambda cache: Fetcher(spec, cache, scheduler=Scheduler(4, 1),
+                                                                         client=HttpClient()),
+                      fs=BlobFS(threads=1), server=None, hooks=_Hooks())
+    seen: list[tuple[int, int, bool]] = []
+    layer.demand_observer = lambda off, n, local: seen.append((off, n, local))
+    assert layer.read_cached(CS + 10, 100) is None  # missing: the FUSE side then calls read()
+    assert layer.read(CS + 10, 100) == data[CS + 10 : CS + 110]
+    assert layer.read_cached(CS + 200, 50) == data[CS + 200 : CS + 250]
+    layer.demand_observer = lambda off, n, local: 1 / 0  # a broken observer is dropped, reads go on
+    assert layer.read_cached(CS, 10) == data[CS : CS + 10] and layer.demand_observer is None
+    assert seen == [(CS + 10, 100, False), (CS + 200, 50, True)]
+    layer.cache.close()

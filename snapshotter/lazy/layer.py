@@ -113,6 +113,9 @@ class LazyLayer:
         self._prefetch_threads: list[threading.Thread] = []
         self._swapped_event = threading.Event()
         self.io = {"reads": 0, "cached": 0, "bytes": 0, "errors": 0}  # reads that reached FUSE for this blob
+        # (offset, length, all chunks local?) for every read reaching FUSE, on the FUSE loop: the hot-block
+        # prefetcher counts how many of the container's reads its prefetch had made local.  Must be cheap.
+        self.demand_observer: Callable[[int, int, bool], None] | None = None
 
     # -- BlobSource (FUSE) ---------------------------------------------------------------------------
     @property
@@ -127,7 +130,15 @@ class LazyLayer:
         """Every FUSE read starts here (on the FUSE loop), so this is where they are counted."""
         length = max(0, min(length, self.spec.size - offset))
         self.io["reads"] += 1
-        if not self.cache.has_all(self.spec.chunks_for(offset, length)):
+        local = self.cache.has_all(self.spec.chunks_for(offset, length))
+        observer = self.demand_observer
+        if observer is not None:
+            try:
+                observer(offset, length, local)
+            except Exception:  # an observer must never break reads
+                log.exception("demand observer of %s failed; removing it", self.spec.digest[:19])
+                self.demand_observer = None
+        if not local:
             return None
         self.hooks.cache_hit()
         data = self.cache.read(offset, length)
