@@ -51,6 +51,9 @@ def _base_tarball() -> Path:
             tmp.replace(tar)
         finally:
             tmp.unlink(missing_ok=True)
+        for old in CACHE.glob("bookworm-minbase-*.tar"):  # yesterday's base: the mirror has moved on
+            if old != tar:
+                old.unlink(missing_ok=True)
     return tar
 
 
