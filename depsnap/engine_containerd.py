@@ -33,6 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from bootseer.containerd import Containerd
 from bootseer.pull import pull
 from depsnap import image
@@ -133,6 +135,19 @@ def build_containerd(
         return found
     if not spec.command:
         raise BuildError("no install command")
+    if not os.path.exists(address):
+        raise BuildError(f"no containerd socket at {address} (--address)")
+    try:
+        return _build(address, base, spec, repo, context, wheels, plain_http, namespace, snapshotter, timeout,
+                      network)
+    except grpc.RpcError as e:
+        code = e.code().name if isinstance(e, grpc.Call) else "error"
+        detail = e.details() if isinstance(e, grpc.Call) else str(e)
+        raise BuildError(f"containerd: {code}: {detail}; nothing was pushed") from e
+
+
+def _build(address: str, base: str, spec: DepSpec, repo: str, context: Path, wheels: Path | None,
+           plain_http: bool, namespace: str, snapshotter: str, timeout: float, network: str) -> Result:
     pinned = base_ref(base, spec)
     base_img = image.load_base(pinned, plain_http)
     work = Path(tempfile.mkdtemp(prefix="bs-depsnap-"))
@@ -144,7 +159,8 @@ def build_containerd(
                  ", ".join(lo.mode for lo in pulled.layers))
         with Containerd(address, namespace) as cd, cd.leased():
             key = f"depsnap-{spec.key()[:16]}-{secrets.token_hex(4)}"
-            mounts = cd.prepare(snapshotter, key, pulled.layers[-1].chain_id, {"bootseer.depsnap/key": spec.key()})
+            parent = pulled.layers[-1].chain_id if pulled.layers else ""
+            mounts = cd.prepare(snapshotter, key, parent, {"bootseer.depsnap/key": spec.key()})
             try:
                 rootfs.mkdir()
                 upper = _mount(mounts, rootfs)

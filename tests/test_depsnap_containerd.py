@@ -208,6 +208,13 @@ def test_install_past_its_deadline_is_killed_and_cleaned_up(stack: Stack, small_
     assert stack.ctr("tasks", "ls", "-q", namespace=ns).stdout.split() == []
 
 
+def test_cli_without_containerd_says_so(stack: Stack, small_image: str, scratch: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "bootseer.cli", "depsnap", "run", "--base", small_image, "--repo",
+                        repo_of(stack, "nocd"), "--run", "true", "--address", str(scratch / "none.sock"),
+                        "--plain-http"], capture_output=True, text=True)
+    assert r.returncode == 1 and f"no containerd socket at {scratch / 'none.sock'}" in r.stderr
+
+
 def test_cli_refuses_a_bad_index_mode_before_building(stack: Stack, small_image: str, scratch: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "bootseer.cli", "depsnap", "run", "--base", small_image, "--repo",
                         repo_of(stack, "bad"), "--run", "true", "--index", "sometimes", "--plain-http"],
