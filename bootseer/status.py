@@ -74,16 +74,20 @@ def status(control: str | None = typer.Option(None, "--control", help="The snaps
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"lazy layers ({len(rows)})")
+    table = Table(title=f"lazy layers ({len(rows)}), sizes in MiB; fetched: demand / prefetch / background")
     table.add_column("blob", no_wrap=True, min_width=19)
-    for col in ("size", "local", "demand", "prefetch", "background", "state", "users"):
-        table.add_column(col, justify="left" if col == "state" else "right")
+    for col in ("size", "local", "demand", "prefetch", "backgr.", "state", "users"):
+        table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
     for r in rows:
         state = "swapped" if r["swapped"] else ("FUSE" if r["mounted"] else "cached")
         f = r["fetched"]
-        table.add_row(r["digest"][:19], _mib(r["size"]), _mib(r["bytes_local"]), _mib(f["demand"]),
-                      _mib(f["prefetch"]), _mib(f["background"]), state, str(len(r["owners"])))
+        table.add_row(r["digest"][:19], _n(r["size"]), _n(r["bytes_local"]), _n(f["demand"]), _n(f["prefetch"]),
+                      _n(f["background"]), state, str(len(r["owners"])))
     Console().print(table)
+
+
+def _n(n: int) -> str:
+    return f"{n / (1 << 20):.1f}"
 
 
 def _mib(n: int) -> str:
