@@ -297,8 +297,8 @@ class HotBlockPrefetcher:
         layer = self.manager.layer(lp.blob)
         stats = getattr(getattr(layer, "fetcher", None), "stats", None)
         before = int(stats.bytes.get("prefetch", 0)) if stats is not None else 0
-        if layer is not None and hasattr(layer, "demand_observer"):
-            layer.demand_observer = self._observer(lp)
+        if layer is not None:
+            _observe_reads(layer, self._observer(lp))
         self.metrics.running.inc()
         try:
             job = self.manager.prefetch(lp.blob, ranges, self.concurrency)
@@ -345,3 +345,28 @@ class HotBlockPrefetcher:
                     miss_c.inc(length)
 
         return observe
+
+
+def _observe_reads(layer: Any, observer: Callable[[int, int, bool], None]) -> None:
+    """Have ``observer(offset, length, hit)`` called for every FUSE read of the layer.
+
+    Uses the layer's ``demand_observer`` hook when it has one; otherwise wraps the layer object's
+    ``read_cached`` (every FUSE read of the blob starts there and it answers None when a chunk is missing),
+    once per layer object — a later prefetch of the same layer only swaps the observer."""
+    if hasattr(layer, "demand_observer"):
+        layer.demand_observer = observer
+        return
+    holder = getattr(layer, "_hotblocks_observer", None)
+    if holder is not None:
+        holder[0] = observer
+        return
+    holder = [observer]
+    original = layer.read_cached
+
+    def read_cached(offset: int, length: int) -> Any:
+        data = original(offset, length)
+        holder[0](offset, length, data is not None)
+        return data
+
+    layer._hotblocks_observer = holder
+    layer.read_cached = read_cached

@@ -82,6 +82,12 @@ class World:
         return int(sum(float(v) for v in re.findall(r'^bootseer_hotblocks_prefetches_total\{[^}]*\} (\S+)$', text,
                                                      re.M)))
 
+    def hot_demand(self) -> dict[str, float]:
+        """``bootseer_hotblocks_demand_bytes_total`` by result (reads of recorded ranges: local or not)."""
+        text = self.control.call("metrics")
+        return {m.group(1): float(m.group(2)) for m in
+                re.finditer(r'^bootseer_hotblocks_demand_bytes_total\{result="(\w+)"\} (\S+)$', text, re.M)}
+
     def namespaces(self) -> set[str]:
         return set(self.st.ctr("namespaces", "ls", "-q").stdout.split())
 
@@ -254,11 +260,15 @@ def test_second_start_with_prefetch_makes_almost_no_demand_misses(world: World, 
     assert s["share_of_image"] < 0.6  # a start-up reads a part of the image, not all of it
 
     world.cold(realistic)
+    demand0 = world.hot_demand()
     out, mounts, misses, took = world.start_with_prefetch(realistic, ns, TORCH)
     assert out == images.REALISTIC_OUTPUT
+    demand = {k: v - demand0.get(k, 0.0) for k, v in world.hot_demand().items()}
+    assert demand["hit"] > 0 and demand["miss"] <= s["hot_bytes"] // 100, demand  # reads of hot ranges were local
     prefetched = sum(int(x["fetched"]["bytes"]["prefetch"]) for x in world.status(realistic).values())
     print(f"second start: prefetched {prefetched / MiB:.1f} MiB, demand misses {misses / MiB:.2f} MiB during the "
-          f"run ({mounts / MiB:.2f} MiB by the mounts before prefetch), run {took:.1f}s")
+          f"run ({mounts / MiB:.2f} MiB by the mounts before prefetch); reads of hot ranges: "
+          f"{demand['hit'] / MiB:.1f} MiB local, {demand['miss'] / MiB:.1f} MiB not yet; run {took:.1f}s")
     assert prefetched >= s["hot_bytes"] * 0.9 - mounts
     assert misses <= 2 * MiB + s["hot_bytes"] // 100  # (almost) everything it read was already local
 
