@@ -16,7 +16,9 @@ ARG EXTRA_CA_PEM=""
 RUN if [ -n "$EXTRA_CA_PEM" ]; then mkdir -p /usr/local/share/ca-certificates \
       && printf '%s\n' "$EXTRA_CA_PEM" > /usr/local/share/ca-certificates/bootseer-build-extra.crt; fi
 
-# System packages first: this layer only changes when the installer's package list does.
+# System packages first: this layer only changes when the installer's package list does.  Only the daemons'
+# packages (erofs-utils, fuse3, util-linux, …): the test and benchmark tools stay out of the image.
+ENV BOOTSEER_PACKAGES=daemon
 COPY integration/install.sh /opt/bootseer/src/integration/install.sh
 RUN /opt/bootseer/src/integration/install.sh --system && rm -rf /var/lib/apt/lists/*
 

@@ -25,6 +25,10 @@ SYSTEM_PACKAGES=(
   nginx-light                           # ckptfs benchmark: per-connection rate-limited stripe server
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev  # start-up benchmark's peer
 )
+# BOOTSEER_PACKAGES=daemon (the Dockerfile): only what the snapshotter and the sidecar run with
+if [ "${BOOTSEER_PACKAGES:-all}" = daemon ]; then
+  SYSTEM_PACKAGES=(erofs-utils fuse3 libfuse3-dev pkg-config util-linux mount kmod procps ca-certificates)
+fi
 
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do

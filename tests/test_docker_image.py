@@ -88,7 +88,9 @@ def test_image_builds_from_the_installer_and_runs_offline() -> None:
             assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
         assert "proxy_plugins.bootseer" in proc.stdout
 
-        cfg = json.loads(docker("image", "inspect", "bootseer-test:dev").stdout)[0]["Config"]
+        inspect = json.loads(docker("image", "inspect", "bootseer-test:dev").stdout)[0]
+        print(f"daemon image: {inspect['Size'] / 1e9:.2f} GB")
+        cfg = inspect["Config"]
         assert cfg["Entrypoint"] == ["bootseer"]
         assert cfg["Cmd"] == ["snapshotter", "serve", "--config", "/etc/bootseer/config.toml"]
         # the daemon image carries no test tools
