@@ -25,6 +25,30 @@ def test_systemd_unit_verifies(unit: Path) -> None:
     assert proc.returncode == 0 and unit.name not in proc.stderr, proc.stderr
 
 
+def _unit(name: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in (ROOT / "integration" / "systemd" / name).read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out.setdefault(key, value)
+    return out
+
+
+def test_units_put_sockets_and_state_where_containerd_and_the_daemons_look() -> None:
+    from registry_sidecar.sidecar import SidecarConfig
+    from snapshotter.config import Config
+
+    snap, side = _unit("bootseer-snapshotter.service"), _unit("bootseer-sidecar.service")
+    defaults = Config.load(None)
+    # /run/<RuntimeDirectory> holds the socket the containerd snippet dials; /var/lib/<StateDirectory> the root
+    assert Path(containerd_config.DEFAULT_SOCKET).parent == Path("/run") / snap["RuntimeDirectory"]
+    assert defaults.address == Path(containerd_config.DEFAULT_SOCKET)
+    assert defaults.root.parent == Path("/var/lib") / snap["StateDirectory"]
+    assert Path(SidecarConfig().state_dir) == Path("/var/lib") / side["StateDirectory"]
+    assert snap["ExecStart"].split()[1:3] == ["snapshotter", "serve"]
+    assert side["ExecStart"].split()[1:3] == ["sidecar", "serve"]
+
+
 def test_snapshotter_unit_keeps_fuse_alive_across_restarts() -> None:
     unit = (ROOT / "integration" / "systemd" / "bootseer-snapshotter.service").read_text()
     assert "KillMode=process" in unit
