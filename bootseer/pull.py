@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from bootseer import events
 from bootseer.containerd import Containerd, Descriptor
 from bootseer.reference import Reference
 from bootseer.registry import Platform, RegistryClient
@@ -108,6 +109,16 @@ def pull(image: str, *, address: str, namespace: str = "default", snapshotter: s
          client: RegistryClient | None = None, platform: str | None = None,
          progress: Progress | None = None) -> PullResult:
     """Pull ``image`` into the containerd at ``address`` (see the module doc); returns what each layer took."""
+    with events.span("image_pull", component="bootseer pull", image=image) as attrs:
+        res = _pull(image, address=address, namespace=namespace, snapshotter=snapshotter, client=client,
+                    platform=platform, progress=progress)
+        attrs.update(layers=len(res.layers), lazy=sum(lo.mode == "lazy" for lo in res.layers),
+                     downloaded_bytes=res.downloaded_bytes)
+    return res
+
+
+def _pull(image: str, *, address: str, namespace: str, snapshotter: str, client: RegistryClient | None,
+          platform: str | None, progress: Progress | None) -> PullResult:
     from bootseer.registry import default_client
 
     t0 = time.monotonic()

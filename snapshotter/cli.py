@@ -31,6 +31,9 @@ def serve(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
+    from bootseer import events
     from snapshotter.server import serve as run  # grpc is imported only when serving
+
+    events.use_config(config)  # the start-up event log's [events] path may be in this daemon's config
 
     run(cfg)

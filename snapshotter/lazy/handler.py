@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
+from bootseer import events
 from snapshotter.lazy.manager import LayerManager
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.metastore import Record
@@ -98,7 +99,9 @@ class LazyHandler:
             log.info("layer %s of %s has no lazy blob; ordinary pull", layer[:19], image)
             return None
         owner = owner_of(req.namespace, req.target)
-        lower = self.manager.acquire(spec, owner)
+        with events.span("image_mount", component="bootseer snapshotter", image=image, layer=layer,
+                         blob=spec.digest):
+            lower = self.manager.acquire(spec, owner)
         self._last.value = (lower, owner, spec.digest)
         log.info("layer %s of %s is lazy: blob %s at %s", layer[:19], image, spec.digest[:19], lower)
         if self.prefetch is not None:
