@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import statistics
@@ -150,7 +151,7 @@ def markdown(result: dict[str, Any]) -> str:
     rates = result["rates"]
     modes = [m for m in MODES if any(m in result["median_seconds"].get(rate_key(r), {}) for r in rates)]
     out = [f"# Start-up benchmark: {result.get('image', 'realistic image')}", "",
-           f"Command `{' '.join(result.get('command', []))}`; median of {result.get('runs')} cold runs per mode "
+           f"Command `{shlex.join(result.get('command', []))}`; median of {result.get('runs')} cold runs per mode "
            "and rate; time from the pull's start to the command's output.  Produced by "
            f"`{result.get('command_line', 'bootseer bench startup')}`.", ""]
     head = "| mode |" + "".join(f" {r} s | × floor | MB over link |" for r in rates)
@@ -224,15 +225,17 @@ def write_png(result: dict[str, Any], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ the machine parts
 def _which_bootseer_commands() -> set[str]:
-    """The top-level ``bootseer`` commands of this checkout (a subprocess: the CLI mounts what exists)."""
-    proc = subprocess.run([sys.executable, "-m", "bootseer.cli", "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1"})
-    found = set()
-    for line in proc.stdout.splitlines():
-        parts = line.strip("│ ").split()
-        if parts:
-            found.add(parts[0])
-    return found
+    """The top-level ``bootseer`` commands of this checkout (the CLI mounts the parts that exist)."""
+    try:
+        import typer.main
+
+        from bootseer.cli import app
+
+        group = typer.main.get_command(app)
+        return set(getattr(group, "commands", {}))
+    except Exception as e:  # a part that fails to import: its commands are missing
+        _log(f"the bootseer CLI did not load ({type(e).__name__}: {e})")
+        return set()
 
 
 def bootseer_mode_missing(mode: str, commands: set[str]) -> str | None:
@@ -331,6 +334,7 @@ class Bench:
                 self.peer.socket, self.peer.root, name=peer.SNAPSHOTTER))
         self.host_if = f"bs{st.info.netns_id}h" if st.info.netns_id else None
         self.counter = 0
+        self.recorded: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------- daemons
     def _start_containerd(self) -> None:
@@ -435,16 +439,22 @@ class Bench:
     def _record(self, ref: str) -> None:
         self.log(f"recording the hot blocks of {ref} with bootseer record ...")
         self.reset()
-        self.bootseer("record", ref, "--", *self.cmd, timeout=1800)
+        out = self.bootseer("record", ref, "--address", self.st.info.containerd_socket, "--control",
+                            str(getattr(self.st.info, "snapshotter_control", "")), "--plain-http", "--json",
+                            "--", *self.cmd, timeout=1800).stdout
+        with contextlib.suppress(ValueError):
+            self.recorded = json.loads(out)
 
     # -------------------------------------------------------------------------------- runs
-    def run_container(self, snapshotter: str, ref: str, at_output: Callable[[], None] = lambda: None) -> float:
-        """``ctr run --rm``: the monotonic time the first stdout line arrived (``at_output`` is called then);
-        fails unless the container exits 0 with exactly the expected output."""
+    def run_container(self, snapshotter: str, ref: str, at_output: Callable[[], None] = lambda: None,
+                      cmd: list[str] | None = None) -> tuple[float, str]:
+        """``ctr run --rm``: (the monotonic time the first stdout line arrived — ``at_output`` is called then —,
+        stdout); fails unless the container exits 0 and, for the benchmark's command, prints exactly the
+        expected output."""
         self.counter += 1
         name = f"startup-{os.getpid()}-{self.counter}"
         proc = subprocess.Popen(["ctr", "-a", self.st.info.containerd_socket, "-n", NS, "run", "--rm",
-                                 "--snapshotter", snapshotter, ref, name, *self.cmd],
+                                 "--snapshotter", snapshotter, ref, name, *(cmd or self.cmd)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         err: list[str] = []
         reader = threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else ""), daemon=True)
@@ -457,10 +467,10 @@ class Bench:
         rc = proc.wait(timeout=1800)
         reader.join(timeout=60)
         out = first + rest
-        if rc != 0 or out != self.expected:
+        if rc != 0 or (cmd is None and out != self.expected):
             raise RuntimeError(f"{snapshotter}: container output {out!r} (exit {rc}), expected {self.expected!r}; "
                                f"stderr: {''.join(err).strip()[-1500:]}")
-        return t_out
+        return t_out, out
 
     def pull(self, mode: str) -> None:
         ref = self.refs[mode]
@@ -493,14 +503,73 @@ class Bench:
 
         def sample() -> None:
             at["rx"], at["log"] = self.link_rx(), self.registry_log_size()
+            if mode in ("lazy", "prefetch"):
+                at.update(self.fetched_by_kind())
 
-        t_out = self.run_container(self.snapshotter_of(mode), self.refs[mode], sample)
+        t_out, _ = self.run_container(self.snapshotter_of(mode), self.refs[mode], sample)
         run = Run(mode, rate, round(t_out - t0, 3), round(t_pull - t0, 3), at["rx"] - rx0,
                   self.registry_served(log0, at["log"]))
+        run.extra.update({f"fetched_{k}": at[k] for k in ("demand", "prefetch", "background") if k in at})
         if mode == "floor":
             run.extra["page_cache_bytes"], run.extra["unpacked_bytes"] = page_cache_bytes(
                 sorted((self.cdir / "root" / "io.containerd.snapshotter.v1.overlayfs" / "snapshots").glob("*/fs")))
         return run
+
+    def fetched_by_kind(self) -> dict[str, int]:
+        """BootSeer's snapshotter's own count of the bytes it fetched, by kind (demand, prefetch, background),
+        over all lazy layers — asked on its control socket, fast enough to call the moment the output arrives."""
+        ctl = getattr(self.st.info, "snapshotter_control", None)
+        out = {"demand": 0, "prefetch": 0, "background": 0}
+        try:
+            from snapshotter.lazy.serve import Control
+
+            for ly in Control(ctl, timeout=10).call("status")["layers"]:
+                for k, v in ((ly.get("fetched") or {}).get("bytes") or {}).items():
+                    if k in out:
+                        out[k] += int(v)
+        except Exception as e:  # the figure is extra; a daemon without it must not fail the run
+            self.log(f"no fetch counters from the snapshotter: {type(e).__name__}: {e}")
+            return {}
+        return out
+
+    # ---------------------------------------------------------------- sequential read, swapped layer
+    def lazy_status(self) -> list[dict[str, Any]]:
+        ctl = getattr(self.st.info, "snapshotter_control", None)
+        if not ctl:
+            return []
+        return list(json.loads(self.bootseer("status", "--json", "--control", ctl, timeout=60).stdout)["layers"])
+
+    def seq_read(self, mode: str, timeout: float) -> float | None:
+        """MB/s of a cold sequential read of the image's largest file inside a container: from overlayfs on
+        local disk (``floor``) or from BootSeer's lazy layers once every layer has left FUSE (``lazy``).
+        None when the lazy layers did not all swap within ``timeout``."""
+        self.reset()
+        self.pull(mode)
+        if mode == "lazy":
+            deadline = time.monotonic() + timeout
+            while True:  # polling the daemon's state with a deadline
+                layers = self.lazy_status()
+                if layers and all(ly.get("swapped") for ly in layers):
+                    break
+                if time.monotonic() > deadline:
+                    self.log(f"seq read: lazy layers not all swapped after {timeout:.0f} s: "
+                             + ", ".join(f"{ly['digest'][:19]} swapped={ly.get('swapped')}" for ly in layers))
+                    return None
+                time.sleep(1)
+        drop_caches()
+        _, out = self.run_container(self.snapshotter_of(mode), self.refs[mode], cmd=SEQ_READ_CMD)
+        n, secs = out.split()
+        if int(n) < 100 << 20:
+            raise RuntimeError(f"seq read: read only {n} bytes of {SEQ_READ_FILE}")
+        return int(n) / float(secs) / 1e6
+
+
+SEQ_READ_FILE = "/usr/local/lib/python3.11/dist-packages/torch/lib/libtorch_cpu.so"  # ~400 MB, the largest
+SEQ_READ_CMD = ["python3", "-c", "import sys, time\n"
+                "t = time.monotonic(); n = 0\n"
+                "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+                "    while (b := f.read(1 << 20)): n += len(b)\n"
+                "print(n, time.monotonic() - t)", SEQ_READ_FILE]
 
 
 def _package_version(package: str) -> str:
@@ -530,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", dest="md_path", help="write the Markdown table here")
     p.add_argument("--png", dest="png_path", help="write the chart here")
     p.add_argument("--render", metavar="JSON", help="only redraw --md/--png from an earlier --json result")
+    p.add_argument("--no-seq-read", action="store_true",
+                   help="skip the sequential read of a large file in a swapped lazy layer vs overlayfs")
+    p.add_argument("--swap-timeout", type=float, default=300,
+                   help="seconds to wait for BootSeer's lazy layers to leave FUSE before the sequential read")
     p.add_argument("--root", type=Path, default=None, help="stack scratch dir (default: a fresh /tmp/bs-startup-*)")
     p.add_argument("--cache", type=Path, default=Path("/var/cache/bootseer/images"),
                    help="where converted images and the peer's build are kept")
@@ -584,15 +657,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _log(f"{rate} run {i + 1}/{args.runs} {mode:17s} {r.seconds:6.2f} s (pull {r.pull_seconds:5.2f} s)"
                          f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB")
         manifest_bytes = _manifest_hot_bytes(bench) if "prefetch" in modes else None
-    return summarize(runs, rates, modes, args.runs, skipped, manifest_bytes,
-                     image_compressed=sum(ly["size"] for ly in images.build_realistic().layers),
-                     seconds=time.time() - t_start)
+        seq: dict[str, list[float]] = {}
+        if "lazy" in modes and not args.no_seq_read:
+            for i in range(args.runs):
+                for mode in ("floor", "lazy") if i % 2 == 0 else ("lazy", "floor"):
+                    v = bench.seq_read(mode, timeout=args.swap_timeout)
+                    if v is not None:
+                        seq.setdefault(mode, []).append(round(v, 1))
+                        _log(f"seq read {mode}: {v:.0f} MB/s")
+    result = summarize(runs, rates, modes, args.runs, skipped, manifest_bytes,
+                       image_compressed=sum(ly["size"] for ly in images.build_realistic().layers),
+                       seconds=time.time() - t_start)
+    if seq:
+        result["seq_read_mb_s"] = {"overlayfs_local": seq.get("floor", []), "swapped_lazy": seq.get("lazy", [])}
+        if seq.get("floor") and seq.get("lazy"):
+            result["ratios"]["swapped_seq_read_vs_overlay"] = round(
+                statistics.median(seq["lazy"]) / statistics.median(seq["floor"]), 4)
+    return result
 
 
 def _manifest_hot_bytes(bench: Bench) -> int | None:
     """The recorded hot set's bytes, from ``bootseer hotblocks show --json`` (None when it cannot say)."""
     with contextlib.suppress(Exception):
-        doc = json.loads(bench.bootseer("hotblocks", "show", "--json", bench.refs["prefetch"], timeout=120).stdout)
+        doc = json.loads(bench.bootseer("hotblocks", "show", "--json", "--plain-http", bench.refs["prefetch"],
+                                        timeout=120).stdout)
         for key in ("hot_bytes", "bytes", "total_bytes"):
             if isinstance(doc.get(key), int):
                 return int(doc[key])
@@ -621,12 +709,24 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         hot["page_cache_bytes"] = int(statistics.median(r.extra["page_cache_bytes"] for r in floors))
         hot["image_unpacked_bytes"] = int(floors[0].extra["unpacked_bytes"])
     fetched = None
+    kinds: dict[str, dict[str, dict[str, list[int]]]] = {}  # rate → mode → kind → per run
+    for r in runs:
+        if "fetched_demand" in r.extra:
+            d = kinds.setdefault(rate_key(r.rate), {}).setdefault(r.mode, {})
+            for k in ("demand", "prefetch", "background"):
+                d.setdefault(k, []).append(int(r.extra[f"fetched_{k}"]))
+    fetched_kinds = {rk: {m: {k: int(statistics.median(v)) for k, v in d.items()} for m, d in per.items()}
+                     for rk, per in kinds.items()}
+    ratios_extra: dict[str, float] = {}
     if manifest_bytes:
         hot["manifest_bytes"] = manifest_bytes
-        pre = [r.link_bytes for r in runs if r.mode == "prefetch"]
+        pre = [r for r in runs if r.mode == "prefetch"]
         if pre:
-            fetched = statistics.median(pre) / manifest_bytes
-    ratios = compute_ratios(med, fetched)
+            fetched = statistics.median(r.link_bytes for r in pre) / manifest_bytes
+            dp = [r.extra["fetched_demand"] + r.extra["fetched_prefetch"] for r in pre if "fetched_demand" in r.extra]
+            if dp:
+                ratios_extra["demand_prefetch_vs_hotset"] = round(statistics.median(dp) / manifest_bytes, 4)
+    ratios = compute_ratios(med, fetched) | ratios_extra
     return {
         "benchmark": "startup",
         "image": "bootseer/realistic:v1 (Debian bookworm + python3 + numpy + torch CPU)",
@@ -638,12 +738,16 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         "median_seconds": med,
         "bytes": byts,
         "hot_set": hot,
+        "fetched_by_kind_to_output": fetched_kinds,
         "ratios": ratios,
         "goals": goal_status(ratios),
         "all_runs": [r.__dict__ for r in runs],
         "wall_seconds": round(seconds, 1),
-        "notes": ["Bytes over link: what the registry's host end of the shaped veth received from the pull's "
-                  "start to the output (the peer and BootSeer keep fetching in the background after it)."],
+        "notes": ["Bytes over link: what the host end of the registry's shaped veth received from the pull's "
+                  "start to the output — everything, including the peer's and BootSeer's background fill. "
+                  "`fetched_vs_hotset` is that figure for lazy + prefetch over the recorded manifest's bytes; "
+                  "`demand_prefetch_vs_hotset` counts only BootSeer's demand and prefetch fetches (its own "
+                  "counters at the moment of the output)."],
     }
 
 
