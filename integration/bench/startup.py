@@ -175,6 +175,19 @@ def markdown(result: dict[str, Any]) -> str:
                    f"and {hot.get('image_compressed_bytes', 0) / 1e6:.0f} MB compressed.")
     if hot.get("manifest_bytes"):
         out.append(f"Recorded hot-block manifest: {hot['manifest_bytes'] / 1e6:.0f} MB of EROFS blob ranges.")
+    kinds = result.get("fetched_by_kind_to_output", {})
+    for rk, per in kinds.items():
+        for mode, k in per.items():
+            out.append(f"{LABELS[mode]} at {rk}: BootSeer fetched {k.get('demand', 0) / 1e6:.0f} MB on demand, "
+                       f"{k.get('prefetch', 0) / 1e6:.0f} MB by prefetch, {k.get('background', 0) / 1e6:.0f} MB "
+                       "in the background by the time of the output (median).")
+    seq = result.get("seq_read_mb_s", {})
+    if seq.get("overlayfs_local") and seq.get("swapped_lazy"):
+        out.append(f"Cold sequential read of `{SEQ_READ_FILE.rsplit('/', 1)[1]}` inside a container: overlayfs on "
+                   f"local disk {statistics.median(seq['overlayfs_local']):.0f} MB/s, BootSeer lazy layers after "
+                   f"they left FUSE {statistics.median(seq['swapped_lazy']):.0f} MB/s (median).")
+    if result.get("partial"):
+        out += ["", "**Partial result**: the run had not finished all rounds when this was written."]
     if result.get("skipped"):
         out += ["", "Not measured: " + "; ".join(f"`{m}`: {why}" for m, why in result["skipped"].items())]
     out += ["", "| ratio | value | goal |", "|---|---:|---|"]
@@ -204,6 +217,7 @@ def write_png(result: dict[str, Any], path: Path) -> None:
               "lazy": "#9ecae1", "prefetch": "#1f77b4"}
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     width = 0.8 / max(1, len(modes))
+    top = 0.0
     for i, mode in enumerate(modes):
         xs, ys = [], []
         for j, r in enumerate(rates):
@@ -211,12 +225,14 @@ def write_png(result: dict[str, Any], path: Path) -> None:
             if v:
                 xs.append(j + (i - (len(modes) - 1) / 2) * width)
                 ys.append(v)
+        top = max([top, *ys])
         bars = ax.bar(xs, ys, width * 0.95, label=LABELS[mode], color=colors[mode])
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(range(len(rates)), [f"registry link {r}" for r in rates])
     ax.set_ylabel("seconds from pull start to output (median)")
     ax.set_title(f"Cold start of the realistic image ({result.get('runs')} runs per bar)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -643,11 +659,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.time()
     cfg = StackConfig(root=root, rate=rates[0], sidecar=False,
                       snapshotter=bool({"lazy", "prefetch"} & set(modes)))
+    image_compressed = sum(ly["size"] for ly in images.build_realistic().layers)
+    seq: dict[str, list[float]] = {}
+    manifest_bytes: int | None = None
+
+    def result(partial: bool) -> dict[str, Any]:
+        out = summarize(runs, rates, modes, args.runs, skipped, manifest_bytes, image_compressed,
+                        time.time() - t_start, seq)
+        out["partial"] = partial
+        return out
+
     with running(cfg) as st:
         bench = Bench(st, cfg, modes, peer_binary, _log)
         bench.reset()
         bench.setup(args.cache)
-        for rate in rates:
+        manifest_bytes = _manifest_hot_bytes(bench) if "prefetch" in modes else None
+        for n_rate, rate in enumerate(rates):
             ShapedLink(st.info.netns_id or "", 0).set_rate(parse_rate(rate))
             for i in range(args.runs):
                 order = modes[i % len(modes):] + modes[:i % len(modes)]
@@ -656,24 +683,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs.append(r)
                     _log(f"{rate} run {i + 1}/{args.runs} {mode:17s} {r.seconds:6.2f} s (pull {r.pull_seconds:5.2f} s)"
                          f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB")
-        manifest_bytes = _manifest_hot_bytes(bench) if "prefetch" in modes else None
-        seq: dict[str, list[float]] = {}
-        if "lazy" in modes and not args.no_seq_read:
-            for i in range(args.runs):
-                for mode in ("floor", "lazy") if i % 2 == 0 else ("lazy", "floor"):
-                    v = bench.seq_read(mode, timeout=args.swap_timeout)
-                    if v is not None:
-                        seq.setdefault(mode, []).append(round(v, 1))
-                        _log(f"seq read {mode}: {v:.0f} MB/s")
-    result = summarize(runs, rates, modes, args.runs, skipped, manifest_bytes,
-                       image_compressed=sum(ly["size"] for ly in images.build_realistic().layers),
-                       seconds=time.time() - t_start)
-    if seq:
-        result["seq_read_mb_s"] = {"overlayfs_local": seq.get("floor", []), "swapped_lazy": seq.get("lazy", [])}
-        if seq.get("floor") and seq.get("lazy"):
-            result["ratios"]["swapped_seq_read_vs_overlay"] = round(
-                statistics.median(seq["lazy"]) / statistics.median(seq["floor"]), 4)
-    return result
+                write_outputs(result(partial=True), args)  # a long run interrupted still leaves its figures
+            if n_rate == 0 and "lazy" in modes and not args.no_seq_read:  # the link does not matter to it
+                for i in range(args.runs):
+                    for mode in ("floor", "lazy") if i % 2 == 0 else ("lazy", "floor"):
+                        v = bench.seq_read(mode, timeout=args.swap_timeout)
+                        if v is not None:
+                            seq.setdefault(mode, []).append(round(v, 1))
+                            _log(f"seq read {mode}: {v:.0f} MB/s")
+                write_outputs(result(partial=True), args)
+    return result(partial=False)
 
 
 def _manifest_hot_bytes(bench: Bench) -> int | None:
@@ -688,7 +707,8 @@ def _manifest_hot_bytes(bench: Bench) -> int | None:
 
 
 def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipped: dict[str, str],
-              manifest_bytes: int | None, image_compressed: int, seconds: float) -> dict[str, Any]:
+              manifest_bytes: int | None, image_compressed: int, seconds: float,
+              seq: dict[str, list[float]] | None = None) -> dict[str, Any]:
     from integration import images
 
     med: dict[str, dict[str, float]] = {}
@@ -726,6 +746,9 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
             dp = [r.extra["fetched_demand"] + r.extra["fetched_prefetch"] for r in pre if "fetched_demand" in r.extra]
             if dp:
                 ratios_extra["demand_prefetch_vs_hotset"] = round(statistics.median(dp) / manifest_bytes, 4)
+    if seq and seq.get("floor") and seq.get("lazy"):
+        ratios_extra["swapped_seq_read_vs_overlay"] = round(
+            statistics.median(seq["lazy"]) / statistics.median(seq["floor"]), 4)
     ratios = compute_ratios(med, fetched) | ratios_extra
     return {
         "benchmark": "startup",
@@ -739,6 +762,8 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         "bytes": byts,
         "hot_set": hot,
         "fetched_by_kind_to_output": fetched_kinds,
+        "seq_read_mb_s": {"overlayfs_local": (seq or {}).get("floor", []),
+                          "swapped_lazy": (seq or {}).get("lazy", [])},
         "ratios": ratios,
         "goals": goal_status(ratios),
         "all_runs": [r.__dict__ for r in runs],
@@ -749,6 +774,17 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
                   "`demand_prefetch_vs_hotset` counts only BootSeer's demand and prefetch fetches (its own "
                   "counters at the moment of the output)."],
     }
+
+
+def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
+    if getattr(args, "command_line", None):
+        result["command_line"] = args.command_line
+    if args.json_path and not args.render:
+        Path(args.json_path).write_text(json.dumps(result, indent=1) + "\n")
+    if args.md_path:
+        Path(args.md_path).write_text(markdown(result))
+    if args.png_path:
+        write_png(result, Path(args.png_path))
 
 
 def report(result: dict[str, Any]) -> None:
@@ -782,14 +818,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.runs < 3:
             _log(f"--runs {args.runs}: fine for trying it out; results need ≥ 3")
+        args.command_line = "bootseer bench startup " + shlex.join(argv if argv is not None else sys.argv[1:])
         result = run(args)
-        result["command_line"] = "bootseer bench startup " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.json_path and not args.render:
-        Path(args.json_path).write_text(json.dumps(result, indent=1) + "\n")
-    if args.md_path:
-        Path(args.md_path).write_text(markdown(result))
-    if args.png_path:
-        write_png(result, Path(args.png_path))
+    write_outputs(result, args)
     report(result)
     return 0
 
