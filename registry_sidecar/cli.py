@@ -131,7 +131,8 @@ def convert(
                 continue
             typer.echo(f"{s['ref']}: {s['converted']} converted, {s['reused']} reused, {len(s['skipped'])} skipped; "
                        f"{s['bytes_in'] / 1e6:.1f} MB in, {s['bytes_out'] / 1e6:.1f} MB out, {s['seconds']:.1f}s "
-                       f"({s['mb_per_s']:.1f} MB/s); index {s['index']}")
+                       f"({s['mb_per_s']:.1f} MB/s); "
+                       + (f"index {s['index']}" if s["index"] else "no layer convertible, no index attached"))
     skipped = [sk for s in summaries for sk in s["skipped"]]
     for sk in skipped:
         err.print(f"[yellow]skipped[/yellow] {sk['digest']}: {sk['reason']}")

@@ -155,7 +155,7 @@ class LayerResult:
     reason: str = ""
     blob: LayerBlob | None = None
     unpacked_bytes: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # fetch, unpack, mkfs, hash, push
+    seconds: dict[str, float] = field(default_factory=dict)  # fetch, unpack, mkfs, cleanup, hash, push
 
     @property
     def total_seconds(self) -> float:
@@ -283,7 +283,9 @@ def convert_layer_file(blob_path: Path, media_type: str, layer_digest: str, out_
             progress("mkfs", None)
         build_erofs(root, out, layer_digest, stats.max_mtime, opts)
         seconds["mkfs"] = time.monotonic() - t
+        t = time.monotonic()
         shutil.rmtree(root)
+        seconds["cleanup"] = time.monotonic() - t
         t = time.monotonic()
         digest, size, chunks = hash_chunks(out, opts.chunk_size)
         seconds["hash"] = time.monotonic() - t
