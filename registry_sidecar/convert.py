@@ -4,14 +4,16 @@ One layer: download the blob into a scratch dir (streamed, resumed, verified aga
 manifest whose layer digest does not match the content is refused here, before anything is unpacked), unpack
 it with :mod:`registry_sidecar.unpack` (overlay whiteouts, every attribute kept, hostile entries refused), then
 
-    SOURCE_DATE_EPOCH=<newest mtime in the layer> mkfs.erofs -zlz4hc -U<uuid from the layer digest> blob root
+    SOURCE_DATE_EPOCH=<newest mtime in the layer> mkfs.erofs -zlz4hc,4 -U<uuid from the layer digest> blob root
 
-Why these options: LZ4HC is decompressed by the kernel inside erofs, so no byte of file data passes through
-Python on the node; ``SOURCE_DATE_EPOCH`` fixes the superblock build time and clamps nothing (it is the layer's
-own newest mtime), so per-file mtimes survive — Python's ``.pyc`` files are validated against them — while the
-output depends only on the layer's content; the UUID is derived from the layer digest.  mkfs.erofs sorts
-directory entries, so readdir order of the scratch dir does not leak in either: the same layer always gives
-the same blob, byte for byte.
+Why these options: LZ4HC is decompressed by the kernel inside erofs, so no byte of file data passes through Python
+on the node; level 4 rather than mkfs's default 9 because on the realistic image's torch layer (700 MB unpacked) it
+took 4.7 s of CPU instead of 6.9 s for a blob 0.5 % larger (316.0 vs 314.3 MB), and LZ4 decompresses equally fast
+at any level. ``SOURCE_DATE_EPOCH`` fixes the superblock build time and clamps nothing (it is the layer's own
+newest mtime), so per-file mtimes survive — Python's ``.pyc`` files are validated against them — while the output
+depends only on the layer's content; the UUID is derived from the layer digest. mkfs.erofs sorts directory entries,
+so readdir order of the scratch dir does not leak in either: the same layer always gives the same blob, byte for
+byte.
 
 Then the blob is cut into chunks (1 MiB default) and hashed, pushed into the image's repository (or mounted
 from another repository that has it), and finally the index artifact is pushed as a referrer of the image
@@ -77,7 +79,7 @@ class ConvertError(RuntimeError):
 @dataclass
 class ConvertOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    compression: str = "lz4hc"  # mkfs.erofs -z argument ("lz4hc", "lz4hc,12", "lz4")
+    compression: str = "lz4hc,4"  # mkfs.erofs -z argument ("lz4hc,4", "lz4hc" = level 9, "lz4hc,12", "lz4")
     pcluster_size: int | None = None  # mkfs.erofs -C (physical cluster bytes); None: its default
     allow_devices: bool = True
     max_bytes: int | None = None  # refuse layers unpacking to more file data than this

@@ -77,7 +77,7 @@ class SidecarConfig:
     retry_base: float = 2.0  # seconds; doubled per attempt
     retry_max: float = 600.0
     chunk_size: int = 1 << 20
-    compression: str = "lz4hc"
+    compression: str = "lz4hc,4"  # mkfs.erofs -z (see registry_sidecar.convert)
     parallel: int = 2
     nice: int = 0
     max_bytes: int | None = None
