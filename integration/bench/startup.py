@@ -750,6 +750,15 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         ratios_extra["swapped_seq_read_vs_overlay"] = round(
             statistics.median(seq["lazy"]) / statistics.median(seq["floor"]), 4)
     ratios = compute_ratios(med, fetched) | ratios_extra
+    notes = ["Bytes over link: what the host end of the registry's shaped veth received from the pull's start to "
+             "the output — everything, including the peer's and BootSeer's background fill. `fetched_vs_hotset` "
+             "is that figure for lazy + prefetch over the recorded manifest's bytes; `demand_prefetch_vs_hotset` "
+             "counts only BootSeer's demand and prefetch fetches (its own counters at the moment of the output)."]
+    pre_runs = [r for r in runs if r.mode == "prefetch" and "fetched_prefetch" in r.extra]
+    if pre_runs and not any(r.extra["fetched_prefetch"] for r in pre_runs):
+        notes.append("**In the `prefetch` mode the snapshotter fetched 0 bytes by prefetch**: the hot-block manifest "
+                     "was recorded and pushed, but nothing replayed it, so those figures are lazy pulls without "
+                     "prefetch.")
     return {
         "benchmark": "startup",
         "image": "bootseer/realistic:v1 (Debian bookworm + python3 + numpy + torch CPU)",
@@ -768,11 +777,7 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         "goals": goal_status(ratios),
         "all_runs": [r.__dict__ for r in runs],
         "wall_seconds": round(seconds, 1),
-        "notes": ["Bytes over link: what the host end of the registry's shaped veth received from the pull's "
-                  "start to the output — everything, including the peer's and BootSeer's background fill. "
-                  "`fetched_vs_hotset` is that figure for lazy + prefetch over the recorded manifest's bytes; "
-                  "`demand_prefetch_vs_hotset` counts only BootSeer's demand and prefetch fetches (its own "
-                  "counters at the moment of the output)."],
+        "notes": notes,
     }
 
 
