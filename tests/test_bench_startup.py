@@ -103,3 +103,22 @@ def test_peer_missing_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "ctr-remote" in why and "golang-go" in why and "apt-get install" in why
     with pytest.raises(peer.PeerUnavailable):
         peer.build(Path("/nonexistent-cache"))
+
+
+def test_summary_takes_medians_and_flags_a_prefetch_that_fetched_nothing() -> None:
+    def run(mode: str, secs: float, link: int = 0, **extra: int) -> startup.Run:
+        return startup.Run(mode, "1gbit", secs, 0.0, link, link, {k: v for k, v in extra.items()})
+
+    runs = [run("floor", s) for s in (4.0, 3.0, 5.0)]
+    runs += [run("prefetch", s, link=300, fetched_demand=100, fetched_prefetch=0, fetched_background=200)
+             for s in (6.0, 8.0, 7.0)]
+    res = startup.summarize(runs, ["1gbit"], ["floor", "prefetch"], 3, {}, manifest_bytes=200,
+                            image_compressed=1000, seconds=1.0, seq={"floor": [1000.0, 900.0], "lazy": [450.0]})
+    assert res["median_seconds"] == {"1g": {"floor": 4.0, "prefetch": 7.0}}
+    assert res["ratios"]["prefetch_vs_floor_1g"] == 1.75
+    assert res["ratios"]["fetched_vs_hotset"] == 1.5
+    assert res["ratios"]["demand_prefetch_vs_hotset"] == 0.5
+    assert res["ratios"]["swapped_seq_read_vs_overlay"] == 0.4737
+    assert res["fetched_by_kind_to_output"]["1g"]["prefetch"] == {"demand": 100, "prefetch": 0, "background": 200}
+    assert any("fetched 0 bytes by prefetch" in n for n in res["notes"])
+    assert "fetched 0 bytes by prefetch" in startup.markdown(res)
