@@ -25,6 +25,7 @@ from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.fetcher import (
     BACKGROUND,
     DEMAND,
+    PREFETCH,
     FetchConfig,
     Fetcher,
     FetchError,
@@ -384,6 +385,23 @@ def test_background_yields_to_demand() -> None:
     td.join(10)
     tb.join(10)
     assert order == ["demand done", "background ran"]
+
+
+def test_background_waits_for_demand_and_prefetch_to_go_quiet() -> None:
+    now = [100.0]
+    s = Scheduler(max_requests=4, background_requests=1, background_idle=2.0, clock=lambda: now[0])
+    assert s._may_start(BACKGROUND)  # nothing has been read yet: fill may start at once
+    with s.slot(PREFETCH, 1):
+        assert not s._may_start(BACKGROUND)  # a running prefetch holds background back
+    assert not s._may_start(BACKGROUND)  # just ended: the idle window starts now
+    now[0] += 1.9
+    assert not s._may_start(BACKGROUND)
+    with s.slot(DEMAND, 1):
+        now[0] += 5.0
+    assert not s._may_start(BACKGROUND)  # the window counts from the end of the last demand read
+    now[0] += 2.0
+    assert s._may_start(BACKGROUND)
+    assert s._may_start(DEMAND) and s._may_start(PREFETCH)  # foreground never waits for the window
 
 
 def test_token_bucket_caps_the_rate() -> None:
