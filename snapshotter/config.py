@@ -11,6 +11,7 @@
     plain_http = false          # registries without a hosts.toml over http:// (loopback always is)
     docker_config = ""          # credentials file; "" = ~/.docker/config.json
     access_log = ""             # JSON-lines log of every FUSE read (debugging; recordings use the socket)
+    hotblock_prefetch = true    # replay an image's recorded hot blocks at Prepare (bootseer record)
 
     [lazy]                      # the data path's knobs, see snapshotter.lazy.manager.LazyConfig
     cache_cap_bytes = 21474836480
@@ -43,6 +44,7 @@ class Config:
     plain_http: bool = False
     docker_config: str = ""
     access_log: str = ""
+    hotblock_prefetch: bool = True
     lazy: dict[str, Any] = field(default_factory=dict)
 
     @property

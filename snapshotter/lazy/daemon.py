@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from recorder.prefetch import HotBlockPrefetcher
 from snapshotter.config import Config
 from snapshotter.lazy.handler import LazyHandler, RegistrySpecs
 from snapshotter.lazy.manager import LayerManager, LazyConfig
@@ -44,6 +45,7 @@ class LazyService:
     handler: LazyHandler
     control: ControlServer
     access_log: _FileAccessLog | None = None
+    hotblocks: HotBlockPrefetcher | None = None  # replays recorded hot blocks at Prepare (recorder.prefetch)
 
     @classmethod
     def start(cls, cfg: Config) -> LazyService:
@@ -57,10 +59,13 @@ class LazyService:
         control = ControlServer(cfg.control_path, manager)
         log.info("lazy layers ready in %.2fs (%d restored, control socket %s)", time.monotonic() - t0,
                  len(outcomes), cfg.control_path)
-        return cls(manager, LazyHandler(manager, specs), control, access)
+        hot = HotBlockPrefetcher(manager, specs.client) if cfg.hotblock_prefetch else None
+        return cls(manager, LazyHandler(manager, specs, prefetch=hot), control, access, hot)
 
     def close(self) -> None:
         """Daemon stop: mounts stay (see the module doc)."""
+        if self.hotblocks is not None:
+            self.hotblocks.close()
         self.control.close()
         self.manager.close(teardown=False)
         if self.access_log is not None:
