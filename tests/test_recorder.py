@@ -125,8 +125,7 @@ class World:
         Returns (output, demand bytes of the mounts, demand bytes of the container's own reads, seconds)."""
         import time
 
-        if "bootseer_hotblocks_prefetches_total" not in self.control.call("metrics"):
-            pytest.skip("this snapshotter does not run the hot-block prefetcher yet")
+        assert "bootseer_hotblocks_prefetches_total" in self.control.call("metrics"), "no hot-block prefetcher"
         before = self.prefetch_outcomes()
         res = self.pull(image, ns)
         lazy = sum(1 for lo in res["layers"] if lo["mode"] == "lazy")
