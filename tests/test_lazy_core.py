@@ -404,6 +404,25 @@ def test_background_waits_for_demand_and_prefetch_to_go_quiet() -> None:
     assert s._may_start(DEMAND) and s._may_start(PREFETCH)  # foreground never waits for the window
 
 
+def test_cached_reads_hold_background_back_but_not_forever() -> None:
+    now = [100.0]
+    s = Scheduler(max_requests=4, background_requests=1, background_idle=2.0, background_max_wait=30.0,
+                  clock=lambda: now[0])
+    s.note_read()
+    now[0] += 1.0
+    assert not s._may_start(BACKGROUND)  # a container is reading (from the cache): no fill yet
+    now[0] += 1.5
+    assert s._may_start(BACKGROUND)  # quiet for 2.5 s
+    for _ in range(40):  # a workload that never pauses
+        s.note_read()
+        now[0] += 1.0
+        if s._may_start(BACKGROUND):
+            break
+    assert 29.0 <= now[0] - 102.5 <= 32.0  # fill proceeds after about background_max_wait seconds of reads
+    now[0] += 5.0
+    assert s._may_start(BACKGROUND)  # quiet again
+
+
 def test_token_bucket_caps_the_rate() -> None:
     b = TokenBucket(rate=4 << 20, burst=1 << 20)
     t0 = time.monotonic()

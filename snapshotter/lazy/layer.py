@@ -130,6 +130,7 @@ class LazyLayer:
         """Every FUSE read starts here (on the FUSE loop), so this is where they are counted."""
         length = max(0, min(length, self.spec.size - offset))
         self.io["reads"] += 1
+        self.fetcher.scheduler.note_read()  # holds background fill back while the container is reading
         local = self.cache.has_all(self.spec.chunks_for(offset, length))
         observer = self.demand_observer
         if observer is not None:

@@ -58,7 +58,8 @@ class LazyConfig:
     max_requests: int = 8  # range requests in flight, all blobs together
     background_requests: int = 2  # of which background fill may use
     fill_rate: float | None = None  # bytes/s cap of background fill (None: uncapped, still yields to demand)
-    fill_idle: float = 2.0  # background fill waits until demand reads and prefetch have been quiet this long
+    fill_idle: float = 2.0  # background fill waits until reads, fetches and prefetch have been quiet this long
+    fill_max_wait: float = 30.0  # ... but reads alone (all served locally) hold it back at most this long
     cache_cap_bytes: int | None = None  # disk budget of the caches of unused layers
     verify_cache_on_load: bool = False  # re-hash cached chunks when a layer's cache is opened
     housekeeping_interval: float = 1.0  # flush bitmaps, swap complete layers, enforce the budget
@@ -148,7 +149,7 @@ class LayerManager:
         self.metrics = Metrics(registry)
         self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests)
         self.scheduler = Scheduler(self.config.max_requests, self.config.background_requests, self.config.fill_rate,
-                                   self.config.fill_idle)
+                                   self.config.fill_idle, self.config.fill_max_wait)
         self.fs = BlobFS(threads=self.config.fuse_threads, access_log=access_log)
         self.server: FuseServer | None = None
         self._lock = threading.Lock()  # records and the layer table; never held while calling into a layer
