@@ -369,6 +369,11 @@ def _terminate(pids: list[int], grace: float = 10.0) -> None:
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    # wait for the killed ones too: a daemon killed inside a mount(2) (erofs over its own loop/FUSE file)
+    # finishes that call before it dies, and a mount made after our unmount pass would outlive the stack
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
     for pid in pids:  # reap our own children
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)
