@@ -146,6 +146,24 @@ class HostsResolver:
                         auth_host=url.split("://", 1)[1].split("/", 1)[0])
 
 
+
+def default_hosts_dir(given: str | None = None) -> str:
+    """Where a CLI finds ``hosts.toml`` files: ``given``, else ``BOOTSEER_HOSTS_DIR``, else the local
+    stack's (when one is up: its registry is plain-HTTP loopback), else containerd's ``certs.d``."""
+    if given:
+        return given
+    if os.environ.get("BOOTSEER_HOSTS_DIR"):
+        return os.environ["BOOTSEER_HOSTS_DIR"]
+    try:
+        from integration.stack import Stack, StackError
+
+        d = Path(Stack.load().info.containerd_config).parent / "certs.d"
+        if d.is_dir():
+            return str(d)
+    except (ImportError, StackError, OSError, ValueError, TypeError):
+        pass
+    return str(DEFAULT_HOSTS_DIR)
+
 def _resolve(p: str, hdir: Path | None) -> str:
     if os.path.isabs(p) or hdir is None:
         return p

@@ -16,6 +16,8 @@ from typing import Any
 
 import typer
 
+from bootseer.hosts import default_hosts_dir
+
 DEFAULT_CONTROL = "/run/bootseer/snapshotter.sock.ctl"
 
 
@@ -116,7 +118,7 @@ def pull_cmd(
     from bootseer.registry import RegistryClient, RegistryError
 
     addr = address or default_address()
-    hd = hosts_dir or os.environ.get("BOOTSEER_HOSTS_DIR") or _stack_hosts_dir() or "/etc/containerd/certs.d"
+    hd = default_hosts_dir(hosts_dir)
     client = RegistryClient(hosts_dir=hd, plain_http=plain_http)
     console = Console(stderr=True)
 
@@ -141,16 +143,6 @@ def pull_cmd(
         lazy = sum(lo.mode == "lazy" for lo in res.layers)
         typer.echo(f"{res.image}: {len(res.layers)} layers, {lazy} lazy, {_mib(res.downloaded_bytes)} downloaded, "
                    f"{res.seconds:.2f}s")
-
-
-def _stack_hosts_dir() -> str | None:
-    try:
-        from integration.stack import Stack, StackError
-
-        d = Path(Stack.load().info.containerd_config).parent / "certs.d"
-        return str(d) if d.is_dir() else None
-    except (ImportError, StackError, OSError, ValueError, TypeError):
-        return None
 
 
 class _null:

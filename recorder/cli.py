@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import typer
 
+from bootseer.hosts import default_hosts_dir
 from recorder.record import EXIT_CODES, EXIT_ERROR, EXIT_IMAGE, Recorder, RecordError, RecordOptions
 
 hotblocks_app = typer.Typer(help="Hot-block manifests: what an image's start-up reads, for prefetch.",
@@ -19,18 +19,8 @@ hotblocks_app = typer.Typer(help="Hot-block manifests: what an image's start-up 
 _EXITS = "; ".join(f"{k}: {v}" for k, v in EXIT_CODES.items())
 
 
-def _stack_hosts_dir() -> str | None:
-    try:
-        from integration.stack import Stack, StackError
-
-        d = Path(Stack.load().info.containerd_config).parent / "certs.d"
-        return str(d) if d.is_dir() else None
-    except (ImportError, StackError, OSError, ValueError, TypeError):
-        return None
-
-
 def _hosts_dir(given: str | None) -> str:
-    return given or os.environ.get("BOOTSEER_HOSTS_DIR") or _stack_hosts_dir() or "/etc/containerd/certs.d"
+    return default_hosts_dir(given)
 
 
 def record(

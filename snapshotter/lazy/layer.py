@@ -274,10 +274,12 @@ class LazyLayer:
                 self.last_error = str(e)
                 log.error("swapping %s to its local file failed: %s", self.spec.digest[:19], e)
 
-    def _runs(self, missing: list[int]) -> Iterable[list[int]]:
-        cap = max(1, self.fill_config.run_bytes // self.spec.chunk_size)
+    def _runs(self, indices: list[int], cap_bytes: int | None = None) -> Iterable[list[int]]:
+        """Coalesce consecutive chunk indices into runs of at most ``cap_bytes`` (default: a background
+        request's size); the order of ``indices`` (blob order, or first-access order) is kept."""
+        cap = max(1, (cap_bytes or self.fill_config.run_bytes) // self.spec.chunk_size)
         run: list[int] = []
-        for i in missing:
+        for i in indices:
             if run and (run[-1] != i - 1 or len(run) >= cap):
                 yield run
                 run = []
@@ -292,7 +294,7 @@ class LazyLayer:
         not fetched twice.  Stops when the layer is torn down."""
         order = [i for i in split_ranges(list(ranges), self.spec) if not self.cache.has(i)]
         job = Prefetch(len(order))
-        runs = list(self._runs_ordered(order))
+        runs = list(self._runs(order, self.fetcher.config.max_range_bytes))
         lock = threading.Lock()
         workers = max(1, min(concurrency or self.fill_config.prefetch_concurrency, len(runs) or 1))
         left = [workers]
@@ -328,18 +330,6 @@ class LazyLayer:
             t.start()
         self._prefetch_threads = [t for t in self._prefetch_threads if t.is_alive()]
         return job
-
-    def _runs_ordered(self, order: list[int]) -> Iterable[list[int]]:
-        """Coalesce consecutive indices of an access-ordered list (order is kept between runs)."""
-        cap = max(1, self.fetcher.config.max_range_bytes // self.spec.chunk_size)
-        run: list[int] = []
-        for i in order:
-            if run and (run[-1] != i - 1 or len(run) >= cap):
-                yield run
-                run = []
-            run.append(i)
-        if run:
-            yield run
 
     # -- leaving the data path ----------------------------------------------------------------------
     def swap(self) -> bool:
