@@ -86,7 +86,7 @@ def test_parquet_round_trip_keeps_everything_and_documented_schema() -> None:
     back = HotBlockManifest.from_parquet(data)
     assert back.ranges == hb.ranges and back.blobs == hb.blobs and back.subject == SUBJECT
     assert back.commands == [["python3", "-c", "x"]] and back.recordings == 1 and back.read_bytes == hb.read_bytes
-    table = pq.read_table(io.BytesIO(data))
+    table = pq.read_table(io.BytesIO(data), use_threads=False)
     assert table.column_names == ["layer_digest", "blob_digest", "offset", "length", "first_access_ns", "seq"]
     meta = json.loads(table.schema.metadata[META_KEY])
     assert meta["version"] == 1
@@ -103,7 +103,7 @@ def test_corrupt_manifests_are_rejected(damage: str) -> None:
     elif damage == "garbage":
         data = b"PAR1" + secrets.token_bytes(300) + b"PAR1"
     else:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), use_threads=False)
         if damage == "no-meta":
             table = table.replace_schema_metadata({})
         elif damage == "outside-blob":
