@@ -71,6 +71,10 @@ class CorruptChunk(FetchError):
     """Bytes arrived but failed sha256 verification (the registry is reachable; the data is wrong)."""
 
 
+class _Memo(FetchError):
+    """A demand read refused at once: the registry is marked down, or the chunk failed a moment ago."""
+
+
 @dataclass
 class FetchConfig:
     max_range_bytes: int = 8 << 20  # coalescing cap of one range request
@@ -195,6 +199,13 @@ class Scheduler:
         if self._held_by_reads_since is None:
             self._held_by_reads_since = now
         return now - self._held_by_reads_since >= self.background_max_wait
+
+    def note_mount(self) -> None:
+        """A lazy layer was just mounted: a container is about to start reading, so background fill waits
+        ``background_idle`` as after a foreground fetch (without this every new layer's fill took the
+        link for one run before the container's first read, or the hot-block prefetch, came in)."""
+        with self._cond:
+            self._last_foreground = max(self._last_foreground, self._clock())
 
     def note_read(self) -> None:
         """A read was served from the local cache (called on every FUSE read; a plain store, no lock)."""
@@ -331,59 +342,97 @@ class Fetcher:
                cancel: threading.Event | None = None) -> None:
         """Return once every chunk in ``indices`` is in the cache; raise :class:`FetchError` otherwise.
 
-        Chunks in flight elsewhere are waited for; the rest are claimed and fetched by this thread."""
+        Missing chunks go out in coalesced runs; a chunk another caller is fetching right now is waited
+        for, not fetched twice.  A chunk is claimed only once its request holds a scheduler slot: a fetch
+        still queued for a slot claims nothing, so a demand read or a prefetch never waits on a background
+        fetch that is itself queued behind them (that priority inversion cost the start-up benchmark 2 s:
+        prefetch waited for chunks the fill had claimed and could not fetch until prefetch was over)."""
         if deadline is None and kind == DEMAND:
             deadline = time.monotonic() + self.config.read_timeout
-        mine: list[int] = []
-        theirs: list[tuple[int, _Pending]] = []
-        now = time.monotonic()
-        if kind == DEMAND and not self.cache.has_all(indices):
-            down = self.client.down(self.spec.endpoints())
-            if down is not None:
-                with self._lock:
-                    self.stats.failures += 1
-                if self.metrics is not None:
-                    self.metrics.failed(kind)
-                raise FetchError(down)
-        with self._lock:
-            for i in indices:
-                if self.cache.has(i):
-                    continue
-                p = self._inflight.get(i)
-                if p is not None:
-                    theirs.append((i, p))
-                    continue
-                failed = self._failed.get(i)
-                if failed is not None and kind == DEMAND and now - failed[0] < self.config.failure_memo:
-                    self.stats.failures += 1
-                    raise FetchError(f"{failed[1].strerror} (failed {now - failed[0]:.1f}s ago)")
-                self._inflight[i] = _Pending()
-                mine.append(i)
-            self.stats.dedup_waits += len(theirs)
-        error: FetchError | None = None
-        if mine:
-            try:
-                self._fetch(mine, kind, deadline, cancel)
-            except FetchError as e:
-                error = e
-        for i, p in theirs:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not p.done.wait(left):
-                error = error or FetchError(f"timed out waiting for chunk {i} fetched by another reader")
-            elif p.error is not None and not self.cache.has(i):
-                error = error or p.error
-        if error is not None:
-            with self._lock:
-                self.stats.failures += 1
-            if self.metrics is not None:
-                self.metrics.failed(kind)
-            raise error
+        todo = [i for i in indices if not self.cache.has(i)]
+        if not todo:
+            return
+        last: FetchError | None = None
+        try:
+            if kind == DEMAND:
+                self._fail_fast(todo)
+            for attempt in range(self.config.retries + 1):
+                if attempt:
+                    self._backoff(attempt, deadline, cancel)
+                theirs: list[tuple[int, _Pending]] = []
+                for run in self._runs(todo):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise FetchError(f"timed out ({last.strerror if last else 'no answer'})")
+                    try:
+                        theirs += self._fetch_run(run, kind, deadline, cancel)
+                    except Cancelled:
+                        raise
+                    except FetchError as e:
+                        last = e
+                for i, p in theirs:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    if not p.done.wait(left):
+                        raise FetchError(f"timed out waiting for chunk {i} fetched by another reader")
+                    if p.error is not None and not self.cache.has(i):
+                        last = p.error  # their attempt failed: ours is the next one
+                todo = [i for i in todo if not self.cache.has(i)]
+                if not todo:
+                    return
+            raise last or FetchError("fetch failed")
+        except FetchError as e:
+            self._failed_for_good(todo, kind, e, last)
+            raise
 
     def busy(self) -> bool:
         with self._lock:
             return bool(self._inflight)
 
     # -- internals -----------------------------------------------------------------------------------
+    def _fail_fast(self, todo: Sequence[int]) -> None:
+        """Demand reads: fail at once while the registry is known down, or a chunk failed a moment ago."""
+        down = self.client.down(self.spec.endpoints())
+        if down is not None:
+            raise _Memo(down)
+        now = time.monotonic()
+        with self._lock:
+            for i in todo:
+                failed = self._failed.get(i)
+                if failed is not None and now - failed[0] < self.config.failure_memo:
+                    raise _Memo(f"{failed[1].strerror} (failed {now - failed[0]:.1f}s ago)")
+
+    def _backoff(self, attempt: int, deadline: float | None, cancel: threading.Event | None) -> None:
+        with self._lock:
+            self.stats.retries += 1
+        delay = min(self.config.backoff * 2 ** (attempt - 1), self.config.backoff_max)
+        if deadline is not None:
+            delay = min(delay, max(0.0, deadline - time.monotonic()))
+        if cancel is not None:
+            if cancel.wait(delay):
+                raise Cancelled("cancelled")
+        elif delay > 0:
+            time.sleep(delay)  # back-off between attempts
+
+    def _failed_for_good(self, todo: Sequence[int], kind: str, e: FetchError, last: FetchError | None) -> None:
+        """Book-keeping of an ensure() that raises: counters, the failure memo, the outage mark, a log line."""
+        with self._lock:
+            self.stats.failures += 1
+        if self.metrics is not None:
+            self.metrics.failed(kind)
+        if isinstance(e, _Memo):
+            return  # already failed a moment ago: counted, not logged again
+        todo = [i for i in todo if not self.cache.has(i)]
+        if kind == DEMAND and todo and not isinstance(e, (Cancelled, CorruptChunk)) \
+                and not isinstance(last, CorruptChunk):
+            self.client.mark_down(self.spec.endpoints(), self.config.failure_memo, e.strerror or str(e))
+        if isinstance(e, Cancelled) or not todo:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for i in todo:
+                self._failed[i] = (now, e)
+        log.warning("%s: %d chunk(s) from #%d failed (%s): %s", self.spec.digest[:19], len(todo), todo[0], kind,
+                    e.strerror)
+
     def _runs(self, indices: Sequence[int]) -> list[list[int]]:
         """Group sorted chunk indices into runs of adjacent chunks no longer than ``max_range_bytes``."""
         cap = max(1, self.config.max_range_bytes // self.spec.chunk_size)
@@ -395,66 +444,76 @@ class Fetcher:
                 runs.append([i])
         return runs
 
-    def _fetch(self, claimed: list[int], kind: str, deadline: float | None, cancel: threading.Event | None) -> None:
-        """Fetch the chunks this thread claimed; always settles every claimed chunk's pending entry."""
-        todo = sorted(claimed)
-        last: FetchError | None = None
-        try:
-            for attempt in range(self.config.retries + 1):
-                if attempt:
-                    self.stats.retries += 1
-                    delay = min(self.config.backoff * 2 ** (attempt - 1), self.config.backoff_max)
-                    if deadline is not None:
-                        delay = min(delay, max(0.0, deadline - time.monotonic()))
-                    if cancel is not None:
-                        if cancel.wait(delay):
-                            raise Cancelled("cancelled")
-                    elif delay > 0:
-                        time.sleep(delay)  # back-off between attempts
-                for run in self._runs(todo):
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise FetchError(f"timed out ({last.strerror if last else 'no answer'})")
-                    try:
-                        self._fetch_run(run, kind, deadline, cancel)
-                    except Cancelled:
-                        raise
-                    except FetchError as e:
-                        last = e
-                todo = [i for i in todo if not self.cache.has(i)]
-                if not todo:
-                    return
-            raise last or FetchError("fetch failed")
-        except FetchError as e:
-            now = time.monotonic()
-            todo = [i for i in todo if not self.cache.has(i)]
-            if kind == DEMAND and todo and not isinstance(e, (Cancelled, CorruptChunk)) \
-                    and not isinstance(last, CorruptChunk):
-                self.client.mark_down(self.spec.endpoints(), self.config.failure_memo, e.strerror or str(e))
-            with self._lock:
-                for i in todo:
-                    if not isinstance(e, Cancelled):
-                        self._failed[i] = (now, e)
-            if todo:
-                log.warning("%s: %d chunk(s) from #%d failed (%s): %s", self.spec.digest[:19], len(todo), todo[0],
-                            kind, e.strerror)
-            raise
-        finally:
-            with self._lock:
-                for i in claimed:
-                    p = self._inflight.pop(i, None)
-                    if p is not None:
-                        if not self.cache.has(i):
-                            p.error = last if last is not None else FetchError(f"chunk {i} not fetched")
-                        p.done.set()
+    def _split(self, run: Sequence[int]) -> tuple[list[int], list[tuple[int, _Pending]]]:
+        """(chunks of ``run`` nobody has or fetches, chunks someone is fetching with their pending entry);
+        call with the lock held."""
+        need: list[int] = []
+        theirs: list[tuple[int, _Pending]] = []
+        for i in run:
+            if self.cache.has(i):
+                continue
+            p = self._inflight.get(i)
+            if p is None:
+                need.append(i)
+            else:
+                theirs.append((i, p))
+        return need, theirs
 
-    def _fetch_run(self, run: list[int], kind: str, deadline: float | None, cancel: threading.Event | None) -> None:
+    def _fetch_run(self, run: list[int], kind: str, deadline: float | None,
+                   cancel: threading.Event | None) -> list[tuple[int, _Pending]]:
+        """One attempt at ``run``: take a request slot, claim the chunks still missing and not in flight,
+        fetch them (contiguous pieces, one range request each), verify and store them.  Returns the chunks
+        of ``run`` other callers were fetching (for the caller to wait on); raises on failure.  Always
+        settles the pending entries it created."""
+        with self._lock:
+            need, theirs = self._split(run)
+        if not need:  # all being fetched by others: no slot needed to wait for them
+            with self._lock:
+                self.stats.dedup_waits += len(theirs)
+            return theirs
+        start = self.spec.chunk_span(need[0])[0]
+        last_off, last_len = self.spec.chunk_span(need[-1])
+        with self.scheduler.slot(kind, last_off + last_len - start, deadline, cancel):
+            with self._lock:
+                need, theirs = self._split(run)
+                for i in need:
+                    self._inflight[i] = _Pending()
+                self.stats.dedup_waits += len(theirs)
+            error: FetchError | None = None
+            try:
+                for piece in self._contiguous(need):
+                    self._fetch_piece(piece, kind, deadline)
+            except FetchError as e:
+                error = e
+                raise
+            finally:
+                with self._lock:
+                    for i in need:
+                        p = self._inflight.pop(i, None)
+                        if p is not None:
+                            if not self.cache.has(i):
+                                p.error = error if error is not None else FetchError(f"chunk {i} not fetched")
+                            p.done.set()
+        return theirs
+
+    @staticmethod
+    def _contiguous(indices: list[int]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for i in indices:
+            if out and out[-1][-1] == i - 1:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
+    def _fetch_piece(self, run: list[int], kind: str, deadline: float | None) -> None:
+        """GET the contiguous chunks ``run`` (the caller holds a slot and has claimed them), verify, store."""
         start = self.spec.chunk_span(run[0])[0]
         last_off, last_len = self.spec.chunk_span(run[-1])
         end = last_off + last_len
-        with self.scheduler.slot(kind, end - start, deadline, cancel):
-            t0 = time.monotonic()
-            data = self._get(start, end, deadline)
-            elapsed = time.monotonic() - t0
+        t0 = time.monotonic()
+        data = self._get(start, end, deadline)
+        elapsed = time.monotonic() - t0
         self.client.mark_up(self.spec.endpoints())  # bytes arrived: whatever outage there was is over
         with self._lock:
             self.stats.bytes[kind] += len(data)

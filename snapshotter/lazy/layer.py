@@ -168,6 +168,7 @@ class LazyLayer:
             else:
                 self._register()
                 self._setup_on(os.open(self.paths.fuse_file, os.O_RDONLY | os.O_CLOEXEC), via_fuse=True)
+                self.fetcher.scheduler.note_mount()
             self.hooks.changed(self)
         self.start_fill()
 
