@@ -423,6 +423,48 @@ def test_cached_reads_hold_background_back_but_not_forever() -> None:
     assert s._may_start(BACKGROUND)  # quiet again
 
 
+def test_mount_holds_background_back_for_the_idle_window() -> None:
+    now = [100.0]
+    s = Scheduler(max_requests=4, background_requests=1, background_idle=2.0, clock=lambda: now[0])
+    assert s._may_start(BACKGROUND)
+    s.note_mount()  # a layer was just mounted: its container is about to read
+    now[0] += 1.9
+    assert not s._may_start(BACKGROUND) and s._may_start(PREFETCH)
+    now[0] += 0.2
+    assert s._may_start(BACKGROUND)
+
+
+def test_queued_background_fetch_claims_nothing_a_demand_read_needs(tmp_path: Path,
+                                                                   served: tuple[bytes, BlobServer]) -> None:
+    """A background fetch waiting for its slot must not hold the chunks it will fetch: a demand read of them
+    would otherwise wait for the background fetch, which waits for the demand read to end (inversion)."""
+    data, srv = served
+    sched = Scheduler(8, 2, background_idle=3600.0)
+    f = _fetcher(tmp_path, _spec(data, srv.url), sched=sched)
+    sched.note_mount()  # background held back for an hour
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            f.ensure(range(2, 6), BACKGROUND, cancel=cancel)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=fill)
+    t.start()
+    try:
+        wait_until(lambda: sched._waiting[BACKGROUND] == 1, 10, "background fetch queued for a slot")
+        # within the demand deadline (1 s) even though the queued fill "covers" chunk 3
+        f.config.read_timeout = 1.0
+        assert f.read(3 * CS + 7, 100) == data[3 * CS + 7 : 3 * CS + 107]
+        assert srv.requests == [(3 * CS, 4 * CS)] and f.stats.bytes[BACKGROUND] == 0
+    finally:
+        cancel.set()
+        t.join(10)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], FetchError)
+
+
 def test_token_bucket_caps_the_rate() -> None:
     b = TokenBucket(rate=4 << 20, burst=1 << 20)
     t0 = time.monotonic()
