@@ -1,69 +1,96 @@
 """The one ``bootseer`` command.  Each part owns its sub-commands in its own ``cli`` module; this file
-only mounts them, so a part can be changed without touching the others."""
+only mounts them, so a part can be changed without touching the others.
+
+Parts are imported only when needed: ``bootseer pull …`` mounts the ``pull`` command alone, so it does not
+pay for importing pyarrow, numpy and the depsnap/ckptfs stacks it never uses (half a second of every
+short command on this kind of machine — and ``pull`` sits on the start-up path).  A bare ``bootseer``,
+``--help`` or an unknown name mounts everything, so help and error messages list every command.
+"""
 
 from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
 
 import typer
 
 from bootseer import __version__
 
-app = typer.Typer(
-    name="bootseer",
-    help="BootSeer: lazy image pull, hot-block prefetch, dependency snapshots and striped checkpoints.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+# name → (module, attribute, is a sub-command group)
+PARTS: dict[str, tuple[str, str, bool]] = {
+    "stack": ("integration.cli", "stack_app", True),
+    "images": ("integration.cli", "images_app", True),
+    "quickstart": ("integration.cli", "quickstart", False),
+    "dev": ("integration.cli", "dev_app", True),
+    "config": ("integration.cli", "config_app", True),
+    "bench": ("integration.bench.cli", "app", True),
+    "ckptfs": ("ckptfs.cli", "app", True),
+    "cri": ("bootseer.cri_cli", "app", True),
+    "depsnap": ("depsnap.cli", "app", True),
+    "sidecar": ("registry_sidecar.cli", "app", True),
+    "convert": ("registry_sidecar.cli", "convert", False),
+    "snapshotter": ("snapshotter.cli", "app", True),
+    "profile": ("bootseer.profile", "profile", False),
+    "pull": ("bootseer.status", "pull_cmd", False),
+    "status": ("bootseer.status", "status", False),
+    "record": ("recorder.cli", "record", False),
+    "hotblocks": ("recorder.cli", "hotblocks_app", True),
+}
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _version(value: bool) -> None:
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
 
 
-def _mount() -> None:
-    # Each part's sub-commands; imports are local so a part's import error names that part.
-    from bootseer import cri_cli
-    from bootseer import status as status_cli
-    from ckptfs import cli as ckptfs_cli
-    from depsnap import cli as depsnap_cli
-    from integration import cli as integration_cli
-    from integration.bench import cli as bench_cli
-    from registry_sidecar import cli as sidecar_cli
-    from snapshotter import cli as snapshotter_cli
+def build(only: str | None = None) -> typer.Typer:
+    """The command with every part mounted, or only the part ``only``."""
+    app = typer.Typer(
+        name="bootseer",
+        help="BootSeer: lazy image pull, hot-block prefetch, dependency snapshots and striped checkpoints.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
 
-    app.add_typer(integration_cli.stack_app, name="stack")
-    app.add_typer(integration_cli.images_app, name="images")
-    app.command("quickstart")(integration_cli.quickstart)
-    app.add_typer(integration_cli.dev_app, name="dev")
-    app.add_typer(integration_cli.config_app, name="config")
-    app.add_typer(bench_cli.app, name="bench")
-    app.add_typer(ckptfs_cli.app, name="ckptfs")
-    app.add_typer(cri_cli.app, name="cri")
-    app.add_typer(depsnap_cli.app, name="depsnap")
-    app.add_typer(sidecar_cli.app, name="sidecar")
-    app.command("convert")(sidecar_cli.convert)
-    app.add_typer(snapshotter_cli.app, name="snapshotter")
-    from bootseer import profile as profile_cli
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                     callback=_version),
+    ) -> None:
+        return None
 
-    app.command("profile")(profile_cli.profile)
-    app.command("pull")(status_cli.pull_cmd)
-    app.command("status")(status_cli.status)
-    from recorder import cli as recorder_cli
-
-    app.command("record")(recorder_cli.record)
-    app.add_typer(recorder_cli.hotblocks_app, name="hotblocks")
+    for name, (module, attr, group) in PARTS.items():
+        if only is not None and name != only:
+            continue
+        # imports are per part, so a part's import error names that part
+        obj = getattr(importlib.import_module(module), attr)
+        if group:
+            app.add_typer(obj, name=name)
+        else:
+            app.command(name)(obj)
+    return app
 
 
-_mount()
+_full: typer.Typer | None = None
 
 
-def main() -> None:
-    app()
+def __getattr__(name: str) -> Any:
+    """``bootseer.cli.app``: the command with every part mounted (built on first use)."""
+    global _full
+    if name == "app":
+        if _full is None:
+            _full = build()
+        return _full
+    raise AttributeError(name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    only = args[0] if args and args[0] in PARTS else None
+    build(only)(args=args, prog_name="bootseer")
 
 
 if __name__ == "__main__":
