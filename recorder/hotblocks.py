@@ -8,7 +8,7 @@ every rule below is unit-tested on its own.
 From access records to ranges (:func:`build`)
 ---------------------------------------------
 * Every access ``(blob, offset, length, t_ns)`` is widened to whole *units* — the layer's chunk size from the
-  BootSeer index (1 MiB by default): the fetcher moves, verifies and caches whole chunks, so a finer
+  BootSeer index (128 KiB by default): the fetcher moves, verifies and caches whole chunks, so a finer
   manifest would only pretend to be cheaper than it is.  Sub-chunk gaps between reads disappear this way.
 * De-duplicated: a unit read many times keeps its *first* access time (times are relative to the start of
   the recording, so recordings can be compared and merged).
@@ -57,9 +57,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from registry_sidecar.index import DEFAULT_CHUNK_SIZE
+
 FORMAT_VERSION = 1
 META_KEY = b"bootseer.hotblocks"
-DEFAULT_CHUNK = 1 << 20
+DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE  # tests only: a real manifest takes each blob's from its index
 PAGE = 4096  # granularity of read_bytes
 DEFAULT_MAX_RANGE = 8 << 20  # the fetcher's largest range request
 DEFAULT_WINDOW_NS = 250_000_000  # units first read further apart than this start a new range
@@ -141,6 +143,11 @@ class HotBlockManifest:
     def ranges_for(self, layer_digest: str) -> list[tuple[int, int]]:
         """``(offset, length)`` of one layer's ranges, in prefetch order (what the prefetcher is given)."""
         return [(r.offset, r.length) for r in self.ranges if r.layer_digest == layer_digest]
+
+    def timed_ranges_for(self, layer_digest: str) -> list[tuple[int, int, int]]:
+        """``(offset, length, first_access_ns)`` of one layer's ranges, in prefetch order: the time lets the
+        prefetcher fetch every layer's ranges in one image-wide order (see :mod:`recorder.prefetch`)."""
+        return [(r.offset, r.length, r.first_access_ns) for r in self.ranges if r.layer_digest == layer_digest]
 
     def hot_bytes(self, layer_digest: str | None = None) -> int:
         return sum(r.length for r in self.ranges if layer_digest is None or r.layer_digest == layer_digest)

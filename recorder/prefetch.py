@@ -9,6 +9,10 @@ most of what it reads is local.  The rules the data path already guarantees, and
 * **Demand first.**  Prefetch requests go through the fetchers' shared scheduler behind demand reads (and
   ahead of background fill): a container that outruns the prefetcher is never queued behind it.
 * **No double fetch.**  Chunks already local or in flight are skipped or waited for, never requested twice.
+* **One order for the whole image.**  The recording's first-access times count from the image's first
+  Prepare, so every request is *due* at a moment of this start-up, and the scheduler admits prefetch
+  requests earliest due first across layers (and images): the link carries what the container reads next,
+  whichever layer it lives in, instead of splitting between layers in parallel.
 * **Bounded.**  ``concurrency`` runs of coalesced chunks at a time per layer.
 * **Stops with the snapshot.**  Removing the snapshot tears the layer down, which cancels its prefetch.
 
@@ -61,20 +65,22 @@ class _Job(Protocol):
 class _Manager(Protocol):
     """What we need of :class:`snapshotter.lazy.manager.LayerManager`."""
 
-    def prefetch(self, digest: str, ranges: Sequence[tuple[int, int]], concurrency: int | None = None) -> Any: ...
+    def prefetch(self, digest: str, ranges: Sequence[tuple[int, int, int]], concurrency: int | None = None,
+                 start: float | None = None) -> Any: ...
 
     def layer(self, digest: str) -> Any: ...
 
 
-def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tuple[int, int]] | None:
-    """The ranges to prefetch for one layer, in first-access order; None when the manifest was recorded on
-    another blob of that layer (a re-conversion: its offsets mean nothing in this blob)."""
+def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tuple[int, int, int]] | None:
+    """The ranges to prefetch for one layer, in first-access order, as ``(offset, length, first_access_ns)``;
+    None when the manifest was recorded on another blob of that layer (a re-conversion: its offsets mean
+    nothing in this blob)."""
     recorded = hb.blob_of(layer_digest)
     if recorded is None:
         return []
     if recorded != blob_digest:
         return None
-    return hb.ranges_for(layer_digest)
+    return hb.timed_ranges_for(layer_digest)
 
 
 class Metrics:
@@ -114,6 +120,7 @@ class LayerPrefetch:
     blob: str
     chunk_size: int
     prepared: float  # time.monotonic() of the Prepare
+    started: float | None = None  # time.monotonic() of the image's first Prepare: the recording's time zero
     state: str = "looking up"
     ranges: int = 0
     hot_bytes: int = 0
@@ -145,7 +152,7 @@ class HotBlockPrefetcher:
     within ``reuse_for`` seconds a lookup is reused as is (the Prepares of one pull come in a burst)."""
 
     def __init__(self, manager: _Manager, client: RegistryClient, *, concurrency: int | None = None,
-                 reuse_for: float = 1.0, max_images: int = 64,
+                 reuse_for: float = 1.0, max_images: int = 64, start_window: float = 30.0,
                  registry: CollectorRegistry | None = None, enabled: bool = True) -> None:
         self.manager = manager
         self.client = client
@@ -162,6 +169,8 @@ class HotBlockPrefetcher:
         self._layers_of: dict[tuple[str, str], list[str]] = {}  # image manifests are immutable
         self._gates: dict[tuple[str, str], threading.Lock] = {}
         self._layers: dict[str, LayerPrefetch] = {}  # by blob digest: the latest prefetch of each blob
+        self._starts: dict[str, float] = {}  # image manifest digest → its current start-up's first Prepare
+        self.start_window = start_window
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
 
@@ -177,6 +186,7 @@ class HotBlockPrefetcher:
         lp = LayerPrefetch(image_ref, layer_digest, blob_digest, chunk_size, time.monotonic())
         with self._lock:
             self._layers[blob_digest] = lp
+            lp.started = self._start_of(manifest_digest, lp.prepared)
         args = (lp, manifest_digest, dict(index_blobs) if index_blobs is not None else None)
         if wait:
             self._run(*args)
@@ -242,6 +252,17 @@ class HotBlockPrefetcher:
                 self._gates.pop(key, None)
             return hb
 
+    def _start_of(self, manifest_digest: str, now: float) -> float:
+        """When this start-up of the image began: its first Prepare, unless that was ``start_window``
+        seconds ago (then this Prepare begins a new start-up).  The recorded first-access times of every
+        layer count from it, so all layers share one prefetch order.  Call with the lock held."""
+        first = self._starts.get(manifest_digest)
+        if first is None or now - first > self.start_window:
+            first = self._starts[manifest_digest] = now
+            while len(self._starts) > self.max_images:
+                self._starts.pop(next(iter(self._starts)))
+        return first
+
     def invalidate(self) -> None:
         with self._lock:
             self._cache.clear()
@@ -288,11 +309,11 @@ class HotBlockPrefetcher:
             log.exception("hot-block prefetch of %s failed", lp.blob[:19])
             self._finish(lp, "failed", "error")
 
-    def _prefetch(self, lp: LayerPrefetch, ranges: list[tuple[int, int]]) -> None:
+    def _prefetch(self, lp: LayerPrefetch, ranges: list[tuple[int, int, int]]) -> None:
         cs = lp.chunk_size
         lp.ranges = len(ranges)
-        lp.hot_bytes = sum(n for _, n in ranges)
-        lp.hot_chunks = frozenset(i for off, n in ranges for i in range(off // cs, (off + n - 1) // cs + 1))
+        lp.hot_bytes = sum(r[1] for r in ranges)
+        lp.hot_chunks = frozenset(i for off, n, _ in ranges for i in range(off // cs, (off + n - 1) // cs + 1))
         self.metrics.hot_set.inc(lp.hot_bytes)
         layer = self.manager.layer(lp.blob)
         stats = getattr(getattr(layer, "fetcher", None), "stats", None)
@@ -301,7 +322,7 @@ class HotBlockPrefetcher:
             _observe_reads(layer, self._observer(lp))
         self.metrics.running.inc()
         try:
-            job = self.manager.prefetch(lp.blob, ranges, self.concurrency)
+            job = self.manager.prefetch(lp.blob, ranges, self.concurrency, start=lp.started)
             lp.chunks = int(job.total)
             lp.state = "prefetching"
             log.info("prefetching %d hot ranges (%.1f MiB, %d chunks missing) of layer %s", len(ranges),

@@ -15,7 +15,7 @@ depends only on the layer's content; the UUID is derived from the layer digest. 
 so readdir order of the scratch dir does not leak in either: the same layer always gives the same blob, byte for
 byte.
 
-Then the blob is cut into chunks (1 MiB default) and hashed, pushed into the image's repository (or mounted
+Then the blob is cut into chunks (128 KiB default) and hashed, pushed into the image's repository (or mounted
 from another repository that has it), and finally the index artifact is pushed as a referrer of the image
 manifest (:mod:`registry_sidecar.index`).  Layers that cannot be converted — unknown media type, hostile or
 corrupt content — are listed in the index as skipped, with the reason; the rest of the image is still indexed.

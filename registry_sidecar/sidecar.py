@@ -53,6 +53,7 @@ from bootseer.registry import (
     RegistryError,
 )
 from registry_sidecar.convert import ConvertOptions, ImageConverter, ImageResult
+from registry_sidecar.index import DEFAULT_CHUNK_SIZE
 from registry_sidecar.state import Job, State
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class SidecarConfig:
     max_attempts: int = 8
     retry_base: float = 2.0  # seconds; doubled per attempt
     retry_max: float = 600.0
-    chunk_size: int = 1 << 20
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     compression: str = "lz4hc,4"  # mkfs.erofs -z (see registry_sidecar.convert)
     parallel: int = 2
     nice: int = 0

@@ -253,7 +253,7 @@ def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog
     artifact.push(client, ref, subject, hb)
     got = hot.manifest(ref, subject.digest)
     assert got is not None and got.ranges == hb.ranges
-    assert plan(got, L1, B1) == [(9 * MiB, MiB), (2 * MiB, MiB)]
+    assert plan(got, L1, B1) == [(9 * MiB, MiB, 0), (2 * MiB, MiB, 2_000_000)]  # with first-access times
     assert plan(got, L1, "sha256:" + "f" * 64) is None  # recorded on another blob of that layer
     assert plan(got, "sha256:" + "9" * 64, B1) == []  # a layer the recording did not see
 
@@ -268,3 +268,16 @@ def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog
     caplog.clear()
     assert hot.manifest(ref, subject.digest) is None
     assert "not a layer of the image" in caplog.text
+
+
+def test_layers_of_one_start_up_share_its_time_zero() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from recorder.prefetch import HotBlockPrefetcher
+
+    hot = HotBlockPrefetcher(None, None, registry=CollectorRegistry(), start_window=30.0)  # type: ignore[arg-type]
+    with hot._lock:
+        assert hot._start_of("sha256:m", 100.0) == 100.0  # the image's first Prepare
+        assert hot._start_of("sha256:m", 100.4) == 100.0  # its next layer: same time zero
+        assert hot._start_of("sha256:other", 100.5) == 100.5
+        assert hot._start_of("sha256:m", 200.0) == 200.0  # long after: a new start-up of the image

@@ -423,6 +423,33 @@ def test_cached_reads_hold_background_back_but_not_forever() -> None:
     assert s._may_start(BACKGROUND)  # quiet again
 
 
+def test_prefetch_requests_of_all_layers_are_admitted_earliest_due_first() -> None:
+    s = Scheduler(max_requests=2)  # prefetch may hold one slot (the other is kept for demand reads)
+    held, gate = threading.Event(), threading.Event()
+    order: list[float] = []
+
+    def holder() -> None:
+        with s.slot(PREFETCH, 1, due=0.0):
+            held.set()
+            gate.wait(10)
+
+    def waiter(due: float) -> None:
+        with s.slot(PREFETCH, 1, due=due):
+            order.append(due)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    held.wait(10)
+    for due in (3.0, 1.0, 2.0):  # arrival order is not admission order
+        threads.append(threading.Thread(target=waiter, args=(due,)))
+        threads[-1].start()
+    wait_until(lambda: s._waiting[PREFETCH] == 3, 10, "three prefetch requests queued")
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert order == [1.0, 2.0, 3.0]
+
+
 def test_mount_holds_background_back_for_the_idle_window() -> None:
     now = [100.0]
     s = Scheduler(max_requests=4, background_requests=1, background_idle=2.0, clock=lambda: now[0])

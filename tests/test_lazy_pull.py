@@ -42,6 +42,7 @@ import requests
 from bootseer.cri import CRIClient
 from integration import images
 from integration.stack import Stack, StackConfig, loops_below, mounts_below, running, wait_for
+from registry_sidecar.index import DEFAULT_CHUNK_SIZE
 from snapshotter.lazy.serve import Control
 from tests.conftest import scratch_root
 
@@ -315,7 +316,7 @@ def test_corrupt_chunk_is_eio_for_that_file_only(lazy: Lazy, ns: str) -> None:
     blob_digest = lazy.blobs()[2]  # torch's layer
     data = Path(lazy.st.info.registry_storage) / "docker/registry/v2/blobs/sha256" / blob_digest[7:9] / \
         blob_digest[7:] / "data"
-    chunk_size = 1 << 20
+    chunk_size = DEFAULT_CHUNK_SIZE  # the realistic image is indexed with the default
     k = _chunk_inside(data, TORCH_LIB, chunk_size)
     with open(data, "r+b") as f:
         f.seek(k * chunk_size + 4096)

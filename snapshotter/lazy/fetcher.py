@@ -179,13 +179,15 @@ class Scheduler:
         self._cond = threading.Condition()
         self._active = dict.fromkeys(KINDS, 0)
         self._waiting = dict.fromkeys(KINDS, 0)
+        self._prefetch_due: list[float] = []  # due times of the prefetch requests waiting for a slot
 
-    def _may_start(self, kind: str) -> bool:
+    def _may_start(self, kind: str, due: float | None = None) -> bool:
         total = sum(self._active.values())
         if kind == DEMAND:
             return total < self.max_requests
         if kind == PREFETCH:
-            return total < self.max_requests - 1 and not self._waiting[DEMAND]
+            return (total < self.max_requests - 1 and not self._waiting[DEMAND]
+                    and (due is None or not self._prefetch_due or due <= min(self._prefetch_due)))
         if not (total < self.max_requests - 1 and self._active[BACKGROUND] < self.background_requests
                 and not self._waiting[DEMAND] and not self._waiting[PREFETCH] and not self._active[DEMAND]
                 and not self._active[PREFETCH]):
@@ -213,13 +215,21 @@ class Scheduler:
 
     @contextlib.contextmanager
     def slot(self, kind: str, nbytes: int, deadline: float | None = None,
-             cancel: threading.Event | None = None) -> Iterator[None]:
+             cancel: threading.Event | None = None, due: float | None = None) -> Iterator[None]:
+        """Hold one request slot of ``kind``.  Prefetch requests are admitted earliest ``due`` first (a
+        ``time.monotonic()`` value: when the container is expected to read the bytes; None: now), across
+        all layers and images — so the bytes a start-up needs next are on the link next, whichever layer
+        they live in."""
         if kind == BACKGROUND:
             self.bucket.acquire(nbytes, cancel)
+        if kind == PREFETCH and due is None:
+            due = self._clock()
         with self._cond:
             self._waiting[kind] += 1
+            if kind == PREFETCH:
+                self._prefetch_due.append(due)  # type: ignore[arg-type]
             try:
-                while not self._may_start(kind):
+                while not self._may_start(kind, due):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("cancelled while queued")
                     timeout = 0.5 if cancel is not None else None
@@ -234,6 +244,8 @@ class Scheduler:
                     self._last_foreground = self._clock()
             finally:
                 self._waiting[kind] -= 1
+                if kind == PREFETCH:
+                    self._prefetch_due.remove(due)  # type: ignore[arg-type]
                 self._cond.notify_all()  # a waiter's priority may have changed who can start
         try:
             yield
@@ -339,7 +351,7 @@ class Fetcher:
         return self.cache.read(offset, length)
 
     def ensure(self, indices: Sequence[int], kind: str = DEMAND, *, deadline: float | None = None,
-               cancel: threading.Event | None = None) -> None:
+               cancel: threading.Event | None = None, due: float | None = None) -> None:
         """Return once every chunk in ``indices`` is in the cache; raise :class:`FetchError` otherwise.
 
         Missing chunks go out in coalesced runs; a chunk another caller is fetching right now is waited
@@ -364,7 +376,7 @@ class Fetcher:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise FetchError(f"timed out ({last.strerror if last else 'no answer'})")
                     try:
-                        theirs += self._fetch_run(run, kind, deadline, cancel)
+                        theirs += self._fetch_run(run, kind, deadline, cancel, due)
                     except Cancelled:
                         raise
                     except FetchError as e:
@@ -459,8 +471,8 @@ class Fetcher:
                 theirs.append((i, p))
         return need, theirs
 
-    def _fetch_run(self, run: list[int], kind: str, deadline: float | None,
-                   cancel: threading.Event | None) -> list[tuple[int, _Pending]]:
+    def _fetch_run(self, run: list[int], kind: str, deadline: float | None, cancel: threading.Event | None,
+                   due: float | None = None) -> list[tuple[int, _Pending]]:
         """One attempt at ``run``: take a request slot, claim the chunks still missing and not in flight,
         fetch them (contiguous pieces, one range request each), verify and store them.  Returns the chunks
         of ``run`` other callers were fetching (for the caller to wait on); raises on failure.  Always
@@ -473,7 +485,7 @@ class Fetcher:
             return theirs
         start = self.spec.chunk_span(need[0])[0]
         last_off, last_len = self.spec.chunk_span(need[-1])
-        with self.scheduler.slot(kind, last_off + last_len - start, deadline, cancel):
+        with self.scheduler.slot(kind, last_off + last_len - start, deadline, cancel, due):
             with self._lock:
                 need, theirs = self._split(run)
                 for i in need:

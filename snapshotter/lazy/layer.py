@@ -289,11 +289,26 @@ class LazyLayer:
             yield run
 
     # -- prefetch ------------------------------------------------------------------------------------
-    def prefetch(self, ranges: Iterable[tuple[int, int]], concurrency: int | None = None) -> Prefetch:
+    def prefetch(self, ranges: Iterable[tuple[int, int] | tuple[int, int, int]], concurrency: int | None = None,
+                 start: float | None = None) -> Prefetch:
         """Fetch the chunks covering ``ranges`` in the given order, ``concurrency`` runs at a time, as
         "prefetch" (ahead of background fill, behind demand reads).  Chunks already local or in flight are
-        not fetched twice.  Stops when the layer is torn down."""
-        order = [i for i in split_ranges(list(ranges), self.spec) if not self.cache.has(i)]
+        not fetched twice.  Stops when the layer is torn down.
+
+        A range may carry a third item, when the recorded start-up first read it (ns after its start);
+        with ``start`` (the ``time.monotonic()`` the start-up began, for this image) each request is then
+        due at ``start`` + that time, and the daemon's scheduler admits prefetch requests of all layers
+        earliest due first."""
+        given = [tuple(r) for r in ranges]
+        spans = [(int(r[0]), int(r[1])) for r in given]
+        due_of: dict[int, float] = {}  # chunk → when the start-up is expected to read it first
+        if start is not None:
+            for r in given:
+                if len(r) > 2:
+                    when = start + int(r[2]) / 1e9
+                    for i in self.spec.chunks_for(int(r[0]), int(r[1])):
+                        due_of[i] = min(due_of.get(i, when), when)
+        order = [i for i in split_ranges(spans, self.spec) if not self.cache.has(i)]
         job = Prefetch(len(order))
         runs = list(self._runs(order, self.fetcher.config.max_range_bytes))
         lock = threading.Lock()
@@ -308,7 +323,8 @@ class LazyLayer:
                             return
                         run = runs.pop(0)
                     try:
-                        self.fetcher.ensure(run, PREFETCH, cancel=self._cancel)
+                        due = min((due_of[i] for i in run if i in due_of), default=None)
+                        self.fetcher.ensure(run, PREFETCH, cancel=self._cancel, due=due)
                     except Cancelled:
                         return
                     except FetchError:
