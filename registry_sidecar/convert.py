@@ -4,7 +4,7 @@ One layer: download the blob into a scratch dir (streamed, resumed, verified aga
 manifest whose layer digest does not match the content is refused here, before anything is unpacked), unpack
 it with :mod:`registry_sidecar.unpack` (overlay whiteouts, every attribute kept, hostile entries refused), then
 
-    SOURCE_DATE_EPOCH=<newest mtime in the layer> mkfs.erofs -zlz4hc,4 -U<uuid from the layer digest> blob root
+    SOURCE_DATE_EPOCH=<newest mtime in the layer> mkfs.erofs -zlz4hc,4 -C65536 -U<uuid from the layer digest> blob root
 
 Why these options: LZ4HC is decompressed by the kernel inside erofs, so no byte of file data passes through Python
 on the node; level 4 rather than mkfs's default 9 because on the realistic image's torch layer (700 MB unpacked) it
@@ -80,7 +80,11 @@ class ConvertError(RuntimeError):
 class ConvertOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     compression: str = "lz4hc,4"  # mkfs.erofs -z argument ("lz4hc,4", "lz4hc" = level 9, "lz4hc,12", "lz4")
-    pcluster_size: int | None = None  # mkfs.erofs -C (physical cluster bytes); None: its default
+    # mkfs.erofs -C: largest physical cluster (bytes of compressed data decompressed as one).  64 KiB instead
+    # of mkfs's 4 KiB: the realistic image's blobs shrink and its start-up hot set with them (161 → 136 MB
+    # over the link; prefetched start-up 7.6 → 7.1 s at 200 Mbit/s), for more decompression per small
+    # random read.  None: mkfs's default.
+    pcluster_size: int | None = 64 << 10
     allow_devices: bool = True
     max_bytes: int | None = None  # refuse layers unpacking to more file data than this
     parallel: int = 2  # layers converted at once (mkfs is single-threaded)
