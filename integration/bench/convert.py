@@ -3,7 +3,7 @@
 ``bootseer bench convert [--runs N] [--parallel P] [--json FILE]`` (or ``python -m integration.bench.convert``).
 
 What the sidecar does per layer, on local files (the registry round trips are not the converter's cost):
-verified decompression and safe unpack into a scratch dir, ``mkfs.erofs -zlz4hc,4``, chunk hashing.  The
+verified decompression and safe unpack into a scratch dir, ``mkfs.erofs -zlz4hc,4 -C65536``, chunk hashing.  The
 baseline, measured in the same run on the same layer files, is what any node does to use a layer at all:
 ``gzip -dc LAYER | tar -x`` (GNU tar, as root: owners, modes and xattrs kept) into a scratch dir.  The
 ratio says how much more CPU-time one conversion costs than one ordinary unpack — paid once per layer on
