@@ -146,7 +146,6 @@ class HostsResolver:
                         auth_host=url.split("://", 1)[1].split("/", 1)[0])
 
 
-
 def default_hosts_dir(given: str | None = None) -> str:
     """Where a CLI finds ``hosts.toml`` files: ``given``, else ``BOOTSEER_HOSTS_DIR``, else the local
     stack's (when one is up: its registry is plain-HTTP loopback), else containerd's ``certs.d``."""
@@ -163,6 +162,7 @@ def default_hosts_dir(given: str | None = None) -> str:
     except (ImportError, StackError, OSError, ValueError, TypeError):
         pass
     return str(DEFAULT_HOSTS_DIR)
+
 
 def _resolve(p: str, hdir: Path | None) -> str:
     if os.path.isabs(p) or hdir is None:

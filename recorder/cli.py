@@ -19,10 +19,6 @@ hotblocks_app = typer.Typer(help="Hot-block manifests: what an image's start-up 
 _EXITS = "; ".join(f"{k}: {v}" for k, v in EXIT_CODES.items())
 
 
-def _hosts_dir(given: str | None) -> str:
-    return default_hosts_dir(given)
-
-
 def record(
     image: str = typer.Argument(..., help="Image reference (indexed by the registry sidecar)."),
     command: list[str] = typer.Argument(None, help="The command to run (after `--`); default: the image's own."),
@@ -74,7 +70,7 @@ def record(
                          env=list(env), merge=merge, runs=runs, push=push, output=output,
                          address=address or default_address(), control=control or default_control(),
                          snapshotter=snapshotter,
-                         hosts_dir=_hosts_dir(hosts_dir), plain_http=plain_http, platform=platform)
+                         hosts_dir=default_hosts_dir(hosts_dir), plain_http=plain_http, platform=platform)
     console = Console(stderr=True, highlight=False)
 
     def progress(msg: str) -> None:
@@ -157,7 +153,7 @@ def show(
             raise typer.Exit(EXIT_IMAGE) from None
     else:
         assert image is not None
-        hb, extra = _fetch(image, _hosts_dir(hosts_dir), plain_http, platform)
+        hb, extra = _fetch(image, default_hosts_dir(hosts_dir), plain_http, platform)
     summary = {**hb.summary(buckets), **extra}
     if as_json:
         typer.echo(json.dumps(summary, indent=1))

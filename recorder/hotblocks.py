@@ -140,13 +140,10 @@ class HotBlockManifest:
     def blob_of(self, layer_digest: str) -> str | None:
         return next((d for d, b in self.blobs.items() if b.layer == layer_digest), None)
 
-    def ranges_for(self, layer_digest: str) -> list[tuple[int, int]]:
-        """``(offset, length)`` of one layer's ranges, in prefetch order (what the prefetcher is given)."""
-        return [(r.offset, r.length) for r in self.ranges if r.layer_digest == layer_digest]
-
-    def timed_ranges_for(self, layer_digest: str) -> list[tuple[int, int, int]]:
-        """``(offset, length, first_access_ns)`` of one layer's ranges, in prefetch order: the time lets the
-        prefetcher fetch every layer's ranges in one image-wide order (see :mod:`recorder.prefetch`)."""
+    def ranges_for(self, layer_digest: str) -> list[tuple[int, int, int]]:
+        """``(offset, length, first_access_ns)`` of one layer's ranges, in prefetch order (what the prefetcher
+        is given: the time lets it fetch every layer's ranges in one image-wide order, see
+        :mod:`recorder.prefetch`)."""
         return [(r.offset, r.length, r.first_access_ns) for r in self.ranges if r.layer_digest == layer_digest]
 
     def hot_bytes(self, layer_digest: str | None = None) -> int:

@@ -80,7 +80,7 @@ def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tupl
         return []
     if recorded != blob_digest:
         return None
-    return hb.timed_ranges_for(layer_digest)
+    return hb.ranges_for(layer_digest)
 
 
 class Metrics:

@@ -51,7 +51,7 @@ def test_ranges_are_chunk_aligned_deduplicated_and_ordered_by_first_access() -> 
     got = [(r.layer_digest, r.offset, r.length, r.first_access_ns // MS, r.seq) for r in hb.ranges]
     assert got == [(L1, 20 * MiB, MiB, 0, 0), (L0, 0, MiB, 1, 1), (L0, 3 * MiB, 2 * MiB, 2, 2),
                    (L0, 10 * MiB, 123, 5, 3)]
-    assert hb.ranges_for(L0) == [(0, MiB), (3 * MiB, 2 * MiB), (10 * MiB, 123)]
+    assert hb.ranges_for(L0) == [(0, MiB, 1 * MS), (3 * MiB, 2 * MiB, 2 * MS), (10 * MiB, 123, 5 * MS)]
     assert hb.hot_bytes() == 4 * MiB + 123 and hb.hot_bytes(L1) == MiB
     assert hb.commands == [["true"]]
     # what the reads asked for, in distinct 4 KiB pages: B1 one page; B0 1 + 1 + 50 (200 kB across pages) + 1

@@ -46,7 +46,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
+from snapshotter.lazy.spec import AuthHook, BlobSpec, coalesce, no_auth
 
 log = logging.getLogger("bootseer.lazy.fetch")
 
@@ -372,7 +372,7 @@ class Fetcher:
                 if attempt:
                     self._backoff(attempt, deadline, cancel)
                 theirs: list[tuple[int, _Pending]] = []
-                for run in self._runs(todo):
+                for run in coalesce(sorted(todo), max(1, self.config.max_range_bytes // self.spec.chunk_size)):
                     if deadline is not None and time.monotonic() >= deadline:
                         raise FetchError(f"timed out ({last.strerror if last else 'no answer'})")
                     try:
@@ -445,17 +445,6 @@ class Fetcher:
         log.warning("%s: %d chunk(s) from #%d failed (%s): %s", self.spec.digest[:19], len(todo), todo[0], kind,
                     e.strerror)
 
-    def _runs(self, indices: Sequence[int]) -> list[list[int]]:
-        """Group sorted chunk indices into runs of adjacent chunks no longer than ``max_range_bytes``."""
-        cap = max(1, self.config.max_range_bytes // self.spec.chunk_size)
-        runs: list[list[int]] = []
-        for i in sorted(indices):
-            if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < cap:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        return runs
-
     def _split(self, run: Sequence[int]) -> tuple[list[int], list[tuple[int, _Pending]]]:
         """(chunks of ``run`` nobody has or fetches, chunks someone is fetching with their pending entry);
         call with the lock held."""
@@ -493,7 +482,7 @@ class Fetcher:
                 self.stats.dedup_waits += len(theirs)
             error: FetchError | None = None
             try:
-                for piece in self._contiguous(need):
+                for piece in coalesce(need):
                     self._fetch_piece(piece, kind, deadline)
             except FetchError as e:
                 error = e
@@ -507,16 +496,6 @@ class Fetcher:
                                 p.error = error if error is not None else FetchError(f"chunk {i} not fetched")
                             p.done.set()
         return theirs
-
-    @staticmethod
-    def _contiguous(indices: list[int]) -> list[list[int]]:
-        out: list[list[int]] = []
-        for i in indices:
-            if out and out[-1][-1] == i - 1:
-                out[-1].append(i)
-            else:
-                out.append([i])
-        return out
 
     def _fetch_piece(self, run: list[int], kind: str, deadline: float | None) -> None:
         """GET the contiguous chunks ``run`` (the caller holds a slot and has claimed them), verify, store."""

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,7 +37,7 @@ from snapshotter.lazy import mount as mnt
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.fetcher import BACKGROUND, DEMAND, PREFETCH, Cancelled, Fetcher, FetchError
 from snapshotter.lazy.fusefs import BlobFS, FuseServer
-from snapshotter.lazy.spec import BlobSpec, split_ranges
+from snapshotter.lazy.spec import BlobSpec, coalesce, split_ranges
 
 log = logging.getLogger("bootseer.lazy.layer")
 
@@ -255,7 +255,7 @@ class LazyLayer:
             if not self.fill_config.enabled:
                 return  # demand reads and prefetch may still complete the layer; housekeeping swaps it then
             try:
-                for run in self._runs(missing):
+                for run in self._runs(missing, self.fill_config.run_bytes):
                     if self._cancel.is_set() or not self.fill_config.enabled:
                         return  # torn down, or fill paused (set_fill): resumed by a new start_fill()
                     self.fetcher.ensure(run, BACKGROUND, cancel=self._cancel)
@@ -275,21 +275,12 @@ class LazyLayer:
                 self.last_error = str(e)
                 log.error("swapping %s to its local file failed: %s", self.spec.digest[:19], e)
 
-    def _runs(self, indices: list[int], cap_bytes: int | None = None) -> Iterable[list[int]]:
-        """Coalesce consecutive chunk indices into runs of at most ``cap_bytes`` (default: a background
-        request's size); the order of ``indices`` (blob order, or first-access order) is kept."""
-        cap = max(1, (cap_bytes or self.fill_config.run_bytes) // self.spec.chunk_size)
-        run: list[int] = []
-        for i in indices:
-            if run and (run[-1] != i - 1 or len(run) >= cap):
-                yield run
-                run = []
-            run.append(i)
-        if run:
-            yield run
+    def _runs(self, indices: list[int], cap_bytes: int) -> list[list[int]]:
+        """Runs of at most ``cap_bytes``, the order of ``indices`` (blob order, or first-access order) kept."""
+        return coalesce(indices, max(1, cap_bytes // self.spec.chunk_size))
 
     # -- prefetch ------------------------------------------------------------------------------------
-    def prefetch(self, ranges: Iterable[tuple[int, int] | tuple[int, int, int]], concurrency: int | None = None,
+    def prefetch(self, ranges: Sequence[Sequence[int]], concurrency: int | None = None,
                  start: float | None = None) -> Prefetch:
         """Fetch the chunks covering ``ranges`` in the given order, ``concurrency`` runs at a time, as
         "prefetch" (ahead of background fill, behind demand reads).  Chunks already local or in flight are
@@ -299,16 +290,14 @@ class LazyLayer:
         with ``start`` (the ``time.monotonic()`` the start-up began, for this image) each request is then
         due at ``start`` + that time, and the daemon's scheduler admits prefetch requests of all layers
         earliest due first."""
-        given = [tuple(r) for r in ranges]
-        spans = [(int(r[0]), int(r[1])) for r in given]
         due_of: dict[int, float] = {}  # chunk → when the start-up is expected to read it first
         if start is not None:
-            for r in given:
+            for r in ranges:
                 if len(r) > 2:
-                    when = start + int(r[2]) / 1e9
-                    for i in self.spec.chunks_for(int(r[0]), int(r[1])):
+                    when = start + r[2] / 1e9
+                    for i in self.spec.chunks_for(r[0], r[1]):
                         due_of[i] = min(due_of.get(i, when), when)
-        order = [i for i in split_ranges(spans, self.spec) if not self.cache.has(i)]
+        order = [i for i in split_ranges([(r[0], r[1]) for r in ranges], self.spec) if not self.cache.has(i)]
         job = Prefetch(len(order))
         runs = list(self._runs(order, self.fetcher.config.max_range_bytes))
         lock = threading.Lock()

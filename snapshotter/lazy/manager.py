@@ -33,7 +33,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -333,13 +333,13 @@ class LayerManager:
         with self._lock:
             return self._layers.get(digest)
 
-    def prefetch(self, digest: str, ranges: Iterable[tuple[int, int] | tuple[int, int, int]],
-                 concurrency: int | None = None, start: float | None = None) -> Prefetch:
+    def prefetch(self, digest: str, ranges: Sequence[Sequence[int]], concurrency: int | None = None,
+                 start: float | None = None) -> Prefetch:
         """See :meth:`LazyLayer.prefetch`."""
         layer = self.layer(digest)
         if layer is None:
             raise KeyError(digest)
-        return layer.prefetch(list(ranges), concurrency, start)
+        return layer.prefetch(ranges, concurrency, start)
 
     # -------------------------------------------------------------------------------- access recording
     def record(self, path: Path | str, digests: Iterable[str] | None = None, *, hold_swap: bool = True) -> Recording:

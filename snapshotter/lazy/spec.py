@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,6 +123,18 @@ class AuthHook(Protocol):
 def no_auth(spec: BlobSpec, *, refresh: bool) -> Mapping[str, str]:
     """The hook for anonymous registries."""
     return {}
+
+
+def coalesce(indices: Iterable[int], cap: int | None = None) -> list[list[int]]:
+    """Runs of consecutive chunk indices (each at most ``cap`` chunks), in the order given: one range
+    request per run.  Sort first for blob order; keep the order for first-access order (prefetch)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1 and (cap is None or len(runs[-1]) < cap):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def split_ranges(spans: Sequence[tuple[int, int]], spec: BlobSpec) -> list[int]:
