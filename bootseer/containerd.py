@@ -9,6 +9,7 @@ containerd's Go client sends them.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,29 @@ from protos.containerd.services.snapshots.v1 import snapshots_pb2_grpc as sgrpc
 from protos.containerd.types import descriptor_pb2, mount_pb2
 
 WRITE_CHUNK = 1 << 20
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+
+
+def default_address() -> str:
+    """containerd's socket (also its CRI endpoint) when ``--address`` is not given: env
+    ``CONTAINER_RUNTIME_ENDPOINT`` (as for crictl), else the local stack's if ``bootseer stack up`` runs one,
+    else :data:`DEFAULT_ADDRESS`.
+
+    The local stack comes before the system socket because on a development machine the commands are mostly
+    used against the stack, and a system containerd (if any) would silently answer instead.
+    """
+    env = os.environ.get("CONTAINER_RUNTIME_ENDPOINT")
+    if env:
+        return env
+    try:  # the stack is optional here: any failure to find it means "use the system socket"
+        from integration.stack import Stack, StackError
+
+        sock = Stack.load().info.containerd_socket
+        if sock and os.path.exists(sock.removeprefix("unix://")):
+            return sock
+    except (ImportError, StackError, OSError, ValueError, TypeError):
+        pass
+    return DEFAULT_ADDRESS
 
 
 @dataclass(frozen=True)

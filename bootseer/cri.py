@@ -32,10 +32,10 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from bootseer.containerd import DEFAULT_ADDRESS
 from protos.cri.runtime.v1 import api_pb2 as pb
 from protos.cri.runtime.v1 import api_pb2_grpc as pb_grpc
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 CRI_API_VERSION = "v1"
 POD_NAMESPACE = "bootseer"  # Kubernetes namespace in the pod metadata: tells our pods apart in `crictl pods`
 LABEL = "io.bootseer.cri"  # label on every sandbox and container this module creates

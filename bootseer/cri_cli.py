@@ -6,12 +6,12 @@ same CRI pull and start path that BootSeer accelerates, which ``ctr run`` does n
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
 
-from bootseer.cri import DEFAULT_ADDRESS, CRIClient, CRIError, RegistryAuth
+from bootseer.containerd import DEFAULT_ADDRESS, default_address
+from bootseer.cri import CRIClient, CRIError, RegistryAuth
 
 app = typer.Typer(help="Talk to the container runtime over CRI (runtime.v1), like the kubelet.",
                   no_args_is_help=True)
@@ -20,26 +20,6 @@ AddressOpt = typer.Option(
     None, "--address", "-a", show_default=False,
     help="CRI endpoint: containerd's socket.  Default: env CONTAINER_RUNTIME_ENDPOINT (as for crictl), else the "
          f"local stack's containerd if `bootseer stack up` runs one, else {DEFAULT_ADDRESS}.")
-
-
-def default_address() -> str:
-    """Where to find a CRI runtime when ``--address`` is not given.
-
-    The local stack comes before the system socket because on a development machine ``bootseer cri run`` is
-    mostly used against the stack, and a system containerd (if any) would silently answer instead.
-    """
-    env = os.environ.get("CONTAINER_RUNTIME_ENDPOINT")
-    if env:
-        return env
-    try:  # the stack is optional here: any failure to find it means "use the system socket"
-        from integration.stack import Stack, StackError
-
-        sock = Stack.load().info.containerd_socket
-        if sock and os.path.exists(sock.removeprefix("unix://")):
-            return sock
-    except (ImportError, StackError, OSError, ValueError, TypeError):
-        pass
-    return DEFAULT_ADDRESS
 
 
 def _auth(user: str | None) -> RegistryAuth | None:

@@ -113,7 +113,7 @@ def pull_cmd(
     image rpull`); then `ctr run --snapshotter bootseer IMAGE …` starts at once."""
     from rich.console import Console
 
-    from bootseer.cri_cli import default_address
+    from bootseer.containerd import default_address
     from bootseer.pull import PullError, pull
     from bootseer.registry import RegistryClient, RegistryError
 

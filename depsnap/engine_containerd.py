@@ -53,7 +53,6 @@ from depsnap.build import (
 from depsnap.key import DepSpec
 
 log = logging.getLogger("bootseer.depsnap")
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 
 
 def _mount(mounts: list[Any], target: Path) -> Path:

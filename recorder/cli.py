@@ -50,7 +50,7 @@ def record(
     manifest: `bootseer record IMG --ready-line 'listening' -- python3 serve.py`.  Progress goes to stderr."""
     from rich.console import Console
 
-    from bootseer.cri_cli import default_address
+    from bootseer.containerd import default_address
     from bootseer.status import default_control
 
     if ready_line is not None:
