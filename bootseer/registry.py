@@ -10,7 +10,10 @@ recorder and depsnap need from a registry, and nothing that ties them to one reg
   re-sent.  An upload that fails half-way is restarted from scratch (a ``PATCH`` is not idempotent).
 * **Referrers**: the referrers API, and for registries without it (distribution 2.8) the referrers *tag schema*:
   an OCI index tagged ``sha256-<hex>`` listing the artifacts whose ``subject`` is that manifest.  Pushing a
-  referrer updates that index unless the registry answers the manifest ``PUT`` with ``OCI-Subject``.
+  referrer updates that index unless the registry answers the manifest ``PUT`` with ``OCI-Subject``.  A
+  registry whose referrers route answers a bare 404 (no OCI error body: the route does not exist) is asked
+  through the tag schema only for the next :data:`REFERRERS_API_RECHECK` seconds — one round trip less per
+  lookup (the snapshotter looks up two referrers per image pull).
 * **Transport**: endpoints (mirrors, TLS, headers) from containerd's ``hosts.toml``
   (:mod:`bootseer.hosts`); auth from docker's config and the token flow (:mod:`bootseer.auth`); retries with
   exponential backoff and jitter on 429/5xx, timeouts and connection resets, honouring ``Retry-After``;
@@ -46,6 +49,7 @@ from bootseer.reference import Reference
 
 log = logging.getLogger(__name__)
 
+REFERRERS_API_RECHECK = 600.0  # seconds a registry without the referrers API is not asked for it again
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -286,6 +290,7 @@ class RegistryClient:
         self.user_agent = user_agent
         self._ref_locks: dict[str, threading.Lock] = {}
         self._ref_locks_guard = threading.Lock()
+        self._no_referrers_api: dict[str, float] = {}  # registry → time.monotonic() to ask the API again
 
     @property
     def session(self) -> requests.Session:
@@ -665,21 +670,22 @@ class RegistryClient:
         path = f"/{ref.repository}/referrers/{subject}"
         if artifact_type:
             path += "?" + urlencode({"artifactType": artifact_type})
-        try:
-            _, resp = self._request(ref, "GET", path, capability="pull", headers={"Accept": MT_OCI_INDEX},
-                                    stream=True)
-            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
-            raw = _read_limited(resp, MAX_MANIFEST_BYTES, "referrers")
-            if ctype == MT_OCI_INDEX or ctype == "application/json":
-                descs = Manifest.from_bytes(raw, MT_OCI_INDEX).manifests
-                if artifact_type and "artifactType" not in resp.headers.get("OCI-Filters-Applied", ""):
-                    descs = [d for d in descs if d.artifact_type == artifact_type]
-                return descs
-        except NotFound:
-            pass
-        except RegistryError as e:
-            if e.status not in (400, 405):
-                raise
+        if self._no_referrers_api.get(ref.registry, 0.0) <= time.monotonic():
+            try:
+                _, resp = self._request(ref, "GET", path, capability="pull", headers={"Accept": MT_OCI_INDEX},
+                                        stream=True)
+                ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
+                raw = _read_limited(resp, MAX_MANIFEST_BYTES, "referrers")
+                if ctype == MT_OCI_INDEX or ctype == "application/json":
+                    descs = Manifest.from_bytes(raw, MT_OCI_INDEX).manifests
+                    if artifact_type and "artifactType" not in resp.headers.get("OCI-Filters-Applied", ""):
+                        descs = [d for d in descs if d.artifact_type == artifact_type]
+                    return descs
+            except RegistryError as e:
+                if not isinstance(e, NotFound) and e.status not in (400, 405):
+                    raise
+                if e.code is None:  # not an OCI error (NAME_UNKNOWN, …) of a registry that has the route
+                    self._no_referrers_api[ref.registry] = time.monotonic() + REFERRERS_API_RECHECK
         index = self._referrers_tag_index(ref, subject)
         descs = index.manifests if index else []
         return [d for d in descs if not artifact_type or d.artifact_type == artifact_type]

@@ -145,6 +145,21 @@ def test_referrers_tag_schema_fallback(client: RegistryClient, registry: str) ->
     assert client.referrers(r, sha256_digest(b"no such subject")) == []
 
 
+def test_registry_without_referrers_api_is_asked_through_the_tag_schema_only(registry: str,
+                                                                             proxy: FaultProxy) -> None:
+    """distribution 2.8 has no referrers route (a bare 404): after the first lookup the client goes straight
+    to the tag schema, one round trip less on every image pull."""
+    client = RegistryClient(retries=0, read_timeout=10)
+    r = repo(proxy.address, "noapi")
+    subject = push_image(client, r)
+    proxy.clear()
+    for _ in range(3):
+        assert client.referrers(r, subject.digest) == []
+    api = [h for h in proxy.hits if "/referrers/" in h[1]]
+    tags = [h for h in proxy.hits if "/manifests/" + referrers_tag(subject.digest) in h[1]]
+    assert len(api) == 1 and len(tags) == 3, proxy.hits
+
+
 def test_digest_verification(client: RegistryClient, registry: str, proxy: FaultProxy) -> None:
     r = repo(registry, "verify")
     m = push_image(client, r, tag="v1")
