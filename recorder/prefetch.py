@@ -25,7 +25,10 @@ verifies every chunk against the index regardless).
 Metrics (Prometheus, in the manager's registry, so the daemon's ``metrics`` control op shows them):
 ``bootseer_hotblocks_hot_set_bytes_total`` (bytes of the ranges prefetch was asked to make local),
 ``bootseer_hotblocks_prefetched_bytes_total`` (bytes prefetch fetched itself),
-``bootseer_hotblocks_demand_bytes_total{result="hit"|"miss"}`` (demand reads that touched a recorded range:
+``bootseer_hotblocks_page_cache_bytes_total`` (hot bytes pushed into the kernel's page cache of the FUSE
+file: the container's reads of them are answered by the kernel and never reach FUSE — see
+:mod:`snapshotter.lazy.fusefs`),
+``bootseer_hotblocks_demand_bytes_total{result="hit"|"miss"}`` (reads reaching FUSE that touched a recorded range:
 already local thanks to prefetch, or not yet — needs the layer's ``demand_observer`` hook),
 ``bootseer_hotblocks_prefetch_seconds`` (Prepare → prefetch of the layer done),
 ``bootseer_hotblocks_prefetches_total{outcome}`` and ``bootseer_hotblocks_prefetch_running``.
@@ -97,8 +100,10 @@ class Metrics:
                                "prefetch", registry=reg)
         self.prefetched = Counter("bootseer_hotblocks_prefetched_bytes", "Bytes fetched by hot-block prefetch",
                                   registry=reg)
-        self.demand = Counter("bootseer_hotblocks_demand_bytes", "Demand reads touching recorded hot ranges: "
-                              "already local (hit) or not (miss)", ["result"], registry=reg)
+        self.warmed = Counter("bootseer_hotblocks_page_cache_bytes", "Prefetched bytes pushed into the kernel's "
+                              "page cache (their reads never reach FUSE)", registry=reg)
+        self.demand = Counter("bootseer_hotblocks_demand_bytes", "Demand reads reaching FUSE that touch recorded "
+                              "hot ranges: already local (hit) or not (miss)", ["result"], registry=reg)
         self.seconds = Histogram("bootseer_hotblocks_prefetch_seconds", "Prepare to hot-block prefetch done, "
                                  "per layer", registry=reg,
                                  buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64, 128))
@@ -128,6 +133,7 @@ class LayerPrefetch:
     chunks_fetched: int = 0
     chunks_failed: int = 0
     prefetched_bytes: int = 0
+    page_cache_bytes: int = 0
     demand_hit_bytes: int = 0
     demand_miss_bytes: int = 0
     seconds: float | None = None
@@ -137,7 +143,8 @@ class LayerPrefetch:
         return {"image": self.image, "layer": self.layer, "blob": self.blob, "state": self.state,
                 "ranges": self.ranges, "hot_bytes": self.hot_bytes, "chunks": self.chunks,
                 "chunks_fetched": self.chunks_fetched, "chunks_failed": self.chunks_failed,
-                "prefetched_bytes": self.prefetched_bytes, "demand_hit_bytes": self.demand_hit_bytes,
+                "prefetched_bytes": self.prefetched_bytes, "page_cache_bytes": self.page_cache_bytes,
+                "demand_hit_bytes": self.demand_hit_bytes,
                 "demand_miss_bytes": self.demand_miss_bytes,
                 "seconds": None if self.seconds is None else round(self.seconds, 3)}
 
@@ -336,7 +343,9 @@ class HotBlockPrefetcher:
         lp.chunks_fetched, lp.chunks_failed = int(job.fetched), int(job.failed)
         after = int(stats.bytes.get("prefetch", 0)) if stats is not None else before
         lp.prefetched_bytes = max(0, after - before)
+        lp.page_cache_bytes = int(getattr(job, "warmed", 0))
         self.metrics.prefetched.inc(lp.prefetched_bytes)
+        self.metrics.warmed.inc(lp.page_cache_bytes)
         lp.seconds = time.monotonic() - lp.prepared
         self.metrics.seconds.observe(lp.seconds)
         if lp.chunks_fetched + lp.chunks_failed < lp.chunks:

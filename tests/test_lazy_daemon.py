@@ -362,6 +362,9 @@ def test_recording_logs_every_fuse_read_and_holds_the_swap(world: World, proxy: 
     d.call("housekeeping")
     assert not d.status(world.digest)["swapped"]  # held: the recording must keep seeing reads
     assert _read(mp / "b64.txt") == (world.src / "b64.txt").read_bytes()
+    # nothing is pushed into the page cache while recording: it would hide the container's reads
+    job = d.call("prefetch", digest=world.digest, ranges=[[0, spec.size]], wait=30)
+    assert job["done"] and job["page_cache_bytes"] == 0
     fuse_reads = d.status(world.digest)["fuse"]["reads"]
     out = d.call("record_stop", id=rec["id"])
     lines = [json.loads(x) for x in log_path.read_text().splitlines()]
@@ -371,4 +374,29 @@ def test_recording_logs_every_fuse_read_and_holds_the_swap(world: World, proxy: 
     assert [x["t_ns"] for x in lines] == sorted(x["t_ns"] for x in lines)
     d.call("housekeeping")  # the hold is gone: the complete layer leaves FUSE
     assert d.call("wait_swapped", digest=world.digest, timeout=60)["swapped"]
+    _assert_clean(d, daemon_root)
+
+
+@pytest.mark.parametrize("page_cache", [True, False])
+def test_prefetched_chunks_are_read_from_the_page_cache_without_fuse(world: World, proxy: CountingProxy,
+                                                                      start: Callable[..., LazyDaemon],
+                                                                      daemon_root: Path, page_cache: bool) -> None:
+    """What saves a prefetched start-up its FUSE round trips: prefetch pushes the chunks it made local into
+    the kernel's page cache of the FUSE file, so the container's reads of them never reach the daemon.  With
+    ``page_cache = false`` (direct I/O) every read still does — the contrast shows the push is what works."""
+    d = start({**NO_FILL, "page_cache": page_cache})
+    spec = world.spec(proxy.url)
+    mp = _acquire(d, spec)
+    job = d.call("prefetch", digest=world.digest, ranges=[[0, spec.size]], wait=60)
+    assert job["done"] and job["failed"] == 0
+    assert job["page_cache_bytes"] == (spec.size if page_cache else 0)
+    before = d.status(world.digest)
+    reads, demand = before["fuse"]["reads"], before["fetched"]["bytes"]["demand"]  # the mount's superblock
+    assert run_with_deadline(lambda: tree_digest(mp), 60, "reading the tree") == world.tree  # right bytes
+    more = d.status(world.digest)["fuse"]["reads"] - reads
+    if page_cache:
+        assert more == 0, f"{more} reads of prefetched data reached FUSE"
+    else:
+        assert more > 0
+    assert d.status(world.digest)["fetched"]["bytes"]["demand"] == demand  # prefetch had fetched the rest
     _assert_clean(d, daemon_root)

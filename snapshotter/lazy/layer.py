@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -40,6 +41,8 @@ from snapshotter.lazy.fusefs import BlobFS, FuseServer
 from snapshotter.lazy.spec import BlobSpec, coalesce, split_ranges
 
 log = logging.getLogger("bootseer.lazy.layer")
+
+_STORE_BYTES = 1 << 20  # one page-cache push (FUSE notify_store) at most
 
 
 class LayerBusy(OSError):
@@ -86,6 +89,7 @@ class Prefetch:
         self.total = total  # chunks to prefetch
         self.fetched = 0  # chunks made local (by this prefetch, or by a reader it waited for)
         self.failed = 0
+        self.warmed = 0  # bytes pushed into the kernel's page cache of the FUSE file (see fusefs)
         self.done = threading.Event()
         self.started = time.monotonic()
         self.finished: float | None = None
@@ -104,6 +108,7 @@ class LazyLayer:
         self.cache = ChunkCache(paths.cache, spec, verify=verify_cache)
         self.fetcher = fetcher_factory(self.cache)
         self.loop_number: int | None = None
+        self._ino: int | None = None  # of the FUSE file while registered
         self.mounted = False
         self.swapped = False
         self.last_error: str | None = None
@@ -197,7 +202,7 @@ class LazyLayer:
                  "FUSE" if via_fuse else "local cache")
 
     def _register(self) -> None:
-        self.fs.add(self.name, self)
+        self._ino = self.fs.add(self.name, self)
 
     def _unregister(self) -> None:
         if self.fs.remove(self.name) and self.server is not None:
@@ -297,31 +302,41 @@ class LazyLayer:
                     when = start + r[2] / 1e9
                     for i in self.spec.chunks_for(r[0], r[1]):
                         due_of[i] = min(due_of.get(i, when), when)
-        order = [i for i in split_ranges([(r[0], r[1]) for r in ranges], self.spec) if not self.cache.has(i)]
-        job = Prefetch(len(order))
-        runs = list(self._runs(order, self.fetcher.config.max_range_bytes))
+        # Runs in first-access order, each all missing (fetch, then push into the page cache) or all
+        # local (push only: a second start of the image after its layers were released).
+        tasks: list[tuple[list[int], bool]] = []
+        for run in self._runs(split_ranges([(r[0], r[1]) for r in ranges], self.spec),
+                              self.fetcher.config.max_range_bytes):
+            for local, part in itertools.groupby(run, self.cache.has):
+                tasks.append((list(part), not local))
+        job = Prefetch(sum(len(run) for run, fetch in tasks if fetch))
+        if tasks:
+            self._use_page_cache()
         lock = threading.Lock()
-        workers = max(1, min(concurrency or self.fill_config.prefetch_concurrency, len(runs) or 1))
+        workers = max(1, min(concurrency or self.fill_config.prefetch_concurrency, len(tasks) or 1))
         left = [workers]
 
         def worker() -> None:
             try:
                 while not self._cancel.is_set():
                     with lock:
-                        if not runs:
+                        if not tasks:
                             return
-                        run = runs.pop(0)
-                    try:
-                        due = min((due_of[i] for i in run if i in due_of), default=None)
-                        self.fetcher.ensure(run, PREFETCH, cancel=self._cancel, due=due)
-                    except Cancelled:
-                        return
-                    except FetchError:
-                        with lock:
-                            job.failed += len(run)
-                        continue
+                        run, fetch = tasks.pop(0)
+                    if fetch:
+                        try:
+                            due = min((due_of[i] for i in run if i in due_of), default=None)
+                            self.fetcher.ensure(run, PREFETCH, cancel=self._cancel, due=due)
+                        except Cancelled:
+                            return
+                        except FetchError:
+                            with lock:
+                                job.failed += len(run)
+                            continue
+                    warmed = self._warm(run)
                     with lock:
-                        job.fetched += len(run)
+                        job.fetched += len(run) if fetch else 0
+                        job.warmed += warmed
             finally:
                 with lock:
                     left[0] -= 1
@@ -336,6 +351,43 @@ class LazyLayer:
             t.start()
         self._prefetch_threads = [t for t in self._prefetch_threads if t.is_alive()]
         return job
+
+    def _use_page_cache(self) -> None:
+        """Re-open the FUSE file through the page cache and move the loop device onto it (``LOOP_CHANGE_FD``),
+        so prefetched chunks pushed into that cache answer the container's reads (see :mod:`fusefs`).
+        Not on the FUSE thread: the ioctl waits for FUSE requests."""
+        with self._life:
+            ino, number = self._ino, self.loop_number
+            if (self.swapped or not self.mounted or number is None or ino is None or self.server is None
+                    or self.fs.cached(ino) or not self.fs.cache_next_open(ino)):
+                return
+            try:
+                fd = os.open(self.paths.fuse_file, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    loop.change_fd(number, fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:  # the layer keeps working in direct I/O; prefetch still makes chunks local
+                log.warning("layer %s: moving %s onto the page cache failed: %s", self.spec.digest[:19],
+                            loop.device_path(number), e)
+
+    def _warm(self, run: list[int]) -> int:
+        """Push the (local, verified) chunks ``run`` into the kernel's page cache of the FUSE file, so the
+        container's reads of them are answered without a FUSE round trip; bytes pushed (0 when the file is
+        served with direct I/O, recorded, swapped away or gone — see :meth:`FuseServer.store`)."""
+        ino, server = self._ino, self.server
+        if ino is None or server is None or self.swapped:
+            return 0
+        start = self.spec.chunk_span(run[0])[0]
+        last_off, last_len = self.spec.chunk_span(run[-1])
+        end = last_off + last_len
+        pushed = 0
+        for off in range(start, end, _STORE_BYTES):
+            data = self.cache.read(off, min(_STORE_BYTES, end - off))
+            if not server.store(ino, off, data):
+                break
+            pushed += len(data)
+        return pushed
 
     # -- leaving the data path ----------------------------------------------------------------------
     def swap(self) -> bool:

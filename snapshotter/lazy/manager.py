@@ -64,6 +64,7 @@ class LazyConfig:
     verify_cache_on_load: bool = False  # re-hash cached chunks when a layer's cache is opened
     housekeeping_interval: float = 1.0  # flush bitmaps, swap complete layers, enforce the budget
     fuse_threads: int = 16  # worker threads for FUSE reads that wait on the network
+    page_cache: bool = True  # FUSE files through the page cache, prefetched chunks pushed into it (fusefs)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LazyConfig:
@@ -150,7 +151,8 @@ class LayerManager:
         self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests)
         self.scheduler = Scheduler(self.config.max_requests, self.config.background_requests, self.config.fill_rate,
                                    self.config.fill_idle, self.config.fill_max_wait)
-        self.fs = BlobFS(threads=self.config.fuse_threads, access_log=access_log)
+        self.fs = BlobFS(threads=self.config.fuse_threads, access_log=access_log,
+                         page_cache=self.config.page_cache)
         self.server: FuseServer | None = None
         self._lock = threading.Lock()  # records and the layer table; never held while calling into a layer
         self._write_lock = threading.Lock()  # record files (taken before _lock, never inside it)

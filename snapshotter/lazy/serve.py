@@ -118,7 +118,8 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             job = m.prefetch(req["digest"], [tuple(r) for r in req["ranges"]], req.get("concurrency"))
             if req.get("wait") is not None:
                 job.done.wait(float(req["wait"]))
-            return {"total": job.total, "fetched": job.fetched, "failed": job.failed, "done": job.done.is_set()}
+            return {"total": job.total, "fetched": job.fetched, "failed": job.failed, "done": job.done.is_set(),
+                    "page_cache_bytes": job.warmed}
         if op == "record_start":
             rec = m.record(req["path"], req.get("digests"), hold_swap=bool(req.get("hold_swap", True)))
             return {"id": rec.id, "path": str(rec.path)}
