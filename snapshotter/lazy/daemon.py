@@ -64,6 +64,7 @@ class LazyService:
 
     def close(self) -> None:
         """Daemon stop: mounts stay (see the module doc)."""
+        self.handler.close()
         if self.hotblocks is not None:
             self.hotblocks.close()
         self.control.close()

@@ -12,6 +12,15 @@ Ownership: each remote snapshot holds its layer as owner ``<namespace>/<snapshot
 record's), so Remove releases exactly that hold and the restart hand-back (:meth:`LazyHandler.restore`)
 drops every hold whose snapshot no longer exists.
 
+**Setting up the following layers ahead.**  containerd prepares an image's layers one after another, each
+Prepare waiting for the one below; a lazy layer's set-up (index lookup, loop device, erofs mount — whose
+superblock read is a fetch racing the prefetch already under way) took 50–130 ms of each.  The CRI labels
+name the layers that follow (``cri.image-layers``), so the first Prepare of a pull sets those up at once, in
+parallel, each held by a provisional owner ``ahead/<manifest>/<layer>`` and with its hot-block prefetch
+started: their own Prepares then find them mounted.  A provisional hold ends when the layer's real Prepare
+takes it over, or after ``ahead_hold`` seconds (a layer containerd never prepares — its snapshot existed —
+is unmounted then); a restart drops it like any hold no snapshot has.
+
 :class:`RegistrySpecs` is the production :class:`SpecSource`: :class:`registry_sidecar.index.IndexReader`
 over :class:`bootseer.registry.RegistryClient` (hosts.toml mirrors, docker credentials, bearer tokens),
 whose endpoints and auth become the blob's :class:`~snapshotter.lazy.spec.BlobSpec` and
@@ -23,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
@@ -32,6 +42,7 @@ from snapshotter.lazy.manager import LayerManager
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.metastore import Record
 from snapshotter.remote import (
+    LABEL_CRI_IMAGE_LAYERS,
     LABEL_CRI_IMAGE_REF,
     LABEL_CRI_LAYER_DIGEST,
     LABEL_CRI_MANIFEST_DIGEST,
@@ -70,17 +81,37 @@ def owner_of(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
+def ahead_owner(manifest_digest: str, layer_digest: str) -> str:
+    """The provisional owner of a layer set up ahead of its Prepare."""
+    return f"ahead/{manifest_digest}/{layer_digest}"
+
+
+@dataclass
+class _Ahead:
+    """A following layer being (or already) set up ahead of its own Prepare."""
+
+    blob: str | None = None  # its blob, once set up (the provisional hold exists)
+    layer: object | None = None  # the manager's layer object whose prefetch the set-up started
+    claimed: bool = False  # its Prepare came: the set-up must not take a hold any more
+    timer: threading.Timer | None = None
+
+
 class LazyHandler:
     """Implements :class:`snapshotter.remote.RemoteHandler` over a started :class:`LayerManager`."""
 
     def __init__(self, manager: LayerManager, specs: SpecSource, name: str = REMOTE_NAME,
-                 prefetch: PrefetchHook | None = None) -> None:
+                 prefetch: PrefetchHook | None = None, *, ahead: int = 4, ahead_hold: float = 60.0) -> None:
         self.manager = manager
         self.specs = specs
         self.name = name
         self.prefetch = prefetch
+        self.ahead = max(0, ahead)  # set-ups ahead at once per pull (0: none)
+        self.ahead_hold = ahead_hold
         self._last = threading.local()  # (lower, owner) of this thread's last prepare, for release(…, None)
         self._recorded: Callable[[str, str], bool] | None = None
+        self._ahead: dict[tuple[str, str], _Ahead] = {}  # (manifest, layer) → set up ahead of its Prepare
+        self._ahead_lock = threading.Lock()
+        self._ahead_threads: list[threading.Thread] = []
 
     def bind(self, recorded: Callable[[str, str], bool]) -> None:
         """``recorded(namespace, name)``: whether the core holds that snapshot.  Two Prepares of one layer
@@ -95,8 +126,11 @@ class LazyHandler:
             log.debug("%s: no CRI labels (image ref, manifest and layer digest); ordinary pull", req.key)
             return None
         spec = self.specs(image, manifest, layer)
+        following = req.labels.get(LABEL_CRI_IMAGE_LAYERS, "").split(",")
+        following = following[following.index(layer) + 1:] if layer in following else []
         if spec is None:
             log.info("layer %s of %s has no lazy blob; ordinary pull", layer[:19], image)
+            self._set_up_ahead(image, manifest, following)  # the layers above it may be lazy
             return None
         owner = owner_of(req.namespace, req.target)
         with events.span("image_mount", component="bootseer snapshotter", image=image, layer=layer,
@@ -104,12 +138,112 @@ class LazyHandler:
             lower = self.manager.acquire(spec, owner)
         self._last.value = (lower, owner, spec.digest)
         log.info("layer %s of %s is lazy: blob %s at %s", layer[:19], image, spec.digest[:19], lower)
+        if not self._take_over(manifest, layer, spec.digest):
+            self._start_prefetch(image, manifest, layer, spec)
+        self._set_up_ahead(image, manifest, following)
+        return RemoteLayer(lower=lower, name=self.name, size=spec.size, inodes=0, labels={LABEL_BLOB: spec.digest})
+
+    def _start_prefetch(self, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
         if self.prefetch is not None:
             try:
                 self.prefetch(self.manager, image, manifest, layer, spec)
             except Exception:
                 log.exception("prefetch hook failed for layer %s of %s", layer[:19], image)
-        return RemoteLayer(lower=lower, name=self.name, size=spec.size, inodes=0, labels={LABEL_BLOB: spec.digest})
+
+    # -- following layers, ahead of their Prepares -----------------------------------------------------
+    def _take_over(self, manifest: str, layer: str, blob: str) -> bool:
+        """The layer's own Prepare holds it now: end its provisional hold, if it was set up ahead.  True if
+        that set-up already started the prefetch of this very mount (so it is not started twice)."""
+        with self._ahead_lock:
+            entry = self._ahead.get((manifest, layer))
+            if entry is None:
+                return False
+            entry.claimed = True
+            if entry.blob is None:  # still being set up (its hold is dropped when it finishes) or failed
+                return False
+            del self._ahead[(manifest, layer)]
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self.manager.release(ahead_owner(manifest, layer), entry.blob)
+        return entry.blob == blob and entry.layer is not None and entry.layer is self.manager.layer(blob)
+
+    def _set_up_ahead(self, image: str, manifest: str, layers: list[str]) -> None:
+        todo: list[str] = []
+        with self._ahead_lock:
+            for d in layers:
+                if d and (manifest, d) not in self._ahead:
+                    self._ahead[(manifest, d)] = _Ahead()
+                    todo.append(d)
+            self._ahead_threads = [t for t in self._ahead_threads if t.is_alive()]
+
+        def work() -> None:
+            while True:
+                with self._ahead_lock:
+                    if not todo:
+                        return
+                    d = todo.pop(0)
+                self._ahead_one(image, manifest, d)
+
+        for k in range(min(len(todo), self.ahead)):
+            t = threading.Thread(target=work, daemon=True, name=f"ahead-{manifest[7:15]}-{k}")
+            with self._ahead_lock:
+                self._ahead_threads.append(t)
+            t.start()
+
+    def _ahead_one(self, image: str, manifest: str, layer: str) -> None:
+        key, owner = (manifest, layer), ahead_owner(manifest, layer)
+        with self._ahead_lock:
+            entry = self._ahead[key]
+            if entry.claimed:  # its Prepare came first
+                del self._ahead[key]
+                return
+        spec: BlobSpec | None = None
+        try:
+            spec = self.specs(image, manifest, layer)
+            if spec is not None:
+                with events.span("image_mount", component="bootseer snapshotter", image=image, layer=layer,
+                                 blob=spec.digest, ahead=True):
+                    self.manager.acquire(spec, owner)
+        except Exception as e:  # its own Prepare tries again, and reports
+            log.info("setting up layer %s of %s ahead failed: %s", layer[:19], image, e)
+            spec = None
+        with self._ahead_lock:
+            if spec is None:  # not lazy (its Prepare takes the ordinary path), or failed
+                del self._ahead[key]
+                return
+            entry.blob, entry.layer = spec.digest, self.manager.layer(spec.digest)
+            late = entry.claimed  # its Prepare came meanwhile, found no hold and starts the prefetch itself
+            if late:
+                del self._ahead[key]
+        if late:
+            self.manager.release(owner, spec.digest)
+            return
+        self._start_prefetch(image, manifest, layer, spec)
+        log.info("layer %s of %s set up ahead of its Prepare: blob %s", layer[:19], image, spec.digest[:19])
+        with self._ahead_lock:
+            if self._ahead.get(key) is entry:  # not taken over yet: the hold ends at the latest in ahead_hold s
+                entry.timer = threading.Timer(self.ahead_hold, self._expire, args=(key, spec.digest))
+                entry.timer.daemon = True
+                entry.timer.start()
+
+    def _expire(self, key: tuple[str, str], blob: str) -> None:
+        """No Prepare took the layer over: drop the provisional hold (unmounting it if nobody else holds it)."""
+        with self._ahead_lock:
+            if self._ahead.get(key) is None or self._ahead[key].blob != blob:
+                return
+            del self._ahead[key]
+        log.info("layer %s was set up ahead but never prepared; released", key[1][:19])
+        self.manager.release(ahead_owner(*key), blob)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait for set-ups ahead still running and stop the hold timers (the holds go with the daemon)."""
+        with self._ahead_lock:
+            threads, entries = list(self._ahead_threads), list(self._ahead.values())
+        for t in threads:
+            t.join(timeout)
+        for e in entries:
+            if e.timer is not None:
+                e.timer.cancel()
 
     def release(self, lower: Path, record: Record | None) -> None:
         if record is not None:

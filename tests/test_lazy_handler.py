@@ -1,0 +1,134 @@
+"""The lazy handler's plain core, driven without a kernel: a remote Prepare sets the following layers of the
+image up ahead of their own Prepares (the CRI labels name them), each held provisionally until its Prepare
+takes it over or the hold runs out, and each layer's hot-block prefetch starts exactly once per mount."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from snapshotter.lazy.handler import LazyHandler, ahead_owner
+from snapshotter.lazy.spec import BlobSpec
+from snapshotter.lazy.testing import wait_until
+from snapshotter.remote import (
+    LABEL_CRI_IMAGE_LAYERS,
+    LABEL_CRI_IMAGE_REF,
+    LABEL_CRI_LAYER_DIGEST,
+    LABEL_CRI_MANIFEST_DIGEST,
+    LABEL_SNAPSHOT_REF,
+    RemoteRequest,
+)
+
+IMAGE, MANIFEST = "reg.example/app:1", "sha256:" + "m" * 64
+LAYERS = ["sha256:" + c * 64 for c in "abcd"]
+NOT_LAZY = LAYERS[2]  # the index left this layer out: the ordinary pull path
+
+
+def _spec(layer: str) -> BlobSpec:
+    return BlobSpec(registry="http://reg.example", mirrors=(), repository="app", digest="sha256:" + layer[7] * 63 + "0",
+                    size=4096, chunk_size=4096, chunks=("0" * 64,))
+
+
+class FakeManager:
+    """What the handler needs of :class:`LayerManager`: holds per blob, a layer object per mount."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owners: dict[str, set[str]] = {}
+        self.layers: dict[str, object] = {}
+        self.acquires: list[tuple[str, str]] = []
+        self.released = threading.Event()
+
+    def acquire(self, spec: BlobSpec, owner: str) -> Path:
+        with self.lock:
+            self.acquires.append((spec.digest, owner))
+            self.owners.setdefault(spec.digest, set()).add(owner)
+            self.layers.setdefault(spec.digest, object())
+        return Path("/mnt") / spec.name
+
+    def release(self, owner: str, digest: str | None = None, *, force: bool = False) -> list[str]:
+        with self.lock:
+            held = self.owners.get(digest or "", set())
+            held.discard(owner)
+            gone = [] if held else [digest or ""]
+            if not held:
+                self.layers.pop(digest or "", None)
+        self.released.set()
+        return gone
+
+    def layer(self, digest: str) -> object | None:
+        with self.lock:
+            return self.layers.get(digest)
+
+
+def _handler(hold: float = 60.0) -> tuple[LazyHandler, FakeManager, list[str]]:
+    manager = FakeManager()
+    hooked: list[str] = []
+
+    def specs(image: str, manifest: str, layer: str) -> BlobSpec | None:
+        return None if layer == NOT_LAZY else _spec(layer)
+
+    def prefetch(mgr: Any, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
+        hooked.append(layer)
+
+    return LazyHandler(manager, specs, prefetch=prefetch, ahead_hold=hold), manager, hooked  # type: ignore[arg-type]
+
+
+def _prepare(h: LazyHandler, i: int) -> None:
+    labels = {LABEL_SNAPSHOT_REF: f"chain-{i}", LABEL_CRI_IMAGE_REF: IMAGE, LABEL_CRI_MANIFEST_DIGEST: MANIFEST,
+              LABEL_CRI_LAYER_DIGEST: LAYERS[i], LABEL_CRI_IMAGE_LAYERS: ",".join(LAYERS[i:])}
+    h.prepare(RemoteRequest("ns", f"extract-{i}", f"chain-{i - 1}" if i else "", f"chain-{i}", labels))
+
+
+def _ahead_done(h: LazyHandler) -> bool:
+    return not any(t.is_alive() for t in h._ahead_threads)
+
+
+def test_first_prepare_sets_up_the_following_lazy_layers_ahead() -> None:
+    h, m, hooked = _handler()
+    try:
+        _prepare(h, 0)
+        wait_until(lambda: _ahead_done(h), 10, "set-ups ahead")
+        held = {d: set(o) for d, o in m.owners.items()}
+        assert held[_spec(LAYERS[0]).digest] == {"ns/chain-0"}
+        for layer in (LAYERS[1], LAYERS[3]):  # the layers after it, lazy ones only, provisionally held
+            assert held[_spec(layer).digest] == {ahead_owner(MANIFEST, layer)}
+        assert len(held) == 3 and sorted(hooked) == sorted([LAYERS[0], LAYERS[1], LAYERS[3]])
+
+        for i in (1, 2, 3):  # containerd's own Prepares, bottom up
+            _prepare(h, i)
+        wait_until(lambda: _ahead_done(h), 10, "set-ups ahead")
+        # each real Prepare took its layer over: the provisional holds are gone, nothing is set up twice
+        assert {d: set(o) for d, o in m.owners.items()} == {
+            _spec(LAYERS[i]).digest: {f"ns/chain-{i}"} for i in (0, 1, 3)}
+        assert sorted(hooked) == sorted([LAYERS[0], LAYERS[1], LAYERS[3]])  # one prefetch per mount
+        assert not h._ahead
+    finally:
+        h.close()
+
+
+def test_a_layer_never_prepared_is_released_when_its_hold_runs_out() -> None:
+    h, m, _ = _handler(hold=0.2)
+    try:
+        _prepare(h, 2)  # a (not lazy) layer's Prepare sets up the lazy one above it, which is never prepared
+        wait_until(lambda: _ahead_done(h), 10, "set-ups ahead")
+        top = _spec(LAYERS[3]).digest
+        assert m.owners[top] == {ahead_owner(MANIFEST, LAYERS[3])}
+        wait_until(lambda: not m.owners.get(top), 10, "the provisional hold to run out")
+        assert m.layer(top) is None and not h._ahead  # unmounted: nobody else held it
+    finally:
+        h.close()
+
+
+def test_a_prepare_that_finds_its_layer_released_sets_it_up_again_and_prefetches() -> None:
+    h, m, hooked = _handler(hold=0.2)
+    try:
+        _prepare(h, 0)
+        wait_until(lambda: _ahead_done(h), 10, "set-ups ahead")
+        d1 = _spec(LAYERS[1]).digest
+        wait_until(lambda: not m.owners.get(d1), 10, "the provisional hold to run out")
+        _prepare(h, 1)  # late: a new mount, so its prefetch starts again
+        assert m.owners[d1] == {"ns/chain-1"} and hooked.count(LAYERS[1]) == 2
+    finally:
+        h.close()
