@@ -142,6 +142,9 @@ class BlobServer:
         self.corrupt: set[int] = set()  # chunk indices served with a flipped byte
         self.token: str | None = None  # require "Authorization: Bearer <token>"
         self.ignore_range = False
+        self.stall_after: int | None = None  # send this many bytes of a body, then wait for ``resume``
+        self.stalled = threading.Event()
+        self.resume = threading.Event()
         srv = self
 
         class H(http.server.BaseHTTPRequestHandler):
@@ -180,15 +183,23 @@ class BlobServer:
                 if srv.ignore_range:
                     self._reply(200, srv.data)
                     return
-                self._reply(206, bytes(body), {"Content-Range": f"bytes {start}-{end - 1}/{len(srv.data)}"})
+                self._reply(206, bytes(body), {"Content-Range": f"bytes {start}-{end - 1}/{len(srv.data)}"},
+                            stall_after=srv.stall_after)
 
-            def _reply(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            def _reply(self, code: int, body: bytes, headers: dict[str, str] | None = None,
+                       stall_after: int | None = None) -> None:
                 self.send_response(code)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 with contextlib.suppress(OSError):
+                    if stall_after is not None and stall_after < len(body):
+                        self.wfile.write(body[:stall_after])
+                        self.wfile.flush()
+                        srv.stalled.set()
+                        srv.resume.wait(30)
+                        body = body[stall_after:]
                     self.wfile.write(body)
 
         self.closing = False
@@ -208,6 +219,7 @@ class BlobServer:
             self.cond.notify_all()
         if self.gate is not None:
             self.gate.set()
+        self.resume.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -260,6 +272,25 @@ def test_concurrent_readers_of_one_missing_chunk_cause_one_fetch(tmp_path: Path,
         t.join(10)
     assert sorted(results) == sorted(data[4 * CS + k * 1000 : 4 * CS + k * 1000 + 500] for k in range(5))
     assert srv.requests == [(4 * CS, 5 * CS)]
+
+
+def test_chunks_of_a_run_are_usable_as_they_arrive(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+    """A prefetch run of 8 chunks is one request; a reader of its first chunk goes on once that chunk is in,
+    not when the whole run is (with 8 MiB runs sharing the link, that was most of a second)."""
+    data, srv = served
+    f = _fetcher(tmp_path, _spec(data, srv.url))
+    srv.stall_after = 4 * CS
+    t = threading.Thread(target=f.ensure, args=(range(0, 8), PREFETCH))
+    t.start()
+    try:
+        assert srv.stalled.wait(10), "the server never sent the first part"
+        f.config.read_timeout = 5.0
+        assert f.read(CS + 3, 100) == data[CS + 3 : CS + 103]  # while the rest of the run is still missing
+        assert not srv.resume.is_set() and not any(f.cache.has(i) for i in range(4, 8))
+    finally:
+        srv.resume.set()
+        t.join(10)
+    assert [f.cache.has(i) for i in range(8)] == [True] * 8 and srv.requests == [(0, 8 * CS)]
 
 
 def test_corrupt_chunk_is_eio_and_never_cached_neighbours_are_fine(
