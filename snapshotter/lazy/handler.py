@@ -168,6 +168,8 @@ class LazyHandler:
         return entry.blob == blob and entry.layer is not None and entry.layer is self.manager.layer(blob)
 
     def _set_up_ahead(self, image: str, manifest: str, layers: list[str]) -> None:
+        if not self.ahead:
+            return
         todo: list[str] = []
         with self._ahead_lock:
             for d in layers:
