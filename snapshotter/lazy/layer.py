@@ -43,7 +43,6 @@ from snapshotter.lazy.spec import BlobSpec, coalesce, split_ranges
 log = logging.getLogger("bootseer.lazy.layer")
 
 _STORE_BYTES = 1 << 20  # one page-cache push (FUSE notify_store) at most
-_BATCH_RUNS = 16  # prefetch runs in one multi-range request at most (Fetcher.ensure_runs)
 
 
 class LayerBusy(OSError):
@@ -318,7 +317,6 @@ class LazyLayer:
             for local, part in itertools.groupby(run, self.cache.has):
                 tasks.append((list(part), not local))
         job = Prefetch(sum(len(run) for run, fetch in tasks if fetch))
-        cap = self.fetcher.config.max_range_bytes
         if tasks:
             self._use_page_cache()
         lock = threading.Lock()
@@ -332,24 +330,19 @@ class LazyLayer:
                         if not tasks:
                             return
                         run, fetch = tasks.pop(0)
-                        batch, n = [run], len(run)  # the next runs to fetch, up to one request's worth
-                        while (fetch and tasks and tasks[0][1] and len(batch) < _BATCH_RUNS
-                               and (n + len(tasks[0][0])) * self.spec.chunk_size <= cap):
-                            batch.append(tasks.pop(0)[0])
-                            n += len(batch[-1])
                     if fetch:
                         try:
-                            due = min((due_of[i] for r in batch for i in r if i in due_of), default=None)
-                            self.fetcher.ensure_runs(batch, PREFETCH, cancel=self._cancel, due=due)
+                            due = min((due_of[i] for i in run if i in due_of), default=None)
+                            self.fetcher.ensure(run, PREFETCH, cancel=self._cancel, due=due)
                         except Cancelled:
                             return
                         except FetchError:
                             with lock:
-                                job.failed += n
+                                job.failed += len(run)
                             continue
-                    warmed = sum(self._warm(r) for r in batch)
+                    warmed = self._warm(run)
                     with lock:
-                        job.fetched += n if fetch else 0
+                        job.fetched += len(run) if fetch else 0
                         job.warmed += warmed
             finally:
                 with lock:
