@@ -22,7 +22,7 @@ the loop device's reads bypass the page cache of the FUSE file and reach us as t
 copy of the layer is the erofs mount's, a read arrives as one request however large (the fetcher turns it
 into one range request), and the recorder sees every read.  Once a hot-block prefetch starts for the layer
 (and ``page_cache`` is on, the default), the layer re-opens the file through the page cache
-(:meth:`BlobFS.cache_next_open`, then ``LOOP_CHANGE_FD`` to the new descriptor) and pushes every chunk the
+(:meth:`BlobFS.cache_opens`, then ``LOOP_CHANGE_FD`` to the new descriptor) and pushes every chunk the
 prefetch made local into that cache (:meth:`FuseServer.store`, FUSE's ``notify_store``): the container's
 reads of prefetched data are then answered by the kernel — loop device → page cache — without a FUSE round
 trip, the daemon's GIL or a thread switch (the torch start-up: ~1600 FUSE reads become ~35, and the start is
@@ -98,8 +98,7 @@ class _File:
     mtime_ns: int
     opens: int = 0
     linked: bool = True
-    page_cache: bool = False  # last opened through the page cache (store() may push data into it)
-    want_cache: bool = False  # the next open goes through the page cache
+    want_cache: bool = False  # opens go through the page cache (the layer moves its loop device onto one)
     stats: FileStats = field(default_factory=FileStats)
 
 
@@ -158,22 +157,15 @@ class BlobFS(pyfuse3.Operations):
             ino = self._names.get(name)
             return None if ino is None else self._files[ino].stats
 
-    def cache_next_open(self, ino: int) -> bool:
-        """Make the next open of ``ino`` go through the page cache; False (nothing changes) when that is off
-        in this daemon or a recording runs."""
+    def cache_opens(self, ino: int, on: bool = True) -> bool:
+        """Make the next opens of ``ino`` go through the page cache (or, ``on=False``, back to direct I/O);
+        False (nothing changes) when the page cache is off in this daemon or a recording runs."""
         with self._lock:
             f = self._files.get(ino)
-            if f is None or not self.page_cache or self.access_log is not None:
+            if f is None or (on and (not self.page_cache or self.access_log is not None)):
                 return False
-            f.want_cache = True
+            f.want_cache = on
             return True
-
-    def cached(self, ino: int) -> bool:
-        """Whether data pushed into ``ino``'s page cache would be read: the file is open through the page
-        cache and no access log is recording (it must see every read)."""
-        with self._lock:
-            f = self._files.get(ino)
-            return f is not None and f.opens > 0 and f.page_cache and self.access_log is None
 
     def open_count(self, name: str) -> int:
         with self._lock:
@@ -266,7 +258,6 @@ class BlobFS(pyfuse3.Operations):
             f = self._get(inode)
             direct = not (f.want_cache and self.page_cache) or self.access_log is not None
             f.opens += 1
-            f.page_cache = not direct
         # keep_cache: the content never changes (content-addressed, inode numbers never reused)
         return pyfuse3.FileInfo(fh=inode, direct_io=direct, keep_cache=not direct)
 
@@ -407,9 +398,10 @@ class FuseServer:
 
     def store(self, ino: int, offset: int, data: bytes) -> bool:
         """Push ``data`` (verified bytes of the blob at ``offset``) into the kernel's page cache of ``ino``, so
-        reads of it never reach us; False if that is pointless or impossible right now (direct I/O, a
-        recording, the file closed, the session gone).  Any thread but the FUSE thread; releases the GIL."""
-        if not self.alive or not self.fs.cached(ino):
+        reads of it never reach us; False if that is impossible or not wanted right now (a recording must
+        see every read; the kernel forgot the inode; the session is gone).  The caller knows whether its
+        loop device reads ``ino`` through the page cache.  Any thread but the FUSE thread; releases the GIL."""
+        if not self.alive or self.fs.access_log is not None:
             return False
         try:
             pyfuse3.notify_store(ino, offset, data)

@@ -109,6 +109,7 @@ class LazyLayer:
         self.fetcher = fetcher_factory(self.cache)
         self.loop_number: int | None = None
         self._ino: int | None = None  # of the FUSE file while registered
+        self._page_cached = False  # the loop device reads the FUSE file through the page cache
         self.mounted = False
         self.swapped = False
         self.last_error: str | None = None
@@ -210,6 +211,7 @@ class LazyLayer:
 
     def _register(self) -> None:
         self._ino = self.fs.add(self.name, self)
+        self._page_cached = False  # a new FUSE file: opened with direct I/O until a prefetch moves it
 
     def _unregister(self) -> None:
         if self.fs.remove(self.name) and self.server is not None:
@@ -365,8 +367,8 @@ class LazyLayer:
         Not on the FUSE thread: the ioctl waits for FUSE requests."""
         with self._life:
             ino, number = self._ino, self.loop_number
-            if (self.swapped or not self.mounted or number is None or ino is None or self.server is None
-                    or self.fs.cached(ino) or not self.fs.cache_next_open(ino)):
+            if (self._page_cached or self.swapped or not self.mounted or number is None or ino is None
+                    or self.server is None or not self.fs.cache_opens(ino)):
                 return
             try:
                 fd = os.open(self.paths.fuse_file, os.O_RDONLY | os.O_CLOEXEC)
@@ -374,16 +376,18 @@ class LazyLayer:
                     loop.change_fd(number, fd)
                 finally:
                     os.close(fd)
+                self._page_cached = True
             except OSError as e:  # the layer keeps working in direct I/O; prefetch still makes chunks local
+                self.fs.cache_opens(ino, False)
                 log.warning("layer %s: moving %s onto the page cache failed: %s", self.spec.digest[:19],
                             loop.device_path(number), e)
 
     def _warm(self, run: list[int]) -> int:
         """Push the (local, verified) chunks ``run`` into the kernel's page cache of the FUSE file, so the
         container's reads of them are answered without a FUSE round trip; bytes pushed (0 when the file is
-        served with direct I/O, recorded, swapped away or gone — see :meth:`FuseServer.store`)."""
+        served with direct I/O, recorded, swapped away or gone)."""
         ino, server = self._ino, self.server
-        if ino is None or server is None or self.swapped:
+        if ino is None or server is None or self.swapped or not self._page_cached:
             return 0
         start = self.spec.chunk_span(run[0])[0]
         last_off, last_len = self.spec.chunk_span(run[-1])
