@@ -44,14 +44,14 @@ def default_address() -> str:
     env = os.environ.get("CONTAINER_RUNTIME_ENDPOINT")
     if env:
         return env
-    try:  # the stack is optional here: any failure to find it means "use the system socket"
-        from integration.stack import Stack, StackError
-
-        sock = Stack.load().info.containerd_socket
-        if sock and os.path.exists(sock.removeprefix("unix://")):
-            return sock
-    except (ImportError, StackError, OSError, ValueError, TypeError):
-        pass
+    try:  # the stack is optional here: no stack (or no integration package) means "use the system socket"
+        from integration.state import local_stack
+    except ImportError:
+        return DEFAULT_ADDRESS
+    info = local_stack()
+    sock = info.containerd_socket if info else ""
+    if sock and os.path.exists(sock.removeprefix("unix://")):
+        return sock
     return DEFAULT_ADDRESS
 
 

@@ -154,14 +154,12 @@ def default_hosts_dir(given: str | None = None) -> str:
     if os.environ.get("BOOTSEER_HOSTS_DIR"):
         return os.environ["BOOTSEER_HOSTS_DIR"]
     try:
-        from integration.stack import Stack, StackError
-
-        d = Path(Stack.load().info.containerd_config).parent / "certs.d"
-        if d.is_dir():
-            return str(d)
-    except (ImportError, StackError, OSError, ValueError, TypeError):
-        pass
-    return str(DEFAULT_HOSTS_DIR)
+        from integration.state import local_stack
+    except ImportError:
+        return str(DEFAULT_HOSTS_DIR)
+    info = local_stack()
+    d = Path(info.containerd_config).parent / "certs.d" if info and info.containerd_config else None
+    return str(d) if d is not None and d.is_dir() else str(DEFAULT_HOSTS_DIR)
 
 
 def _resolve(p: str, hdir: Path | None) -> str:

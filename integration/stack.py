@@ -32,9 +32,7 @@ import requests
 
 from integration import containerd_config, images
 from integration.netns import ShapedLink, parse_rate
-
-STATE_FILE = "stack.json"
-DEFAULT_ROOT = Path(os.environ.get("BOOTSEER_STACK_DIR", "/var/tmp/bootseer-stack"))
+from integration.state import DEFAULT_ROOT, STATE_FILE, StackInfo, read_info
 
 
 class StackError(RuntimeError):
@@ -60,27 +58,6 @@ class StackConfig:
     lazy: bool = True  # the snapshotter serves indexed images' layers lazily (remote snapshots)
     lazy_config: dict[str, Any] = field(default_factory=dict)  # its [lazy] table (LazyConfig knobs)
     timeout: float = 60.0
-
-
-@dataclass
-class StackInfo:
-    root: str
-    containerd_socket: str
-    containerd_config: str
-    registry: str  # host:port, plain HTTP
-    registry_url: str
-    registry_storage: str
-    sandbox_image: str
-    snapshotter_socket: str | None = None
-    snapshotter_root: str | None = None
-    snapshotter_control: str | None = None  # lazy layers' control socket (bootseer status, recorder)
-    snapshotter_metrics: str | None = None  # host:port of its Prometheus /metrics
-    sidecar_url: str | None = None
-    netns: str | None = None
-    netns_id: str | None = None
-    rate_bps: int | None = None
-    logs: dict[str, str] = field(default_factory=dict)
-    pids: dict[str, int] = field(default_factory=dict)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -122,10 +99,9 @@ class Stack:
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def load(cls, root: Path = DEFAULT_ROOT) -> Stack:
-        state = Path(root) / STATE_FILE
-        if not state.exists():
+        if not (Path(root) / STATE_FILE).exists():
             raise StackError(f"no stack at {root} (no {STATE_FILE}); run `bootseer stack up`")
-        return cls(StackInfo(**json.loads(state.read_text())))
+        return cls(read_info(root))
 
     def save(self) -> None:
         tmp = self.root / (STATE_FILE + ".tmp")
