@@ -199,3 +199,16 @@ def test_racing_remote_prepares_of_one_layer_keep_it_held(mixed: tuple[Stack, st
         c.close()
     after = Control(st.info.snapshotter_control).call("status")["layers"]
     assert not [x for x in after if f"/{target}" in x["owners"]]
+
+
+def test_pull_command_failures_keep_their_exit_codes_and_reasons() -> None:
+    """`bootseer pull` ends without the interpreter's teardown (cli.FAST_EXIT): a script still sees why and how
+    it failed — 1 with the reason for a bad reference, 2 with click's message for a bad option."""
+    bad = subprocess.run([sys.executable, "-m", "bootseer.cli", "pull", "-a", "/nonexistent/containerd.sock",
+                          "Not A Reference"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1, bad
+    assert "error:" in bad.stderr and "Not A Reference" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "bootseer.cli", "pull", "--no-such-option", "x"],
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2, usage
+    assert "No such option" in usage.stderr
