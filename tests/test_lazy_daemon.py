@@ -400,3 +400,40 @@ def test_prefetched_chunks_are_read_from_the_page_cache_without_fuse(world: Worl
         assert more > 0
     assert d.status(world.digest)["fetched"]["bytes"]["demand"] == demand  # prefetch had fetched the rest
     _assert_clean(d, daemon_root)
+
+
+def test_prefetch_runs_go_out_as_one_multi_range_request(world: World, proxy: CountingProxy,
+                                                         start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+    """docker-registry serves ``multipart/byteranges``: the next runs of a prefetch share one request (the
+    registry spends ~4 ms of CPU per request, whatever its size), and every chunk still verifies."""
+    d = start(NO_FILL)
+    mp = _acquire(d, world.spec(proxy.url))
+    proxy.reset()
+    ranges = [[20 * CHUNK, 2 * CHUNK], [10 * CHUNK, 1], [30 * CHUNK + 5, 100]]  # first-access order
+    job = d.call("prefetch", digest=world.digest, ranges=ranges, wait=60)
+    assert job["done"] and job["failed"] == 0 and job["fetched"] == 4
+    reqs = proxy.blob_requests(world.digest)
+    assert [r.range for r in reqs] == [f"bytes={20 * CHUNK}-{22 * CHUNK - 1},{10 * CHUNK}-{11 * CHUNK - 1},"
+                                       f"{30 * CHUNK}-{31 * CHUNK - 1}"]
+    assert reqs[0].status == 206 and d.status(world.digest)["fetched"]["bytes"]["prefetch"] == 4 * CHUNK
+    assert run_with_deadline(lambda: tree_digest(mp), 60, "reading the tree") == world.tree  # right bytes
+    _assert_clean(d, daemon_root)
+
+
+def test_only_runs_due_close_together_share_a_multi_range_request(
+        world: World, proxy: CountingProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+    """With recorded first-access times, a request carries only runs due within ``prefetch_batch_window``
+    (0.05 s) of its first: a batch admitted for its earliest run must not carry bytes due much later (at
+    200 Mbit/s that took link share from the runs due next)."""
+    d = start(NO_FILL)
+    _acquire(d, world.spec(proxy.url))
+    proxy.reset()
+    ms = 1_000_000
+    ranges = [[20 * CHUNK, 2 * CHUNK, 0], [10 * CHUNK, 1, 30 * ms], [30 * CHUNK + 5, 100, 400 * ms],
+              [40 * CHUNK, 1, 420 * ms]]
+    job = d.call("prefetch", digest=world.digest, ranges=ranges, concurrency=1, start=time.monotonic(), wait=60)
+    assert job["done"] and job["failed"] == 0 and job["fetched"] == 5
+    assert [r.range for r in proxy.blob_requests(world.digest)] == [
+        f"bytes={20 * CHUNK}-{22 * CHUNK - 1},{10 * CHUNK}-{11 * CHUNK - 1}",
+        f"bytes={30 * CHUNK}-{31 * CHUNK - 1},{40 * CHUNK}-{41 * CHUNK - 1}"]
+    _assert_clean(d, daemon_root)

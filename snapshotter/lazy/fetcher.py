@@ -11,7 +11,12 @@ any HTTP server.  The rules, and why:
   it waits for that fetch instead of issuing its own (containers read the same hot files from many
   processes at once, and the kernel's read-ahead overlaps the reads that follow it).
 * **Coalescing.**  Adjacent missing chunks claimed by one caller go out as one range request, up to
-  ``max_range_bytes``: fewer round trips for sequential reads and background fill.
+  ``max_range_bytes``: fewer round trips for sequential reads and background fill.  Prefetch, whose runs
+  follow the recorded first-access order and so are scattered over the blob, sends its next runs as one
+  *multi-range* request where the registry serves ``multipart/byteranges`` (:meth:`Fetcher.ensure_runs`):
+  the torch start-up's hot set went out in 50 requests instead of 290, and the registry's CPU for it halved.
+* **Chunks as they arrive.**  Each chunk of a response is verified, stored and handed to its waiters as
+  soon as its bytes are in, not when the whole response is.
 * **Demand first.**  All fetchers of a daemon share a :class:`Scheduler`: a bounded number of requests in
   flight, demand reads always admitted first, prefetch next, background fill only when no demand read is
   waiting or running, and through a token bucket that caps its bandwidth.
@@ -36,11 +41,13 @@ import contextlib
 import errno
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -338,6 +345,7 @@ class Fetcher:
         self._inflight: dict[int, _Pending] = {}
         self._failed: dict[int, tuple[float, FetchError]] = {}
         self._endpoint = 0  # index into spec.endpoints() of the one that last worked
+        self._multi_range = True  # until the registry answers a multi-range request otherwise
 
     # -- public --------------------------------------------------------------------------------------
     def read(self, offset: int, length: int, kind: str = DEMAND) -> bytes:
@@ -359,6 +367,27 @@ class Fetcher:
         still queued for a slot claims nothing, so a demand read or a prefetch never waits on a background
         fetch that is itself queued behind them (that priority inversion cost the start-up benchmark 2 s:
         prefetch waited for chunks the fill had claimed and could not fetch until prefetch was over)."""
+        cap = max(1, self.config.max_range_bytes // self.spec.chunk_size)
+        self._ensure(indices, kind, deadline, cancel, due,
+                     lambda todo: [[run] for run in coalesce(sorted(todo), cap)])
+
+    def ensure_runs(self, runs: Sequence[Sequence[int]], kind: str = PREFETCH, *,
+                    cancel: threading.Event | None = None, due: float | None = None) -> None:
+        """Like :meth:`ensure` for several runs of chunks (prefetch: the next runs in first-access order),
+        fetched in *one* request slot with *one* multi-range request (``Range: bytes=a-b,c-d,…``) where the
+        registry answers those with ``multipart/byteranges``.  Why: docker-registry 2.8 spends ~4 ms of CPU
+        on every request whatever its size (measured: 256 requests of 128 KiB cost it 1.05 CPU-s, the same
+        bytes in 32 requests of 8 ranges 0.25 CPU-s), and on a node every request costs this daemon too.
+        A registry that answers otherwise (a CDN or object store behind a redirect answers ``200`` with the
+        whole blob, or one range) is asked one range per request from then on: the body is never read."""
+        order = [list(r) for r in runs if r]
+        self._ensure([i for r in order for i in r], kind, None, cancel, due,
+                     lambda todo: [[[i for i in r if i in todo] for r in order if any(i in todo for i in r)]])
+
+    def _ensure(self, indices: Sequence[int], kind: str, deadline: float | None, cancel: threading.Event | None,
+                due: float | None, batches: Callable[[set[int]], list[list[list[int]]]]) -> None:
+        """The attempt loop of :meth:`ensure` / :meth:`ensure_runs`: each attempt fetches ``batches(todo)``,
+        each batch (a list of runs) in one request slot."""
         if deadline is None and kind == DEMAND:
             deadline = time.monotonic() + self.config.read_timeout
         todo = [i for i in indices if not self.cache.has(i)]
@@ -372,11 +401,11 @@ class Fetcher:
                 if attempt:
                     self._backoff(attempt, deadline, cancel)
                 theirs: list[tuple[int, _Pending]] = []
-                for run in coalesce(sorted(todo), max(1, self.config.max_range_bytes // self.spec.chunk_size)):
+                for batch in batches(set(todo)):
                     if deadline is not None and time.monotonic() >= deadline:
                         raise FetchError(f"timed out ({last.strerror if last else 'no answer'})")
                     try:
-                        theirs += self._fetch_run(run, kind, deadline, cancel, due)
+                        theirs += self._fetch_runs(batch, kind, deadline, cancel, due)
                     except Cancelled:
                         raise
                     except FetchError as e:
@@ -460,30 +489,35 @@ class Fetcher:
                 theirs.append((i, p))
         return need, theirs
 
-    def _fetch_run(self, run: list[int], kind: str, deadline: float | None, cancel: threading.Event | None,
-                   due: float | None = None) -> list[tuple[int, _Pending]]:
-        """One attempt at ``run``: take a request slot, claim the chunks still missing and not in flight,
-        fetch them (contiguous pieces, one range request each), verify and store them.  Returns the chunks
-        of ``run`` other callers were fetching (for the caller to wait on); raises on failure.  Always
-        settles the pending entries it created."""
+    def _fetch_runs(self, runs: list[list[int]], kind: str, deadline: float | None,
+                    cancel: threading.Event | None, due: float | None = None) -> list[tuple[int, _Pending]]:
+        """One attempt at ``runs``: take a request slot, claim the chunks still missing and not in flight,
+        fetch them (contiguous pieces; one range request, or one multi-range request for all of them),
+        verify and store them.  Returns the chunks other callers were fetching (for the caller to wait on);
+        raises on failure.  Always settles the pending entries it created."""
+        every = [i for run in runs for i in run]
         with self._lock:
-            need, theirs = self._split(run)
+            need, theirs = self._split(every)
         if not need:  # all being fetched by others: no slot needed to wait for them
             with self._lock:
                 self.stats.dedup_waits += len(theirs)
             return theirs
-        start = self.spec.chunk_span(need[0])[0]
-        last_off, last_len = self.spec.chunk_span(need[-1])
-        with self.scheduler.slot(kind, last_off + last_len - start, deadline, cancel, due):
+        nbytes = sum(self.spec.chunk_span(i)[1] for i in need)
+        with self.scheduler.slot(kind, nbytes, deadline, cancel, due):
             with self._lock:
-                need, theirs = self._split(run)
+                need, theirs = self._split(every)
                 for i in need:
                     self._inflight[i] = _Pending()
                 self.stats.dedup_waits += len(theirs)
             error: FetchError | None = None
             try:
-                for piece in coalesce(need):
-                    self._fetch_piece(piece, kind, deadline)
+                pieces = coalesce(need)
+                if len(pieces) > 1 and self._multi_range and self._fetch_multi(pieces, kind, deadline):
+                    pass
+                else:
+                    for piece in pieces:
+                        if not all(self.cache.has(i) for i in piece):
+                            self._fetch_piece(piece, kind, deadline)
             except FetchError as e:
                 error = e
                 raise
@@ -505,6 +539,21 @@ class Fetcher:
         last_off, last_len = self.spec.chunk_span(run[-1])
         end = last_off + last_len
         bad: list[int] = []
+        t0 = time.monotonic()
+        data = self._get(start, end, deadline, self._settler(run, start, bad))
+        elapsed = time.monotonic() - t0
+        self.client.mark_up(self.spec.endpoints())  # bytes arrived: whatever outage there was is over
+        with self._lock:
+            self.stats.bytes[kind] += len(data)
+            self.stats.requests[kind] += 1
+        if self.metrics is not None:
+            self.metrics.fetched(kind, len(data), elapsed)
+        if bad:
+            raise CorruptChunk(f"chunk(s) {bad} of {self.spec.digest} failed sha256 verification")
+
+    def _settler(self, run: list[int], start: int, bad: list[int]) -> Callable[[bytearray, int], None]:
+        """``arrived(buffer, n)`` for the body of ``run`` (starting at blob offset ``start``): settles each
+        chunk once its bytes are among the first ``n``."""
         settled = 0  # chunks of run handled so far
 
         def arrived(buf: bytearray, got: int) -> None:
@@ -517,17 +566,61 @@ class Fetcher:
                 self._settle(i, memoryview(buf)[off - start : off - start + length], bad)
                 settled += 1
 
+        return arrived
+
+    def _fetch_multi(self, pieces: list[list[int]], kind: str, deadline: float | None) -> bool:
+        """GET the contiguous chunk runs ``pieces`` with one multi-range request and settle every chunk as it
+        arrives (see :meth:`ensure_runs`).  False — nothing fetched — if the registry does not answer with
+        ``multipart/byteranges`` (then no multi-range request is sent again) or wants authentication first
+        (the single-range path refreshes the token); raises :class:`FetchError` on failure."""
+        spans = []
+        for piece in pieces:
+            last_off, last_len = self.spec.chunk_span(piece[-1])
+            spans.append((self.spec.chunk_span(piece[0])[0], last_off + last_len))
+        endpoints = self.spec.endpoints()
+        idx = self._endpoint % len(endpoints)
+        url = self.spec.blob_url(endpoints[idx])
+        cfg = self.config
+        left = None if deadline is None else deadline - time.monotonic()
+        budget = left if left is not None else max(cfg.connect_timeout, cfg.io_timeout)
+        headers = {**self.spec.headers, **self.client.auth(self.spec, refresh=False),
+                   "Range": "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in spans), "Accept-Encoding": "identity"}
+        timeout = (min(cfg.connect_timeout, budget), min(cfg.io_timeout, budget))
         t0 = time.monotonic()
-        data = self._get(start, end, deadline, arrived)
-        elapsed = time.monotonic() - t0
-        self.client.mark_up(self.spec.endpoints())  # bytes arrived: whatever outage there was is over
+        try:
+            try:
+                resp = self.client.session().get(url, headers=headers, stream=True, timeout=timeout)
+            except requests.RequestException as e:
+                raise FetchError(f"GET {url} ({len(spans)} ranges): {type(e).__name__}: {e}") from e
+            try:
+                ctype = resp.headers.get("Content-Type", "")
+                boundary = re.search(r'boundary="?([^";]+)"?', ctype)
+                if resp.status_code != 206 or not ctype.startswith("multipart/byteranges") or boundary is None:
+                    if resp.status_code in (200, 206):
+                        self._multi_range = False
+                        log.info("%s answers multi-range requests with %d %s; one range per request from now on",
+                                 urlparse(url).netloc, resp.status_code, ctype or "(no content type)")
+                        return False
+                    if resp.status_code == 401:
+                        return False
+                    raise FetchError(f"GET {url} ({len(spans)} ranges): HTTP {resp.status_code}")
+                bad: list[int] = []
+                wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
+                total = _read_parts(_Body(resp, url, deadline), boundary.group(1).encode(), url, wanted)
+            finally:
+                resp.close()
+        except FetchError:
+            self._endpoint = idx + 1  # mirrors first, the registry last, round and round
+            raise
+        self.client.mark_up(endpoints)
         with self._lock:
-            self.stats.bytes[kind] += len(data)
+            self.stats.bytes[kind] += total
             self.stats.requests[kind] += 1
         if self.metrics is not None:
-            self.metrics.fetched(kind, len(data), elapsed)
+            self.metrics.fetched(kind, total, time.monotonic() - t0)
         if bad:
             raise CorruptChunk(f"chunk(s) {bad} of {self.spec.digest} failed sha256 verification")
+        return True
 
     def _settle(self, i: int, piece: memoryview, bad: list[int]) -> None:
         """Verify chunk ``i`` and store it (its waiters go on), or count it in ``bad``."""
@@ -624,3 +717,86 @@ class Fetcher:
         if got < want:
             raise FetchError(f"GET {url}: short body, {got} of {want} bytes")
         return buf
+
+
+class _Body:
+    """Buffered reading of a streamed response body: lines (multipart headers) and exact byte counts.
+
+    The unread bytes are ``_buf[_pos:]``; payload is copied once, from the network piece into the part's
+    buffer (no slicing of the remainder per part: a hot set is ~130 MiB through here)."""
+
+    def __init__(self, resp: requests.Response, url: str, deadline: float | None) -> None:
+        self._it = resp.iter_content(chunk_size=256 << 10)
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self.url = url
+        self.deadline = deadline
+
+    def _more(self) -> None:
+        try:
+            piece = next(self._it)
+        except StopIteration:
+            raise FetchError(f"GET {self.url}: the multipart body ended early") from None
+        except requests.RequestException as e:
+            raise FetchError(f"GET {self.url}: {type(e).__name__}: {e}") from e
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = piece, 0
+        else:  # a line or part split across pieces: keep the rest, then the new piece
+            self._buf, self._pos = self._buf[self._pos:] + piece, 0
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise FetchError(f"GET {self.url}: timed out")
+
+    def readline(self, limit: int = 8192) -> bytes:
+        while True:
+            k = self._buf.find(b"\n", self._pos)
+            if k >= 0:
+                line = bytes(self._buf[self._pos : k + 1])
+                self._pos = k + 1
+                return line
+            if len(self._buf) - self._pos > limit:
+                raise FetchError(f"GET {self.url}: a multipart header line longer than {limit} bytes")
+            self._more()
+
+    def read_into(self, out: bytearray, arrived: Callable[[bytearray, int], None]) -> None:
+        got = 0
+        while got < len(out):
+            if self._pos >= len(self._buf):
+                self._more()
+            k = min(len(out) - got, len(self._buf) - self._pos)
+            with memoryview(self._buf) as view:
+                out[got : got + k] = view[self._pos : self._pos + k]
+            self._pos += k
+            got += k
+            arrived(out, got)
+
+
+def _read_parts(body: _Body, boundary: bytes, url: str,
+                wanted: dict[int, tuple[int, Callable[[bytearray, int], None]]]) -> int:
+    """Read a ``multipart/byteranges`` body whose parts must be exactly the ranges ``wanted`` (start →
+    (end, arrived)); returns the payload bytes.  Anything else — a part we did not ask for, a missing one,
+    a malformed header — is a :class:`FetchError` (what was settled before stays: it was verified)."""
+    total = 0
+    delimiter, close = b"--" + boundary, b"--" + boundary + b"--"
+    while wanted:
+        line = body.readline().strip()
+        if not line:
+            continue
+        if line == close:
+            break
+        if line != delimiter:
+            raise FetchError(f"GET {url}: unexpected line in the multipart body: {line[:80]!r}")
+        crange = ""
+        while header := body.readline().strip():
+            name, _, value = header.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-range":
+                crange = value.strip()
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", crange)
+        part = wanted.pop(int(m.group(1)), None) if m else None
+        if m is None or part is None or part[0] != int(m.group(2)) + 1:
+            raise FetchError(f"GET {url}: a multipart part we did not ask for (Content-Range {crange!r})")
+        buf = bytearray(part[0] - int(m.group(1)))
+        body.read_into(buf, part[1])
+        total += len(buf)
+    if wanted:
+        raise FetchError(f"GET {url}: the multipart body lacks {len(wanted)} of the ranges asked for")
+    return total

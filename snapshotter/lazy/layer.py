@@ -43,6 +43,7 @@ from snapshotter.lazy.spec import BlobSpec, coalesce, split_ranges
 log = logging.getLogger("bootseer.lazy.layer")
 
 _STORE_BYTES = 1 << 20  # one page-cache push (FUSE notify_store) at most
+_BATCH_RUNS = 16  # prefetch runs in one multi-range request at most (Fetcher.ensure_runs)
 
 
 class LayerBusy(OSError):
@@ -76,6 +77,10 @@ class FillConfig:
     run_bytes: int = 4 << 20  # chunks per background request (coalesced)
     retry_max: float = 30.0  # longest pause between attempts after background failures
     prefetch_concurrency: int = 4
+    # prefetch runs the start-up first read within this many seconds of each other (recorded time) may go out
+    # as one multi-range request (Fetcher.ensure_runs); 0: one run per request.  Bounded so that a request
+    # admitted for its earliest run does not carry bytes due much later (see LazyLayer.prefetch)
+    prefetch_batch_window: float = 0.05
     direct_io_after_swap: bool = False  # loop reads the cache file with O_DIRECT: one page-cache copy
     # read-ahead of the loop device (erofs reads ahead, and faults around mmap'ed pages, by this much):
     # None keeps the kernel's default; smaller values fetch less around each lazy read
@@ -319,6 +324,7 @@ class LazyLayer:
             for local, part in itertools.groupby(run, self.cache.has):
                 tasks.append((list(part), not local))
         job = Prefetch(sum(len(run) for run, fetch in tasks if fetch))
+        cap = self.fetcher.config.max_range_bytes
         if tasks:
             self._use_page_cache()
         lock = threading.Lock()
@@ -332,19 +338,25 @@ class LazyLayer:
                         if not tasks:
                             return
                         run, fetch = tasks.pop(0)
+                        batch, n = [run], len(run)  # the next runs to fetch, up to one request's worth
+                        first_due = self._due(run, due_of)
+                        while (fetch and tasks and tasks[0][1] and len(batch) < _BATCH_RUNS
+                               and (n + len(tasks[0][0])) * self.spec.chunk_size <= cap
+                               and self._batchable(first_due, self._due(tasks[0][0], due_of))):
+                            batch.append(tasks.pop(0)[0])
+                            n += len(batch[-1])
                     if fetch:
                         try:
-                            due = min((due_of[i] for i in run if i in due_of), default=None)
-                            self.fetcher.ensure(run, PREFETCH, cancel=self._cancel, due=due)
+                            self.fetcher.ensure_runs(batch, PREFETCH, cancel=self._cancel, due=first_due)
                         except Cancelled:
                             return
                         except FetchError:
                             with lock:
-                                job.failed += len(run)
+                                job.failed += n
                             continue
-                    warmed = self._warm(run)
+                    warmed = sum(self._warm(r) for r in batch)
                     with lock:
-                        job.fetched += len(run) if fetch else 0
+                        job.fetched += n if fetch else 0
                         job.warmed += warmed
             finally:
                 with lock:
@@ -360,6 +372,24 @@ class LazyLayer:
             t.start()
         self._prefetch_threads = [t for t in self._prefetch_threads if t.is_alive()]
         return job
+
+    @staticmethod
+    def _due(run: list[int], due_of: dict[int, float]) -> float | None:
+        return min((due_of[i] for i in run if i in due_of), default=None)
+
+    def _batchable(self, first_due: float | None, due: float | None) -> bool:
+        """Whether a run due at ``due`` may join a multi-range request admitted for ``first_due``.
+
+        Only runs due close together: a request is admitted by its earliest run, and the requests in flight
+        share the link, so a batch carrying runs due much later takes link share from runs due sooner — with
+        batches of 16 runs in first-access order, the torch start-up at 200 Mbit/s took 8.05 s instead of
+        7.47 s.  Without recorded times (no schedule to keep) runs are batched in order."""
+        window = self.fill_config.prefetch_batch_window
+        if window <= 0:
+            return False
+        if first_due is None or due is None:
+            return first_due is None and due is None
+        return due - first_due <= window
 
     def _use_page_cache(self) -> None:
         """Re-open the FUSE file through the page cache and move the loop device onto it (``LOOP_CHANGE_FD``),

@@ -115,7 +115,8 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         if op == "wait_swapped":
             return {"swapped": m.wait_swapped(req["digest"], float(req.get("timeout", 60)))}
         if op == "prefetch":
-            job = m.prefetch(req["digest"], [tuple(r) for r in req["ranges"]], req.get("concurrency"))
+            job = m.prefetch(req["digest"], [tuple(r) for r in req["ranges"]], req.get("concurrency"),
+                             req.get("start"))  # a time.monotonic() value: the clock is system-wide
             if req.get("wait") is not None:
                 job.done.wait(float(req["wait"]))
             return {"total": job.total, "fetched": job.fetched, "failed": job.failed, "done": job.done.is_set(),
