@@ -175,6 +175,7 @@ class HotBlockPrefetcher:
         self._cache: OrderedDict[tuple[str, str], tuple[float, str | None, HotBlockManifest | None]] = OrderedDict()
         self._layers_of: dict[tuple[str, str], list[str]] = {}  # image manifests are immutable
         self._gates: dict[tuple[str, str], threading.Lock] = {}
+        self._looking: set[tuple[str, str]] = set()  # early lookups (lookup()) under way
         self._layers: dict[str, LayerPrefetch] = {}  # by blob digest: the latest prefetch of each blob
         self._starts: dict[str, float] = {}  # image manifest digest → its current start-up's first Prepare
         self.start_window = start_window
@@ -210,6 +211,39 @@ class HotBlockPrefetcher:
         if manager is not None and manager is not self.manager:
             self.manager = manager
         self.on_prepare(image_ref, manifest_digest, layer_digest, spec.digest, spec.chunk_size)
+
+    def lookup(self, image_ref: str, manifest_digest: str) -> None:
+        """Start looking up the image's hot-block manifest now, in a worker thread, so that it is at hand
+        when its first lazy layer is mounted (the handler calls this as a Prepare begins: the lookup's
+        requests — referrers, artifact manifest, Parquet blob — then overlap the layer's index lookup and
+        mount instead of following them).  Does nothing if a lookup is fresh or under way.  Never raises."""
+        if not self.enabled or self._closed.is_set():
+            return
+        try:
+            from bootseer.reference import Reference
+
+            key = (Reference.parse(image_ref).name, manifest_digest)
+        except ValueError:
+            return
+        with self._lock:
+            hit = self._cache.get(key)
+            if (hit is not None and hit[0] > time.monotonic()) or key in self._looking:
+                return
+            self._looking.add(key)
+
+        def run() -> None:
+            try:
+                self.manifest(image_ref, manifest_digest)  # concurrent lookups of the image share its gate
+            except Exception as e:  # the layer's own lookup tries again, and reports
+                log.debug("early hot-block manifest lookup for %s failed: %s", image_ref, e)
+            finally:
+                with self._lock:
+                    self._looking.discard(key)
+
+        t = threading.Thread(target=run, name=f"hotblocks-lookup-{manifest_digest[7:15]}", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
 
     def manifest(self, image_ref: str, manifest_digest: str,
                  index_blobs: Mapping[str, str] | None = None) -> HotBlockManifest | None:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bootseer.reference import Reference
 from bootseer.registry import MT_OCI_MANIFEST, Descriptor, RegistryClient
 from recorder import artifact
 from recorder.hotblocks import (
@@ -281,3 +282,30 @@ def test_layers_of_one_start_up_share_its_time_zero() -> None:
         assert hot._start_of("sha256:m", 100.4) == 100.0  # its next layer: same time zero
         assert hot._start_of("sha256:other", 100.5) == 100.5
         assert hot._start_of("sha256:m", 200.0) == 200.0  # long after: a new start-up of the image
+
+
+def test_early_lookup_has_the_manifest_at_hand_for_the_first_layer(registry: Registry) -> None:
+    """The handler calls ``lookup`` as a Prepare begins: the manifest is fetched in the background (once, however
+    many Prepares ask meanwhile) and the layer's own lookup then finds it parsed and cached."""
+    from prometheus_client import CollectorRegistry
+
+    from recorder.prefetch import HotBlockPrefetcher
+    from snapshotter.lazy.testing import wait_until
+
+    client = RegistryClient(plain_http=True)
+    host = registry.url.removeprefix("http://")
+    ref = f"{host}/hb/early{secrets.token_hex(3)}:v1"
+    subject = _image(client, ref, [L0, L1])
+    hb = build(subject.digest, BLOBS, [acc(B1, 9 * MiB, 10, 0), acc(B0, 0, 10, 1)])
+    artifact.push(client, ref, subject, hb)
+    hot = HotBlockPrefetcher(None, client, registry=CollectorRegistry(), reuse_for=60)  # type: ignore[arg-type]
+    hot.lookup(ref, subject.digest)
+    hot.lookup(ref, subject.digest)  # a second Prepare while the first lookup runs: no second lookup
+    assert len(hot._threads) == 1
+    wait_until(lambda: not hot._threads[0].is_alive(), 30, "the early lookup")
+    key = (Reference.parse(ref).name, subject.digest)
+    cached = hot._cache[key][2]
+    assert cached is not None and cached.ranges == hb.ranges
+    assert hot.manifest(ref, subject.digest) is cached  # the layer's lookup: from the cache, no new fetch
+    hot.lookup("Not A Reference", subject.digest)  # a bad reference: nothing started, nothing raised
+    assert len([t for t in hot._threads if t.is_alive()]) == 0

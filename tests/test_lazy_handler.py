@@ -132,3 +132,26 @@ def test_a_prepare_that_finds_its_layer_released_sets_it_up_again_and_prefetches
         assert m.owners[d1] == {"ns/chain-1"} and hooked.count(LAYERS[1]) == 2
     finally:
         h.close()
+
+
+def test_a_prepare_starts_the_hot_block_manifest_lookup_before_setting_its_layer_up() -> None:
+    """The hot-block manifest's requests overlap the layer's index lookup and mount (``lookup`` first), so the
+    prefetch can start as soon as the layer is mounted."""
+    manager = FakeManager()
+    calls: list[str] = []
+
+    class Prefetcher:
+        def lookup(self, image: str, manifest: str) -> None:
+            calls.append(f"lookup {image} {manifest}")
+
+        def __call__(self, mgr: Any, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
+            calls.append(f"prefetch {layer}")
+
+    def specs(image: str, manifest: str, layer: str) -> BlobSpec | None:
+        calls.append(f"spec {layer}")
+        return _spec(layer)
+
+    h = LazyHandler(manager, specs, prefetch=Prefetcher(), ahead=0)  # type: ignore[arg-type]
+    _prepare(h, 0)
+    assert calls == [f"lookup {IMAGE} {MANIFEST}", f"spec {LAYERS[0]}", f"prefetch {LAYERS[0]}"]
+    h.close()

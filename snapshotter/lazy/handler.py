@@ -125,6 +125,12 @@ class LazyHandler:
         if not (image and manifest and layer):
             log.debug("%s: no CRI labels (image ref, manifest and layer digest); ordinary pull", req.key)
             return None
+        lookup = getattr(self.prefetch, "lookup", None)  # the hot-block manifest, while this layer is set up
+        if lookup is not None:
+            try:
+                lookup(image, manifest)
+            except Exception:
+                log.exception("hot-block manifest lookup failed to start for %s", image)
         spec = self.specs(image, manifest, layer)
         following = req.labels.get(LABEL_CRI_IMAGE_LAYERS, "").split(",")
         following = following[following.index(layer) + 1:] if layer in following else []
