@@ -437,3 +437,21 @@ def test_only_runs_due_close_together_share_a_multi_range_request(
         f"bytes={20 * CHUNK}-{22 * CHUNK - 1},{10 * CHUNK}-{11 * CHUNK - 1}",
         f"bytes={30 * CHUNK}-{31 * CHUNK - 1},{40 * CHUNK}-{41 * CHUNK - 1}"]
     _assert_clean(d, daemon_root)
+
+
+def test_a_hold_taken_over_keeps_the_layer_mounted_and_is_recorded_in_one_write(
+        world: World, proxy: CountingProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+    """A Prepare taking over a layer set up ahead of it: the new owner replaces the provisional one in one step
+    (the layer is never unheld, so never unmounted in between), and the record on disk names the new owner
+    — which is what a restarted daemon re-mounts the layer for."""
+    d = start(NO_FILL)
+    mp = _acquire(d, world.spec(proxy.url), owner="ahead/sha256:m/sha256:l")
+    loop_before = d.status(world.digest)["loop"]
+    again = Path(d.call("acquire", spec=world.spec(proxy.url).to_json(), owner="ns/chain-1",
+                        replaces="ahead/sha256:m/sha256:l")["mountpoint"])
+    st = d.status(world.digest)
+    assert again == mp and st["mounted"] and st["loop"] == loop_before and st["owners"] == ["ns/chain-1"]
+    records = [json.loads(p.read_text()) for p in (daemon_root / "layers").glob("*.json")]
+    assert [r["owners"] for r in records] == [["ns/chain-1"]]
+    assert run_with_deadline(lambda: tree_digest(mp), 60, "reading the tree") == world.tree
+    _assert_clean(d, daemon_root)

@@ -38,12 +38,16 @@ class FakeManager:
         self.owners: dict[str, set[str]] = {}
         self.layers: dict[str, object] = {}
         self.acquires: list[tuple[str, str]] = []
+        self.replaced: list[str] = []  # provisional holds taken over by a Prepare's acquire
         self.released = threading.Event()
 
-    def acquire(self, spec: BlobSpec, owner: str) -> Path:
+    def acquire(self, spec: BlobSpec, owner: str, *, replaces: str | None = None) -> Path:
         with self.lock:
             self.acquires.append((spec.digest, owner))
             self.owners.setdefault(spec.digest, set()).add(owner)
+            if replaces is not None and replaces != owner:
+                self.owners[spec.digest].discard(replaces)
+                self.replaced.append(replaces)
             self.layers.setdefault(spec.digest, object())
         return Path("/mnt") / spec.name
 
@@ -103,6 +107,7 @@ def test_first_prepare_sets_up_the_following_lazy_layers_ahead() -> None:
         assert {d: set(o) for d, o in m.owners.items()} == {
             _spec(LAYERS[i]).digest: {f"ns/chain-{i}"} for i in (0, 1, 3)}
         assert sorted(hooked) == sorted([LAYERS[0], LAYERS[1], LAYERS[3]])  # one prefetch per mount
+        assert sorted(m.replaced) == sorted(ahead_owner(MANIFEST, d) for d in (LAYERS[1], LAYERS[3]))
         assert not h._ahead
     finally:
         h.close()

@@ -139,12 +139,23 @@ class LazyHandler:
             self._set_up_ahead(image, manifest, following)  # the layers above it may be lazy
             return None
         owner = owner_of(req.namespace, req.target)
-        with events.span("image_mount", component="bootseer snapshotter", image=image, layer=layer,
-                         blob=spec.digest):
-            lower = self.manager.acquire(spec, owner)
+        ahead = self._claim(manifest, layer)  # set up ahead: this Prepare takes its hold over
+        replaces = ahead_owner(manifest, layer) if ahead is not None and ahead.blob == spec.digest else None
+        try:
+            with events.span("image_mount", component="bootseer snapshotter", image=image, layer=layer,
+                             blob=spec.digest):
+                lower = self.manager.acquire(spec, owner, replaces=replaces)
+        except BaseException:
+            if ahead is not None:  # its timer is cancelled: nothing else would drop the provisional hold
+                self.manager.release(ahead_owner(manifest, layer), ahead.blob)
+            raise
+        if ahead is not None and replaces is None:  # set up ahead on another blob (re-converted meanwhile)
+            self.manager.release(ahead_owner(manifest, layer), ahead.blob)
         self._last.value = (lower, owner, spec.digest)
         log.info("layer %s of %s is lazy: blob %s at %s", layer[:19], image, spec.digest[:19], lower)
-        if not self._take_over(manifest, layer, spec.digest):
+        started = (replaces is not None and ahead is not None and ahead.layer is not None
+                   and ahead.layer is self.manager.layer(spec.digest))  # its set-up started this mount's prefetch
+        if not started:
             self._start_prefetch(image, manifest, layer, spec)
         self._set_up_ahead(image, manifest, following)
         return RemoteLayer(lower=lower, name=self.name, size=spec.size, inodes=0, labels={LABEL_BLOB: spec.digest})
@@ -157,21 +168,21 @@ class LazyHandler:
                 log.exception("prefetch hook failed for layer %s of %s", layer[:19], image)
 
     # -- following layers, ahead of their Prepares -----------------------------------------------------
-    def _take_over(self, manifest: str, layer: str, blob: str) -> bool:
-        """The layer's own Prepare holds it now: end its provisional hold, if it was set up ahead.  True if
-        that set-up already started the prefetch of this very mount (so it is not started twice)."""
+    def _claim(self, manifest: str, layer: str) -> _Ahead | None:
+        """The layer's own Prepare has come: a set-up ahead of it must not take (or keep) a hold of its own any
+        more.  Returns its entry if that set-up is done — its provisional hold exists, the Prepare takes it
+        over; None if there was none, or it is still running (it drops its hold when it finishes)."""
         with self._ahead_lock:
             entry = self._ahead.get((manifest, layer))
             if entry is None:
-                return False
+                return None
             entry.claimed = True
-            if entry.blob is None:  # still being set up (its hold is dropped when it finishes) or failed
-                return False
+            if entry.blob is None:
+                return None
             del self._ahead[(manifest, layer)]
         if entry.timer is not None:
             entry.timer.cancel()
-        self.manager.release(ahead_owner(manifest, layer), entry.blob)
-        return entry.blob == blob and entry.layer is not None and entry.layer is self.manager.layer(blob)
+        return entry
 
     def _set_up_ahead(self, image: str, manifest: str, layers: list[str]) -> None:
         if not self.ahead:

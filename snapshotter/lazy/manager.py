@@ -257,36 +257,51 @@ class LayerManager:
             self.server = None
 
     # ------------------------------------------------------------------------------------ API
-    def acquire(self, spec: BlobSpec, owner: str) -> Path:
+    def acquire(self, spec: BlobSpec, owner: str, *, replaces: str | None = None) -> Path:
         """Make the blob available as a mounted erofs tree and return its directory; ``owner`` (e.g. the
         snapshot's namespace/key) now holds it.  Idempotent per (digest, owner).  Raises OSError (and leaves
-        nothing behind) if the layer cannot be set up — the caller then takes the ordinary pull path."""
+        nothing behind) if the layer cannot be set up — the caller then takes the ordinary pull path.
+
+        ``replaces``: an owner whose hold ``owner`` takes over (a layer set up ahead of its Prepare): dropped
+        in the same step, so the layer is never unheld in between and its record is written once.  The
+        owners change before the set-up, whose own record write (loop device, mount) then carries them: one
+        durable write per acquire instead of two (each is two fsyncs, serialised across layers, on the
+        Prepare's path)."""
         if self.server is None:
             raise RuntimeError("LayerManager.start() first")
         with self._digest_lock(spec.digest):
             with self._lock:
                 layer = self._layers.get(spec.digest)
-                rec = self._records.get(spec.digest)
             if layer is None:
                 layer = self._new_layer(spec)
                 with self._lock:
                     self._layers[spec.digest] = layer
             fresh = not layer.mounted
+            with self._lock:
+                rec = self._records.setdefault(spec.digest, _Record(spec))
+                had = owner in rec.owners
+                dropped = replaces is not None and replaces != owner and replaces in rec.owners
+                rec.owners.add(owner)
+                if dropped:
+                    rec.owners.discard(replaces)  # type: ignore[arg-type]
+                rec.last_used = time.time()
             try:
-                layer.setup()
+                layer.setup()  # a fresh set-up writes the record (hooks.changed), owners included
             except Exception:
                 with self._lock:
                     self._layers.pop(spec.digest, None)
+                    if not had:
+                        rec.owners.discard(owner)
+                    if dropped:
+                        rec.owners.add(replaces)  # type: ignore[arg-type]
+                    unheld = not rec.owners
                 with contextlib.suppress(Exception):
                     layer.teardown(force=True)
-                if rec is None or not rec.owners:
+                if unheld:
                     self._forget(spec.name, keep_cache=True, spec=spec)
                 raise
-            with self._lock:
-                rec = self._records.setdefault(spec.digest, _Record(spec))
-                rec.owners.add(owner)
-                rec.last_used = time.time()
-            self._save(layer)
+            if not fresh:
+                self._save(layer)
         if fresh:
             self._enforce_cap()
         return layer.paths.mountpoint

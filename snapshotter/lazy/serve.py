@@ -105,7 +105,8 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         if op == "ping":
             return {"pid": os.getpid(), "fuse": str(m.fuse_dir)}
         if op == "acquire":
-            return {"mountpoint": str(m.acquire(BlobSpec.from_json(req["spec"]), req["owner"]))}
+            return {"mountpoint": str(m.acquire(BlobSpec.from_json(req["spec"]), req["owner"],
+                                                replaces=req.get("replaces")))}
         if op == "release":
             return {"gone": m.release(req["owner"], req.get("digest"), force=bool(req.get("force")))}
         if op == "retain":
