@@ -160,3 +160,47 @@ def test_a_prepare_starts_the_hot_block_manifest_lookup_before_setting_its_layer
     _prepare(h, 0)
     assert calls == [f"lookup {IMAGE} {MANIFEST}", f"spec {LAYERS[0]}", f"prefetch {LAYERS[0]}"]
     h.close()
+
+
+def test_a_prepare_arriving_during_its_layers_set_up_ahead_takes_it_over_without_an_unmount() -> None:
+    """The Prepare of a layer whose set-up ahead is still mounting waits for it and takes its hold over: the
+    layer is never left without a holder (that unmounted it, and the Prepare mounted it again: 0.5 s of a
+    pull), and its prefetch starts once."""
+    class GatedManager(FakeManager):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = threading.Event()
+            self.mounting = threading.Event()
+            self.unheld: list[str] = []
+
+        def acquire(self, spec: BlobSpec, owner: str, *, replaces: str | None = None) -> Path:
+            if owner.startswith("ahead/") and spec.digest == _spec(LAYERS[1]).digest:
+                self.mounting.set()
+                assert self.gate.wait(10)
+            return super().acquire(spec, owner, replaces=replaces)
+
+        def release(self, owner: str, digest: str | None = None, *, force: bool = False) -> list[str]:
+            gone = super().release(owner, digest, force=force)
+            self.unheld += [d for d in gone if d]
+            return gone
+
+    m = GatedManager()
+    hooked: list[str] = []
+    h = LazyHandler(m, lambda image, manifest, layer: _spec(layer),  # type: ignore[arg-type]
+                    prefetch=lambda mgr, image, manifest, layer, spec: hooked.append(layer))
+    try:
+        _prepare(h, 0)
+        assert m.mounting.wait(10)  # layer 1 is being set up ahead ...
+        second = threading.Thread(target=_prepare, args=(h, 1))
+        second.start()  # ... when its own Prepare comes
+        wait_until(lambda: h._ahead.get((MANIFEST, LAYERS[1])) is not None
+                   and h._ahead[(MANIFEST, LAYERS[1])].claimed, 10, "the Prepare to claim the set-up")
+        m.gate.set()
+        second.join(10)
+        assert not second.is_alive()
+        d1 = _spec(LAYERS[1]).digest
+        assert m.unheld == [] and m.owners[d1] == {"ns/chain-1"}
+        assert ahead_owner(MANIFEST, LAYERS[1]) in m.replaced and hooked.count(LAYERS[1]) == 1
+    finally:
+        m.gate.set()
+        h.close()

@@ -280,10 +280,10 @@ class LayerManager:
             with self._lock:
                 rec = self._records.setdefault(spec.digest, _Record(spec))
                 had = owner in rec.owners
-                dropped = replaces is not None and replaces != owner and replaces in rec.owners
+                dropped = replaces if replaces is not None and replaces != owner and replaces in rec.owners else None
                 rec.owners.add(owner)
-                if dropped:
-                    rec.owners.discard(replaces)  # type: ignore[arg-type]
+                if dropped is not None:
+                    rec.owners.discard(dropped)
                 rec.last_used = time.time()
             try:
                 layer.setup()  # a fresh set-up writes the record (hooks.changed), owners included
@@ -292,8 +292,8 @@ class LayerManager:
                     self._layers.pop(spec.digest, None)
                     if not had:
                         rec.owners.discard(owner)
-                    if dropped:
-                        rec.owners.add(replaces)  # type: ignore[arg-type]
+                    if dropped is not None:
+                        rec.owners.add(dropped)
                     unheld = not rec.owners
                 with contextlib.suppress(Exception):
                     layer.teardown(force=True)
