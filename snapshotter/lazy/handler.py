@@ -222,7 +222,7 @@ class LazyHandler:
         key, owner = (manifest, layer), ahead_owner(manifest, layer)
         with self._ahead_lock:
             entry = self._ahead.get(key)
-            if entry is None or entry.claimed:  # its Prepare came first: it sets the layer up itself
+            if entry is None or entry.claimed or entry.started:  # its Prepare came first: it sets it up itself
                 return
             entry.started = True
         try:
