@@ -286,6 +286,35 @@ def test_bootseer_pull_then_ctr_run(lazy: Lazy, ns: str) -> None:
     assert len([ln for ln in info.splitlines()[1:] if ln.strip()]) >= 3
 
 
+def test_a_pull_hint_sets_the_layers_up_first_and_the_pull_takes_them_over(lazy: Lazy, ns: str) -> None:
+    """`bootseer pull --control …` tells the snapshotter first: it resolves the image and sets every lazy layer
+    up (held provisionally, prefetch started) before the pull's own Prepares come; they take the layers over,
+    so no provisional hold is left.  A missing control socket only means no head start."""
+    from bootseer.status import send_pull_hint
+
+    lazy.cold(ns)
+    assert not send_pull_hint("/nonexistent/snapshotter.sock.ctl", lazy.ref, None)
+    ctl = str(lazy.st.info.snapshotter_control)
+    assert send_pull_hint(ctl, lazy.ref, None)
+    mine = set(lazy.blobs())
+
+    def held_ahead() -> bool:
+        rows = {x["digest"]: x for x in lazy.status()}
+        return all(b in rows and rows[b]["mounted"] and any(o.startswith("ahead/") for o in rows[b]["owners"])
+                   for b in mine)
+
+    wait_for("the hinted layers to be set up ahead", held_ahead, 120)
+    out = subprocess.run([sys.executable, "-m", "bootseer.cli", "pull", "--json", "-a",
+                          lazy.st.info.containerd_socket, "-n", ns, "--hosts-dir", lazy.certs, "--control", ctl,
+                          lazy.ref], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["lazy_layers"] == 3
+    rows = {x["digest"]: x for x in lazy.status()}
+    for b in mine:
+        assert rows[b]["mounted"] and rows[b]["owners"], rows[b]
+        assert not any(o.startswith("ahead/") for o in rows[b]["owners"]), rows[b]["owners"]
+
+
 def _chunk_inside(blob: Path, rel: str, chunk_size: int) -> int:
     """A chunk of ``blob`` (an EROFS image) made only of bytes of file ``rel`` (FIEMAP through a local mount)."""
     mnt = Path(tempfile.mkdtemp(prefix="bs-lz-fiemap-"))

@@ -498,8 +498,9 @@ class Bench:
             peer.ctr_remote(self.st, "image", "rpull", "--plain-http", "--snapshotter", peer.SNAPSHOTTER, ref,
                             namespace=NS)
         else:
+            ctl = ["--control", self.st.info.snapshotter_control] if self.st.info.snapshotter_control else []
             self.bootseer("pull", "--address", self.st.info.containerd_socket, "--namespace", NS, "--plain-http",
-                          ref)
+                          *ctl, ref)
 
     def snapshotter_of(self, mode: str) -> str:
         return {"overlayfs": "overlayfs", "floor": "overlayfs", "stargz": "stargz",

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootseer.reference import Reference
+from bootseer.registry import Platform, RegistryClient
 from recorder.prefetch import HotBlockPrefetcher
 from snapshotter.config import Config
 from snapshotter.lazy.handler import LazyHandler, RegistrySpecs
@@ -60,7 +63,23 @@ class LazyService:
         log.info("lazy layers ready in %.2fs (%d restored, control socket %s)", time.monotonic() - t0,
                  len(outcomes), cfg.control_path)
         hot = HotBlockPrefetcher(manager, specs.client) if cfg.hotblock_prefetch else None
-        return cls(manager, LazyHandler(manager, specs, prefetch=hot), control, access, hot)
+        service = cls(manager, LazyHandler(manager, specs, prefetch=hot), control, access, hot)
+        control.on_pull_hint = lambda image, platform: service.pull_hint(specs.client, image, platform)
+        return service
+
+    def pull_hint(self, client: RegistryClient, image: str, platform: str | None = None) -> None:
+        """``bootseer pull`` is about to pull ``image``: resolve it here and set its layers up ahead (see
+        :meth:`LazyHandler.hint`), in a thread — the pull goes on at once.  Failures only cost the head
+        start: the Prepares that follow do the work themselves."""
+        def work() -> None:
+            try:
+                ref = Reference.parse(image)
+                manifest, _ = client.resolve_image(ref, Platform.parse(platform) if platform else None)
+                self.handler.hint(str(ref), manifest.digest, [d.digest for d in manifest.layers])
+            except Exception as e:
+                log.info("pull hint for %s not used: %s", image, e)
+
+        threading.Thread(target=work, name="pull-hint", daemon=True).start()
 
     def close(self) -> None:
         """Daemon stop: mounts stay (see the module doc)."""

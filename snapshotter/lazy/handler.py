@@ -163,6 +163,16 @@ class LazyHandler:
         self._set_up_ahead(image, manifest, following)
         return RemoteLayer(lower=lower, name=self.name, size=spec.size, inodes=0, labels={LABEL_BLOB: spec.digest})
 
+    def hint(self, image: str, manifest: str, layers: list[str]) -> None:
+        """A pull of ``image`` (resolved to ``manifest`` with ``layers``, bottom up) is about to send its
+        Prepares: look up the hot-block manifest and set every layer up ahead now, each held provisionally
+        and its prefetch started, for the Prepares to take over (``bootseer pull`` sends this first, so the
+        prefetch does not wait for the pull's own client to start — see :meth:`_claim`)."""
+        lookup = getattr(self.prefetch, "lookup", None)
+        if lookup is not None:
+            lookup(image, manifest)
+        self._set_up_ahead(image, manifest, layers)
+
     def _start_prefetch(self, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
         if self.prefetch is not None:
             try:

@@ -30,6 +30,7 @@ import socket
 import socketserver
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,17 @@ class ControlServer(_Server):
         self._thread = threading.Thread(target=self.serve_forever, name="lazy-control", daemon=True)
         self._thread.start()
 
+    # set by the daemon: (image ref, platform or None) → start setting the image's layers up (returns at once)
+    on_pull_hint: Callable[[str, str | None], None] | None = None
+
     def dispatch(self, req: dict[str, Any]) -> Any:
         if req.get("op") == "shutdown":
             raise ValueError("shutdown is not available on the snapshotter's control socket")
+        if req.get("op") == "pull_hint":
+            if self.on_pull_hint is None:
+                raise ValueError("this snapshotter takes no pull hints (remote snapshots off)")
+            self.on_pull_hint(str(req["image"]), req.get("platform"))
+            return {}
         return super().dispatch(req)
 
     def close(self) -> None:
