@@ -148,8 +148,10 @@ def push_small(registry: str, repo: str = "bootseer/small", tag: str = "v1") -> 
     return f"{registry}/{repo}:{tag}"
 
 
-def push_pause(registry: str, repo: str = "bootseer/pause", tag: str = "v1") -> str:
-    with tempfile.TemporaryDirectory(prefix="bs-pause-") as tmp:
+def push_pause(registry: str, repo: str = "bootseer/pause", tag: str = "v1", workdir: Path | None = None) -> str:
+    """Build and push the sandbox image; its layout is built in ``workdir`` (a stack's root, so that a killed
+    ``stack up`` leaves it where ``stack down`` removes it) or in the system's temp dir."""
+    with tempfile.TemporaryDirectory(prefix="bs-pause-", dir=workdir) as tmp:
         build_pause(Path(tmp), tag)
         push(Path(tmp), tag, f"{registry}/{repo}:{tag}")
     return f"{registry}/{repo}:{tag}"

@@ -144,7 +144,7 @@ class Stack:
             if cfg.sidecar and _importable("registry_sidecar.sidecar"):
                 st._start_sidecar(cfg, link)
             st._start_registry(link, cfg.timeout)
-            images.push_pause(registry)
+            images.push_pause(registry, workdir=root)
             if cfg.snapshotter and _importable("snapshotter.server"):
                 st._start_snapshotter(cfg)
             st._start_containerd(cfg)

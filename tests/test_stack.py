@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def test_down_leaves_nothing_behind_after_running_a_container(small_image: str) 
 
 def test_down_cleans_up_after_up_was_killed() -> None:
     root = scratch_root()
+    tmp_before = set(Path(tempfile.gettempdir()).glob("bs-pause-*"))  # `up` builds its sandbox image below root
     proc = subprocess.Popen([sys.executable, "-m", "bootseer.cli", "stack", "up", "--root", str(root),
                              "--rate", "1gbit"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -95,6 +97,7 @@ def test_down_cleans_up_after_up_was_killed() -> None:
         subprocess.run([sys.executable, "-m", "bootseer.cli", "stack", "down", "--root", str(root)],
                        check=True, capture_output=True)
     assert leftovers(root, netns) == []
+    assert set(Path(tempfile.gettempdir()).glob("bs-pause-*")) <= tmp_before  # nothing left in the temp dir
 
 
 def test_shaped_registry_link_is_really_shaped() -> None:
