@@ -626,8 +626,20 @@ class RegistryClient:
                 if attempt >= self.retries:
                     raise
                 log.info("upload of %s failed; restarting it", digest)
-                self._sleep_backoff(attempt)
-                attempt += 1
+            except RegistryError as e:
+                # Another pusher's upload of the same blob committed meanwhile: docker-registry 2.8 commits every
+                # upload onto the blob's one path and may answer the loser DIGEST_INVALID (seen with two
+                # `depsnap run` builders pushing the same base blobs).  The blob is there: done.  Not yet there:
+                # the other commit is under way — look again, or upload again, after a pause.
+                if e.code != "DIGEST_INVALID" or attempt >= self.retries:
+                    raise
+                if self.blob_exists(ref, digest) is not None:
+                    return desc
+                log.info("upload of %s lost a race with another upload of it; looking again", digest)
+            self._sleep_backoff(attempt)
+            attempt += 1
+            if self.blob_exists(ref, digest) is not None:
+                return desc
 
     def _upload(self, ref: Reference, source: bytes | Path, size: int, digest: str, chunk_size: int | None,
                 progress: Callable[[int], None] | None) -> None:

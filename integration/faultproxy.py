@@ -43,6 +43,7 @@ class Fault:
     method: str = ".*"
     times: int = 1
     status: int = 503
+    code: str = "UNAVAILABLE"  # the registry error code a ``status`` answer carries
     delay: float = 0.0
     hits: int = 0
 
@@ -181,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = p._take(self.command, path)
         if fault and fault.action == "status":
             p._record(self.command, path, f"status {fault.status}")
-            err = {"errors": [{"code": "UNAVAILABLE", "message": "injected fault", "detail": None}]}
+            err = {"errors": [{"code": fault.code, "message": "injected fault", "detail": None}]}
             return self._send(fault.status, json.dumps(err).encode(), {"Content-Type": "application/json"})
         if fault and fault.action == "drop":
             p._record(self.command, path, "drop")

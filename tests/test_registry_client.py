@@ -23,6 +23,7 @@ from bootseer.registry import (
     NotFound,
     Platform,
     RegistryClient,
+    RegistryError,
     TransientError,
     referrers_tag,
     sha256_digest,
@@ -226,3 +227,18 @@ def test_download_resumes_after_cut_and_upload_restarts(client: RegistryClient, 
     client.push_blob(via, other, chunk_size=1 << 20)
     assert client.blob_exists(r, sha256_digest(other)) == len(other)
     assert sum(1 for meth, _, _ in proxy.hits if meth == "POST") == 2
+
+
+def test_an_upload_that_lost_a_commit_race_is_looked_up_then_retried(registry: str, proxy: FaultProxy) -> None:
+    """Builders on several nodes push the same blob at once (two `depsnap run` racing on one key, seen in CI):
+    docker-registry may answer the loser's commit DIGEST_INVALID.  The push looks for the blob, then uploads
+    again — and gives up with that error only when it persists."""
+    data = os.urandom(1 << 20)
+    client = RegistryClient(retries=2, backoff=0.01, read_timeout=10)
+    ref = f"{proxy.address}/race/blob{secrets.token_hex(3)}:v1"
+    proxy.add("status", method="PUT", path=r".*/blobs/uploads/.*", status=400, code="DIGEST_INVALID")
+    client.push_blob(ref, data)
+    assert client.get_blob(ref, sha256_digest(data)) == data
+    proxy.add("status", method="PUT", path=r".*/blobs/uploads/.*", status=400, code="DIGEST_INVALID", times=10)
+    with pytest.raises(RegistryError, match="DIGEST_INVALID"):
+        client.push_blob(ref.replace(":v1", "-2:v1"), os.urandom(1 << 20))
