@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 import requests
@@ -55,6 +55,8 @@ from requests.adapters import HTTPAdapter
 
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.spec import AuthHook, BlobSpec, coalesce, no_auth
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("bootseer.lazy.fetch")
 
@@ -542,13 +544,16 @@ class Fetcher:
         bad: list[int] = []
         t0 = time.monotonic()
         data = self._get(start, end, deadline, self._settler(run, start, bad))
-        elapsed = time.monotonic() - t0
+        self._account(kind, len(data), time.monotonic() - t0, bad)
+
+    def _account(self, kind: str, nbytes: int, elapsed: float, bad: list[int]) -> None:
+        """One request's bytes arrived: count them; chunks that failed verification make it a failure."""
         self.client.mark_up(self.spec.endpoints())  # bytes arrived: whatever outage there was is over
         with self._lock:
-            self.stats.bytes[kind] += len(data)
+            self.stats.bytes[kind] += nbytes
             self.stats.requests[kind] += 1
         if self.metrics is not None:
-            self.metrics.fetched(kind, len(data), elapsed)
+            self.metrics.fetched(kind, nbytes, elapsed)
         if bad:
             raise CorruptChunk(f"chunk(s) {bad} of {self.spec.digest} failed sha256 verification")
 
@@ -578,21 +583,11 @@ class Fetcher:
         for piece in pieces:
             last_off, last_len = self.spec.chunk_span(piece[-1])
             spans.append((self.spec.chunk_span(piece[0])[0], last_off + last_len))
-        endpoints = self.spec.endpoints()
-        idx = self._endpoint % len(endpoints)
-        url = self.spec.blob_url(endpoints[idx])
-        cfg = self.config
-        left = None if deadline is None else deadline - time.monotonic()
-        budget = left if left is not None else max(cfg.connect_timeout, cfg.io_timeout)
-        headers = {**self.spec.headers, **self.client.auth(self.spec, refresh=False),
-                   "Range": "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in spans), "Accept-Encoding": "identity"}
-        timeout = (min(cfg.connect_timeout, budget), min(cfg.io_timeout, budget))
+        bad: list[int] = []
         t0 = time.monotonic()
-        try:
-            try:
-                resp = self.client.session().get(url, headers=headers, stream=True, timeout=timeout)
-            except requests.RequestException as e:
-                raise FetchError(f"GET {url} ({len(spans)} ranges): {type(e).__name__}: {e}") from e
+
+        def get(base: str) -> int | None:
+            url, resp = self._request(base, ",".join(f"{a}-{b - 1}" for a, b in spans), deadline)
             try:
                 ctype = resp.headers.get("Content-Type", "")
                 boundary = re.search(r'boundary="?([^";]+)"?', ctype)
@@ -601,26 +596,19 @@ class Fetcher:
                         self._multi_range = False
                         log.info("%s answers multi-range requests with %d %s; one range per request from now on",
                                  urlparse(url).netloc, resp.status_code, ctype or "(no content type)")
-                        return False
+                        return None
                     if resp.status_code == 401:
-                        return False
+                        return None
                     raise FetchError(f"GET {url} ({len(spans)} ranges): HTTP {resp.status_code}")
-                bad: list[int] = []
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
-                total = _read_parts(_Body(resp, url, deadline), boundary.group(1).encode(), url, wanted)
+                return _read_parts(_Body(resp, url, deadline), boundary.group(1).encode(), url, wanted)
             finally:
                 resp.close()
-        except FetchError:
-            self._endpoint = idx + 1  # mirrors first, the registry last, round and round
-            raise
-        self.client.mark_up(endpoints)
-        with self._lock:
-            self.stats.bytes[kind] += total
-            self.stats.requests[kind] += 1
-        if self.metrics is not None:
-            self.metrics.fetched(kind, total, time.monotonic() - t0)
-        if bad:
-            raise CorruptChunk(f"chunk(s) {bad} of {self.spec.digest} failed sha256 verification")
+
+        total = self._on_endpoint(get)
+        if total is None:
+            return False
+        self._account(kind, total, time.monotonic() - t0, bad)
         return True
 
     def _settle(self, i: int, piece: memoryview, bad: list[int]) -> None:
@@ -647,31 +635,41 @@ class Fetcher:
              arrived: Callable[[bytearray, int], None] | None = None) -> bytearray:
         """GET bytes [start, end) from the endpoint that last worked; move on to the next one on failure.
         ``arrived(buffer, n)`` is called whenever the first ``n`` bytes of the buffer are in."""
+        return self._on_endpoint(lambda base: self._get_from(base, start, end, deadline, arrived))
+
+    def _on_endpoint(self, fn: Callable[[str], _T]) -> _T:
+        """``fn(base URL)`` on the endpoint that last worked; a failure moves on to the next one."""
         endpoints = self.spec.endpoints()
         idx = self._endpoint % len(endpoints)
         try:
-            return self._get_from(endpoints[idx], start, end, deadline, arrived)
+            return fn(endpoints[idx])
         except FetchError:
             self._endpoint = idx + 1  # mirrors first, the registry last, round and round
             raise
 
-    def _get_from(self, base: str, start: int, end: int, deadline: float | None,
-                  arrived: Callable[[bytearray, int], None] | None = None) -> bytearray:
+    def _request(self, base: str, ranges: str, deadline: float | None,
+                 refresh: bool = False) -> tuple[str, requests.Response]:
+        """(url, streamed response) of ``GET`` with ``Range: bytes=<ranges>`` at endpoint ``base``, within
+        the deadline and the configured timeouts."""
         cfg = self.config
         url = self.spec.blob_url(base)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise FetchError("timed out")
+        budget = left if left is not None else max(cfg.connect_timeout, cfg.io_timeout)
+        timeout = (min(cfg.connect_timeout, budget), min(cfg.io_timeout, budget))
+        headers = {**self.spec.headers, **self.client.auth(self.spec, refresh=refresh),
+                   "Range": f"bytes={ranges}", "Accept-Encoding": "identity"}
+        try:
+            return url, self.client.session().get(url, headers=headers, stream=True, timeout=timeout)
+        except requests.RequestException as e:
+            raise FetchError(f"GET {url} bytes {ranges}: {type(e).__name__}: {e}") from e
+
+    def _get_from(self, base: str, start: int, end: int, deadline: float | None,
+                  arrived: Callable[[bytearray, int], None] | None = None) -> bytearray:
         refreshed = False
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise FetchError("timed out")
-            budget = left if left is not None else max(cfg.connect_timeout, cfg.io_timeout)
-            timeout = (min(cfg.connect_timeout, budget), min(cfg.io_timeout, budget))
-            headers = {**self.spec.headers, **self.client.auth(self.spec, refresh=refreshed),
-                       "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-            try:
-                resp = self.client.session().get(url, headers=headers, stream=True, timeout=timeout)
-            except requests.RequestException as e:
-                raise FetchError(f"GET {url} bytes {start}-{end - 1}: {type(e).__name__}: {e}") from e
+            url, resp = self._request(base, f"{start}-{end - 1}", deadline, refresh=refreshed)
             try:
                 if resp.status_code == 401 and not refreshed:
                     refreshed = True
