@@ -44,15 +44,10 @@ def default_address() -> str:
     env = os.environ.get("CONTAINER_RUNTIME_ENDPOINT")
     if env:
         return env
-    try:  # the stack is optional here: no stack (or no integration package) means "use the system socket"
-        from integration.state import local_stack
-    except ImportError:
-        return DEFAULT_ADDRESS
-    info = local_stack()
-    sock = info.containerd_socket if info else ""
-    if sock and os.path.exists(sock.removeprefix("unix://")):
-        return sock
-    return DEFAULT_ADDRESS
+    from bootseer.localstack import local_stack_value
+
+    sock = local_stack_value("containerd_socket")
+    return sock if sock and os.path.exists(sock.removeprefix("unix://")) else DEFAULT_ADDRESS
 
 
 @dataclass(frozen=True)

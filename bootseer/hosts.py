@@ -153,12 +153,10 @@ def default_hosts_dir(given: str | None = None) -> str:
         return given
     if os.environ.get("BOOTSEER_HOSTS_DIR"):
         return os.environ["BOOTSEER_HOSTS_DIR"]
-    try:
-        from integration.state import local_stack
-    except ImportError:
-        return str(DEFAULT_HOSTS_DIR)
-    info = local_stack()
-    d = Path(info.containerd_config).parent / "certs.d" if info and info.containerd_config else None
+    from bootseer.localstack import local_stack_value
+
+    config = local_stack_value("containerd_config")
+    d = Path(config).parent / "certs.d" if config else None
     return str(d) if d is not None and d.is_dir() else str(DEFAULT_HOSTS_DIR)
 
 

@@ -633,12 +633,10 @@ class RegistryClient:
                 # the other commit is under way — look again, or upload again, after a pause.
                 if e.code != "DIGEST_INVALID" or attempt >= self.retries:
                     raise
-                if self.blob_exists(ref, digest) is not None:
-                    return desc
                 log.info("upload of %s lost a race with another upload of it; looking again", digest)
             self._sleep_backoff(attempt)
             attempt += 1
-            if self.blob_exists(ref, digest) is not None:
+            if self.blob_exists(ref, digest) is not None:  # (another upload of it may have committed)
                 return desc
 
     def _upload(self, ref: Reference, source: bytes | Path, size: int, digest: str, chunk_size: int | None,

@@ -24,13 +24,10 @@ DEFAULT_CONTROL = "/run/bootseer/snapshotter.sock.ctl"
 
 def default_control() -> str:
     """The local stack's snapshotter control socket if `bootseer stack up` runs one, else the system one."""
-    try:
-        from integration.state import local_stack
-    except ImportError:
-        return DEFAULT_CONTROL
-    info = local_stack()
-    ctl = info.snapshotter_control if info else None
-    return str(ctl) if ctl and os.path.exists(ctl) else DEFAULT_CONTROL
+    from bootseer.localstack import local_stack_value
+
+    ctl = local_stack_value("snapshotter_control")
+    return ctl if ctl and os.path.exists(ctl) else DEFAULT_CONTROL
 
 
 def layer_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -128,12 +128,7 @@ class LazyHandler:
         if not (image and manifest and layer):
             log.debug("%s: no CRI labels (image ref, manifest and layer digest); ordinary pull", req.key)
             return None
-        lookup = getattr(self.prefetch, "lookup", None)  # the hot-block manifest, while this layer is set up
-        if lookup is not None:
-            try:
-                lookup(image, manifest)
-            except Exception:
-                log.exception("hot-block manifest lookup failed to start for %s", image)
+        self._look_up_hot_blocks(image, manifest)  # while this layer is set up
         spec = self.specs(image, manifest, layer)
         following = req.labels.get(LABEL_CRI_IMAGE_LAYERS, "").split(",")
         following = following[following.index(layer) + 1:] if layer in following else []
@@ -156,7 +151,7 @@ class LazyHandler:
             self.manager.release(ahead_owner(manifest, layer), ahead.blob)
         self._last.value = (lower, owner, spec.digest)
         log.info("layer %s of %s is lazy: blob %s at %s", layer[:19], image, spec.digest[:19], lower)
-        started = (replaces is not None and ahead is not None and ahead.prefetching and ahead.layer is not None
+        started = (ahead is not None and replaces is not None and ahead.prefetching
                    and ahead.layer is self.manager.layer(spec.digest))  # its set-up started this mount's prefetch
         if not started:
             self._start_prefetch(image, manifest, layer, spec)
@@ -168,10 +163,17 @@ class LazyHandler:
         Prepares: look up the hot-block manifest and set every layer up ahead now, each held provisionally
         and its prefetch started, for the Prepares to take over (``bootseer pull`` sends this first, so the
         prefetch does not wait for the pull's own client to start — see :meth:`_claim`)."""
+        self._look_up_hot_blocks(image, manifest)
+        self._set_up_ahead(image, manifest, layers)
+
+    def _look_up_hot_blocks(self, image: str, manifest: str) -> None:
+        """Start the hot-block manifest lookup (a prefetcher that offers ``lookup``); never fails a Prepare."""
         lookup = getattr(self.prefetch, "lookup", None)
         if lookup is not None:
-            lookup(image, manifest)
-        self._set_up_ahead(image, manifest, layers)
+            try:
+                lookup(image, manifest)
+            except Exception:
+                log.exception("hot-block manifest lookup failed to start for %s", image)
 
     def _start_prefetch(self, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
         if self.prefetch is not None:
