@@ -166,7 +166,9 @@ class Containerd:
 
     def get_image(self, name: str) -> ipb.Image | None:
         try:
-            return self.images.Get(ipb.GetImageRequest(name=name), metadata=self.md(), timeout=self.timeout).image
+            image: ipb.Image = self.images.Get(ipb.GetImageRequest(name=name), metadata=self.md(),
+                                               timeout=self.timeout).image
+            return image
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -188,8 +190,9 @@ class Containerd:
 
     def stat(self, snapshotter: str, key: str) -> spb.Info | None:
         try:
-            return self.snapshots.Stat(spb.StatSnapshotRequest(snapshotter=snapshotter, key=key),
-                                       metadata=self.md(), timeout=self.timeout).info
+            info: spb.Info = self.snapshots.Stat(spb.StatSnapshotRequest(snapshotter=snapshotter, key=key),
+                                                 metadata=self.md(), timeout=self.timeout).info
+            return info
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None

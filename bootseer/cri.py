@@ -258,7 +258,7 @@ class CRIClient:
             if e.code == grpc.StatusCode.NOT_FOUND or "not found" in e.details.lower():
                 raise ImageNotFound(e.method, e.code, e.details, image) from None
             raise
-        return r.image_ref
+        return str(r.image_ref)
 
     def image_status(self, image: str) -> ImageInfo | None:
         """The image if the runtime has it, else None (CRI answers an absent image with an empty status)."""
@@ -315,7 +315,7 @@ class CRIClient:
         """``SANDBOX_READY`` or ``SANDBOX_NOTREADY``."""
         r = self._call(self.runtime.PodSandboxStatus, pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id),
                        subject=sandbox_id)
-        return pb.PodSandboxState.Name(r.status.state)
+        return str(pb.PodSandboxState.Name(r.status.state))
 
     def list_pod_sandboxes(self, labels: Mapping[str, str] | None = None) -> list[str]:
         """IDs of the sandboxes carrying all of ``labels`` (all sandboxes when None)."""
@@ -346,7 +346,7 @@ class CRIClient:
         )
         r = self._call(self.runtime.CreateContainer, pb.CreateContainerRequest(
             pod_sandbox_id=sandbox.id, config=config, sandbox_config=sandbox.config), subject=f"{name} {image}")
-        return r.container_id
+        return str(r.container_id)
 
     def start_container(self, container_id: str) -> None:
         self._call(self.runtime.StartContainer, pb.StartContainerRequest(container_id=container_id),

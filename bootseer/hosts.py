@@ -18,6 +18,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bootseer.reference import DEFAULT_REGISTRY, DOCKER_HUB_API, is_loopback
 
@@ -80,7 +81,7 @@ class HostsResolver:
     def _load(self, registry: str) -> list[Endpoint]:
         hdir = self._host_dir(registry)
         hosts_file = hdir / "hosts.toml" if hdir else None
-        doc: dict = {}
+        doc: dict[str, Any] = {}
         if hosts_file and hosts_file.is_file():
             try:
                 doc = tomllib.loads(hosts_file.read_text())
@@ -107,7 +108,7 @@ class HostsResolver:
                 return d
         return None
 
-    def _endpoint(self, url: str, table: dict, hdir: Path | None, registry: str, mirror: bool) -> Endpoint:
+    def _endpoint(self, url: str, table: dict[str, Any], hdir: Path | None, registry: str, mirror: bool) -> Endpoint:
         if "://" not in url:
             url = "https://" + url
         url = url.rstrip("/")

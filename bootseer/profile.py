@@ -138,7 +138,7 @@ def place(evs: list[Event]) -> tuple[float, list[Placed]]:
     """Put the lines on one axis (see the module doc); returns t0 (wall) and the lines sorted by start."""
     offsets: dict[tuple[str, str], float] = {}
     for key in {(e.host, e.boot_id) for e in evs if e.boot_id and e.start_mono is not None}:
-        offsets[key] = statistics.median(e.start - e.start_mono for e in evs  # type: ignore[operator]
+        offsets[key] = statistics.median(e.start - e.start_mono for e in evs
                                          if (e.host, e.boot_id) == key and e.start_mono is not None)
 
     def wall_start(e: Event) -> float:

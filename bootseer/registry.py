@@ -548,7 +548,7 @@ class RegistryClient:
                                     ok=(200, 206), headers={"Range": f"bytes={offset}-{end}"}, stream=True)
             try:
                 if resp.status_code == 206:
-                    data = resp.raw.read(length + 1, decode_content=True)
+                    data = bytes(resp.raw.read(length + 1, decode_content=True))
                 else:  # no range support (some mirrors): skip to the range
                     buf = bytearray()
                     skipped = 0
@@ -603,11 +603,11 @@ class RegistryClient:
         """
         ref = _ref(ref)
         if isinstance(source, (str, Path)):
-            path: Path | None = Path(source)
-            size = path.stat().st_size
-            digest = digest or _file_digest(path)
+            body: bytes | Path = Path(source)
+            size = Path(source).stat().st_size
+            digest = digest or _file_digest(Path(source))
         else:
-            path, size = None, len(source)
+            size, body = len(source), source
             digest = digest or sha256_digest(source)
         desc = Descriptor("application/octet-stream", digest, size)
         have = self.blob_exists(ref, digest)
@@ -620,7 +620,7 @@ class RegistryClient:
         attempt = 0
         while True:
             try:
-                self._upload(ref, source if path is None else path, size, digest, chunk_size, progress)
+                self._upload(ref, body, size, digest, chunk_size, progress)
                 return desc
             except TransientError:
                 if attempt >= self.retries:

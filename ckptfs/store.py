@@ -236,10 +236,10 @@ class Store:
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.join(rel)) as f:
-            return f.read()
+            return bytes(f.read())
 
     def exists(self, rel: str) -> bool:
-        return self.fs.get_file_info(self.join(rel)).type != pafs.FileType.NotFound
+        return bool(self.fs.get_file_info(self.join(rel)).type != pafs.FileType.NotFound)
 
     def list_dir(self, rel: str) -> list[str]:
         """Names directly under ``rel`` (empty when it does not exist)."""

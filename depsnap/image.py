@@ -125,7 +125,7 @@ def write_layer_blob(dest_dir: Path, write_tar: Callable[[IO[bytes]], Any]) -> L
 
     fd, tmp = tempfile.mkstemp(prefix="layer-", dir=dest_dir)
     with os.fdopen(fd, "wb") as raw, \
-            gzip.GzipFile(fileobj=Tee(raw, outer), mode="wb", mtime=0, compresslevel=6) as gz:  # type: ignore[arg-type]
+            gzip.GzipFile(fileobj=Tee(raw, outer), mode="wb", mtime=0, compresslevel=6) as gz:
         write_tar(Tee(gz, inner))  # type: ignore[arg-type]
     path = Path(tmp)
     return Layer(path, "sha256:" + outer.hexdigest(), path.stat().st_size, "sha256:" + inner.hexdigest())

@@ -7,6 +7,7 @@ import contextlib
 import json
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -99,7 +100,9 @@ def images_push(
 ) -> None:
     """Build (cached for realistic) and push a test image; prints its reference."""
     reg = registry or Stack.load(root).info.registry
-    fn = {"small": images.push_small, "pause": images.push_pause, "realistic": images.push_realistic}.get(which)
+    pushers: dict[str, Callable[[str], str]] = {"small": images.push_small, "pause": images.push_pause,
+                                                "realistic": images.push_realistic}
+    fn = pushers.get(which)
     if fn is None:
         _fail(f"unknown image {which!r}: small, pause or realistic")
         return

@@ -96,6 +96,7 @@ class FaultProxy:
     def address(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET server
         return f"{host}:{port}"
 
     def add(self, action: str, **kw: Any) -> Fault:

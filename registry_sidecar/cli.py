@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -28,6 +29,9 @@ from registry_sidecar.index import DEFAULT_CHUNK_SIZE
 app = typer.Typer(help="The registry sidecar: converts pushed images into lazily loadable EROFS layers.",
                   no_args_is_help=True)
 
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
 EXIT_SKIPPED = 3
 
 
@@ -47,10 +51,10 @@ class _RichProgress:
         self.progress = Progress(TextColumn("{task.fields[layer]}"), TextColumn("{task.description:>7}"),
                                  BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
                                  console=console, transient=False)  # type: ignore[arg-type]
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
         self.lock = threading.Lock()
 
-    def _task(self, layer: str) -> int:
+    def _task(self, layer: str) -> TaskID:
         with self.lock:
             if layer not in self.tasks:
                 self.tasks[layer] = self.progress.add_task("wait", layer=layer.split(":")[-1][:12], total=None)
@@ -97,7 +101,7 @@ def convert(
     err = Console(stderr=True)
     try:
         ref = Reference.parse(image)
-        platforms = [Platform.parse(p) for p in platform] or [None]
+        platforms: list[Platform | None] = [Platform.parse(p) for p in platform] or [None]
     except (ReferenceError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from e

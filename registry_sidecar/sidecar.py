@@ -31,7 +31,7 @@ import threading
 import time
 import tomllib
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -365,6 +365,7 @@ class SidecarServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET/AF_INET6 server
         return f"http://{host}:{port}"
 
     def start(self) -> SidecarServer:
@@ -412,5 +413,5 @@ def _registry_config_snippet(url: str, name: str = "bootseer-sidecar") -> dict[s
 
 notifications_config = _registry_config_snippet
 
-__all__: Iterable[str] = ["EVENTS_MEDIA_TYPE", "Sidecar", "SidecarConfig", "SidecarServer", "notifications_config",
+__all__ = ["EVENTS_MEDIA_TYPE", "Sidecar", "SidecarConfig", "SidecarServer", "notifications_config",
                           "parse_events", "serve"]

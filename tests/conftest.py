@@ -1,5 +1,9 @@
 """Shared fixtures: a local stack (real containerd + docker-registry) per test session, and test images.
 
+The suite has three parts: ``unit/`` (plain Python, real HTTP on loopback, no root, no kernel features),
+``kernel/`` (mounts, loop devices, FUSE, page-cache drops: root) and ``stack/`` (containerd, docker-registry,
+dockerd: root).  The stack fixtures live here so any part may ask for them; only kernel/ and stack/ do.
+
 Every scratch dir is unique (``/tmp/bs-<hex>``) and removed at the end, so the suite can run twice in a
 row and beside a developer's own stack.  Tests that need a differently configured stack (shaped link,
 another CRI snapshotter) start their own with :func:`integration.stack.running`.
@@ -23,10 +27,12 @@ def scratch_root(tag: str = "") -> Path:
     return Path("/tmp") / f"bs-{tag}{secrets.token_hex(3)}"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _require_root() -> None:
+def require_root() -> None:
+    """kernel/ and stack/ mount filesystems and start containerd: without root they cannot run at all, so the
+    session stops with one clear message instead of a hundred failures.  unit/ runs without any privilege."""
     if os.geteuid() != 0:
-        pytest.exit("BootSeer's tests mount filesystems and start containerd: run them as root", 2)
+        pytest.exit("tests/kernel and tests/stack mount filesystems and start containerd: run them as root "
+                    "(tests/unit runs without privileges)", 2)
 
 
 @pytest.fixture(scope="session")

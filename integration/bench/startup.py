@@ -535,8 +535,11 @@ class Bench:
     def fetched_by_kind(self) -> dict[str, int]:
         """BootSeer's snapshotter's own count of the bytes it fetched, by kind (demand, prefetch, background),
         over all lazy layers — asked on its control socket, fast enough to call the moment the output arrives."""
-        ctl = getattr(self.st.info, "snapshotter_control", None)
+        ctl = self.st.info.snapshotter_control
         out = {"demand": 0, "prefetch": 0, "background": 0}
+        if not ctl:
+            self.log("no fetch counters: the stack runs no lazy snapshotter")
+            return {}
         try:
             from snapshotter.lazy.serve import Control
 

@@ -128,13 +128,13 @@ class BlobFS(pyfuse3.Operations):
             ino = self._names.get(name)
             if ino is not None:
                 if self._files[ino].source is source:
-                    return ino
+                    return int(ino)
                 raise FileExistsError(errno.EEXIST, f"{name} is already served")
             ino = self._next_ino  # never reused: the kernel may still cache an old inode number
             self._next_ino += 1
             self._files[ino] = _File(ino, name, source, source.size, time.time_ns())
             self._names[name] = ino
-            return ino
+            return int(ino)
 
     def remove(self, name: str) -> bool:
         """Unlink ``name``.  Open files (a loop device not yet switched away) keep being served."""

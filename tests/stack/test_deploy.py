@@ -15,7 +15,7 @@ from integration import containerd_config
 from integration.stack import free_port, unmount_below, wait_for
 from tests.conftest import scratch_root
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("unit", sorted((ROOT / "integration" / "systemd").glob("*.service")), ids=lambda p: p.name)

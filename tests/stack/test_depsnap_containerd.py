@@ -29,7 +29,7 @@ from depsnap.build import BuildError, resolve
 from depsnap.key import DepSpec
 from integration.stack import Stack, mounts_below
 from registry_sidecar.index import find_index
-from tests.test_depsnap_docker import pip_cmd, wheels  # noqa: F401  (fixture: the local package index)
+from tests.stack.test_depsnap_docker import pip_cmd, wheels  # noqa: F401  (fixture: the local package index)
 
 BUSYBOX_CHANGES = ("busybox rm /data/keep.txt && busybox rm -r /data/sub && busybox mkdir /data/sub && "
                    "echo fresh > /data/sub/n2 && busybox mkdir -p /opt/x && echo y > /opt/x/f")

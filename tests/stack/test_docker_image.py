@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import scratch_root
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/bootseer/images")
 
 

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from bootseer.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 RUN_MARK = "<!-- doc-test: run -->"
 SHELL_INFOS = {"", "sh", "bash", "shell", "console"}
