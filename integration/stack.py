@@ -68,19 +68,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None = None,
              log: Path | None = None) -> None:
-    """Poll ``check`` until true; fail early if ``proc`` died, with the tail of its log."""
+    """Poll ``check`` until true; fail early if ``proc`` died, with the tail of its log.
+
+    An exception from ``check`` means "not ready yet" (connection refused, a half-written file), except an
+    ``AssertionError``: that is a check saying the wait can never succeed (a conversion job failed), so it
+    surfaces at once instead of as a timeout minutes later.  The last "not ready" error goes into the timeout
+    message, so its reason is not lost either."""
     deadline = time.monotonic() + timeout
     delay = 0.01
+    last: Exception | None = None
     while True:
         try:
             if check():
                 return
-        except Exception:
-            pass
+        except AssertionError:
+            raise
+        except Exception as e:
+            last = e
         if proc is not None and proc.poll() is not None:
             raise StackError(f"{what} exited with {proc.returncode}: {_tail(log)}")
         if time.monotonic() > deadline:
-            raise StackError(f"{what} not ready after {timeout:.0f}s: {_tail(log)}")
+            why = f" (last check: {type(last).__name__}: {last})" if last is not None else ""
+            raise StackError(f"{what} not ready after {timeout:.0f}s{why}: {_tail(log)}")
         time.sleep(delay)  # polling a condition with a deadline, not synchronising by sleep
         delay = min(delay * 2, 0.2)
 

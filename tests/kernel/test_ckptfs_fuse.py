@@ -16,14 +16,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch as safetensors_torch  # the dev extra installs both: a missing one is a failure
+import torch
 
 import ckptfs
 from ckptfs.manifest import MANIFEST_NAME
 from ckptfs.reader import Checkpoint
 from ckptfs.testing import mounted, wait_until
-
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
 
 CHUNK = 4 << 20
 

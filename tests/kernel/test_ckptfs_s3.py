@@ -20,8 +20,6 @@ from ckptfs.reader import Checkpoint, ReaderOptions
 from ckptfs.store import StoreOptions, open_store
 from ckptfs.testing import moto_server, mounted
 
-pytest.importorskip("moto")
-
 _CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
 

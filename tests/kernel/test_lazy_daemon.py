@@ -25,6 +25,7 @@ import pytest
 
 from snapshotter.lazy import loop
 from snapshotter.lazy import mount as mnt
+from snapshotter.lazy.serve import ControlError
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import (
     CountingProxy,
@@ -250,9 +251,9 @@ def test_restart_before_swap_resumes_reads(world: World, proxy: CountingProxy, s
     mp = _acquire(d, world.spec(proxy.url))
     assert _read(mp / "seq.txt") == (world.src / "seq.txt").read_bytes()
     d.kill()
-    t0 = time.monotonic()
+    # a dead FUSE server fails reads (the kernel aborts the connection); run_with_deadline fails the test if the
+    # read hangs instead — no wall-clock bound here, this machine is shared
     assert run_with_deadline(lambda: read_eio(mp / "b64.txt"), 30, "reading with the daemon dead")
-    assert time.monotonic() - t0 < 5  # a dead FUSE server fails reads at once; nothing hangs
 
     d2 = start(NO_FILL)
     st = d2.status(world.digest)
@@ -339,7 +340,8 @@ def test_bad_blob_fails_acquire_and_leaves_nothing(world: World, proxy: Counting
                    chunk_size=good.chunk_size, chunks=tuple("0" * 64 for _ in good.chunks))
     with pytest.raises(RuntimeError) as ei:
         _acquire(d, bad)
-    assert getattr(ei.value, "errno", None) in (errno.EIO, errno.EINVAL, None)
+    # erofs could not read its superblock: EIO, passed on by the daemon (not any error at all)
+    assert isinstance(ei.value, ControlError) and ei.value.errno == errno.EIO, ei.value
     assert d.call("status")["layers"] == []
     assert mnt.mounts_at(daemon_root / "mnt" / good.name) == [] and loops_below(daemon_root) == []
     mp = _acquire(d, good)  # and the right spec still works afterwards

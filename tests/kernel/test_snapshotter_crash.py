@@ -167,8 +167,11 @@ def test_sigkill_at_random_moments_under_load(scratch: Path) -> None:
         d = start_daemon(scratch)
         c = Client(d.sock)
         stop = threading.Event()
+        first = threading.Event()  # one whole Prepare/Commit/View/Remove round went through
+        errors: list[grpc.RpcError] = []
 
-        def churn(c: Client = c, r: int = round_, stop: threading.Event = stop) -> None:
+        def churn(c: Client = c, r: int = round_, stop: threading.Event = stop, first: threading.Event = first,
+                  errors: list[grpc.RpcError] = errors) -> None:
             i = 0
             try:
                 while not stop.is_set():
@@ -180,16 +183,21 @@ def test_sigkill_at_random_moments_under_load(scratch: Path) -> None:
                     if i % 2:
                         c.remove(f"{k}-c")
                     i += 1
-            except grpc.RpcError:
-                pass
+                    first.set()
+            except grpc.RpcError as err:
+                errors.append(err)
 
         t = threading.Thread(target=churn)
         t.start()
-        stop.wait(0.1 + rnd.random() * 0.4)  # a random moment, not a synchronisation
+        assert first.wait(60), f"round {round_}: no work ran before the kill ({errors})"
+        stop.wait(rnd.random() * 0.4)  # then a random moment, not a synchronisation
         os.kill(d.proc.pid, signal.SIGKILL)
         d.proc.wait()
         stop.set()
         t.join(timeout=30)
+        assert not t.is_alive()
+        # the only failure a client may see is the daemon going away (or none, if it was between calls)
+        assert [e.code() for e in errors] in ([], [grpc.StatusCode.UNAVAILABLE]), errors
         c.close()
         d = start_daemon(scratch)
         try:
