@@ -184,9 +184,12 @@ class Stack:
             "http": {"addr": self.info.registry, "secret": secrets.token_hex(16)},
         }
         if self.info.sidecar_url:  # every push is announced to the sidecar, which converts the image
-            doc["notifications"] = {"endpoints": [{
-                "name": "bootseer-sidecar", "url": self.info.sidecar_url + "/events", "timeout": "5s",
-                "threshold": 3, "backoff": "1s", "ignoredmediatypes": ["application/octet-stream"]}]}
+            from registry_sidecar.sidecar import notifications_config
+
+            # behind a shaped link the registry posts from its own namespace, off the sidecar's loopback: the
+            # stack's token goes with every notification (as an operator's would)
+            token = (self.root / "sidecar.token").read_text().strip()
+            doc["notifications"] = notifications_config(self.info.sidecar_url, token=token)
         cfg.write_text(json.dumps(doc, indent=1))  # YAML is a superset of JSON
         argv = ["docker-registry", "serve", str(cfg)]
         if link:
@@ -202,7 +205,11 @@ class Stack:
         listen = f"{host}:{free_port(host)}"
         self.info.sidecar_url = f"http://{listen}"
         conf = self.root / "sidecar.toml"
+        token = self.root / "sidecar.token"
+        token.write_text(secrets.token_hex(24) + "\n")
+        token.chmod(0o600)
         conf.write_text(f"listen = {json.dumps(listen)}\nregistry = {json.dumps(self.info.registry)}\n"
+                        f"token_file = {json.dumps(str(token))}\n"
                         f"state_dir = {json.dumps(str(self.root / 'sidecar'))}\nplain_http = true\nnice = 10\n")
         proc = self._spawn("sidecar", [sys.executable, "-m", "registry_sidecar", "serve", "--config", str(conf)])
         url = self.info.sidecar_url + "/healthz"

@@ -281,8 +281,8 @@ def convert_layer_file(blob_path: Path, media_type: str, layer_digest: str, out_
             progress("unpack", blob_path.stat().st_size)
         with open(blob_path, "rb") as fh:
             src: Any = _ReadProgress(fh, advance) if advance else fh
-            stats = Unpacker(str(root), allow_devices=opts.allow_devices, max_bytes=opts.max_bytes).unpack(
-                open_layer_stream(src, media_type))
+            stats = Unpacker(str(root), allow_devices=opts.allow_devices, max_bytes=opts.max_bytes,
+                             compressed_size=blob_path.stat().st_size).unpack(open_layer_stream(src, media_type))
         seconds["unpack"] = time.monotonic() - t
         t = time.monotonic()
         if progress:

@@ -22,6 +22,7 @@ The HTTP side (``/events``, ``/healthz``, ``/metrics``) is a thin adapter over :
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import re
@@ -42,7 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bootseer import __version__
-from bootseer.reference import Reference
+from bootseer.reference import Reference, is_loopback
 from bootseer.registry import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
@@ -54,7 +55,7 @@ from bootseer.registry import (
 )
 from registry_sidecar.convert import ConvertOptions, ImageConverter, ImageResult
 from registry_sidecar.index import DEFAULT_CHUNK_SIZE
-from registry_sidecar.state import Job, State
+from registry_sidecar.state import Job, QueueFull, State
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ class SidecarConfig:
     nice: int = 0
     max_bytes: int | None = None
     allow_devices: bool = True
+    # who may POST /events and GET /jobs from off this host: a bearer token read from this file (a Kubernetes
+    # Secret).  Loopback peers (the registry in the same pod or on the same host) need none; without a token,
+    # every other peer is refused — /jobs names private repositories, /events spends the push credentials.
+    token_file: str | None = None
+    max_queued: int = 10_000  # queued jobs beyond this answer 503: the registry retries the delivery later
+    max_crashes: int = 3  # a job running while the sidecar died this many times (OOM-killed mid-conversion) fails
 
     @classmethod
     def load(cls, path: Path | str | None, **overrides: Any) -> SidecarConfig:
@@ -99,6 +106,17 @@ class SidecarConfig:
             raise ValueError(f"sidecar config {path}: unknown keys {unknown}")
         doc.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**doc)
+
+    def token(self) -> str | None:
+        if not self.token_file:
+            return None
+        try:
+            tok = Path(self.token_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"sidecar token_file {self.token_file}: {e.strerror or e}") from e
+        if len(tok) < 16:
+            raise ValueError(f"sidecar token_file {self.token_file}: a token of at least 16 characters is required")
+        return tok
 
     def convert_options(self) -> ConvertOptions:
         return ConvertOptions(chunk_size=self.chunk_size, compression=self.compression, parallel=self.parallel,
@@ -173,9 +191,12 @@ class Sidecar:
         self.m_seconds = Histogram("bootseer_sidecar_image_seconds", "Time to index one image manifest",
                                    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=self.metrics)
         self.metrics.register(_QueueCollector(self.state))
-        requeued = self.state.requeue_running()
+        requeued, crashed = self.state.requeue_running(cfg.max_crashes, time.time() + cfg.retry_base)
         if requeued:
             log.info("requeued %d job(s) interrupted by a restart", requeued)
+        for job in crashed:
+            log.error("%s@%s failed for good: running when the sidecar died %d times (killed while converting?)",
+                      job.repo, job.digest, cfg.max_crashes)
 
     # ------------------------------------------------------------------------------------------- events
     def handle_events(self, body: bytes) -> int:
@@ -185,7 +206,7 @@ class Sidecar:
         queued = 0
         for p in pushes:
             self.m_events.labels("image_push").inc()
-            if self.state.enqueue(p.repo, p.digest, p.tag, p.media_type):
+            if self.state.enqueue(p.repo, p.digest, p.tag, p.media_type, max_queued=self.cfg.max_queued):
                 queued += 1
                 log.info("queued %s:%s (%s)", p.repo, p.tag, p.digest)
         if queued:
@@ -295,8 +316,25 @@ class Sidecar:
 # ------------------------------------------------------------------------------------------- HTTP adapter
 class _Handler(BaseHTTPRequestHandler):
     sidecar: Sidecar
+    token: str | None
     protocol_version = "HTTP/1.1"
     server_version = f"bootseer-sidecar/{__version__}"
+    timeout = 30  # seconds per socket operation: a peer that stops sending frees its thread
+
+    def _authorized(self) -> bool:
+        """Loopback peers always; others only with the configured bearer token (compared in constant time)."""
+        if is_loopback(self.client_address[0]):
+            return True
+        if self.token is None:
+            return False
+        got = self.headers.get("Authorization", "")
+        return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self.token.encode())
+
+    def _refuse(self) -> None:
+        log.warning("refused %s %s from %s: no valid token", self.command, self.path.split("?")[0],
+                    self.client_address[0])
+        self.close_connection = True
+        self._reply(401 if self.token else 403, b'{"error":"unauthorized"}')
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -310,14 +348,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def do_POST(self) -> None:
-        n = int(self.headers.get("Content-Length") or 0)
+        if not self._authorized():
+            return self._refuse()
+        raw = self.headers.get("Content-Length")
+        if raw is None or not raw.strip().isdigit():  # chunked, missing, negative or not a number
+            self.close_connection = True
+            return self._reply(411 if raw is None else 400, b'{"error":"a valid Content-Length is required"}')
+        n = int(raw)
         if n > 16 << 20:
+            self.close_connection = True
             return self._reply(413, b'{"error":"too large"}')
         body = self.rfile.read(n)
+        if len(body) != n:
+            self.close_connection = True
+            return self._reply(400, b'{"error":"truncated body"}')
         if self.path.split("?")[0] not in ("/events", "/"):
             return self._reply(404, b'{"error":"not found"}')
         try:
             queued = self.sidecar.handle_events(body)
+        except QueueFull as e:  # not persisted: the registry retries the delivery
+            log.warning("%s", e)
+            return self._reply(503, json.dumps({"error": str(e)}).encode())
         except ValueError as e:
             return self._reply(400, json.dumps({"error": str(e)}).encode())
         except Exception as e:  # not persisted: let the registry retry the delivery
@@ -333,7 +384,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             return self._reply(200, generate_latest(self.sidecar.metrics), CONTENT_TYPE_LATEST)
         if path == "/jobs":
-            jobs = [j.__dict__ for j in self.sidecar.state.jobs()]
+            if not self._authorized():
+                return self._refuse()
+            jobs = [j.__dict__ for j in self.sidecar.state.jobs(limit=1000)]
             return self._reply(200, json.dumps(jobs).encode())
         self._reply(404, b'{"error":"not found"}')
 
@@ -356,9 +409,13 @@ class SidecarServer:
     """The service: HTTP server + workers.  ``with SidecarServer(cfg) as s:`` in tests, :func:`serve` in prod."""
 
     def __init__(self, cfg: SidecarConfig, client: RegistryClient | None = None) -> None:
-        self.sidecar = Sidecar(cfg, client)
+        token = cfg.token()
         host, _, port = cfg.listen.rpartition(":")
-        handler = type("Handler", (_Handler,), {"sidecar": self.sidecar})
+        if not is_loopback(host.strip("[]") or "0.0.0.0") and token is None:
+            log.warning("sidecar listens on %s without token_file: only loopback peers may post events or list "
+                        "jobs", cfg.listen)
+        self.sidecar = Sidecar(cfg, client)
+        handler = type("Handler", (_Handler,), {"sidecar": self.sidecar, "token": token})
         self.httpd = _Server((host.strip("[]") or "0.0.0.0", int(port)), handler)
         self._thread: threading.Thread | None = None
 
@@ -405,10 +462,14 @@ def serve(cfg: SidecarConfig) -> None:
         server.stop()
 
 
-def _registry_config_snippet(url: str, name: str = "bootseer-sidecar") -> dict[str, Any]:
-    """The ``notifications`` block to put in distribution's config to point it at a sidecar at ``url``."""
-    return {"endpoints": [{"name": name, "url": url.rstrip("/") + "/events", "timeout": "5s", "threshold": 3,
-                           "backoff": "1s", "ignoredmediatypes": ["application/octet-stream"]}]}
+def _registry_config_snippet(url: str, name: str = "bootseer-sidecar", token: str | None = None) -> dict[str, Any]:
+    """The ``notifications`` block to put in distribution's config to point it at a sidecar at ``url``; with
+    ``token``, every notification carries it (needed unless the registry reaches the sidecar over loopback)."""
+    ep: dict[str, Any] = {"name": name, "url": url.rstrip("/") + "/events", "timeout": "5s", "threshold": 3,
+                          "backoff": "1s", "ignoredmediatypes": ["application/octet-stream"]}
+    if token:
+        ep["headers"] = {"Authorization": [f"Bearer {token}"]}
+    return {"endpoints": [ep]}
 
 
 notifications_config = _registry_config_snippet

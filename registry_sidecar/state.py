@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     media_type TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL DEFAULT 'queued',
     attempts INTEGER NOT NULL DEFAULT 0,
+    crashes INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
     result TEXT NOT NULL DEFAULT '',
@@ -51,6 +52,10 @@ CREATE TABLE IF NOT EXISTS layer_repos (
     PRIMARY KEY (layer_digest, repo)
 );
 """
+
+
+class QueueFull(RuntimeError):
+    """The job table holds its maximum of queued jobs: the event is not persisted (the registry retries it)."""
 
 
 @dataclass
@@ -75,6 +80,9 @@ class State:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "crashes" not in cols:  # a state file from before crash counting
+            self._db.execute("ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -82,18 +90,25 @@ class State:
             self._db.close()
 
     # --------------------------------------------------------------------------------------------- jobs
-    def enqueue(self, repo: str, digest: str, tag: str = "", media_type: str = "") -> bool:
+    def enqueue(self, repo: str, digest: str, tag: str = "", media_type: str = "",
+                max_queued: int | None = None) -> bool:
         """Queue (repo, digest) unless it is known; a ``failed`` job is given a fresh start by a new push.
-        Returns True if something was queued."""
+        Returns True if something was queued; raises :class:`QueueFull` past ``max_queued`` queued jobs (anyone
+        who may push could otherwise grow the table without bound)."""
         now = time.time()
         with self._lock:
             row = self._db.execute("SELECT state FROM jobs WHERE repo=? AND digest=?", (repo, digest)).fetchone()
+            if (row is None or row[0] == "failed") and max_queued is not None:
+                (queued,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='queued'").fetchone()
+                if queued >= max_queued:
+                    raise QueueFull(f"{queued} conversion jobs queued already (max_queued): {repo}@{digest} "
+                                    "not queued")
             if row is None:
                 self._db.execute("INSERT INTO jobs (repo, digest, tag, media_type, created, updated) "
                                  "VALUES (?,?,?,?,?,?)", (repo, digest, tag, media_type, now, now))
                 return True
             if row[0] == "failed":
-                self._db.execute("UPDATE jobs SET state='queued', attempts=0, next_at=0, updated=? "
+                self._db.execute("UPDATE jobs SET state='queued', attempts=0, crashes=0, next_at=0, updated=? "
                                  "WHERE repo=? AND digest=?", (now, repo, digest))
                 return True
             return False
@@ -143,10 +158,29 @@ class State:
             self._db.execute("UPDATE jobs SET state='failed', last_error=?, updated=? WHERE id=?",
                              (error[:2000], time.time(), job_id))
 
-    def requeue_running(self) -> int:
-        """After a crash: jobs that were running go back to the queue (their attempt counts)."""
+    def requeue_running(self, max_crashes: int | None = None, next_at: float = 0.0) -> tuple[int, list[Job]]:
+        """After a crash: jobs that were running go back to the queue at ``next_at`` (behind the jobs already
+        due: the one that was running may be what killed the process), their attempt counted as a crash.  A job
+        that was running at ``max_crashes`` deaths fails instead: a layer that gets the converter OOM-killed
+        must not take the sidecar down forever.  Returns the number requeued and the jobs failed."""
+        now = time.time()
         with self._lock:
-            return self._db.execute("UPDATE jobs SET state='queued', next_at=0 WHERE state='running'").rowcount
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("UPDATE jobs SET crashes=crashes+1, updated=? WHERE state='running'", (now,))
+                failed: list[int] = []
+                if max_crashes is not None:
+                    failed = [r[0] for r in self._db.execute(
+                        "SELECT id FROM jobs WHERE state='running' AND crashes>=?", (max_crashes,))]
+                    self._db.execute("UPDATE jobs SET state='failed', last_error=? WHERE state='running' AND "
+                                     "crashes>=?", (f"running when the sidecar died {max_crashes} times", max_crashes))
+                n = self._db.execute("UPDATE jobs SET state='queued', next_at=? WHERE state='running'",
+                                     (next_at,)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n, [self.job(i) for i in failed]
 
     def next_due(self) -> float | None:
         with self._lock:
@@ -160,9 +194,14 @@ class State:
         out.update({s: n for s, n in rows})
         return out
 
-    def jobs(self) -> list[Job]:
+    def jobs(self, limit: int | None = None) -> list[Job]:
+        """Every job in id order, or the newest ``limit`` of them."""
         with self._lock:
-            ids = [r[0] for r in self._db.execute("SELECT id FROM jobs ORDER BY id").fetchall()]
+            if limit is None:
+                ids = [r[0] for r in self._db.execute("SELECT id FROM jobs ORDER BY id").fetchall()]
+            else:
+                ids = [r[0] for r in self._db.execute("SELECT id FROM (SELECT id FROM jobs ORDER BY id DESC LIMIT ?) "
+                                                      "ORDER BY id", (limit,)).fetchall()]
         return [self.job(i) for i in ids]
 
     # ------------------------------------------------------------------------------------------ layer map

@@ -20,7 +20,14 @@ What is refused (:class:`LayerError`, and the caller removes the scratch dir):
   separate filesystems, so a link into another layer cannot exist);
 * ``trusted.overlay.*`` xattrs in the tar (they would let a layer forge whiteouts or redirects),
   AUFS metadata (``.wh..wh.*`` other than the opaque marker), a whiteout for a name the same layer creates,
-  unknown entry types, device nodes when ``allow_devices`` is off, more than ``max_bytes`` of file data.
+  unknown entry types, device nodes when ``allow_devices`` is off;
+* **bombs**: more than ``max_bytes`` of file data, more than ``max_entries`` entries, a PAX or GNU long-name
+  header over :data:`MAX_HEADER_BYTES` (Python's tarfile would read any size into memory), a tar stream more
+  than ``max_ratio`` times the compressed layer (once past :data:`RATIO_FLOOR`).
+
+The host's own failures are not the layer's: ENOSPC, EIO, ENOMEM and the like while writing the scratch dir
+propagate as the ``OSError`` they are, so the job is retried later instead of the layer being listed as
+skipped for good.
 
 **Duplicate entries** are refused too, except a directory repeated over a directory (its later metadata
 applies, its contents stay — tools do emit parent directories twice).  containerd lets a later entry replace
@@ -42,6 +49,7 @@ import errno
 import os
 import stat
 import tarfile
+import tarfile as tarfile_mod
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +63,13 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _COPY = 1 << 20
+MAX_HEADER_BYTES = 1 << 20  # one PAX record set or GNU long name/link; real ones are a few hundred bytes
+DEFAULT_MAX_ENTRIES = 2_000_000  # a large conda environment has ~500 k files
+DEFAULT_MAX_RATIO = 1000  # tar bytes per compressed byte; gzip tops out near 1030:1 on zeros
+RATIO_FLOOR = 1 << 30  # below this much tar the ratio is not checked (small layers of zeros are fine)
+# errors of this host, not of the layer: worth another try later
+HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                         errno.EROFS})
 
 
 class LayerError(Exception):
@@ -179,11 +194,25 @@ class UnpackStats:
 class _Counting:
     src: IO[bytes]
     n: int = 0
+    limit: int | None = None  # tar bytes allowed (the decompression-ratio bound)
 
     def read(self, size: int = -1) -> bytes:
         data = self.src.read(size)
         self.n += len(data)
+        if self.limit is not None and self.n > self.limit:
+            raise LayerError(f"the tar stream exceeds {self.limit} bytes, too many times the compressed layer "
+                             "(a decompression bomb?)")
         return data
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX or GNU long-name header whole, whatever size it claims: bound it first."""
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in (tarfile_mod.GNUTYPE_LONGNAME, tarfile_mod.GNUTYPE_LONGLINK, tarfile_mod.XHDTYPE,
+                         tarfile_mod.XGLTYPE, tarfile_mod.SOLARIS_XHDTYPE) and self.size > MAX_HEADER_BYTES:
+            raise LayerError(f"a {self.size}-byte extended header (more than {MAX_HEADER_BYTES})")
+        return super()._proc_member(tarfile)  # type: ignore[misc, no-any-return]
 
 
 @dataclass
@@ -193,6 +222,10 @@ class Unpacker:
     root: str
     allow_devices: bool = True
     max_bytes: int | None = None
+    max_entries: int | None = DEFAULT_MAX_ENTRIES
+    compressed_size: int | None = None  # of the layer blob: bounds the tar stream to max_ratio times it
+    max_ratio: int = DEFAULT_MAX_RATIO
+    ratio_floor: int = RATIO_FLOOR
     progress: Callable[[int], None] | None = None
     stats: UnpackStats = field(default_factory=UnpackStats)
     _root_fd: int = -1
@@ -202,11 +235,13 @@ class Unpacker:
     _whiteouts: set[tuple[str, ...]] = field(default_factory=set)  # whiteouts this layer made (not chr 0/0 entries)
 
     def unpack(self, tar_stream: IO[bytes]) -> UnpackStats:
-        counting = _Counting(tar_stream)
+        limit = None if self.compressed_size is None else max(self.ratio_floor,
+                                                                   self.max_ratio * self.compressed_size)
+        counting = _Counting(tar_stream, limit=limit)
         self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             try:
-                tf = tarfile.open(fileobj=counting, mode="r|", errorlevel=2)  # type: ignore[call-overload]  # noqa: SIM115
+                tf = tarfile.open(fileobj=counting, mode="r|", errorlevel=2, tarinfo=_BoundedTarInfo)  # type: ignore[call-overload]  # noqa: SIM115
             except tarfile.ReadError as e:
                 raise LayerError(f"not a tar stream: {e}") from e
             except EOFError as e:
@@ -221,6 +256,8 @@ class Unpacker:
                     if member is None:
                         break
                     self.stats.entries += 1
+                    if self.max_entries is not None and self.stats.entries > self.max_entries:
+                        raise LayerError(f"more than {self.max_entries} entries")
                     self._entry(tf, member)
                 # drain: the digest was checked on the blob, but a tar followed by garbage is still odd;
                 # read to the end so truncation of the compressed stream after the tar is noticed too
@@ -363,6 +400,8 @@ class Unpacker:
         except LayerError:
             raise
         except OSError as e:
+            if e.errno in HOST_ERRNOS:
+                raise  # the scratch disk, not the layer: the job is retried
             raise LayerError(f"entry {m.name!r}: {e.strerror or e}") from e
 
     def _write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, dfd: int, base: str) -> None:
