@@ -208,7 +208,10 @@ class Authenticator:
     def __init__(self, credentials: DockerConfig | dict[str, Credentials] | None = None,
                  session: requests.Session | None = None, timeout: float = 30.0) -> None:
         self._creds = credentials if credentials is not None else DockerConfig()
-        self._session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # ~/.netrc must not add credentials to a token request
+        self._session = session
         self._timeout = timeout
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._basic_hosts: set[str] = set()

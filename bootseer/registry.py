@@ -297,6 +297,7 @@ class RegistryClient:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
+            s.trust_env = False  # no proxy or ~/.netrc credentials from the environment: hosts.toml says where
             s.headers["User-Agent"] = self.user_agent
             self._local.session = s
         return s

@@ -658,7 +658,7 @@ class Fetcher:
             raise FetchError("timed out")
         budget = left if left is not None else max(cfg.connect_timeout, cfg.io_timeout)
         timeout = (min(cfg.connect_timeout, budget), min(cfg.io_timeout, budget))
-        headers = {**self.spec.headers, **self.client.auth(self.spec, refresh=refresh),
+        headers = {**self.spec.headers, **self.client.auth(self.spec, base, refresh=refresh),
                    "Range": f"bytes={ranges}", "Accept-Encoding": "identity"}
         try:
             return url, self.client.session().get(url, headers=headers, stream=True, timeout=timeout)

@@ -328,13 +328,13 @@ class RegistryAuthHook:
         self.client = client
         self.registries = registries  # endpoint base URL → registry name (docker.io, host:port)
 
-    def __call__(self, spec: BlobSpec, *, refresh: bool) -> Mapping[str, str]:
+    def __call__(self, spec: BlobSpec, base: str, *, refresh: bool) -> Mapping[str, str]:
         from bootseer.reference import Reference
 
-        host = urlparse(spec.registry).netloc
+        host = urlparse(base).netloc  # the endpoint's own host: a mirror gets what its credentials earned
         scopes = (f"repository:{spec.repository}:pull",)
         if refresh:
-            registry = self.registries.get(spec.registry, host)
+            registry = self.registries.get(spec.registry, urlparse(spec.registry).netloc)
             try:
                 self.client.blob_exists(Reference(registry, spec.repository), spec.digest)
             except Exception as e:  # the fetch then fails with the registry's own answer

@@ -111,16 +111,19 @@ def chunk_digests(data: bytes | memoryview, chunk_size: int) -> tuple[str, ...]:
 
 
 class AuthHook(Protocol):
-    """Returns the headers (``Authorization: Bearer …``) for requests about ``spec``.
+    """Returns the headers (``Authorization: Bearer …``) for requests about ``spec`` to the endpoint ``base``
+    (the registry or one of its mirrors).
 
-    ``refresh=True`` after a 401: the hook must fetch a new token rather than return a cached one.
-    Implementations do their own caching and locking; they are called from fetch worker threads.
+    Credentials belong to a host: the answer for ``base`` must be what that host's own credentials earned, so a
+    mirror never receives the upstream registry's token or password.  ``refresh=True`` after a 401: the hook
+    must fetch a new token rather than return a cached one.  Implementations do their own caching and locking;
+    they are called from fetch worker threads.
     """
 
-    def __call__(self, spec: BlobSpec, *, refresh: bool) -> Mapping[str, str]: ...
+    def __call__(self, spec: BlobSpec, base: str, *, refresh: bool) -> Mapping[str, str]: ...
 
 
-def no_auth(spec: BlobSpec, *, refresh: bool) -> Mapping[str, str]:
+def no_auth(spec: BlobSpec, base: str, *, refresh: bool) -> Mapping[str, str]:
     """The hook for anonymous registries."""
     return {}
 

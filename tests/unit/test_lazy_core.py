@@ -418,7 +418,7 @@ def test_retries_auth_refresh_mirrors_and_servers_ignoring_range(tmp_path: Path,
     srv.token = "fresh"
     calls: list[bool] = []
 
-    def auth(spec: BlobSpec, *, refresh: bool) -> dict[str, str]:
+    def auth(spec: BlobSpec, base: str, *, refresh: bool) -> dict[str, str]:
         calls.append(refresh)
         return {"Authorization": "Bearer " + ("fresh" if refresh else "stale")}
 
