@@ -13,7 +13,6 @@ BENCHMARKS = {
     "ckpt": "checkpoint load: single stream vs striped reads, FUSE vs raw local read",
     "unpack": "pull + unpack of the realistic image: bootseer vs containerd's overlayfs",
     "convert": "EROFS conversion throughput of the realistic image's layers",
-    "lazyread": "sequential read in a swapped lazy layer vs local disk",
     "startup": "container start-up: full pull vs lazy vs lazy+prefetch vs floor",
     "depsnap": "env-ready time: dependency snapshot hit vs install at start",
 }

@@ -33,8 +33,11 @@ the pull command to the moment the output line arrives.  Bytes: what crossed the
 in the page cache after a floor run (uncompressed, what start-up reads), and the recorded hot-block manifest's
 bytes when BootSeer's recorder is present.  Modes rotate their order from run to run; medians over ``--runs``.
 
-JSON: ``runs`` (every run), ``median_seconds``, ``bytes``, ``ratios`` (time ratios of medians, e.g.
-``prefetch_vs_floor_1g``, ``stargz_opt_vs_floor_200m``; ``fetched_vs_hotset``), ``goals``, ``skipped``.
+JSON: ``all_runs`` (every run, with its round), ``run_counts`` (what was measured; ``runs`` is what was asked),
+``median_seconds`` and ``seconds`` (median, min, max, n), ``bytes``, ``ratios`` (time ratios of medians, e.g.
+``prefetch_vs_floor_1g``; ``fetched_vs_hotset_<rate>``) with ``ratio_spreads`` (the per-round ratios' range),
+``goals`` (each with its verdict: met, not met, inconclusive when the spread straddles the bound, or not
+measured), ``skipped``.  Five runs or more for figures that are quoted: three leave the spread meaningless.
 """
 
 from __future__ import annotations
@@ -56,19 +59,23 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from integration.bench.stats import Spread, ratio_spread, spread, verdict
 
 MODES = ("overlayfs", "floor", "stargz", "stargz-optimized", "lazy", "prefetch")
 DEFAULT_RATES = ("1gbit", "200mbit")
 NS = "bench-startup"
-# (ratio, bound): ratio ≤ bound is the goal (issue 6: lazy+prefetch ≥ 5× a full pull, ≤ 1.3× the floor,
-# fetched ≤ 1.2× the hot set; issue 11: lazy+prefetch ≤ 0.55× stargz-optimized at both rates)
-GOALS = {
-    "prefetch_vs_full_pull_1g": 0.2,
-    "prefetch_vs_floor_1g": 1.3,
-    "fetched_vs_hotset": 1.2,
-    "prefetch_vs_stargz_opt_1g": 0.55,
-    "prefetch_vs_stargz_opt_200m": 0.55,
+# ratio → (op, bound): the goals of issues 6 and 20, judged on each ratio's spread (integration/bench/stats.py)
+GOALS: dict[str, tuple[Literal["<=", ">="], float]] = {
+    "prefetch_vs_full_pull_1g": ("<=", 0.2),
+    "prefetch_vs_floor_1g": ("<=", 1.2),
+    "prefetch_vs_floor_200m": ("<=", 2.0),
+    "fetched_vs_hotset_1g": ("<=", 1.2),
+    "fetched_vs_hotset_200m": ("<=", 1.2),
+    "prefetch_vs_stargz_opt_1g": ("<=", 0.45),
+    "prefetch_vs_stargz_opt_200m": ("<=", 0.5),
+    "swapped_seq_read_vs_overlay": (">=", 0.95),
 }
 # short names used in ratio keys
 RATIO_NAMES = {"overlayfs": "full_pull", "floor": "floor", "stargz": "stargz", "stargz-optimized": "stargz_opt",
@@ -129,29 +136,53 @@ def registry_bytes(lines: Iterable[str]) -> int:
     return total
 
 
-def compute_ratios(medians: dict[str, dict[str, float]], fetched_vs_hotset: float | None = None) -> dict[str, float]:
-    """Time ratios of the medians, ``A_vs_B_<rate>`` for every pair of :data:`RATIO_PAIRS` measured at a rate."""
-    out: dict[str, float] = {}
-    for rk, m in medians.items():
+def by_round(runs: list[Run], rate: str, mode: str) -> dict[int, float]:
+    """Seconds of ``mode``'s runs at ``rate``, by the round they ran in (modes alternate within a round)."""
+    return {int(r.extra.get("round", i)): r.seconds
+            for i, r in enumerate(x for x in runs if x.rate == rate and x.mode == mode)}
+
+
+def compute_ratio_spreads(runs: list[Run], rates: list[str]) -> dict[str, Spread]:
+    """``A_vs_B_<rate>`` for every pair of :data:`RATIO_PAIRS` measured at a rate: the ratio of the medians, with
+    the spread of the per-round ratios over the rounds both modes ran in."""
+    out: dict[str, Spread] = {}
+    for rate in rates:
+        rk = rate_key(rate)
         for a, b in RATIO_PAIRS:
-            if m.get(a) and m.get(b):
-                out[f"{RATIO_NAMES[a]}_vs_{RATIO_NAMES[b]}_{rk}"] = round(m[a] / m[b], 4)
-    if fetched_vs_hotset is not None:
-        out["fetched_vs_hotset"] = round(fetched_vs_hotset, 4)
+            ra, rb = by_round(runs, rate, a), by_round(runs, rate, b)
+            if not ra or not rb:
+                continue
+            common = sorted(set(ra) & set(rb))
+            if common and len(common) == len(ra) == len(rb):
+                s = ratio_spread([ra[i] for i in common], [rb[i] for i in common])
+            else:
+                s = ratio_spread(list(ra.values()), list(rb.values()), paired=False)
+            out[f"{RATIO_NAMES[a]}_vs_{RATIO_NAMES[b]}_{rk}"] = s
     return out
 
 
-def goal_status(ratios: dict[str, float]) -> dict[str, dict[str, Any]]:
-    return {k: {"bound": bound, "value": ratios.get(k), "met": None if k not in ratios else ratios[k] <= bound}
-            for k, bound in GOALS.items()}
+def goal_status(spreads: dict[str, Spread]) -> dict[str, dict[str, Any]]:
+    """Each goal: its bound, the ratio's median and spread, and the verdict on the spread."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, (op, bound) in GOALS.items():
+        s = spreads.get(k)
+        out[k] = {"op": op, "bound": bound, "value": None if s is None else round(s.median, 4),
+                  "spread": None if s is None else [round(s.lo, 4), round(s.hi, 4)], "n": 0 if s is None else s.n,
+                  "verdict": verdict(s, bound, op)}
+    return out
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The Markdown table of a result: median seconds per mode and rate, × floor, bytes, then the ratios."""
     rates = result["rates"]
     modes = [m for m in MODES if any(m in result["median_seconds"].get(rate_key(r), {}) for r in rates)]
+    counts = sorted({n for per in result.get("run_counts", {}).values() for n in per.values()})
+    if not counts:
+        runs_text = str(result.get("runs"))
+    else:
+        runs_text = str(counts[0]) if counts[0] == counts[-1] else f"{counts[0]}–{counts[-1]}"
     out = [f"# Start-up benchmark: {result.get('image', 'realistic image')}", "",
-           f"Command `{shlex.join(result.get('command', []))}`; median of {result.get('runs')} cold runs per mode "
+           f"Command `{shlex.join(result.get('command', []))}`; median [min–max] of {runs_text} cold runs per mode "
            "and rate; time from the pull's start to the command's output.  Produced by "
            f"`{result.get('command_line', 'bootseer bench startup')}`.", ""]
     head = "| mode |" + "".join(f" {r} s | × floor | MB over link |" for r in rates)
@@ -163,7 +194,11 @@ def markdown(result: dict[str, Any]) -> str:
             med = result["median_seconds"].get(rk, {}).get(mode)
             floor = result["median_seconds"].get(rk, {}).get("floor")
             link = result.get("bytes", {}).get(rk, {}).get(mode, {}).get("link_to_output")
-            row += f" {med:.2f} |" if med else " – |"
+            sp = result.get("seconds", {}).get(rk, {}).get(mode)
+            if med and sp and sp["n"] > 1:
+                row += f" {med:.2f} [{sp['min']:.2f}–{sp['max']:.2f}] |"
+            else:
+                row += f" {med:.2f} |" if med else " – |"
             row += f" {med / floor:.2f} |" if med and floor else " – |"
             row += f" {link / 1e6:.0f} |" if link is not None else " – |"
         out.append(row)
@@ -190,12 +225,20 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["", "**Partial result**: the run had not finished all rounds when this was written."]
     if result.get("skipped"):
         out += ["", "Not measured: " + "; ".join(f"`{m}`: {why}" for m, why in result["skipped"].items())]
-    out += ["", "| ratio | value | goal |", "|---|---:|---|"]
+    out += ["", "| ratio | median [min–max] | goal |", "|---|---:|---|"]
     goals = result.get("goals", {})
+    spreads = result.get("ratio_spreads", {})
     for k, v in sorted(result.get("ratios", {}).items()):
         g = goals.get(k)
-        gtxt = f"≤ {g['bound']} ({'met' if g['met'] else 'not met'})" if g and g.get("met") is not None else ""
-        out.append(f"| `{k}` | {v:.3f} | {gtxt} |")
+        sp = spreads.get(k)
+        vtxt = f"{v:.3f} [{sp['min']:.3f}–{sp['max']:.3f}]" if sp and sp["min"] != sp["max"] else f"{v:.3f}"
+        gtxt = ""
+        if g and g.get("value") is not None:  # results from before verdicts carried only "met"
+            op = g.get("op", "<=").replace("<=", "≤").replace(">=", "≥")
+            gtxt = f"{op} {g['bound']} ({g.get('verdict') or ('met' if g.get('met') else 'not met')})"
+        out.append(f"| `{k}` | {vtxt} | {gtxt} |")
+    out += ["", "A goal is *inconclusive* when the spread of its ratio (per-round ratios of modes measured in the "
+            "same rounds) straddles the bound."]
     missing = [k for k, g in goals.items() if g.get("value") is None]
     if missing:
         out += ["", "Goals without a figure (their mode was not measured): " + ", ".join(f"`{k}`" for k in missing)]
@@ -612,7 +655,8 @@ def _skopeo_to_layout(ref: str, layout: Path, tag: str) -> None:
 # ------------------------------------------------------------------------------------------ driver
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bootseer bench startup", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=3, help="cold runs per mode and rate (median taken; ≥ 3 for results)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="cold runs per mode and rate (median and spread; ≥ 5 for results)")
     p.add_argument("--rates", default=",".join(DEFAULT_RATES), help="registry link rates, e.g. 1gbit,200mbit")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--json", dest="json_path", help="write the result as JSON here")
@@ -678,12 +722,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bench.reset()
         bench.setup(args.cache)
         manifest_bytes = _manifest_hot_bytes(bench) if "prefetch" in modes else None
+        if "prefetch" in modes and not manifest_bytes:  # a prefetch mode without a manifest is a lazy mode
+            raise RuntimeError("the prefetch image has no hot-block manifest (did `bootseer record` fail?): "
+                               f"{bench.recorded or 'no recording result'}")
         for n_rate, rate in enumerate(rates):
             ShapedLink(st.info.netns_id or "", 0).set_rate(parse_rate(rate))
             for i in range(args.runs):
                 order = modes[i % len(modes):] + modes[:i % len(modes)]
                 for mode in order:
                     r = bench.run_once(mode, rate)
+                    r.extra["round"] = i
                     runs.append(r)
                     _log(f"{rate} run {i + 1}/{args.runs} {mode:17s} {r.seconds:6.2f} s (pull {r.pull_seconds:5.2f} s)"
                          f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB")
@@ -716,6 +764,7 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
     from integration import images
 
     med: dict[str, dict[str, float]] = {}
+    spreads: dict[str, dict[str, dict[str, float | int]]] = {}
     byts: dict[str, dict[str, dict[str, float]]] = {}
     for rate in rates:
         rk = rate_key(rate)
@@ -724,6 +773,7 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
             if not rs:
                 continue
             med.setdefault(rk, {})[mode] = round(statistics.median(r.seconds for r in rs), 3)
+            spreads.setdefault(rk, {})[mode] = spread([r.seconds for r in rs]).as_dict(3)
             byts.setdefault(rk, {})[mode] = {
                 "link_to_output": int(statistics.median(r.link_bytes for r in rs)),
                 "registry_to_output": int(statistics.median(r.registry_bytes for r in rs))}
@@ -732,7 +782,6 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
     if floors:
         hot["page_cache_bytes"] = int(statistics.median(r.extra["page_cache_bytes"] for r in floors))
         hot["image_unpacked_bytes"] = int(floors[0].extra["unpacked_bytes"])
-    fetched = None
     kinds: dict[str, dict[str, dict[str, list[int]]]] = {}  # rate → mode → kind → per run
     for r in runs:
         if "fetched_demand" in r.extra:
@@ -741,19 +790,22 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
                 d.setdefault(k, []).append(int(r.extra[f"fetched_{k}"]))
     fetched_kinds = {rk: {m: {k: int(statistics.median(v)) for k, v in d.items()} for m, d in per.items()}
                      for rk, per in kinds.items()}
-    ratios_extra: dict[str, float] = {}
+    ratio_spreads = compute_ratio_spreads(runs, rates)
     if manifest_bytes:
         hot["manifest_bytes"] = manifest_bytes
-        pre = [r for r in runs if r.mode == "prefetch"]
-        if pre:
-            fetched = statistics.median(r.link_bytes for r in pre) / manifest_bytes
-            dp = [r.extra["fetched_demand"] + r.extra["fetched_prefetch"] for r in pre if "fetched_demand" in r.extra]
-            if dp:
-                ratios_extra["demand_prefetch_vs_hotset"] = round(statistics.median(dp) / manifest_bytes, 4)
+        for rate in rates:  # per rate: the link is not the only thing that differs between them
+            pre = [r for r in runs if r.mode == "prefetch" and r.rate == rate]
+            if pre:
+                ratio_spreads[f"fetched_vs_hotset_{rate_key(rate)}"] = spread(
+                    [r.link_bytes / manifest_bytes for r in pre])
+                dp = [(r.extra["fetched_demand"] + r.extra["fetched_prefetch"]) / manifest_bytes for r in pre
+                      if "fetched_demand" in r.extra]
+                if dp:
+                    ratio_spreads[f"demand_prefetch_vs_hotset_{rate_key(rate)}"] = spread(dp)
     if seq and seq.get("floor") and seq.get("lazy"):
-        ratios_extra["swapped_seq_read_vs_overlay"] = round(
-            statistics.median(seq["lazy"]) / statistics.median(seq["floor"]), 4)
-    ratios = compute_ratios(med, fetched) | ratios_extra
+        ratio_spreads["swapped_seq_read_vs_overlay"] = ratio_spread(seq["lazy"], seq["floor"])
+    ratios = {k: round(s.median, 4) for k, s in ratio_spreads.items()}
+    counts = {rk: {m: int(s["n"]) for m, s in per.items()} for rk, per in spreads.items()}
     notes = ["Bytes over link: what the host end of the registry's shaped veth received from the pull's start to "
              "the output — everything, including the peer's and BootSeer's background fill. `fetched_vs_hotset` "
              "is that figure for lazy + prefetch over the recorded manifest's bytes; `demand_prefetch_vs_hotset` "
@@ -769,16 +821,19 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         "command": list(images.REALISTIC_CMD),
         "rates": rates,
         "modes": modes,
-        "runs": n,
+        "runs": n,  # requested per mode and rate; run_counts: what was measured
+        "run_counts": counts,
         "skipped": skipped,
         "median_seconds": med,
+        "seconds": spreads,
         "bytes": byts,
         "hot_set": hot,
         "fetched_by_kind_to_output": fetched_kinds,
         "seq_read_mb_s": {"overlayfs_local": (seq or {}).get("floor", []),
                           "swapped_lazy": (seq or {}).get("lazy", [])},
         "ratios": ratios,
-        "goals": goal_status(ratios),
+        "ratio_spreads": {k: s.as_dict() for k, s in ratio_spreads.items()},
+        "goals": goal_status(ratio_spreads),
         "all_runs": [r.__dict__ for r in runs],
         "wall_seconds": round(seconds, 1),
         "notes": notes,
@@ -801,9 +856,13 @@ def report(result: dict[str, Any]) -> None:
         floor = m.get("floor")
         print(f"at {rk}: " + ", ".join(f"{mode} {v:.2f} s" + (f" ({v / floor:.2f}× floor)" if floor else "")
                                        for mode, v in m.items()))
+    spreads = result.get("ratio_spreads", {})
     for k, v in sorted(result["ratios"].items()):
         g = result["goals"].get(k)
-        print(f"  {k} = {v:.3f}" + (f"  (goal ≤ {g['bound']}: {'met' if g['met'] else 'NOT met'})" if g else ""))
+        sp = spreads.get(k)
+        rng = f" [{sp['min']:.3f}–{sp['max']:.3f}]" if sp and sp["n"] > 1 else ""
+        verdict_ = (g.get("verdict") or ("met" if g.get("met") else "not met")) if g else ""
+        print(f"  {k} = {v:.3f}{rng}" + (f"  (goal {g.get('op', '<=')} {g['bound']}: {verdict_})" if g else ""))
     for m, why in result["skipped"].items():
         print(f"  not measured: {m}: {why}")
 
@@ -825,8 +884,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1:
             print("error: --runs must be at least 1", file=sys.stderr)
             return 2
-        if args.runs < 3:
-            _log(f"--runs {args.runs}: fine for trying it out; results need ≥ 3")
+        if args.runs < 5:
+            _log(f"--runs {args.runs}: fine for trying it out; results need ≥ 5 (the spread says how far to trust "
+                 "them)")
         args.command_line = "bootseer bench startup " + shlex.join(argv if argv is not None else sys.argv[1:])
         result = run(args)
     write_outputs(result, args)
