@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
+from typing import Any
 
 _SECRET_PATTERNS = [
     (re.compile(r"(?i)(authorization:\s*)(bearer|basic)\s+[^\s'\",]+"), r"\1\2 ***"),
@@ -62,3 +64,24 @@ def setup(level: str = "info", fmt: str = "text", stream: object = None) -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+# Width of a console that is not a terminal: wide enough that no table or line of ours wraps, so a pipe or a
+# CI log gets whole lines (rich would wrap at 80 columns, splitting digests, URIs and addresses).
+NOT_A_TERMINAL_WIDTH = 1000
+
+
+def console(stderr: bool = False, file: Any = None, **kw: Any) -> Any:
+    """A rich Console for command output: the terminal's width on a terminal; off a terminal (pipe, file, CI
+    log) no wrapping unless ``COLUMNS`` asks for a width."""
+    from rich.console import Console
+
+    stream = file if file is not None else (sys.stderr if stderr else sys.stdout)
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if not tty and not os.environ.get("COLUMNS"):
+        kw.setdefault("width", NOT_A_TERMINAL_WIDTH)
+        kw.setdefault("soft_wrap", True)
+    return Console(file=file, stderr=stderr, **kw)

@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bootseer import events
+from bootseer import events, log
 from bootseer.events import PHASES, Event, EventLogError
 
 DEFAULT_LOOKBACK = 900.0
@@ -296,7 +296,7 @@ def profile(
             doc["png"] = str(png)
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        console = Console()
+        console = log.console()
         render(prof, console)
         if png is not None:
             console.print(f"Gantt chart: {png}")

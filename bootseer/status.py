@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 
+from bootseer import log
 from bootseer.hosts import default_hosts_dir
 
 DEFAULT_CONTROL = "/run/bootseer/snapshotter.sock.ctl"
@@ -69,7 +70,6 @@ def status(control: str | None = typer.Option(None, "--control", help="The snaps
     if as_json:
         typer.echo(json.dumps({"layers": rows}, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"lazy layers ({len(rows)}), sizes in MiB; fetched: demand / prefetch / background")
@@ -81,7 +81,7 @@ def status(control: str | None = typer.Option(None, "--control", help="The snaps
         f = r["fetched"]
         table.add_row(r["digest"][:19], _n(r["size"]), _n(r["bytes_local"]), _n(f["demand"]), _n(f["prefetch"]),
                       _n(f["background"]), state, str(len(r["owners"])))
-    Console().print(table)
+    log.console().print(table)
 
 
 def _n(n: int) -> str:
@@ -123,9 +123,8 @@ def pull_cmd(
     # every pull, on the path to the container's start
     console = None
     if not as_json and sys.stderr.isatty():
-        from rich.console import Console
 
-        console = Console(stderr=True)
+        console = log.console(stderr=True)
 
     def progress(event: str, d: dict[str, Any]) -> None:
         if as_json:

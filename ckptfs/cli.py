@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bootseer import log as bslog
 from ckptfs.cache import ChunkCache
 from ckptfs.errors import CkptfsError
 from ckptfs.manifest import normalise_path
@@ -35,7 +35,7 @@ from ckptfs.sizes import human, parse_size
 from ckptfs.store import StoreOptions
 
 app = typer.Typer(help="Striped checkpoints: store, inspect, verify, copy out, mount.", no_args_is_help=True)
-err = Console(stderr=True)
+err = bslog.console(stderr=True)
 log = logging.getLogger("ckptfs")
 
 S3Endpoint = typer.Option(None, "--s3-endpoint", help="S3 endpoint, host:port or URL (env AWS_ENDPOINT_URL).")
@@ -133,7 +133,7 @@ def ls_cmd(
             if long:
                 row.append(str(len(f.chunks)))
             table.add_row(*row, f.path)
-        Console().print(table)
+        bslog.console().print(table)
 
 
 @app.command("verify")

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from bootseer import log
 from integration import containerd_config, images
 from integration.stack import DEFAULT_ROOT, Stack, StackConfig, StackError
 
-err = Console(stderr=True)
+err = log.console(stderr=True)
 stack_app = typer.Typer(help="The local stack: containerd + registry + BootSeer daemons in a scratch dir.",
                         no_args_is_help=True)
 images_app = typer.Typer(help="Build and push the test and benchmark images (offline).", no_args_is_help=True)
@@ -88,7 +88,7 @@ def _print_status(st: Stack, as_json: bool) -> None:
         t.add_row(f"process {name}", f"pid {doc['pids'][name]} {'running' if alive else '[red]dead[/red]'}")
     for name, path in doc["logs"].items():
         t.add_row(f"log {name}", path)
-    Console().print(t)
+    log.console().print(t)
 
 
 @images_app.command("push")

@@ -92,9 +92,8 @@ def convert(
     Exit status: 0 all layers indexed, 3 some layers skipped (reasons printed; the rest is indexed), 1 error.
     """
     bslog.setup(log_level)
-    from rich.console import Console
 
-    err = Console(stderr=True)
+    err = bslog.console(stderr=True)
     try:
         ref = Reference.parse(image)
         platforms = [Platform.parse(p) for p in platform] or [None]
