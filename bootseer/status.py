@@ -140,7 +140,7 @@ def pull_cmd(
             res = pull(image, address=addr, namespace=namespace, snapshotter=snapshotter, client=client,
                        platform=platform, progress=progress)
     except (PullError, RegistryError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {log.error_text(e)}", err=True)
         raise typer.Exit(1) from None
     except Exception as e:  # grpc errors from containerd
         typer.echo(f"error: {type(e).__name__}: {e}", err=True)

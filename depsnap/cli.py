@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from bootseer import events
+from bootseer.log import error_text
 from depsnap import build
 from depsnap.key import DepSpec, SpecError
 
@@ -29,7 +30,7 @@ def resolve_digest(ref: str, plain_http: bool = False) -> str:
     try:
         digest = image.exists(ref, plain_http)
     except (image.ImageError, ValueError) as e:
-        raise SpecError(f"cannot resolve {ref}: {e}") from e
+        raise SpecError(f"cannot resolve {ref}: {error_text(e)}") from e
     if not digest:
         raise SpecError(f"cannot resolve {ref}: no such image in the registry")
     return digest

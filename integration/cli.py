@@ -74,6 +74,21 @@ def stack_status(root: Path = RootOpt, as_json: bool = typer.Option(False, "--js
     _print_status(st, as_json)
 
 
+@stack_app.command("env")
+def stack_env(root: Path = RootOpt) -> None:
+    """Shell lines that point `ctr` and scripts at the stack: `eval "$(bootseer stack env)"` sets
+    CONTAINERD_ADDRESS (ctr's socket), REGISTRY (its registry's host:port) and BOOTSEER_STACK_DIR."""
+    import shlex
+
+    try:
+        st = Stack.load(root)
+    except StackError as e:
+        _fail(str(e), 3)
+    for name, value in (("CONTAINERD_ADDRESS", st.info.containerd_socket), ("REGISTRY", st.info.registry),
+                        ("BOOTSEER_STACK_DIR", st.info.root)):
+        typer.echo(f"export {name}={shlex.quote(value)}")
+
+
 def _print_status(st: Stack, as_json: bool) -> None:
     doc = st.status()
     if as_json:
@@ -168,7 +183,12 @@ def quickstart(
                 st.ctr("image", "pull", "--plain-http", ref)
             run = st.ctr("run", "--rm", ref, cid)
         out = run.stdout
+        # the container's own output on stdout as it is; the label on stderr, so `quickstart | …` sees only it
+        err.print(f"the container's output (ctr run --rm{' --snapshotter bootseer' if lazy else ''} {ref} {cid}):",
+                  markup=False, highlight=False)
         sys.stdout.write(out)
+        sys.stdout.flush()
+        err.print("(end of the container's output)", markup=False, highlight=False)
         if out != images.SMALL_OUTPUT:
             _fail(f"unexpected container output {out!r}")
         err.print("[green]quickstart ok[/green]" + (" (lazily pulled)" if lazy else ""))

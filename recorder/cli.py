@@ -79,7 +79,7 @@ def record(
     try:
         result = Recorder(opts, progress).run()
     except RecordError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {log.error_text(e)}", err=True)
         if as_json:
             typer.echo(json.dumps({**e.result, "error": str(e), "exit_code_meaning": EXIT_CODES.get(e.code)},
                                   indent=1))
@@ -181,7 +181,7 @@ def _fetch(image: str, hosts_dir: str, plain_http: bool, platform: str | None) -
         found = artifact.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
                                index_blobs=index_blobs)
     except (ValueError, RegistryError) as e:
-        typer.echo(f"error: {image}: {e}", err=True)
+        typer.echo(f"error: {image}: {log.error_text(e)}", err=True)
         raise typer.Exit(EXIT_IMAGE) from None
     if found is None:
         typer.echo(f"error: {image} ({manifest.digest}) has no usable hot-block manifest", err=True)
