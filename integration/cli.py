@@ -27,7 +27,9 @@ RootOpt = typer.Option(DEFAULT_ROOT, "--root", help="Scratch dir of the stack (e
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {msg}")
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(msg)}")
     raise typer.Exit(code)
 
 
