@@ -217,6 +217,11 @@ def render(prof: Profile, console: Console) -> None:
     for ph in prof.phases():
         summary.add_row(ph["phase"], str(ph["count"]), f"{ph['busy_s']:.3f}s", f"+{ph['first_start_s']:.3f}s",
                         f"+{ph['last_end_s']:.3f}s", f"{100 * ph['busy_s'] / total:.0f}%")
+    shares = sum(ph["busy_s"] for ph in prof.phases()) / total
+    if shares > 1.005:
+        summary.caption = (f"shares add up to {100 * shares:.0f}%: phases overlap (they run in parallel, e.g. "
+                           "prefetch during the pull); each share is that phase's busy time over the whole span")
+        summary.caption_justify = "left"
     console.print(summary)
     console.print(f"start-up span {prof.total:.3f}s, of which {prof.covered():.3f}s inside a logged phase"
                   + (f"; {prof.skipped_lines} unreadable lines skipped" if prof.skipped_lines else ""))

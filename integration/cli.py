@@ -132,7 +132,8 @@ def images_build_realistic(cache: Path = typer.Option(images.DEFAULT_CACHE)) -> 
 
 @config_app.command("containerd")
 def config_containerd(
-    containerd_version: str = typer.Option("1.6", "--containerd-version", help="1.6, 1.7 or 2.x"),
+    containerd_version: str = typer.Option(None, "--containerd-version", help="1.6, 1.7 or 2.x (default: the "
+                                           "installed containerd's, from `containerd --version`)."),
     address: str = typer.Option(containerd_config.DEFAULT_SOCKET, help="Snapshotter socket."),
     root: str = typer.Option(containerd_config.DEFAULT_ROOT, help="Snapshotter root dir."),
     no_cri: bool = typer.Option(False, "--no-cri", help="Only the proxy plugin, no CRI keys."),
@@ -142,11 +143,31 @@ def config_containerd(
                                  "(no disable_snapshot_annotations); 'local' keeps CRI's own pull path."),
 ) -> None:
     """Print the containerd config snippet that registers BootSeer (merge it, or add it to `imports`)."""
+    if containerd_version is None:
+        containerd_version = installed_containerd_version()
+        if containerd_version is None:
+            _fail("no containerd on PATH to take the version from: give --containerd-version 1.6, 1.7 or 2.x", 2)
+        err.print(f"# for the installed containerd {containerd_version} (--containerd-version to choose)",
+                  markup=False, highlight=False)
     try:
         typer.echo(containerd_config.snippet(containerd_version, address, root, cri=not no_cri, platform=platform,
                                              cri_pull=cri_pull), nl=False)
     except ValueError as e:
         _fail(str(e), 2)
+
+
+def installed_containerd_version() -> str | None:
+    """``major.minor`` of the containerd on PATH (``containerd --version``), or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    # "containerd github.com/containerd/containerd 1.6.20~ds1 …" or "containerd containerd.io v2.1.3 …"
+    m = re.search(r"\sv?(\d+)\.(\d+)\.\d+", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
 def quickstart(

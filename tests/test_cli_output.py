@@ -105,3 +105,5 @@ def test_output_to_a_pipe_is_not_wrapped(tmp_path: Path) -> None:
     assert prof.returncode == 0, prof.stderr
     assert re.search(r"^start-up span [\d.]+s, of which [\d.]+s inside a logged phase.*$", prof.stdout, re.M)
     assert "…" not in prof.stdout, prof.stdout  # no column cut short
+    # the example's phases overlap: the shares add up to more than 100 %, and the output says why
+    assert re.search(r"^shares add up to 1\d\d%: phases overlap", prof.stdout, re.M), prof.stdout

@@ -62,3 +62,33 @@ def test_an_unreachable_registry_is_named_not_dumped(argv: list[str]) -> None:
     assert res.returncode != 0
     assert "cannot reach 127.0.0.1:1: connection refused" in res.stderr, res.stderr
     assert "HTTPConnectionPool" not in res.stderr and "Max retries" not in res.stderr, res.stderr
+
+
+def test_the_operator_guide_lists_every_config_key_and_a_typo_is_named(tmp_path: Path) -> None:
+    import dataclasses
+    import re
+
+    from snapshotter.config import Config
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operator-guide.md").read_text()
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", guide, re.S) if "remote_snapshots" in b)
+    (tmp_path / "config.toml").write_text(block)
+    Config.load(tmp_path / "config.toml")  # the documented file is a valid one
+    documented = set(re.findall(r"^(\w+) =", block, re.M)) | set(re.findall(r"^\[(\w+)", block, re.M))
+    missing = {f.name for f in dataclasses.fields(Config)} - documented
+    assert not missing, f"keys the snapshotter reads but the operator guide does not list: {sorted(missing)}"
+    (tmp_path / "typo.toml").write_text("remote_snapshot = true\n")
+    with pytest.raises(ValueError, match=r"unknown keys remote_snapshot \(did you mean remote_snapshots\?\)"):
+        Config.load(tmp_path / "typo.toml")
+
+
+def test_config_containerd_follows_the_installed_containerd() -> None:
+    import re
+
+    installed = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=True).stdout
+    major, minor = re.search(r"\sv?(\d+)\.(\d+)\.\d+", installed).groups()  # type: ignore[union-attr]
+    res = _cli("config", "containerd")
+    assert res.returncode == 0, res.stderr
+    assert f"for the installed containerd {major}.{minor}" in res.stderr
+    chosen = _cli("config", "containerd", "--containerd-version", f"{major}.{minor}")
+    assert chosen.stdout == res.stdout
