@@ -37,6 +37,7 @@ PARTS: dict[str, tuple[str, str, bool]] = {
     "profile": ("bootseer.profile", "profile", False),
     "pull": ("bootseer.status", "pull_cmd", False),
     "status": ("bootseer.status", "status", False),
+    "cache": ("bootseer.cache_cli", "app", True),
     "record": ("recorder.cli", "record", False),
     "hotblocks": ("recorder.cli", "hotblocks_app", True),
 }

@@ -79,15 +79,19 @@ def stack_status(root: Path = RootOpt, as_json: bool = typer.Option(False, "--js
 @stack_app.command("env")
 def stack_env(root: Path = RootOpt) -> None:
     """Shell lines that point `ctr` and scripts at the stack: `eval "$(bootseer stack env)"` sets
-    CONTAINERD_ADDRESS (ctr's socket), REGISTRY (its registry's host:port) and BOOTSEER_STACK_DIR."""
+    CONTAINERD_ADDRESS (ctr's socket), REGISTRY (its registry's host:port), BOOTSEER_STACK_DIR and
+    BOOTSEER_EVENTS (the stack's start-up event log, which its snapshotter writes, for `bootseer profile`)."""
     import shlex
+
+    from integration.stack import EVENTS_FILE
 
     try:
         st = Stack.load(root)
     except StackError as e:
         _fail(str(e), 3)
     for name, value in (("CONTAINERD_ADDRESS", st.info.containerd_socket), ("REGISTRY", st.info.registry),
-                        ("BOOTSEER_STACK_DIR", st.info.root)):
+                        ("BOOTSEER_STACK_DIR", st.info.root),
+                        ("BOOTSEER_EVENTS", str(Path(st.info.root) / EVENTS_FILE))):
         typer.echo(f"export {name}={shlex.quote(value)}")
 
 

@@ -193,9 +193,10 @@ def test_stack_walks_run_as_written(block: Block, tmp_path: Path) -> None:
     (bindir / "bootseer").chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "CONTAINERD_ADDRESS",
-                                                             "CONTAINER_RUNTIME_ENDPOINT", "BOOTSEER_HOSTS_DIR")}
-    env.update(PATH=f"{bindir}:{env['PATH']}", BOOTSEER_STACK_DIR=root, BOOTSEER_EVENTS="off",
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "CONTAINERD_ADDRESS", "BOOTSEER_EVENTS",
+                                                             "CONTAINER_RUNTIME_ENDPOINT", "BOOTSEER_HOSTS_DIR",
+                                                             "BOOTSEER_JOB_ID")}
+    env.update(PATH=f"{bindir}:{env['PATH']}", BOOTSEER_STACK_DIR=root,
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     # each step echoed before it runs, so a failure names it
     script = "set -euo pipefail\n" + "".join(f"echo {shlex.quote('+ ' + ln)} >&2\n{ln}\n" for ln in lines)
@@ -213,6 +214,14 @@ def test_stack_walks_run_as_written(block: Block, tmp_path: Path) -> None:
     assert images_small_output() in out  # the container ran from the lazily pulled image
     assert re.search(r": 3 layers, 3 lazy,", out), out
     assert "built and pushed" in proc.stderr and "reused (a snapshot with this key exists)" in proc.stderr
+    if "bootseer cache drop" in block.text:  # the start after the drop prefetched, and the profile shows it
+        assert re.search(r"dropped the caches of [1-9]\d* layer", out), out
+        table = out.split("lazy layers of", 1)[1].split("start-up of job", 1)[0]
+        rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in table.splitlines() if ln.startswith("│ ")]
+        assert len(rows) == 3 and [r[0] for r in rows] == ["1", "2", "3"], table  # the image's layers, in order
+        assert sum(float(r[6]) for r in rows) > 0, f"nothing prefetched after the drop:\n{table}"
+        for phase in ("image_pull", "image_mount", "prefetch"):
+            assert re.search(rf"│ {phase} +│ +[1-9]", out), f"profile lacks {phase}:\n{out}"
     assert _mounts_below(root) == [], "the walk left mounts behind"
     assert not Path(root).exists()
 
