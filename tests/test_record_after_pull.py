@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -26,10 +27,14 @@ def _cli(*args: str, root: str) -> subprocess.CompletedProcess[str]:
 
 def test_record_after_pull_and_run_says_what_holds_the_layers_and_how_to_release_them() -> None:
     root = scratch_root("rec")
-    with running(StackConfig(root=root)) as st:
+    with running(StackConfig(root=root, sidecar=False)) as st:  # converted by hand, below
         ref = images.push_small(st.info.registry, repo=f"bootseer/rec-{secrets.token_hex(3)}")
         conv = _cli("convert", ref, root=str(root))
         assert conv.returncode == 0, conv.stderr
+        # off a terminal, convert tells its progress a line per layer phase and per finished layer
+        assert re.search(r"^ *[\d.]+s layer sha256:[0-9a-f]{12}: fetch \([\d.]+ MB\)$", conv.stderr, re.M), conv.stderr
+        assert len(re.findall(r"^ *[\d.]+s layer sha256:[0-9a-f]{12}: converted, blob [\d.]+ MB$", conv.stderr,
+                              re.M)) == 3, conv.stderr
         pulled = _cli("pull", ref, root=str(root))
         assert pulled.returncode == 0 and ": 3 layers, 3 lazy," in pulled.stdout, pulled.stderr
         assert st.ctr("run", "--rm", "--snapshotter", "bootseer", ref, "rec-run").stdout == images.SMALL_OUTPUT
