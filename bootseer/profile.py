@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bootseer import events
+from bootseer import events, log
 from bootseer.events import PHASES, Event, EventLogError
 
 DEFAULT_LOOKBACK = 900.0
@@ -217,6 +217,11 @@ def render(prof: Profile, console: Console) -> None:
     for ph in prof.phases():
         summary.add_row(ph["phase"], str(ph["count"]), f"{ph['busy_s']:.3f}s", f"+{ph['first_start_s']:.3f}s",
                         f"+{ph['last_end_s']:.3f}s", f"{100 * ph['busy_s'] / total:.0f}%")
+    shares = sum(ph["busy_s"] for ph in prof.phases()) / total
+    if shares > 1.005:
+        summary.caption = (f"shares add up to {100 * shares:.0f}%: phases overlap (they run in parallel, e.g. "
+                           "prefetch during the pull); each share is that phase's busy time over the whole span")
+        summary.caption_justify = "left"
     console.print(summary)
     console.print(f"start-up span {prof.total:.3f}s, of which {prof.covered():.3f}s inside a logged phase"
                   + (f"; {prof.skipped_lines} unreadable lines skipped" if prof.skipped_lines else ""))
@@ -296,7 +301,7 @@ def profile(
             doc["png"] = str(png)
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        console = Console()
+        console = log.console()
         render(prof, console)
         if png is not None:
             console.print(f"Gantt chart: {png}")

@@ -1,10 +1,12 @@
 """``bootseer status`` and ``bootseer pull``: the node-side commands of the lazy path.
 
 ``status`` asks the snapshotter's control socket (see :mod:`snapshotter.lazy.serve`) for its lazy layers
-and prints, per layer, the blob, its size, how much of it is local, how much was fetched by whom (demand
-reads, prefetch of recorded hot blocks, background fill) and whether the layer left FUSE (swapped to its
-local file).  ``--json`` prints the same for scripts: ``{"layers": [{"digest", "size", "bytes_local",
-"fetched": {"demand", "prefetch", "background"}, "swapped", "mounted", ...}]}``.
+and prints, per layer, the blob, the repository it comes from, its size, how much of it is local, how much
+was fetched by whom (demand reads, prefetch of recorded hot blocks, background fill) and whether the layer
+left FUSE (swapped to its local file).  ``--json`` prints the same for scripts: ``{"layers": [{"digest",
+"size", "bytes_local", "fetched": {"demand", "prefetch", "background"}, "swapped", "mounted", "repository", ...}]}``;
+with ``--image IMAGE`` only that image's layers, each also with ``image``, ``layer`` (the image's layer digest, as
+``bootseer pull`` prints it) and ``position``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import typer
 
+from bootseer import log
 from bootseer.hosts import default_hosts_dir
 
 DEFAULT_CONTROL = "/run/bootseer/snapshotter.sock.ctl"
@@ -44,15 +47,47 @@ def layer_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "swapped": bool(doc.get("swapped")),
             "mounted": bool(doc.get("mounted")),
             "owners": list(doc.get("owners", [])),
+            "repository": doc.get("repository"),  # host/path the blob is served from
             "detail": doc,
         })
     return rows
 
 
+def image_blobs(image: str, hosts_dir: str | None, plain_http: bool,
+                platform: str | None) -> dict[str, dict[str, Any]]:
+    """EROFS blob digest → ``{"image", "layer" (the image's layer digest, as `pull` prints it), "position"}``
+    from ``image``'s BootSeer index, so the snapshotter's blobs can be matched to the image's layers."""
+    from bootseer.reference import Reference
+    from bootseer.registry import Platform, RegistryClient
+    from registry_sidecar.index import find_index
+
+    client = RegistryClient(hosts_dir=default_hosts_dir(hosts_dir), plain_http=plain_http)
+    ref = Reference.parse(image)
+    manifest, _ = client.resolve_image(ref, Platform.parse(platform) if platform else None)
+    found = find_index(client, ref, manifest.digest)
+    if found is None:
+        raise ValueError(f"{image} ({manifest.digest}) has no BootSeer index: none of its layers is lazy")
+    out: dict[str, dict[str, Any]] = {}
+    for i, desc in enumerate(manifest.layers):
+        lb = found[1].layers.get(desc.digest)
+        if lb is not None:
+            out.setdefault(lb.blob.digest, {"image": image, "layer": desc.digest, "position": i + 1})
+    return out
+
+
 def status(control: str | None = typer.Option(None, "--control", help="The snapshotter's control socket "
                                                 "(default: the local stack's, else " + DEFAULT_CONTROL + ")."),
+           image: str | None = typer.Option(None, "--image", help="Only this image's layers, each with its "
+                                            "position and layer digest (as `bootseer pull` prints them)."),
+           hosts_dir: str | None = typer.Option(None, "--hosts-dir", help="containerd-style certs.d for --image "
+                                                "(default as pull)."),
+           plain_http: bool = typer.Option(False, "--plain-http", help="--image's registry over http:// without a "
+                                           "hosts.toml."),
+           platform: str | None = typer.Option(None, "--platform", help="os/arch of --image's index; default: "
+                                               "the host."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Show the snapshotter's lazy layers: blob, size, bytes local, bytes fetched by kind, swapped."""
+    """Show the snapshotter's lazy layers: blob, repository, size, bytes local, bytes fetched by kind, swapped;
+    with --image, only that image's, matched to its layers."""
     from snapshotter.lazy.serve import Control, ControlError
 
     path = control or default_control()
@@ -66,22 +101,40 @@ def status(control: str | None = typer.Option(None, "--control", help="The snaps
         typer.echo(f"error: {path}: {e}", err=True)
         raise typer.Exit(1) from None
     rows = layer_rows(layers)
+    if image is not None:
+        from bootseer.registry import RegistryError
+
+        try:
+            blobs = image_blobs(image, hosts_dir, plain_http, platform)
+        except (RegistryError, ValueError) as e:
+            typer.echo(f"error: {log.error_text(e)}", err=True)
+            raise typer.Exit(1) from None
+        rows = sorted((dict(r, **blobs[r["digest"]]) for r in rows if r["digest"] in blobs),
+                      key=lambda r: r["position"])
     if as_json:
         typer.echo(json.dumps({"layers": rows}, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"lazy layers ({len(rows)}), sizes in MiB; fetched: demand / prefetch / background")
+    what = f"lazy layers of {image}" if image is not None else "lazy layers"
+    table = Table(title=f"{what} ({len(rows)}), sizes in MiB; fetched: demand / prefetch / background",
+                  title_justify="left")
+    if image is not None:
+        table.add_column("#", justify="right", no_wrap=True)
+        table.add_column("layer", no_wrap=True, min_width=19)
     table.add_column("blob", no_wrap=True, min_width=19)
+    if image is None:
+        table.add_column("repository", no_wrap=True)
     for col in ("size", "local", "demand", "prefetch", "backgr.", "state", "users"):
         table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
     for r in rows:
         state = "swapped" if r["swapped"] else ("FUSE" if r["mounted"] else "cached")
         f = r["fetched"]
-        table.add_row(r["digest"][:19], _n(r["size"]), _n(r["bytes_local"]), _n(f["demand"]), _n(f["prefetch"]),
-                      _n(f["background"]), state, str(len(r["owners"])))
-    Console().print(table)
+        head = [str(r["position"]), r["layer"][:19]] if image is not None else []
+        repo = [] if image is not None else [r["repository"] or "?"]
+        table.add_row(*head, r["digest"][:19], *repo, _n(r["size"]), _n(r["bytes_local"]), _n(f["demand"]),
+                      _n(f["prefetch"]), _n(f["background"]), state, str(len(r["owners"])))
+    log.console().print(table)
 
 
 def _n(n: int) -> str:
@@ -123,9 +176,8 @@ def pull_cmd(
     # every pull, on the path to the container's start
     console = None
     if not as_json and sys.stderr.isatty():
-        from rich.console import Console
 
-        console = Console(stderr=True)
+        console = log.console(stderr=True)
 
     def progress(event: str, d: dict[str, Any]) -> None:
         if as_json:
@@ -141,7 +193,7 @@ def pull_cmd(
             res = pull(image, address=addr, namespace=namespace, snapshotter=snapshotter, client=client,
                        platform=platform, progress=progress)
     except (PullError, RegistryError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {log.error_text(e)}", err=True)
         raise typer.Exit(1) from None
     except Exception as e:  # grpc errors from containerd
         typer.echo(f"error: {type(e).__name__}: {e}", err=True)

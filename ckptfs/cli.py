@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bootseer import log as bslog
 from ckptfs.cache import ChunkCache
 from ckptfs.errors import CkptfsError
 from ckptfs.manifest import normalise_path
@@ -35,7 +35,7 @@ from ckptfs.sizes import human, parse_size
 from ckptfs.store import StoreOptions
 
 app = typer.Typer(help="Striped checkpoints: store, inspect, verify, copy out, mount.", no_args_is_help=True)
-err = Console(stderr=True)
+err = bslog.console(stderr=True)
 log = logging.getLogger("ckptfs")
 
 S3Endpoint = typer.Option(None, "--s3-endpoint", help="S3 endpoint, host:port or URL (env AWS_ENDPOINT_URL).")
@@ -46,7 +46,9 @@ Threads = typer.Option(DEFAULT_THREADS, "--threads", help="Parallel store reads.
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {msg}")
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(msg)}")
     raise typer.Exit(code)
 
 
@@ -133,7 +135,7 @@ def ls_cmd(
             if long:
                 row.append(str(len(f.chunks)))
             table.add_row(*row, f.path)
-        Console().print(table)
+        bslog.console().print(table)
 
 
 @app.command("verify")
@@ -198,7 +200,9 @@ def default_cache_dir() -> Path:
 @app.command("mount")
 def mount_cmd(
     uri: str = typer.Argument(...),
-    mountpoint: Path = typer.Argument(..., help="Empty directory to mount on."),
+    mountpoint: Path = typer.Argument(..., help="Empty directory to mount on (a non-empty one only with "
+                                      "--nonempty: the mount hides what is in it)."),
+    nonempty: bool = typer.Option(False, "--nonempty", help="Mount over a directory that has files in it."),
     cache_dir: Path = typer.Option(None, "--cache-dir",
                                    help="Local chunk cache (default for remote stores: ~/.cache/bootseer/ckptfs)."),
     cache_size: str = typer.Option("50GiB", "--cache-size", help="Cap of the chunk cache."),
@@ -223,6 +227,12 @@ def mount_cmd(
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     budget = _size(memory, "--memory")
+    if not mountpoint.is_dir():
+        _fail(f"mount point {mountpoint} is not a directory", 2)
+    if not nonempty and any(mountpoint.iterdir()):
+        # a loader reading the mount would not see the files under it: most likely the wrong directory
+        _fail(f"mount point {mountpoint} is not empty (its files would be hidden under the mount); give an "
+              "empty directory, or --nonempty to mount over it anyway", 2)
     with _errors():
         store_opts = _store_opts(s3_endpoint, s3_scheme, s3_region, s3_anonymous)
         cache = None

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from bootseer import events
+from bootseer.log import error_text
 from depsnap import build
 from depsnap.key import DepSpec, SpecError
 
@@ -29,32 +30,53 @@ def resolve_digest(ref: str, plain_http: bool = False) -> str:
     try:
         digest = image.exists(ref, plain_http)
     except (image.ImageError, ValueError) as e:
-        raise SpecError(f"cannot resolve {ref}: {e}") from e
+        raise SpecError(f"cannot resolve {ref}: {error_text(e)}") from e
     if not digest:
         raise SpecError(f"cannot resolve {ref}: no such image in the registry")
     return digest
 
 
 def _spec(base: str, requirements: list[Path], apt: str, file: list[Path], run: str, platform: str,
-          plain_http: bool) -> DepSpec:
+          plain_http: bool, context: Path | None = None) -> DepSpec:
     return DepSpec(resolve_digest(base, plain_http), platform, list(requirements),
-                   [a for a in apt.replace(",", " ").split() if a], list(file), run)
+                   [a for a in apt.replace(",", " ").split() if a], list(file), run, context)
+
+
+REQUIREMENTS = typer.Option([], "--requirements", "-r", help="A requirements file (repeatable); its content and "
+                            "everything it includes (-r/-c) are part of the key, its name is not.")
+APT = typer.Option("", "--apt", help="apt packages the install needs, space- or comma-separated (part of the key; "
+                   "the install command installs them).")
+FILE = typer.Option([], "--file", help="Another input file the install reads, below the context (repeatable; "
+                    "keyed by its path in the context and its content).")
+PLATFORM = typer.Option("linux/amd64", "--platform", help="os/arch of the snapshot (part of the key).")
+PLAIN_HTTP = typer.Option(False, "--plain-http", help="The registry speaks plain HTTP (a loopback registry, e.g. "
+                          "the local stack's).")
+JSON = typer.Option(False, "--json", help="Print one JSON object (for a launcher) instead of plain text.")
+CONTEXT = typer.Option(None, "--context", help="Directory mounted read-only at /depsnap, where the install runs "
+                       "(default: the first requirements file's directory, else the current one).")
+WHEELS = typer.Option(None, "--wheels", help="A directory of wheels mounted read-only at /wheels: an offline "
+                      "package index for `pip install --no-index --find-links /wheels` (not part of the key, like "
+                      "a package index).")
 
 
 @app.command("key")
 def key(
     base: str = typer.Option(..., help="Base image (a tag is resolved to its manifest digest first)."),
-    requirements: list[Path] = typer.Option([], "--requirements", "-r", help="requirements.txt (repeatable)."),
-    apt: str = typer.Option("", help="Space- or comma-separated apt packages."),
-    file: list[Path] = typer.Option([], "--file", help="Other input files the install reads (repeatable)."),
-    run: str = typer.Option("", help="The install command."),
-    platform: str = typer.Option("linux/amd64"),
-    plain_http: bool = typer.Option(False, help="The registry speaks plain HTTP (loopback)."),
-    as_json: bool = typer.Option(False, "--json"),
+    requirements: list[Path] = REQUIREMENTS,
+    apt: str = APT,
+    file: list[Path] = FILE,
+    run: str = typer.Option("", "--run", help="The install command (part of the key, as its argument list)."),
+    context: Path = CONTEXT,
+    wheels: Path = WHEELS,
+    platform: str = PLATFORM,
+    plain_http: bool = PLAIN_HTTP,
+    as_json: bool = JSON,
 ) -> None:
-    """Print the key of a dependency snapshot and the inputs it was computed from."""
+    """Print the key of a dependency snapshot and the inputs it was computed from (takes the options of `run`,
+    so one command line can be checked before it runs)."""
+    del wheels  # accepted so that `run`'s command line works here; not an input of the key
     try:
-        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+        spec = _spec(base, requirements, apt, file, run, platform, plain_http, context)
         inputs, k = spec.inputs(), spec.key()
     except SpecError as e:
         typer.echo(f"error: {e}", err=True)
@@ -74,18 +96,21 @@ def key(
 def resolve_cmd(
     base: str = typer.Option(..., help="Base image."),
     repo: str = typer.Option(..., help="Repository snapshots are pushed to (host/path)."),
-    requirements: list[Path] = typer.Option([], "--requirements", "-r"),
-    apt: str = typer.Option(""),
-    file: list[Path] = typer.Option([], "--file"),
-    run: str = typer.Option("", help="The install command."),
-    platform: str = typer.Option("linux/amd64"),
-    plain_http: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json"),
+    requirements: list[Path] = REQUIREMENTS,
+    apt: str = APT,
+    file: list[Path] = FILE,
+    run: str = typer.Option("", "--run", help="The install command (part of the key)."),
+    context: Path = CONTEXT,
+    wheels: Path = WHEELS,
+    platform: str = PLATFORM,
+    plain_http: bool = PLAIN_HTTP,
+    as_json: bool = JSON,
 ) -> None:
     """Print the image a job should start from: the snapshot if it exists, else the base (install will run)."""
+    del wheels  # accepted so that `run`'s command line works here
     try:
         with events.span(PHASE, component="bootseer depsnap", base=base, mode="resolve") as attrs:
-            spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+            spec = _spec(base, requirements, apt, file, run, platform, plain_http, context)
             found = build.resolve(repo, spec, plain_http)
             attrs.update(key=spec.key(), hit=found is not None, image=found.image if found else base)
     except (SpecError, RuntimeError) as e:
@@ -102,12 +127,14 @@ def resolve_cmd(
 
 
 def _engine_build(engine: str, base: str, spec: DepSpec, repo: str, ctx: Path, wheels: Path | None, plain_http: bool,
-                  address: str, namespace: str, snapshotter: str, docker_host: str, network: str) -> build.Result:
+                  address: str | None, namespace: str, snapshotter: str, docker_host: str,
+                  network: str) -> build.Result:
     if engine == "containerd":
+        from bootseer.containerd import default_address
         from depsnap import engine_containerd
 
-        return engine_containerd.build_containerd(address, base, spec, repo, ctx, wheels, plain_http, namespace,
-                                                  snapshotter, network=network)
+        return engine_containerd.build_containerd(address or default_address(), base, spec, repo, ctx, wheels,
+                                                  plain_http, namespace, snapshotter, network=network)
     if engine == "docker":
         import docker
 
@@ -116,18 +143,14 @@ def _engine_build(engine: str, base: str, spec: DepSpec, repo: str, ctx: Path, w
     raise SpecError(f"unknown engine {engine!r} (containerd or docker)")
 
 
-def _context(context: Path | None, requirements: list[Path]) -> Path:
-    return context or (requirements[0].parent if requirements else Path.cwd())
-
-
 ENGINE = typer.Option("containerd", help="Build with containerd (a node) or docker (a CI pipeline).")
-ADDRESS = typer.Option("/run/containerd/containerd.sock", help="containerd socket (engine containerd).")
+ADDRESS = typer.Option(None, "--address", "-a", help="containerd's socket (engine containerd; default: env "
+                       "CONTAINER_RUNTIME_ENDPOINT, else the local stack's, else /run/containerd/containerd.sock).")
 NAMESPACE = typer.Option("default", help="containerd namespace (engine containerd).")
 SNAPSHOTTER = typer.Option("bootseer", help="containerd snapshotter the base is unpacked into (engine containerd).")
 DOCKER_HOST = typer.Option("unix:///var/run/docker.sock", help="Docker engine (engine docker).")
-CONTEXT = typer.Option(None, help="Directory mounted at /depsnap (default: the requirements' dir).")
-WHEELS = typer.Option(None, help="A directory of wheels mounted at /wheels (offline package index).")
-NETWORK = typer.Option("none", help="The install's network: none (hermetic) or host (to reach a package index).")
+NETWORK = typer.Option("none", help="The install's network: none (hermetic: give pip --wheels) or host (to reach a "
+                       "package index; the result then depends on the index at build time).")
 
 
 INDEX = typer.Option("auto", "--index", help="Make the image lazily loadable: auto (use the sidecar's index or "
@@ -154,35 +177,37 @@ def _emit(res: build.Result, as_json: bool) -> None:
         typer.echo(json.dumps({"image": res.image, "digest": res.digest, "key": res.key, "built": res.built,
                                "index": res.index}))
     else:
-        typer.echo(res.image)
+        typer.echo(res.image)  # stdout: the image alone, for $(…); what happened goes to stderr
+        how = "built and pushed" if res.built else "reused (a snapshot with this key exists)"
+        typer.echo(f"snapshot {how}; {'indexed for lazy pull' if res.index else 'not indexed'}", err=True)
 
 
 @app.command("build")
 def build_cmd(
     base: str = typer.Option(..., help="Base image."),
     push: str = typer.Option(..., "--push", help="Repository to push the snapshot to (host/path)."),
-    requirements: list[Path] = typer.Option([], "--requirements", "-r"),
-    apt: str = typer.Option(""),
-    file: list[Path] = typer.Option([], "--file"),
-    run: str = typer.Option(..., help="The install command (runs in the requirements' directory)."),
+    requirements: list[Path] = REQUIREMENTS,
+    apt: str = APT,
+    file: list[Path] = FILE,
+    run: str = typer.Option(..., "--run", help="The install command, run by /bin/sh -c in the context (/depsnap)."),
     context: Path = CONTEXT,
     wheels: Path = WHEELS,
     engine: str = ENGINE,
-    address: str = ADDRESS,
+    address: str | None = ADDRESS,
     namespace: str = NAMESPACE,
     snapshotter: str = SNAPSHOTTER,
     docker_host: str = DOCKER_HOST,
     network: str = NETWORK,
     index_mode: str = INDEX,
-    platform: str = typer.Option("linux/amd64"),
-    plain_http: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json"),
+    platform: str = PLATFORM,
+    plain_http: bool = PLAIN_HTTP,
+    as_json: bool = JSON,
 ) -> None:
     """Build the snapshot (reused if it exists) and push it; prints the image."""
     _check_index_mode(index_mode)
     try:
-        spec = _spec(base, requirements, apt, file, run, platform, plain_http)
-        res = _engine_build(engine, base, spec, push, _context(context, requirements), wheels, plain_http, address,
+        spec = _spec(base, requirements, apt, file, run, platform, plain_http, context)
+        res = _engine_build(engine, base, spec, push, spec.context_dir(), wheels, plain_http, address,
                             namespace, snapshotter, docker_host, network)
         res = _indexed(res, base, plain_http, index_mode)
     except (SpecError, RuntimeError) as e:
@@ -195,33 +220,33 @@ def build_cmd(
 def run_cmd(
     base: str = typer.Option(..., help="Base image."),
     repo: str = typer.Option(..., help="Repository snapshots live in (host/path)."),
-    requirements: list[Path] = typer.Option([], "--requirements", "-r"),
-    apt: str = typer.Option(""),
-    file: list[Path] = typer.Option([], "--file"),
-    run: str = typer.Option(..., help="The install command (runs in the requirements' directory)."),
+    requirements: list[Path] = REQUIREMENTS,
+    apt: str = APT,
+    file: list[Path] = FILE,
+    run: str = typer.Option(..., "--run", help="The install command, run by /bin/sh -c in the context (/depsnap)."),
     context: Path = CONTEXT,
     wheels: Path = WHEELS,
     engine: str = ENGINE,
-    address: str = ADDRESS,
+    address: str | None = ADDRESS,
     namespace: str = NAMESPACE,
     snapshotter: str = SNAPSHOTTER,
     docker_host: str = DOCKER_HOST,
     network: str = NETWORK,
     index_mode: str = INDEX,
-    platform: str = typer.Option("linux/amd64"),
-    plain_http: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json"),
+    platform: str = PLATFORM,
+    plain_http: bool = PLAIN_HTTP,
+    as_json: bool = JSON,
 ) -> None:
     """What a job launcher calls: the snapshot image for these dependencies, built first if missing, and
     indexed so that it starts lazily."""
     _check_index_mode(index_mode)
     try:
         with events.span(PHASE, component="bootseer depsnap", base=base, mode="run") as attrs:
-            spec = _spec(base, requirements, apt, file, run, platform, plain_http)
+            spec = _spec(base, requirements, apt, file, run, platform, plain_http, context)
             attrs["key"] = spec.key()
             found = build.resolve(repo, spec, plain_http)
             attrs["hit"] = found is not None
-            res = found or _engine_build(engine, base, spec, repo, _context(context, requirements), wheels,
+            res = found or _engine_build(engine, base, spec, repo, spec.context_dir(), wheels,
                                          plain_http, address, namespace, snapshotter, docker_host, network)
             res = _indexed(res, base, plain_http, index_mode)
             attrs.update(image=res.image, digest=res.digest, built=res.built, indexed=res.index is not None)

@@ -11,8 +11,10 @@ Inputs (all recorded in :meth:`DepSpec.inputs`, which ``bootseer depsnap key`` p
 * requirements files with everything they include through ``-r``/``-c`` (content, not file names);
   unpinned lines are kept as written and flagged, since the index can move under them;
 * apt package names;
-* files the install command reads that the user names (content digests);
-* the install command itself.
+* files the install command reads that the user names: content digests keyed by their path relative to the
+  build context (the directory mounted at ``/depsnap``), so two files of one name in different
+  directories are two inputs;
+* the install command itself, as its argument list (``echo 'a b'`` and ``echo a b`` differ).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: files keyed by their path in the context, the command by its argv
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
 _INCLUDE = re.compile(r"^(-r|--requirement|-c|--constraint)\s*=?\s*(\S+)$")
 
@@ -123,10 +125,29 @@ class DepSpec:
     apt: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     command: str = ""
+    context: Path | None = None  # the build context; default: the first requirements file's dir, else cwd
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", self.base_digest):
             raise SpecError(f"base must be a resolved manifest digest (sha256:…), not {self.base_digest!r}")
+
+    def context_dir(self) -> Path:
+        """The directory mounted at ``/depsnap`` for the install (what ``--context`` defaults to)."""
+        if self.context is not None:
+            return Path(self.context)
+        return Path(self.requirements[0]).parent if self.requirements else Path.cwd()
+
+    def _file_name(self, f: Path) -> str:
+        """``f``'s key name: its path relative to the context, else its absolute path (a file outside the
+        context is still told apart from another of the same basename)."""
+        path, ctx = Path(f).resolve(), self.context_dir().resolve()
+        return path.relative_to(ctx).as_posix() if path.is_relative_to(ctx) else path.as_posix()
+
+    def _argv(self) -> list[str]:
+        try:
+            return shlex.split(self.command)
+        except ValueError as e:
+            raise SpecError(f"cannot parse the install command {self.command!r}: {e}") from e
 
     def inputs(self) -> dict[str, Any]:
         reqs: list[str] = []
@@ -138,7 +159,7 @@ class DepSpec:
         files = {}
         for f in self.files:
             try:
-                files[Path(f).name] = _sha256_file(Path(f))
+                files[self._file_name(Path(f))] = _sha256_file(Path(f))
             except OSError as e:
                 raise SpecError(f"cannot read input file {f}: {e.strerror}") from e
         return {
@@ -150,7 +171,7 @@ class DepSpec:
             "unpinned": sorted({r for r in reqs if not r.startswith("-") and not is_pinned(r)}),
             "apt": sorted({a.strip() for a in self.apt if a.strip()}),
             "files": dict(sorted(files.items())),
-            "command": " ".join(shlex.split(self.command)) if self.command else "",
+            "command": self._argv(),
         }
 
     def key(self) -> str:

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from bootseer import log
 from integration import containerd_config, images
 from integration.stack import DEFAULT_ROOT, Stack, StackConfig, StackError
 
-err = Console(stderr=True)
+err = log.console(stderr=True)
 stack_app = typer.Typer(help="The local stack: containerd + registry + BootSeer daemons in a scratch dir.",
                         no_args_is_help=True)
 images_app = typer.Typer(help="Build and push the test and benchmark images (offline).", no_args_is_help=True)
@@ -28,7 +28,9 @@ RootOpt = typer.Option(DEFAULT_ROOT, "--root", help="Scratch dir of the stack (e
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {msg}")
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(msg)}")
     raise typer.Exit(code)
 
 
@@ -75,6 +77,25 @@ def stack_status(root: Path = RootOpt, as_json: bool = typer.Option(False, "--js
     _print_status(st, as_json)
 
 
+@stack_app.command("env")
+def stack_env(root: Path = RootOpt) -> None:
+    """Shell lines that point `ctr` and scripts at the stack: `eval "$(bootseer stack env)"` sets
+    CONTAINERD_ADDRESS (ctr's socket), REGISTRY (its registry's host:port), BOOTSEER_STACK_DIR and
+    BOOTSEER_EVENTS (the stack's start-up event log, which its snapshotter writes, for `bootseer profile`)."""
+    import shlex
+
+    from integration.stack import EVENTS_FILE
+
+    try:
+        st = Stack.load(root)
+    except StackError as e:
+        _fail(str(e), 3)
+    for name, value in (("CONTAINERD_ADDRESS", st.info.containerd_socket), ("REGISTRY", st.info.registry),
+                        ("BOOTSEER_STACK_DIR", st.info.root),
+                        ("BOOTSEER_EVENTS", str(Path(st.info.root) / EVENTS_FILE))):
+        typer.echo(f"export {name}={shlex.quote(value)}")
+
+
 def _print_status(st: Stack, as_json: bool) -> None:
     doc = st.status()
     if as_json:
@@ -89,7 +110,7 @@ def _print_status(st: Stack, as_json: bool) -> None:
         t.add_row(f"process {name}", f"pid {doc['pids'][name]} {'running' if alive else '[red]dead[/red]'}")
     for name, path in doc["logs"].items():
         t.add_row(f"log {name}", path)
-    Console().print(t)
+    log.console().print(t)
 
 
 @images_app.command("push")
@@ -118,7 +139,8 @@ def images_build_realistic(cache: Path = typer.Option(images.DEFAULT_CACHE)) -> 
 
 @config_app.command("containerd")
 def config_containerd(
-    containerd_version: str = typer.Option("1.6", "--containerd-version", help="1.6, 1.7 or 2.x"),
+    containerd_version: str = typer.Option(None, "--containerd-version", help="1.6, 1.7 or 2.x (default: the "
+                                           "installed containerd's, from `containerd --version`)."),
     address: str = typer.Option(containerd_config.DEFAULT_SOCKET, help="Snapshotter socket."),
     root: str = typer.Option(containerd_config.DEFAULT_ROOT, help="Snapshotter root dir."),
     no_cri: bool = typer.Option(False, "--no-cri", help="Only the proxy plugin, no CRI keys."),
@@ -128,11 +150,31 @@ def config_containerd(
                                  "(no disable_snapshot_annotations); 'local' keeps CRI's own pull path."),
 ) -> None:
     """Print the containerd config snippet that registers BootSeer (merge it, or add it to `imports`)."""
+    if containerd_version is None:
+        containerd_version = installed_containerd_version()
+        if containerd_version is None:
+            _fail("no containerd on PATH to take the version from: give --containerd-version 1.6, 1.7 or 2.x", 2)
+        err.print(f"# for the installed containerd {containerd_version} (--containerd-version to choose)",
+                  markup=False, highlight=False)
     try:
         typer.echo(containerd_config.snippet(containerd_version, address, root, cri=not no_cri, platform=platform,
                                              cri_pull=cri_pull), nl=False)
     except ValueError as e:
         _fail(str(e), 2)
+
+
+def installed_containerd_version() -> str | None:
+    """``major.minor`` of the containerd on PATH (``containerd --version``), or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    # "containerd github.com/containerd/containerd 1.6.20~ds1 …" or "containerd containerd.io v2.1.3 …"
+    m = re.search(r"\sv?(\d+)\.(\d+)\.\d+", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
 def quickstart(
@@ -171,7 +213,12 @@ def quickstart(
                 st.ctr("image", "pull", "--plain-http", ref)
             run = st.ctr("run", "--rm", ref, cid)
         out = run.stdout
+        # the container's own output on stdout as it is; the label on stderr, so `quickstart | …` sees only it
+        err.print(f"the container's output (ctr run --rm{' --snapshotter bootseer' if lazy else ''} {ref} {cid}):",
+                  markup=False, highlight=False)
         sys.stdout.write(out)
+        sys.stdout.flush()
+        err.print("(end of the container's output)", markup=False, highlight=False)
         if out != images.SMALL_OUTPUT:
             _fail(f"unexpected container output {out!r}")
         err.print("[green]quickstart ok[/green]" + (" (lazily pulled)" if lazy else ""))

@@ -60,6 +60,9 @@ class StackConfig:
     timeout: float = 60.0
 
 
+EVENTS_FILE = "events.jsonl"  # below the stack's root
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -231,6 +234,9 @@ class Stack:
             text += (f"remote_snapshots = true\ncontrol_address = {json.dumps(str(control))}\nplain_http = true\n"
                      f"hosts_dir = {json.dumps(str(self.root / 'containerd' / 'certs.d'))}\n")
             text += "[lazy]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.lazy_config.items())
+        # the start-up event log (image_mount, prefetch) for `bootseer profile`; `bootseer stack env` points
+        # BOOTSEER_EVENTS of a shell at the same file, so its pulls and profiles share it
+        text += f"[events]\npath = {json.dumps(str(self.root / EVENTS_FILE))}\n"
         conf.write_text(text)
         proc = self._spawn("snapshotter", [sys.executable, "-m", "bootseer.cli", "snapshotter", "serve",
                                            "--config", str(conf)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -10,6 +11,7 @@ from typing import Any
 
 import typer
 
+from bootseer import log
 from bootseer.hosts import default_hosts_dir
 from recorder.record import EXIT_CODES, EXIT_ERROR, EXIT_IMAGE, Recorder, RecordError, RecordOptions
 
@@ -48,8 +50,6 @@ def record(
     """Run IMAGE once on the lazy path from cold caches, record which blocks its start-up reads (until the
     command exits, prints the ready line, or the time limit), and push them as the image's hot-block
     manifest: `bootseer record IMG --ready-line 'listening' -- python3 serve.py`.  Progress goes to stderr."""
-    from rich.console import Console
-
     from bootseer.containerd import default_address
     from bootseer.status import default_control
 
@@ -71,7 +71,7 @@ def record(
                          address=address or default_address(), control=control or default_control(),
                          snapshotter=snapshotter,
                          hosts_dir=default_hosts_dir(hosts_dir), plain_http=plain_http, platform=platform)
-    console = Console(stderr=True, highlight=False)
+    console = log.console(stderr=True, highlight=False)
 
     def progress(msg: str) -> None:
         console.print(msg, markup=False)
@@ -79,7 +79,7 @@ def record(
     try:
         result = Recorder(opts, progress).run()
     except RecordError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {log.error_text(e)}", err=True)
         if as_json:
             typer.echo(json.dumps({**e.result, "error": str(e), "exit_code_meaning": EXIT_CODES.get(e.code)},
                                   indent=1))
@@ -97,7 +97,7 @@ def record(
         typer.echo(f"{result['reads']} reads recorded ({result['stop']} after {result['run_seconds']:.1f}s) → {where}")
 
 
-record.__doc__ = (record.__doc__ or "") + f"\n\nExit codes: {_EXITS}."
+record.__doc__ = inspect.cleandoc(record.__doc__ or "") + f"\n\nExit codes: {_EXITS}."
 
 
 def _mib(n: int) -> str:
@@ -105,7 +105,6 @@ def _mib(n: int) -> str:
 
 
 def _print_summary(s: dict[str, Any], console_out: bool = True) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"hot blocks of {s['subject'][:19]}: {_mib(s['hot_bytes'])} in {s['ranges']} ranges, "
@@ -122,7 +121,7 @@ def _print_summary(s: dict[str, Any], console_out: bool = True) -> None:
     spread.add_column("share", justify="right")
     for p in s["spread"]:
         spread.add_row(f"{p['until_s']:.2f}s", _mib(p["hot_bytes"]), f"{p['share'] * 100:.0f}%")
-    con = Console(file=sys.stdout if console_out else sys.stderr)
+    con = log.console(file=sys.stdout if console_out else sys.stderr)
     con.print(table)
     con.print(spread)
 
@@ -182,7 +181,7 @@ def _fetch(image: str, hosts_dir: str, plain_http: bool, platform: str | None) -
         found = artifact.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
                                index_blobs=index_blobs)
     except (ValueError, RegistryError) as e:
-        typer.echo(f"error: {image}: {e}", err=True)
+        typer.echo(f"error: {image}: {log.error_text(e)}", err=True)
         raise typer.Exit(EXIT_IMAGE) from None
     if found is None:
         typer.echo(f"error: {image} ({manifest.digest}) has no usable hot-block manifest", err=True)

@@ -6,7 +6,8 @@ The steps, and why each is there:
    BootSeer index: only layers with an EROFS blob are served through FUSE, so only those can be recorded.
 2. **Check the node.**  The snapshotter's control socket must answer; a layer of the image that another
    container keeps mounted *and already swapped* to its local file no longer sends reads through FUSE,
-   so a recording would miss them: refused (stop those containers, or record on another node).
+   so a recording would miss them: refused, naming the snapshots that hold them and how to release them
+   (usually the image's own committed snapshots from an earlier pull: ``ctr -n NS image rm IMAGE``).
 3. **Record.**  ``record_start`` on the snapshotter (a JSON-lines log of every FUSE read of the image's blobs;
    while it runs no layer leaves FUSE).  FUSE serves the blob files with direct I/O, so the only cache
    that could hide a read is the erofs mounts' page cache: fresh mounts start empty, and if a layer was
@@ -164,6 +165,35 @@ def run_until(argv: Sequence[str], *, ready: re.Pattern[str] | None, timeout: fl
     return RunOutcome(stop_reason, code, time.monotonic() - t0, counted[0])
 
 
+def swapped_message(image: str, layers: list[dict[str, Any]], namespaces: list[str]) -> str:
+    """Why a recording is refused when layers of the image are held and already local, and how to clear it.
+
+    What holds a layer is a snapshot: a running container's, or — the usual case after an ordinary
+    ``bootseer pull`` and ``ctr run`` — the image's own committed layer snapshots, which stay until the image
+    is removed.  ``namespaces``: the containerd namespaces that have ``image`` (where to remove it)."""
+    owners = sorted({o.split("/", 1)[-1] for x in layers for o in x.get("owners", [])})
+    shown = ", ".join(o[:19] for o in owners[:4]) + (f" and {len(owners) - 4} more" if len(owners) > 4 else "")
+    where = "; ".join(f"ctr -n {ns} image rm {image}" for ns in namespaces) or f"ctr -n NAMESPACE image rm {image}"
+    pulled = (f"{image} is pulled in namespace(s) {', '.join(namespaces)}: its committed snapshots hold them"
+              if namespaces else "they are held by an image with these layers or a container using them")
+    return ("layer blob(s) " + ", ".join(x["digest"][:19] for x in layers) + " are already local (swapped off "
+            f"FUSE), so their reads would not be seen; {pulled} (snapshot(s) {shown or 'unknown'}). Release them: "
+            f"{where} (containerd then deletes the snapshots), after stopping any container of it; then record "
+            "again. Or record on another node")
+
+
+def namespaces_with_image(address: str, image: str) -> list[str]:
+    """The containerd namespaces that have ``image`` (best effort: [] when ctr cannot tell)."""
+    def ctr(*args: str) -> list[str]:
+        try:
+            proc = subprocess.run(["ctr", "-a", address, *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return proc.stdout.split() if proc.returncode == 0 else []
+
+    return [ns for ns in ctr("namespaces", "ls", "-q") if image in ctr("-n", ns, "images", "ls", "-q")]
+
+
 class Recorder:
     """One recording (see the module doc); :meth:`run` returns the result document or raises RecordError."""
 
@@ -212,11 +242,9 @@ class Recorder:
             layers = ctl.call("status")["layers"]
         except (OSError, ControlError) as e:
             raise RecordError(EXIT_NODE, f"snapshotter control socket {o.control}: {e}") from e
-        swapped = [x["digest"] for x in layers if x["digest"] in blobs and x.get("mounted") and x.get("swapped")]
+        swapped = [x for x in layers if x["digest"] in blobs and x.get("mounted") and x.get("swapped")]
         if swapped:
-            raise RecordError(EXIT_NODE, "layer blob(s) " + ", ".join(d[:19] for d in swapped) + " are in use and "
-                              "already local (swapped off FUSE): their reads cannot be recorded; stop the "
-                              "containers using this image or record on another node")
+            raise RecordError(EXIT_NODE, swapped_message(o.image, swapped, namespaces_with_image(o.address, o.image)))
         mounted = any(x["digest"] in blobs and x.get("mounted") for x in layers)
         return ctl, mounted
 

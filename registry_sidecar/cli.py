@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,31 @@ class _RichProgress:
         self.progress.update(tid, description=label, total=size or 1, completed=size or 1)
 
 
+class _LineProgress:
+    """Off a terminal (a pipe, a CI log): a line per layer phase and per finished layer, no redrawn bars."""
+
+    def __init__(self, console: object) -> None:
+        self.console = console
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+
+    def _say(self, text: str) -> None:
+        with self.lock:
+            self.console.print(f"{time.monotonic() - self.started:6.1f}s {text}", markup=False,  # type: ignore[attr-defined]
+                               highlight=False)
+
+    def phase(self, layer: str, name: str, total: int | None) -> None:
+        size = f" ({total / 1e6:.1f} MB)" if total else ""
+        self._say(f"layer {layer[:19]}: {name}{size}")
+
+    def advance(self, layer: str, n: int) -> None:
+        return None
+
+    def done(self, result: LayerResult) -> None:
+        size = f", blob {result.blob.blob.size / 1e6:.1f} MB" if result.blob else ""
+        self._say(f"layer {result.digest[:19]}: {result.status}{size}")
+
+
 def _client(plain_http: bool, hosts_dir: Path | None, docker_config: Path | None) -> RegistryClient:
     return RegistryClient(hosts_dir=hosts_dir, credentials=docker_config, plain_http=plain_http)
 
@@ -87,7 +113,9 @@ def convert(
     chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, help="Chunk size of the index, bytes."),
     parallel: int = typer.Option(2, help="Layers converted at once."),
     state_dir: Path | None = typer.Option(None, help="Share the sidecar's layer map (sqlite) in this directory."),
-    hosts_dir: Path | None = typer.Option(None, help="containerd certs.d directory with hosts.toml files."),
+    hosts_dir: Path | None = typer.Option(None, help="containerd certs.d directory with hosts.toml files (default: "
+                                          "env BOOTSEER_HOSTS_DIR, else the local stack's, else "
+                                          "/etc/containerd/certs.d)."),
     docker_config: Path | None = typer.Option(None, help="docker config.json with credentials."),
     log_level: str = typer.Option("warning", help="Log level."),
 ) -> None:
@@ -95,34 +123,38 @@ def convert(
 
     Exit status: 0 all layers indexed, 3 some layers skipped (reasons printed; the rest is indexed), 1 error.
     """
-    bslog.setup(log_level)
-    from rich.console import Console
+    from rich.markup import escape
 
-    err = Console(stderr=True)
+    from bootseer.hosts import default_hosts_dir
+
+    bslog.setup(log_level)
+    err = bslog.console(stderr=True)
     try:
         ref = Reference.parse(image)
         platforms: list[Platform | None] = [Platform.parse(p) for p in platform] or [None]
     except (ReferenceError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e
     layer_map: LayerMap = MemoryLayerMap()
     if state_dir is not None:
         from registry_sidecar.state import State
 
         layer_map = State(state_dir / "sidecar.sqlite")
-    client = _client(plain_http, hosts_dir, docker_config)
+    client = _client(plain_http, Path(default_hosts_dir(str(hosts_dir) if hosts_dir else None)), docker_config)
     converter = ImageConverter(client, ConvertOptions(chunk_size=chunk_size, parallel=parallel), layer_map)
     results: list[ImageResult] = []
     try:
         for p in platforms:
-            progress = None if json_out or not err.is_terminal else _RichProgress(err)
-            if progress:
-                with progress.progress:
-                    results.append(converter.convert(ref, platform=p, force=force, progress=progress))
-            else:
+            if json_out:
                 results.append(converter.convert(ref, platform=p, force=force))
+            elif err.is_terminal:
+                bars = _RichProgress(err)
+                with bars.progress:
+                    results.append(converter.convert(ref, platform=p, force=force, progress=bars))
+            else:
+                results.append(converter.convert(ref, platform=p, force=force, progress=_LineProgress(err)))
     except (RegistryError, ConvertError, OSError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(bslog.error_text(e))}")
         raise typer.Exit(1) from e
     summaries = [r.summary() for r in results]
     if json_out:
@@ -139,7 +171,7 @@ def convert(
                        + (f"index {s['index']}" if s["index"] else "no layer convertible, no index attached"))
     skipped = [sk for s in summaries for sk in s["skipped"]]
     for sk in skipped:
-        err.print(f"[yellow]skipped[/yellow] {sk['digest']}: {sk['reason']}")
+        err.print(f"[yellow]skipped[/yellow] {sk['digest']}: {escape(sk['reason'])}")
     if skipped:
         raise typer.Exit(EXIT_SKIPPED)
 

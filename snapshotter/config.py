@@ -23,6 +23,7 @@ with ``[snapshotter.lazy]``).
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -75,7 +76,7 @@ class Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(doc) - known)
         if unknown:
-            raise ValueError(f"config {path}: unknown keys {', '.join(unknown)}")
+            raise ValueError(f"config {path}: unknown keys {', '.join(_with_guess(k, known) for k in unknown)}")
         doc.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(**doc)
         cfg.root, cfg.address = Path(cfg.root), Path(cfg.address)
@@ -95,3 +96,9 @@ class Config:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"config {path}: [lazy]: {e}") from e
         return cfg
+
+
+def _with_guess(key: str, known: set[str]) -> str:
+    """``key`` and, when a known key is close to it, ``(did you mean …?)``: most unknown keys are typos."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"{key} (did you mean {close[0]}?)" if close else key

@@ -33,7 +33,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -416,6 +416,8 @@ class LayerManager:
                        "bytes_local": self._disk_bytes(spec.name)}
             doc["owners"] = owners
             doc["last_used"] = last_used
+            spec = specs[digest]  # where the blob comes from, so `bootseer status` can be matched to images
+            doc["repository"] = f"{spec.registry.split('://', 1)[-1].rstrip('/')}/{spec.repository}"
             out.append(doc)
         return out
 
@@ -457,14 +459,14 @@ class LayerManager:
                 layer.start_fill()
         log.info("background fill %s", "resumed" if enabled else "paused")
 
-    def evict(self, need_bytes: int = 0, cap: int | None = None) -> list[str]:
-        """Delete caches of unowned, unmounted layers (least recently used first) until the caches fit the
-        budget (``cap``, default the configured one) with ``need_bytes`` to spare.  Returns the evicted
-        digests."""
+    def evict(self, need_bytes: int = 0, cap: int | None = None, digests: Collection[str] | None = None) -> list[str]:
+        """Delete caches of unowned, unmounted layers (least recently used first; only ``digests`` when given)
+        until the caches fit the budget (``cap``, default the configured one) with ``need_bytes`` to spare.
+        Returns the evicted digests."""
         cap = self.config.cache_cap_bytes if cap is None else cap
         with self._lock:
             candidates = sorted((r.last_used, d, r.spec) for d, r in self._records.items()
-                                if not r.owners and d not in self._layers)
+                                if not r.owners and d not in self._layers and (digests is None or d in digests))
         total = self._total_disk_bytes()
         self.metrics.cache_bytes.set(total)
         evicted: list[str] = []

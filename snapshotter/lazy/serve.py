@@ -11,7 +11,7 @@ Protocol: one JSON object per connection, ``{"op": NAME, ...args}``, answered wi
 (spec, owner), ``release`` (owner, digest?, force?), ``retain`` (owners), ``status``, ``wait_swapped``
 (digest, timeout), ``prefetch`` (digest, ranges, concurrency?, wait?), ``record_start`` (path, digests?,
 hold_swap?) / ``record_stop`` (id), ``set_fill`` (enabled), ``evict`` (need_bytes?, cap?: 0 drops every
-unused cache), ``housekeeping``, ``metrics``, ``shutdown`` (teardown?).
+unused cache; digests?: only those blobs), ``housekeeping``, ``metrics``, ``shutdown`` (teardown?).
 Control socket handlers run in their own threads — never on the FUSE thread — so they may mount.
 
 The snapshotter daemon serves the same protocol (:class:`ControlServer`, without ``shutdown``) on its
@@ -132,7 +132,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             m.set_fill(bool(req["enabled"]))
             return {}
         if op == "evict":
-            return {"evicted": m.evict(int(req.get("need_bytes", 0)), req.get("cap"))}
+            return {"evicted": m.evict(int(req.get("need_bytes", 0)), req.get("cap"), req.get("digests"))}
         if op == "housekeeping":
             m.housekeeping()
             return {}

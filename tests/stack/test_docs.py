@@ -5,6 +5,9 @@
   a registry or a GPU node are checked this far only.
 - Blocks preceded by ``<!-- doc-test: run -->`` are cheap and self-contained: they are run as written, in a
   scratch directory holding a small checkpoint (``ckpt/``) and ``docs/``, and must succeed.
+- Blocks preceded by ``<!-- doc-test: stack -->`` walk a flow on a local stack they start and stop themselves
+  (``bootseer stack up`` … ``bootseer stack down``): run as written, as one shell script with ``bootseer`` on
+  PATH and its own stack directory, every step must succeed, and nothing is left behind.
 - Repository paths in any command exist; TOML/YAML/JSON blocks parse; Python blocks compile; a TOML block
   headed ``# bootseer config containerd …`` is exactly what that command prints; relative links resolve.
 - docs/metrics.md lists exactly the metrics the code declares, with their types.
@@ -34,6 +37,7 @@ from bootseer.cli import app
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 RUN_MARK = "<!-- doc-test: run -->"
+STACK_MARK = "<!-- doc-test: stack -->"
 SHELL_INFOS = {"", "sh", "bash", "shell", "console"}
 REPO_DIRS = ("integration/", "docs/", "tests/", ".ci/", "bootseer/", "snapshotter/", "ckptfs/", "depsnap/",
              "recorder/", "registry_sidecar/")
@@ -46,6 +50,7 @@ class Block:
     info: str
     text: str
     run: bool
+    stack: bool = False
 
     @property
     def where(self) -> str:
@@ -66,7 +71,8 @@ def _blocks(doc: Path) -> list[Block]:
                 body.append(lines[i])
                 i += 1
             prev = next((ln for ln in reversed(lines[:start]) if ln.strip()), "")
-            out.append(Block(doc, start + 1, info, "\n".join(body) + "\n", prev.strip() == RUN_MARK))
+            out.append(Block(doc, start + 1, info, "\n".join(body) + "\n", prev.strip() == RUN_MARK,
+                             prev.strip() == STACK_MARK))
         i += 1
     return out
 
@@ -159,11 +165,71 @@ def test_the_installed_entry_point_answers() -> None:
     assert proc.returncode == 0 and "profile" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("dc", OTHER_CMDS, ids=lambda dc: " ".join(dc.argv[:2]))
+def _repo_paths(dc: DocCommand) -> list[str]:
+    return [tok for tok in dc.argv if tok.startswith(REPO_DIRS)]
+
+
+@pytest.mark.parametrize("dc", [dc for dc in OTHER_CMDS if _repo_paths(dc)], ids=lambda dc: " ".join(dc.argv[:2]))
 def test_repository_paths_in_commands_exist(dc: DocCommand) -> None:
-    for tok in dc.argv:
-        if tok.startswith(REPO_DIRS):
-            assert list(ROOT.glob(tok)), f"{dc.block.where}: {tok} does not exist"
+    for tok in _repo_paths(dc):
+        assert list(ROOT.glob(tok)), f"{dc.block.where}: {tok} does not exist"
+
+
+def _mounts_below(path: str) -> list[str]:
+    return [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines() if ln.split()[1].startswith(path)]
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.stack], ids=lambda b: b.where)
+def test_stack_walks_run_as_written(block: Block, tmp_path: Path) -> None:
+    """The guide's one-machine walk, on a stack of its own: every step succeeds, in order, as written."""
+    import secrets
+
+    lines = [ln.strip() for ln in block.text.splitlines() if ln.strip()]
+    assert lines[0].startswith("bootseer stack up") and lines[-1].startswith("bootseer stack down"), block.where
+    root = f"/tmp/bs-walk-{secrets.token_hex(3)}"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "bootseer").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m bootseer.cli \"$@\"\n")
+    (bindir / "bootseer").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "CONTAINERD_ADDRESS", "BOOTSEER_EVENTS",
+                                                             "CONTAINER_RUNTIME_ENDPOINT", "BOOTSEER_HOSTS_DIR",
+                                                             "BOOTSEER_JOB_ID")}
+    env.update(PATH=f"{bindir}:{env['PATH']}", BOOTSEER_STACK_DIR=root,
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    # each step echoed before it runs, so a failure names it
+    script = "set -euo pipefail\n" + "".join(f"echo {shlex.quote('+ ' + ln)} >&2\n{ln}\n" for ln in lines)
+    try:
+        proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=900)
+    finally:
+        subprocess.run([sys.executable, "-m", "bootseer.cli", "stack", "down", "--root", root], env=env,
+                       capture_output=True, timeout=300)
+    steps = re.findall(r"^\+ (.*)$", proc.stderr, re.M)
+    assert proc.returncode == 0, (f"{block.where}: step `{steps[-1] if steps else '?'}` failed (rc "
+                                  f"{proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+    assert steps == lines, f"{block.where}: not every step ran: {steps}"
+    out = proc.stdout
+    assert images_small_output() in out  # the container ran from the lazily pulled image
+    assert re.search(r": 3 layers, 3 lazy,", out), out
+    assert "built and pushed" in proc.stderr and "reused (a snapshot with this key exists)" in proc.stderr
+    if "bootseer cache drop" in block.text:  # the start after the drop prefetched, and the profile shows it
+        assert re.search(r"dropped the caches of [1-9]\d* layer", out), out
+        table = out.split("lazy layers of", 1)[1].split("start-up of job", 1)[0]
+        rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in table.splitlines() if ln.startswith("│ ")]
+        assert len(rows) == 3 and [r[0] for r in rows] == ["1", "2", "3"], table  # the image's layers, in order
+        assert sum(float(r[6]) for r in rows) > 0, f"nothing prefetched after the drop:\n{table}"
+        for phase in ("image_pull", "image_mount", "prefetch"):
+            assert re.search(rf"│ {phase} +│ +[1-9]", out), f"profile lacks {phase}:\n{out}"
+    assert _mounts_below(root) == [], "the walk left mounts behind"
+    assert not Path(root).exists()
+
+
+def images_small_output() -> str:
+    from integration import images
+
+    return images.SMALL_OUTPUT
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.run], ids=lambda b: b.where)
@@ -216,8 +282,8 @@ def test_relative_links_resolve() -> None:
             if re.match(r"^[a-z]+:", target) or target.startswith("#"):
                 continue
             path = (doc.parent / target.split("#", 1)[0]).resolve()
-            if not path.is_relative_to(ROOT):
-                continue  # outside the repository (../shared/): not this checkout's to check
+            # a link out of the repository is broken for everyone reading a clone or the forge's page
+            assert path.is_relative_to(ROOT), f"{doc.relative_to(ROOT)}: link {target} leaves the repository"
             assert path.exists(), f"{doc.relative_to(ROOT)}: broken link {target}"
 
 

@@ -21,6 +21,7 @@ def test_quickstart_pulls_lazily_runs_and_leaves_nothing() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == images.SMALL_OUTPUT
     assert "quickstart ok (lazily pulled)" in proc.stderr
+    assert "the container's output (ctr run --rm --snapshotter bootseer" in proc.stderr  # labelled
     assert "3 lazy" in proc.stderr.replace("\n", " ")
     assert _mounts_under(root) == []
     leftover = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()

@@ -102,3 +102,27 @@ def test_cli_resolves_the_tag_and_prints_the_key(stack, small_image: str, tmp_pa
                               capture_output=True, text=True, check=True)
     assert doc["inputs"]["base"] == json.loads(manifest.stdout)["Digest"]
     assert doc["tag"] == "depsnap-" + doc["key"][:32]
+
+
+def test_input_files_of_one_name_in_two_directories_are_two_inputs(tmp_path: Path) -> None:
+    """Issue 18 item 9: keyed by basename, a/setup.sh and b/setup.sh with swapped contents gave one key."""
+    for d, text in (("a", "echo 1\n"), ("b", "echo 2\n")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "setup.sh").write_text(text)
+    (tmp_path / "requirements.txt").write_text("six==1.16.0\n")  # the context: the requirements' directory
+    req = [tmp_path / "requirements.txt"]
+    one = DepSpec(BASE, requirements=req, files=[tmp_path / "a" / "setup.sh"], command="sh setup.sh")
+    two = DepSpec(BASE, requirements=req, files=[tmp_path / "b" / "setup.sh"], command="sh setup.sh")
+    (tmp_path / "b" / "setup.sh").write_text("echo 1\n")  # same content, another place in the context
+    assert one.key() != two.key()
+    assert list(one.inputs()["files"]) == ["a/setup.sh"]
+    assert list(DepSpec(BASE, files=[tmp_path / "a" / "setup.sh"], context=tmp_path / "a").inputs()["files"]) == \
+        ["setup.sh"]
+
+
+def test_the_command_is_keyed_by_its_argv(tmp_path: Path) -> None:
+    """Issue 18 item 9: joined, `echo 'a b'` and `echo a b` (different installs) shared a key."""
+    assert DepSpec(BASE, command="echo 'a b'").key() != DepSpec(BASE, command="echo a b").key()
+    assert DepSpec(BASE, command="echo  a   b").key() == DepSpec(BASE, command="echo a b").key()
+    with pytest.raises(SpecError, match="cannot parse the install command"):
+        DepSpec(BASE, command="echo 'a").key()
