@@ -97,9 +97,10 @@ def _tidy_help(app: typer.Typer) -> None:
     for info in app.registered_commands:
         text = info.help if info.help is not None else (info.callback.__doc__ if info.callback else None)
         if text is not None:
-            info.help = _plain(inspect.cleandoc(text))
+            plain = _MARKUP.sub(r"\\[", inspect.cleandoc(text))
+            info.help = plain
             if info.short_help is None:
-                info.short_help = " ".join(info.help.split("\n\n")[0].split())
+                info.short_help = " ".join(plain.split("\n\n")[0].split())
         if info.callback is not None:
             for param in inspect.signature(info.callback).parameters.values():
                 if isinstance(param.default, typer.models.ParameterInfo):

@@ -70,7 +70,7 @@ def test_the_operator_guide_lists_every_config_key_and_a_typo_is_named(tmp_path:
 
     from snapshotter.config import Config
 
-    guide = (Path(__file__).resolve().parent.parent / "docs" / "operator-guide.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operator-guide.md").read_text()
     block = next(b for b in re.findall(r"```toml\n(.*?)```", guide, re.S) if "remote_snapshots" in b)
     (tmp_path / "config.toml").write_text(block)
     Config.load(tmp_path / "config.toml")  # the documented file is a valid one

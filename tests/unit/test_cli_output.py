@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from bootseer.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # what rich's markup parser would take for a tag: '[' then a letter, '#', '/' or '@'
 MARKUP_LIKE = re.compile(r"(?<!\\)\[([a-zA-Z#/@][^\[\]]*)\]")
 
