@@ -17,7 +17,7 @@ byte.
 
 Then the blob is cut into chunks (128 KiB default) and hashed, pushed into the image's repository (or mounted
 from another repository that has it), and finally the index artifact is pushed as a referrer of the image
-manifest (:mod:`registry_sidecar.index`).  Layers that cannot be converted — unknown media type, hostile or
+manifest (:mod:`bootseer.index`).  Layers that cannot be converted — unknown media type, hostile or
 corrupt content — are listed in the index as skipped, with the reason; the rest of the image is still indexed.
 An image none of whose layers could be converted gets no index at all (nodes pull it the ordinary way).
 Scratch data is removed whatever happens.
@@ -41,6 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from bootseer.index import (
+    DEFAULT_CHUNK_SIZE,
+    EROFS_MEDIA_TYPE,
+    ImageIndex,
+    LayerBlob,
+    find_index,
+    hash_chunks,
+    manifest_descriptor,
+    push_index,
+)
 from bootseer.reference import Reference
 from bootseer.registry import (
     Descriptor,
@@ -48,15 +58,6 @@ from bootseer.registry import (
     Manifest,
     Platform,
     RegistryClient,
-)
-from registry_sidecar.index import (
-    DEFAULT_CHUNK_SIZE,
-    EROFS_MEDIA_TYPE,
-    ImageIndex,
-    LayerBlob,
-    find_index,
-    manifest_descriptor,
-    push_index,
 )
 from registry_sidecar.unpack import (
     LayerError,
@@ -223,22 +224,6 @@ def build_erofs(root: Path, out: Path, layer_digest: str, epoch: int, opts: Conv
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise ConvertError(f"mkfs.erofs failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-
-
-def hash_chunks(path: Path, chunk_size: int) -> tuple[str, int, tuple[str, ...]]:
-    """(sha256 digest of the file, its size, sha256 hex of each ``chunk_size`` chunk) in one read."""
-    whole = hashlib.sha256()
-    chunks: list[str] = []
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            data = fh.read(chunk_size)
-            if not data:
-                break
-            whole.update(data)
-            chunks.append(hashlib.sha256(data).hexdigest())
-            size += len(data)
-    return "sha256:" + whole.hexdigest(), size, tuple(chunks)
 
 
 class _ReadProgress:

@@ -42,6 +42,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bootseer import __version__
+from bootseer.index import DEFAULT_CHUNK_SIZE
 from bootseer.reference import Reference
 from bootseer.registry import (
     IMAGE_MANIFEST_TYPES,
@@ -53,7 +54,6 @@ from bootseer.registry import (
     RegistryError,
 )
 from registry_sidecar.convert import ConvertOptions, ImageConverter, ImageResult
-from registry_sidecar.index import DEFAULT_CHUNK_SIZE
 from registry_sidecar.state import Job, State
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootseer.index import LayerBlob
 from registry_sidecar.convert import LayerRecord
-from registry_sidecar.index import LayerBlob
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -538,7 +538,7 @@ class Bench:
         ctl = getattr(self.st.info, "snapshotter_control", None)
         out = {"demand": 0, "prefetch": 0, "background": 0}
         try:
-            from snapshotter.lazy.serve import Control
+            from bootseer.control import Control
 
             for ly in Control(ctl, timeout=10).call("status")["layers"]:
                 for k, v in ((ly.get("fetched") or {}).get("bytes") or {}).items():

@@ -21,7 +21,7 @@ started: their own Prepares then find them mounted.  A provisional hold ends whe
 takes it over, or after ``ahead_hold`` seconds (a layer containerd never prepares — its snapshot existed —
 is unmounted then); a restart drops it like any hold no snapshot has.
 
-:class:`RegistrySpecs` is the production :class:`SpecSource`: :class:`registry_sidecar.index.IndexReader`
+:class:`RegistrySpecs` is the production :class:`SpecSource`: :class:`snapshotter.lazy.index_reader.IndexReader`
 over :class:`bootseer.registry.RegistryClient` (hosts.toml mirrors, docker credentials, bearer tokens),
 whose endpoints and auth become the blob's :class:`~snapshotter.lazy.spec.BlobSpec` and
 :class:`~snapshotter.lazy.spec.AuthHook`.
@@ -52,7 +52,7 @@ from snapshotter.remote import (
 
 if TYPE_CHECKING:
     from bootseer.registry import RegistryClient
-    from registry_sidecar.index import IndexReader
+    from snapshotter.lazy.index_reader import IndexReader
 
 log = logging.getLogger("bootseer.lazy.handler")
 
@@ -356,7 +356,7 @@ class RegistrySpecs:
     def create(cls, *, hosts_dir: str | None, plain_http: bool, docker_config: str | None,
                cache_dir: Path) -> RegistrySpecs:
         from bootseer.registry import RegistryClient
-        from registry_sidecar.index import IndexReader
+        from snapshotter.lazy.index_reader import IndexReader
 
         client = RegistryClient(hosts_dir=hosts_dir, credentials=docker_config or None, plain_http=plain_http,
                                 retries=2, read_timeout=30.0)

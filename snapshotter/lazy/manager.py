@@ -40,9 +40,10 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from bootseer.accesslog import AccessLogWriter
 from snapshotter.lazy.cache import ChunkCache, atomic_write
 from snapshotter.lazy.fetcher import KINDS, FetchConfig, Fetcher, HttpClient, Scheduler
-from snapshotter.lazy.fusefs import AccessLog, BlobFS, FuseServer
+from snapshotter.lazy.fusefs import BlobFS, FuseServer
 from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer, Prefetch
 from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
 
@@ -144,14 +145,16 @@ class _Record:
 
 class LayerManager:
     def __init__(self, root: Path, config: LazyConfig | None = None, *, auth: AuthHook = no_auth,
-                 registry: CollectorRegistry | None = None, access_log: AccessLog | None = None) -> None:
+                 registry: CollectorRegistry | None = None, access_log: AccessLogWriter | None = None) -> None:
         self.root = Path(root)
         self.config = config or LazyConfig()
         self.metrics = Metrics(registry)
         self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests)
         self.scheduler = Scheduler(self.config.max_requests, self.config.background_requests, self.config.fill_rate,
                                    self.config.fill_idle, self.config.fill_max_wait)
-        self.fs = BlobFS(threads=self.config.fuse_threads, access_log=access_log,
+        self._static_access_log = access_log  # ``access_log = PATH``: every read, as long as the daemon runs
+        self.fs = BlobFS(threads=self.config.fuse_threads,
+                         access_log=self._log_access if access_log is not None else None,
                          page_cache=self.config.page_cache)
         self.server: FuseServer | None = None
         self._lock = threading.Lock()  # records and the layer table; never held while calling into a layer
@@ -161,7 +164,6 @@ class LayerManager:
         self._layers: dict[str, LazyLayer] = {}  # layers with live objects (mounted, or going away)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
-        self._static_access_log = access_log
         self._recordings: dict[str, Recording] = {}
         for d in ("cache", "mnt", "layers"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -375,7 +377,7 @@ class LayerManager:
         with self._lock:
             rec = self._recordings.pop(rid, None)
             if not self._recordings:
-                self.fs.access_log = self._static_access_log
+                self.fs.access_log = self._log_access if self._static_access_log is not None else None
         if rec is None:
             raise KeyError(f"no recording {rid!r}")
         out = rec.close()
@@ -387,13 +389,15 @@ class LayerManager:
             return any(r.hold_swap for r in self._recordings.values())
 
     def _log_access(self, name: str, offset: int, length: int, t_ns: int) -> None:
-        """The FUSE thread's hook: must not block (appends to a buffered local file)."""
+        """The FUSE thread's hook (``name``: the blob's FUSE file): must not block (appends to buffered local
+        files)."""
+        digest = name.replace("-", ":", 1)
         if self._static_access_log is not None:
-            self._static_access_log(name, offset, length, t_ns)
+            self._static_access_log.write(digest, offset, length, t_ns)
         with self._lock:
             recs = list(self._recordings.values())
         for r in recs:
-            r.write(name, offset, length, t_ns)
+            r.log.write(digest, offset, length, t_ns)
 
     def wait_swapped(self, digest: str, timeout: float | None = None) -> bool:
         layer = self.layer(digest)
@@ -567,43 +571,32 @@ class LayerManager:
 
 
 class Recording:
-    """An access log being written: one JSON object per FUSE read of a blob, in arrival order::
-
-        {"blob": "sha256:<hex>", "offset": 1048576, "length": 131072, "t_ns": 123456789}
-
-    ``t_ns`` is ``time.monotonic_ns()`` of the daemon (only differences mean something).  While a recording
-    with ``hold_swap`` runs, no layer leaves FUSE (no swap, and complete caches are mounted through FUSE
-    too), so every read that misses the erofs page cache is seen; drop the page cache first for a cold run.
+    """An access log being written (the line format: :mod:`bootseer.accesslog`) for a recording started over
+    the control socket.  While a recording with ``hold_swap`` runs, no layer leaves FUSE (no swap, and
+    complete caches are mounted through FUSE too), so every read that misses the erofs page cache is seen;
+    drop the page cache first for a cold run.
     """
 
     def __init__(self, rid: str, path: Path, digests: frozenset[str] | None, hold_swap: bool) -> None:
         self.id = rid
-        self.path = Path(path)
-        self.digests = digests  # None: every blob
         self.hold_swap = hold_swap
-        self.records = 0
         self.started_ns = time.monotonic_ns()
-        self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
+        self.log = AccessLogWriter(path, digests)  # digests None: every blob
 
-    def write(self, name: str, offset: int, length: int, t_ns: int) -> None:
-        digest = name.replace("-", ":", 1)
-        if self.digests is not None and digest not in self.digests:
-            return
-        line = json.dumps({"blob": digest, "offset": offset, "length": length, "t_ns": t_ns}) + "\n"
-        with self._lock:
-            if self._fh.closed:
-                return
-            self._fh.write(line)
-            self.records += 1
+    @property
+    def path(self) -> Path:
+        return self.log.path
+
+    @property
+    def digests(self) -> frozenset[str] | None:
+        return self.log.digests
+
+    @property
+    def records(self) -> int:
+        return self.log.records
 
     def close(self) -> dict[str, Any]:
-        with self._lock:
-            if not self._fh.closed:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                self._fh.close()
+        self.log.close()
         return {"id": self.id, "path": str(self.path), "records": self.records}
 
 

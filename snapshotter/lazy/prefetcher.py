@@ -1,7 +1,8 @@
-"""Replaying hot blocks: the snapshotter's side of record-and-prefetch.
+"""The hot-block prefetcher: replays a recording's hot blocks on every lazy mount (the snapshotter's side of
+record-and-prefetch; the recording side is :mod:`recorder`).
 
 When a remote ``Prepare`` has set a lazy layer up, :meth:`HotBlockPrefetcher.on_prepare` looks for the image's
-hot-block manifest (a referrer of the image manifest, see :mod:`recorder.artifact`) and hands the layer's
+hot-block manifest (a referrer of the image manifest, see :mod:`bootseer.hotblocks`) and hands the layer's
 recorded ranges, in first-access order, to :meth:`LayerManager.prefetch
 <snapshotter.lazy.manager.LayerManager.prefetch>` — before the container exists, so by the time it reads,
 most of what it reads is local.  The rules the data path already guarantees, and why they matter here:
@@ -47,13 +48,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from recorder import artifact
-from recorder.hotblocks import BadManifest, HotBlockManifest
+from bootseer import hotblocks
+from bootseer.hotblocks import BadManifest, HotBlockManifest
 
 if TYPE_CHECKING:
     from bootseer.registry import RegistryClient
 
-log = logging.getLogger("bootseer.recorder.prefetch")
+log = logging.getLogger("bootseer.lazy.prefetcher")
 
 OUTCOMES = ("done", "cancelled", "partial", "no_manifest", "not_recorded", "ignored", "error")
 
@@ -266,7 +267,7 @@ class HotBlockPrefetcher:
                 layers = self._layers_of.get(key)
             if layers is None:
                 layers = [d.digest for d in self.client.get_manifest(ref.with_digest(manifest_digest)).layers]
-            descs = artifact.candidates(self.client, ref, manifest_digest)
+            descs = hotblocks.candidates(self.client, ref, manifest_digest)
             newest = descs[0].digest if descs else None
             if hit is not None and hit[1] == newest:
                 parsed = hit[2]  # nothing new was pushed: the parsed manifest (or the verdict on it) still holds
@@ -278,7 +279,7 @@ class HotBlockPrefetcher:
                         log.warning("hot-block manifest of %s ignored: %s", ref.name, e)
                         hb = None
             else:
-                found = artifact.fetch(self.client, ref, manifest_digest, image_layers=layers,
+                found = hotblocks.fetch(self.client, ref, manifest_digest, image_layers=layers,
                                        index_blobs=index_blobs, descs=descs)
                 parsed = hb = found.manifest if found is not None else None
                 if found is not None:
