@@ -96,7 +96,7 @@ class ConvertOptions:
 
 # ------------------------------------------------------------------------------------------ layer map
 @dataclass
-class LayerRecord:
+class ConvertedLayer:
     blob: LayerBlob
     repos: list[str] = field(default_factory=list)  # repositories known to hold the EROFS blob
 
@@ -104,7 +104,7 @@ class LayerRecord:
 class LayerMap(Protocol):
     """Original layer digest → its EROFS blob, across repositories, so a layer is converted once."""
 
-    def get_layer(self, layer_digest: str) -> LayerRecord | None: ...
+    def get_layer(self, layer_digest: str) -> ConvertedLayer | None: ...
 
     def put_layer(self, blob: LayerBlob, repo: str) -> None: ...
 
@@ -113,16 +113,16 @@ class LayerMap(Protocol):
 
 class MemoryLayerMap:
     def __init__(self) -> None:
-        self._d: dict[str, LayerRecord] = {}
+        self._d: dict[str, ConvertedLayer] = {}
         self._lock = threading.Lock()
 
-    def get_layer(self, layer_digest: str) -> LayerRecord | None:
+    def get_layer(self, layer_digest: str) -> ConvertedLayer | None:
         with self._lock:
             return self._d.get(layer_digest)
 
     def put_layer(self, blob: LayerBlob, repo: str) -> None:
         with self._lock:
-            rec = self._d.setdefault(blob.layer_digest, LayerRecord(blob))
+            rec = self._d.setdefault(blob.layer_digest, ConvertedLayer(blob))
             rec.blob = blob
             if repo not in rec.repos:
                 rec.repos.append(repo)
@@ -420,7 +420,7 @@ class ImageConverter:
         finally:
             shutil.rmtree(ldir, ignore_errors=True)
 
-    def _reuse(self, repo: Reference, rec: LayerRecord) -> bool:
+    def _reuse(self, repo: Reference, rec: ConvertedLayer) -> bool:
         """Make the known blob available in ``repo`` without converting: present already, or mounted."""
         digest = rec.blob.blob.digest
         if self.client.blob_exists(repo, digest) is not None:

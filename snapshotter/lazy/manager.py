@@ -1,4 +1,4 @@
-"""LayerManager: every lazy layer of a daemon, their records, the cache budget, restart and metrics.
+"""LayerManager: every lazy layer of a daemon, their persisted states, the cache budget, restart and metrics.
 
 The snapshotter's gRPC side calls :meth:`LayerManager.acquire` on a remote Prepare (with the :class:`BlobSpec`
 read from the image's index) and uses the returned directory as the layer's lowerdir; it calls
@@ -10,10 +10,10 @@ On-disk layout under ``root``::
     fuse/                 the FUSE mount: one file per blob still served lazily
     cache/<name>/         chunk cache of a blob (see :mod:`snapshotter.lazy.cache`)
     mnt/<name>/           erofs mount of a blob (the lowerdir handed to the snapshotter)
-    layers/<name>.json    the layer's record: spec, owners, last use, loop device, swapped
+    layers/<name>.json    the layer's state: spec, owners, last use, loop device, swapped
 
-**Restart.**  The records are the daemon's memory.  :meth:`start` mounts a fresh FUSE fs (lazily detaching
-the dead one), then looks at each recorded layer as the kernel has it: a mount whose loop device reads the
+**Restart.**  The layer states are the daemon's memory.  :meth:`start` mounts a fresh FUSE fs (lazily detaching
+the dead one), then looks at each layer it has a state for as the kernel has it: a mount whose loop device reads the
 local cache file is *swapped* and left alone — it kept working while no daemon ran; a mount whose loop device
 still points at the old FUSE file is re-attached to the new one with ``LOOP_CHANGE_FD`` (reads fail with EIO
 while no daemon runs, and resume); a layer with owners but no mount (a reboot) is set up again from its cache.
@@ -79,7 +79,7 @@ class LazyConfig:
         return cls(fetch=fetch, fill=fill, **doc)
 
 
-class Metrics:
+class LazyMetrics:
     """Prometheus metrics of the lazy data path (names prefixed ``bootseer_lazy_``)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -125,7 +125,7 @@ class Metrics:
 
 
 @dataclass
-class _Record:
+class _LayerState:
     spec: BlobSpec
     owners: set[str] = field(default_factory=set)
     last_used: float = 0.0
@@ -138,7 +138,7 @@ class _Record:
                 "loop": self.loop, "mounted": self.mounted, "swapped": self.swapped}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> _Record:
+    def from_json(cls, doc: dict[str, Any]) -> _LayerState:
         return cls(BlobSpec.from_json(doc["spec"]), set(doc.get("owners", ())), float(doc.get("last_used", 0)),
                    doc.get("loop"), bool(doc.get("mounted")), bool(doc.get("swapped")))
 
@@ -148,7 +148,7 @@ class LayerManager:
                  registry: CollectorRegistry | None = None, access_log: AccessLogWriter | None = None) -> None:
         self.root = Path(root)
         self.config = config or LazyConfig()
-        self.metrics = Metrics(registry)
+        self.metrics = LazyMetrics(registry)
         self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests)
         self.scheduler = Scheduler(self.config.max_requests, self.config.background_requests, self.config.fill_rate,
                                    self.config.fill_idle, self.config.fill_max_wait)
@@ -157,10 +157,10 @@ class LayerManager:
                          access_log=self._log_access if access_log is not None else None,
                          page_cache=self.config.page_cache)
         self.server: FuseServer | None = None
-        self._lock = threading.Lock()  # records and the layer table; never held while calling into a layer
-        self._write_lock = threading.Lock()  # record files (taken before _lock, never inside it)
+        self._lock = threading.Lock()  # layer states and the layer table; never held while calling into a layer
+        self._write_lock = threading.Lock()  # state files (taken before _lock, never inside it)
         self._digest_locks: dict[str, threading.Lock] = {}
-        self._records: dict[str, _Record] = {}
+        self._states: dict[str, _LayerState] = {}
         self._layers: dict[str, LazyLayer] = {}  # layers with live objects (mounted, or going away)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
@@ -182,23 +182,23 @@ class LayerManager:
         return LayerPaths(cache=self.root / "cache" / spec.name, mountpoint=self.root / "mnt" / spec.name,
                           fuse_file=self.fuse_dir / spec.name)
 
-    def _record_path(self, name: str) -> Path:
+    def _state_path(self, name: str) -> Path:
         return self.root / "layers" / f"{name}.json"
 
     # ------------------------------------------------------------------------------------ start / stop
     def start(self) -> dict[str, str]:
-        """Serve FUSE and bring back every recorded layer; returns ``{digest: outcome}``."""
+        """Serve FUSE and bring back every layer with a persisted state; returns ``{digest: outcome}``."""
         self.server = FuseServer(self.fs, self.fuse_dir)
         self.server.start()
         outcomes: dict[str, str] = {}
         for path in sorted((self.root / "layers").glob("*.json")):
             try:
-                rec = _Record.from_json(json.loads(path.read_text()))
+                rec = _LayerState.from_json(json.loads(path.read_text()))
             except (OSError, ValueError, KeyError) as e:
-                log.error("ignoring unreadable layer record %s: %s", path, e)
+                log.error("ignoring unreadable layer state %s: %s", path, e)
                 continue
             with self._lock:
-                self._records[rec.spec.digest] = rec
+                self._states[rec.spec.digest] = rec
             outcomes[rec.spec.digest] = self._restore(rec)
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="lazy-housekeeping", daemon=True)
         self._housekeeper.start()
@@ -206,7 +206,7 @@ class LayerManager:
             log.info("restored lazy layers: %s", ", ".join(f"{d[7:19]}={o}" for d, o in outcomes.items()))
         return outcomes
 
-    def _restore(self, rec: _Record) -> str:
+    def _restore(self, rec: _LayerState) -> str:
         digest = rec.spec.digest
         with self._digest_lock(digest):
             layer = self._new_layer(rec.spec)
@@ -265,8 +265,8 @@ class LayerManager:
         nothing behind) if the layer cannot be set up — the caller then takes the ordinary pull path.
 
         ``replaces``: an owner whose hold ``owner`` takes over (a layer set up ahead of its Prepare): dropped
-        in the same step, so the layer is never unheld in between and its record is written once.  The
-        owners change before the set-up, whose own record write (loop device, mount) then carries them: one
+        in the same step, so the layer is never unheld in between and its state is written once.  The
+        owners change before the set-up, whose own state write (loop device, mount) then carries them: one
         durable write per acquire instead of two (each is two fsyncs, serialised across layers, on the
         Prepare's path)."""
         if self.server is None:
@@ -280,7 +280,7 @@ class LayerManager:
                     self._layers[spec.digest] = layer
             fresh = not layer.mounted
             with self._lock:
-                rec = self._records.setdefault(spec.digest, _Record(spec))
+                rec = self._states.setdefault(spec.digest, _LayerState(spec))
                 had = owner in rec.owners
                 dropped = replaces if replaces is not None and replaces != owner and replaces in rec.owners else None
                 rec.owners.add(owner)
@@ -288,7 +288,7 @@ class LayerManager:
                     rec.owners.discard(dropped)
                 rec.last_used = time.time()
             try:
-                layer.setup()  # a fresh set-up writes the record (hooks.changed), owners included
+                layer.setup()  # a fresh set-up writes the state (hooks.changed), owners included
             except Exception:
                 with self._lock:
                     self._layers.pop(spec.digest, None)
@@ -313,12 +313,12 @@ class LayerManager:
         is unmounted (its cache stays, evictable).  Returns the digests that were unmounted.  A mount still
         in use stays until housekeeping finds it free, unless ``force`` (lazy detach)."""
         with self._lock:
-            digests = [d for d, r in self._records.items() if owner in r.owners and (digest is None or d == digest)]
+            digests = [d for d, r in self._states.items() if owner in r.owners and (digest is None or d == digest)]
         gone: list[str] = []
         for d in digests:
             with self._digest_lock(d):
                 with self._lock:
-                    rec = self._records.get(d)
+                    rec = self._states.get(d)
                     if rec is None:
                         continue
                     rec.owners.discard(owner)
@@ -326,7 +326,7 @@ class LayerManager:
                     unused = not rec.owners
                     layer = self._layers.get(d)
                 if layer is None:
-                    self._write_record(rec)
+                    self._write_state(rec)
                     continue
                 self._save(layer)
                 if unused and self._teardown(layer, force=force):
@@ -337,7 +337,7 @@ class LayerManager:
         """Drop every owner not in ``owners`` (at start, with the snapshots the metadata still holds)."""
         keep = set(owners)
         with self._lock:
-            stale = {o for r in self._records.values() for o in r.owners if o not in keep}
+            stale = {o for r in self._states.values() for o in r.owners if o not in keep}
         gone: list[str] = []
         for o in sorted(stale):
             gone += self.release(o)
@@ -407,8 +407,8 @@ class LayerManager:
         """Per layer: digest, size, bytes local, bytes fetched by kind, swapped, mount, owners …"""
         with self._lock:
             layers = dict(self._layers)
-            records = {d: (sorted(r.owners), r.last_used) for d, r in self._records.items()}
-            specs = {d: r.spec for d, r in self._records.items()}
+            records = {d: (sorted(r.owners), r.last_used) for d, r in self._states.items()}
+            specs = {d: r.spec for d, r in self._states.items()}
         out: list[dict[str, Any]] = []
         for digest, (owners, last_used) in sorted(records.items()):
             layer = layers.get(digest)
@@ -428,7 +428,7 @@ class LayerManager:
         enforce the cache budget, refresh gauges.  Runs every ``housekeeping_interval`` seconds."""
         with self._lock:
             layers = list(self._layers.values())
-            unowned = {d for d, r in self._records.items() if not r.owners}
+            unowned = {d for d, r in self._states.items() if not r.owners}
         for layer in layers:
             try:
                 if layer.cache.dirty:
@@ -438,7 +438,7 @@ class LayerManager:
                 if layer.spec.digest in unowned:
                     with self._digest_lock(layer.spec.digest):
                         with self._lock:
-                            rec = self._records.get(layer.spec.digest)
+                            rec = self._states.get(layer.spec.digest)
                             still_unowned = rec is not None and not rec.owners
                         if still_unowned and self._layers.get(layer.spec.digest) is layer:
                             self._teardown(layer, force=False, quiet=True)
@@ -467,7 +467,7 @@ class LayerManager:
         digests."""
         cap = self.config.cache_cap_bytes if cap is None else cap
         with self._lock:
-            candidates = sorted((r.last_used, d, r.spec) for d, r in self._records.items()
+            candidates = sorted((r.last_used, d, r.spec) for d, r in self._states.items()
                                 if not r.owners and d not in self._layers)
         total = self._total_disk_bytes()
         self.metrics.cache_bytes.set(total)
@@ -477,7 +477,7 @@ class LayerManager:
                 break
             with self._digest_lock(digest):
                 with self._lock:
-                    rec = self._records.get(digest)
+                    rec = self._states.get(digest)
                     if rec is None or rec.owners or digest in self._layers:
                         continue
                 freed = self._disk_bytes(spec.name)
@@ -520,30 +520,30 @@ class LayerManager:
 
     def _save(self, layer: LazyLayer, *, mounted: bool | None = None) -> None:
         with self._lock:
-            rec = self._records.setdefault(layer.spec.digest, _Record(layer.spec))
+            rec = self._states.setdefault(layer.spec.digest, _LayerState(layer.spec))
             rec.spec = layer.spec
             rec.loop = layer.loop_number
             rec.mounted = layer.mounted if mounted is None else mounted
             rec.swapped = layer.swapped and rec.mounted
             if not rec.mounted:
                 rec.loop = None
-        self._write_record(rec)
+        self._write_state(rec)
 
-    def _write_record(self, rec: _Record) -> None:
+    def _write_state(self, rec: _LayerState) -> None:
         # serialised (and the state snapshotted inside) so the last writer always writes the newest state
         with self._write_lock:
             with self._lock:
-                if self._records.get(rec.spec.digest) is not rec:
+                if self._states.get(rec.spec.digest) is not rec:
                     return  # forgotten (evicted) meanwhile: do not bring its file back
                 data = json.dumps(rec.to_json(), indent=1).encode()
-            atomic_write(self._record_path(rec.spec.name), data)
+            atomic_write(self._state_path(rec.spec.name), data)
 
     def _forget(self, name: str, *, keep_cache: bool, spec: BlobSpec) -> None:
         with self._write_lock:
             with self._lock:
-                self._records.pop(spec.digest, None)
+                self._states.pop(spec.digest, None)
             with contextlib.suppress(FileNotFoundError):
-                self._record_path(name).unlink()
+                self._state_path(name).unlink()
         if not keep_cache:
             shutil.rmtree(self.root / "cache" / name, ignore_errors=True)
 
@@ -555,7 +555,7 @@ class LayerManager:
 
     def _total_disk_bytes(self) -> int:
         with self._lock:
-            names = [r.spec.name for r in self._records.values()]
+            names = [r.spec.name for r in self._states.values()]
         return sum(self._disk_bytes(n) for n in names)
 
     def _enforce_cap(self) -> None:
@@ -601,7 +601,7 @@ class Recording:
 
 
 class _Hooks:
-    """A layer's view of its manager (records and metrics)."""
+    """A layer's view of its manager (persisted state and metrics)."""
 
     def __init__(self, manager: LayerManager) -> None:
         self._m = manager

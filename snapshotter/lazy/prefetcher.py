@@ -87,7 +87,7 @@ def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tupl
     return hb.ranges_for(layer_digest)
 
 
-class Metrics:
+class PrefetchMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
         try:
@@ -170,7 +170,7 @@ class HotBlockPrefetcher:
         self.enabled = enabled
         if registry is None:
             registry = getattr(getattr(manager, "metrics", None), "registry", None)
-        self.metrics = Metrics(registry)
+        self.metrics = PrefetchMetrics(registry)
         self._lock = threading.Lock()
         # (repository, manifest digest) → (reuse until, newest artifact digest, its manifest or None if unusable)
         self._cache: OrderedDict[tuple[str, str], tuple[float, str | None, HotBlockManifest | None]] = OrderedDict()
