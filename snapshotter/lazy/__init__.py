@@ -43,7 +43,7 @@ or ``{"ok": false, "error": ..., "errno": ...}``; client: :class:`bootseer.contr
   :class:`~snapshotter.lazy.layer.Prefetch` job.  To prefetch on every lazy mount, pass a
   :class:`~snapshotter.lazy.handler.PrefetchHook` to :class:`~snapshotter.lazy.handler.LazyHandler`
   (``LazyService.start`` in :mod:`snapshotter.lazy.daemon` is where it is wired).  To see how the container's
-  reads fared, set ``LayerManager.layer(digest).demand_observer = fn(offset, length, local: bool)``: called on
+  reads fared, call ``LayerManager.observe_demand(digest, fn(offset, length, local: bool))``: ``fn`` is called on
   the FUSE loop for every read of that blob (cheap, must not block; an observer that raises is dropped).
 * **Status / metrics** — ``{"op": "status"}`` → ``{"layers": [...]}`` (``bootseer status --json`` prints the
   stable subset); ``{"op": "metrics"}`` → Prometheus text; ``{"op": "wait_swapped", "digest", "timeout"}``.

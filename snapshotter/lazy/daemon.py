@@ -47,7 +47,8 @@ class LazyService:
         control = ControlServer(cfg.control_path, manager)
         log.info("lazy layers ready in %.2fs (%d restored, control socket %s)", time.monotonic() - t0,
                  len(outcomes), cfg.control_path)
-        hot = HotBlockPrefetcher(manager, specs.client) if cfg.hotblock_prefetch else None
+        hot = (HotBlockPrefetcher(manager, specs.client, registry=manager.metrics.registry)
+               if cfg.hotblock_prefetch else None)
         service = cls(manager, LazyHandler(manager, specs, prefetch=hot), control, access, hot)
         control.on_pull_hint = lambda image, platform: service.pull_hint(specs.client, image, platform)
         return service

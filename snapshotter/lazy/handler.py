@@ -68,13 +68,19 @@ class SpecSource(Protocol):
 
 
 class PrefetchHook(Protocol):
-    """Called after a layer was mounted lazily, for the hot-block prefetcher (the recorder's part): it looks
-    up the image's hot-block manifest and calls :meth:`LayerManager.prefetch` with the layer's ranges.  It
-    runs in the Prepare's thread, so it should only start work (``prefetch`` returns at once); errors are
-    logged and never fail the Prepare."""
+    """The hot-block prefetcher as the handler sees it (:class:`~snapshotter.lazy.prefetcher.HotBlockPrefetcher`).
 
-    def __call__(self, manager: LayerManager, image_ref: str, manifest_digest: str, layer_digest: str,
-                 spec: BlobSpec) -> None: ...
+    Both methods run in the Prepare's thread, so they only start work and return at once; errors are logged
+    and never fail the Prepare."""
+
+    def lookup(self, image_ref: str, manifest_digest: str) -> None:
+        """A Prepare of the image begins: start looking up its hot-block manifest, so that it is at hand when
+        the layer is mounted."""
+        ...
+
+    def on_mount(self, image_ref: str, manifest_digest: str, layer_digest: str, spec: BlobSpec) -> None:
+        """A layer was just mounted lazily: start prefetching its recorded ranges."""
+        ...
 
 
 def owner_of(namespace: str, name: str) -> str:
@@ -110,7 +116,6 @@ class LazyHandler:
         self.prefetch = prefetch
         self.ahead = max(0, ahead)  # set-ups ahead at once per pull (0: none)
         self.ahead_hold = ahead_hold
-        self._last = threading.local()  # (lower, owner) of this thread's last prepare, for release(…, None)
         self._recorded: Callable[[str, str], bool] | None = None
         self._ahead: dict[tuple[str, str], _Ahead] = {}  # (manifest, layer) → set up ahead of its Prepare
         self._ahead_lock = threading.Lock()
@@ -149,7 +154,6 @@ class LazyHandler:
             raise
         if ahead is not None and replaces is None:  # set up ahead on another blob (re-converted meanwhile)
             self.manager.release(ahead_owner(manifest, layer), ahead.blob)
-        self._last.value = (lower, owner, spec.digest)
         log.info("layer %s of %s is lazy: blob %s at %s", layer[:19], image, spec.digest[:19], lower)
         started = (ahead is not None and replaces is not None and ahead.prefetching
                    and ahead.layer is self.manager.layer(spec.digest))  # its set-up started this mount's prefetch
@@ -167,18 +171,17 @@ class LazyHandler:
         self._set_up_ahead(image, manifest, layers)
 
     def _look_up_hot_blocks(self, image: str, manifest: str) -> None:
-        """Start the hot-block manifest lookup (a prefetcher that offers ``lookup``); never fails a Prepare."""
-        lookup = getattr(self.prefetch, "lookup", None)
-        if lookup is not None:
+        """Start the hot-block manifest lookup; never fails a Prepare."""
+        if self.prefetch is not None:
             try:
-                lookup(image, manifest)
+                self.prefetch.lookup(image, manifest)
             except Exception:
                 log.exception("hot-block manifest lookup failed to start for %s", image)
 
     def _start_prefetch(self, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
         if self.prefetch is not None:
             try:
-                self.prefetch(self.manager, image, manifest, layer, spec)
+                self.prefetch.on_mount(image, manifest, layer, spec)
             except Exception:
                 log.exception("prefetch hook failed for layer %s of %s", layer[:19], image)
 
@@ -288,21 +291,17 @@ class LazyHandler:
             if e.timer is not None:
                 e.timer.cancel()
 
-    def release(self, lower: Path, record: Record | None) -> None:
-        if record is not None:
-            self.manager.release(owner_of(record.ns, record.key), record.labels.get(LABEL_BLOB))
+    def release(self, record: Record) -> None:
+        self.manager.release(owner_of(record.ns, record.key), record.labels.get(LABEL_BLOB))
+
+    def discard(self, req: RemoteRequest, layer: RemoteLayer) -> None:
+        """The core could not record the snapshot :meth:`prepare` answered ``layer`` for: drop its hold —
+        unless a concurrent Prepare of the same layer recorded it first (both hold as one owner, the chain
+        ID, and the winner's snapshot needs the hold)."""
+        if self._recorded is not None and self._recorded(req.namespace, req.target):
+            log.info("%s: a concurrent Prepare recorded it first; its hold stays", req.target)
             return
-        last = getattr(self._last, "value", None)  # the core releases in the thread that prepared
-        if last is not None and Path(last[0]) == Path(lower):
-            self._last.value = None
-            ns, _, name = last[1].partition("/")
-            if self._recorded is not None and self._recorded(ns, name):
-                log.info("%s: a concurrent Prepare recorded it first; its hold stays", name)
-                return
-            self.manager.release(last[1], last[2])
-        else:
-            log.warning("release of %s without a record or a matching prepare; the restart hand-back will "
-                        "drop it", lower)
+        self.manager.release(owner_of(req.namespace, req.target), layer.labels.get(LABEL_BLOB))
 
     def restore(self, records: list[Record]) -> None:
         owners = {owner_of(r.ns, r.key) for r in records if r.labels.get(LABEL_BLOB)}

@@ -33,7 +33,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from bootseer.accesslog import AccessLogWriter
 from snapshotter.lazy.cache import ChunkCache, atomic_write
-from snapshotter.lazy.fetcher import KINDS, FetchConfig, Fetcher, HttpClient, Scheduler
+from snapshotter.lazy.fetcher import KINDS, PREFETCH, FetchConfig, Fetcher, HttpClient, Scheduler
 from snapshotter.lazy.fusefs import BlobFS, FuseServer
 from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer, Prefetch
 from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
@@ -359,6 +359,21 @@ class LayerManager:
         if layer is None:
             raise KeyError(digest)
         return layer.prefetch(ranges, concurrency, start)
+
+    def prefetched_bytes(self, digest: str) -> int:
+        """Bytes the mounted layer of ``digest`` fetched as kind ``prefetch`` so far (0 if none is mounted)."""
+        layer = self.layer(digest)
+        return int(layer.fetcher.stats.bytes.get(PREFETCH, 0)) if layer is not None else 0
+
+    def observe_demand(self, digest: str, observer: Callable[[int, int, bool], None] | None) -> bool:
+        """Have ``observer(offset, length, local)`` called on the FUSE loop for every read of the mounted layer
+        of ``digest`` (replacing its observer; None removes it): cheap, must not block, dropped if it raises.
+        False if no layer of ``digest`` is mounted."""
+        layer = self.layer(digest)
+        if layer is None:
+            return False
+        layer.demand_observer = observer
+        return True
 
     # -------------------------------------------------------------------------------- access recording
     def record(self, path: Path | str, digests: Iterable[str] | None = None, *, hold_swap: bool = True) -> Recording:
