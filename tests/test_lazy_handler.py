@@ -8,7 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from snapshotter.lazy.handler import LazyHandler, ahead_owner
+from snapshotter.lazy.ahead import AheadState, ahead_owner
+from snapshotter.lazy.handler import LazyHandler
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import wait_until
 from snapshotter.remote import (
@@ -96,7 +97,7 @@ def _prepare(h: LazyHandler, i: int) -> None:
 
 
 def _ahead_done(h: LazyHandler) -> bool:
-    return not any(t.is_alive() for t in h._ahead_threads)
+    return h.ahead.idle()
 
 
 def test_first_prepare_sets_up_the_following_lazy_layers_ahead() -> None:
@@ -118,7 +119,7 @@ def test_first_prepare_sets_up_the_following_lazy_layers_ahead() -> None:
             _spec(LAYERS[i]).digest: {f"ns/chain-{i}"} for i in (0, 1, 3)}
         assert sorted(hooked) == sorted([LAYERS[0], LAYERS[1], LAYERS[3]])  # one prefetch per mount
         assert sorted(m.replaced) == sorted(ahead_owner(MANIFEST, d) for d in (LAYERS[1], LAYERS[3]))
-        assert not h._ahead
+        assert h.ahead.pending() == 0
     finally:
         h.close()
 
@@ -131,7 +132,7 @@ def test_a_layer_never_prepared_is_released_when_its_hold_runs_out() -> None:
         top = _spec(LAYERS[3]).digest
         assert m.owners[top] == {ahead_owner(MANIFEST, LAYERS[3])}
         wait_until(lambda: not m.owners.get(top), 10, "the provisional hold to run out")
-        assert m.layer(top) is None and not h._ahead  # unmounted: nobody else held it
+        assert m.layer(top) is None and h.ahead.pending() == 0  # unmounted: nobody else held it
     finally:
         h.close()
 
@@ -203,8 +204,8 @@ def test_a_prepare_arriving_during_its_layers_set_up_ahead_takes_it_over_without
         assert m.mounting.wait(10)  # layer 1 is being set up ahead ...
         second = threading.Thread(target=_prepare, args=(h, 1))
         second.start()  # ... when its own Prepare comes
-        wait_until(lambda: h._ahead.get((MANIFEST, LAYERS[1])) is not None
-                   and h._ahead[(MANIFEST, LAYERS[1])].claimed, 10, "the Prepare to claim the set-up")
+        wait_until(lambda: h.ahead.state(MANIFEST, LAYERS[1]) is AheadState.CLAIMED, 10,
+                   "the Prepare to claim the set-up")
         m.gate.set()
         second.join(10)
         assert not second.is_alive()
