@@ -12,22 +12,26 @@ On-disk layout under ``root``::
     mnt/<name>/           erofs mount of a blob (the lowerdir handed to the snapshotter)
     layers/<name>.json    the layer's state: spec, owners, last use, loop device, swapped
 
-**Restart.**  The layer states are the daemon's memory.  :meth:`start` mounts a fresh FUSE fs (lazily detaching
-the dead one), then looks at each layer it has a state for as the kernel has it: a mount whose loop device reads the
-local cache file is *swapped* and left alone — it kept working while no daemon ran; a mount whose loop device
-still points at the old FUSE file is re-attached to the new one with ``LOOP_CHANGE_FD`` (reads fail with EIO
-while no daemon runs, and resume); a layer with owners but no mount (a reboot) is set up again from its cache.
+**Restart.**  The layer states are the daemon's memory.  :meth:`start` mounts a fresh FUSE fs (lazily
+detaching the dead one), then looks at each layer it has a state for as the kernel has it: a mount whose
+loop device reads the local cache file is *swapped* and left alone — it kept working while no daemon ran; a
+mount whose loop device still points at the old FUSE file is re-attached to the new one with
+``LOOP_CHANGE_FD`` (reads fail with EIO while no daemon runs, and resume); a layer with owners but no mount
+(a reboot) is set up again from its cache.
 
 **Cache budget.**  Released layers are unmounted but their caches stay, so a layer pulled again is local at
 once; when the caches together exceed ``cache_cap_bytes``, the least recently used caches of layers nobody
 owns are deleted.  Layers in use are never evicted (the budget can be exceeded by what is in use).
+
+Beside it, by concern: the persisted layer states (:mod:`~snapshotter.lazy.layerstate`), access recording
+(:mod:`~snapshotter.lazy.recording`), metrics (:mod:`~snapshotter.lazy.metrics`); one layer's own lifecycle
+is :mod:`~snapshotter.lazy.layer`.  The manager keeps the layer table, the owners, eviction and restart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -38,13 +42,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from bootseer.accesslog import AccessLogWriter
-from snapshotter.lazy.cache import ChunkCache, atomic_write
-from snapshotter.lazy.fetcher import KINDS, PREFETCH, FetchConfig, Fetcher, HttpClient, Scheduler
+from snapshotter.lazy.cache import ChunkCache
+from snapshotter.lazy.fetcher import PREFETCH, FetchConfig, Fetcher, HttpClient, Scheduler
 from snapshotter.lazy.fusefs import BlobFS, FuseServer
 from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer, Prefetch
+from snapshotter.lazy.layerstate import LayerState, LayerStateFiles
+from snapshotter.lazy.metrics import LazyMetrics
+from snapshotter.lazy.recording import Recording, Recordings
 from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
 
 log = logging.getLogger("bootseer.lazy")
@@ -79,70 +86,6 @@ class LazyConfig:
         return cls(fetch=fetch, fill=fill, **doc)
 
 
-class LazyMetrics:
-    """Prometheus metrics of the lazy data path (names prefixed ``bootseer_lazy_``)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        reg = registry if registry is not None else REGISTRY
-        try:
-            self._make(reg)
-        except ValueError:  # already registered by another manager in this process (tests): keep ours apart
-            log.debug("lazy metrics already registered; using a private registry")
-            self._make(CollectorRegistry())
-
-    def _make(self, reg: CollectorRegistry) -> None:
-        self.registry = reg
-        self.fetched_bytes = Counter("bootseer_lazy_fetched_bytes", "Bytes fetched from registries, by kind",
-                                     ["kind"], registry=reg)
-        self.fetch_seconds = Histogram("bootseer_lazy_fetch_seconds", "Latency of one range request, by kind",
-                                       ["kind"], registry=reg,
-                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.fetch_failures = Counter("bootseer_lazy_fetch_failures", "Reads/fills that ended in EIO, by kind",
-                                      ["kind"], registry=reg)
-        self.cache_hits = Counter("bootseer_lazy_cache_hits", "FUSE reads answered from local chunks",
-                                  registry=reg)
-        self.corrupt_chunks = Counter("bootseer_lazy_corrupt_chunks", "Chunks that failed sha256 verification",
-                                      registry=reg)
-        self.swaps = Counter("bootseer_lazy_layers_swapped", "Layers switched to their local file (LOOP_CHANGE_FD)",
-                             registry=reg)
-        self.layers = Gauge("bootseer_lazy_layers", "Mounted lazy layers by state (fuse, swapped)", ["state"],
-                            registry=reg)
-        self.cache_bytes = Gauge("bootseer_lazy_cache_bytes", "Disk used by chunk caches", registry=reg)
-        for kind in KINDS:
-            self.fetched_bytes.labels(kind)
-            self.fetch_failures.labels(kind)
-
-    # MetricsSink
-    def fetched(self, kind: str, nbytes: int, seconds: float) -> None:
-        self.fetched_bytes.labels(kind).inc(nbytes)
-        self.fetch_seconds.labels(kind).observe(seconds)
-
-    def corrupt(self, spec: BlobSpec, index: int) -> None:
-        self.corrupt_chunks.inc()
-
-    def failed(self, kind: str) -> None:
-        self.fetch_failures.labels(kind).inc()
-
-
-@dataclass
-class _LayerState:
-    spec: BlobSpec
-    owners: set[str] = field(default_factory=set)
-    last_used: float = 0.0
-    loop: int | None = None
-    mounted: bool = False
-    swapped: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_json(), "owners": sorted(self.owners), "last_used": self.last_used,
-                "loop": self.loop, "mounted": self.mounted, "swapped": self.swapped}
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> _LayerState:
-        return cls(BlobSpec.from_json(doc["spec"]), set(doc.get("owners", ())), float(doc.get("last_used", 0)),
-                   doc.get("loop"), bool(doc.get("mounted")), bool(doc.get("swapped")))
-
-
 class LayerManager:
     def __init__(self, root: Path, config: LazyConfig | None = None, *, auth: AuthHook = no_auth,
                  registry: CollectorRegistry | None = None, access_log: AccessLogWriter | None = None) -> None:
@@ -152,20 +95,18 @@ class LayerManager:
         self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests)
         self.scheduler = Scheduler(self.config.max_requests, self.config.background_requests, self.config.fill_rate,
                                    self.config.fill_idle, self.config.fill_max_wait)
-        self._static_access_log = access_log  # ``access_log = PATH``: every read, as long as the daemon runs
-        self.fs = BlobFS(threads=self.config.fuse_threads,
-                         access_log=self._log_access if access_log is not None else None,
-                         page_cache=self.config.page_cache)
+        self.fs = BlobFS(threads=self.config.fuse_threads, page_cache=self.config.page_cache)
+        self.recordings = Recordings(self.fs, access_log)
         self.server: FuseServer | None = None
         self._lock = threading.Lock()  # layer states and the layer table; never held while calling into a layer
         self._write_lock = threading.Lock()  # state files (taken before _lock, never inside it)
         self._digest_locks: dict[str, threading.Lock] = {}
-        self._states: dict[str, _LayerState] = {}
+        self._states: dict[str, LayerState] = {}  # persisted per layer (self.state_files)
         self._layers: dict[str, LazyLayer] = {}  # layers with live objects (mounted, or going away)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
-        self._recordings: dict[str, Recording] = {}
-        for d in ("cache", "mnt", "layers"):
+        self.state_files = LayerStateFiles(self.root / "layers")
+        for d in ("cache", "mnt"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         try:
             self.fuse_dir.mkdir(parents=True, exist_ok=True)
@@ -182,21 +123,13 @@ class LayerManager:
         return LayerPaths(cache=self.root / "cache" / spec.name, mountpoint=self.root / "mnt" / spec.name,
                           fuse_file=self.fuse_dir / spec.name)
 
-    def _state_path(self, name: str) -> Path:
-        return self.root / "layers" / f"{name}.json"
-
     # ------------------------------------------------------------------------------------ start / stop
     def start(self) -> dict[str, str]:
         """Serve FUSE and bring back every layer with a persisted state; returns ``{digest: outcome}``."""
         self.server = FuseServer(self.fs, self.fuse_dir)
         self.server.start()
         outcomes: dict[str, str] = {}
-        for path in sorted((self.root / "layers").glob("*.json")):
-            try:
-                rec = _LayerState.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError, KeyError) as e:
-                log.error("ignoring unreadable layer state %s: %s", path, e)
-                continue
+        for rec in self.state_files.load():
             with self._lock:
                 self._states[rec.spec.digest] = rec
             outcomes[rec.spec.digest] = self._restore(rec)
@@ -206,7 +139,7 @@ class LayerManager:
             log.info("restored lazy layers: %s", ", ".join(f"{d[7:19]}={o}" for d, o in outcomes.items()))
         return outcomes
 
-    def _restore(self, rec: _LayerState) -> str:
+    def _restore(self, rec: LayerState) -> str:
         digest = rec.spec.digest
         with self._digest_lock(digest):
             layer = self._new_layer(rec.spec)
@@ -237,7 +170,7 @@ class LayerManager:
         self._stop.set()
         if self._housekeeper is not None:
             self._housekeeper.join(10)
-        for rid in list(self._recordings):
+        for rid in self.recordings.ids():
             with contextlib.suppress(Exception):
                 self.stop_recording(rid)
         with self._lock:
@@ -280,7 +213,7 @@ class LayerManager:
                     self._layers[spec.digest] = layer
             fresh = not layer.mounted
             with self._lock:
-                rec = self._states.setdefault(spec.digest, _LayerState(spec))
+                rec = self._states.setdefault(spec.digest, LayerState(spec))
                 had = owner in rec.owners
                 dropped = replaces if replaces is not None and replaces != owner and replaces in rec.owners else None
                 rec.owners.add(owner)
@@ -377,42 +310,15 @@ class LayerManager:
 
     # -------------------------------------------------------------------------------- access recording
     def record(self, path: Path | str, digests: Iterable[str] | None = None, *, hold_swap: bool = True) -> Recording:
-        """Start logging every FUSE read (of ``digests``, or of every blob) to ``path`` as JSON lines (see
-        :class:`Recording`); :meth:`stop_recording` ends it.  Several recordings may run at once."""
-        rid = f"rec-{time.monotonic_ns():x}-{len(self._recordings)}"
-        rec = Recording(rid, Path(path), frozenset(digests) if digests is not None else None, hold_swap)
-        with self._lock:
-            self._recordings[rid] = rec
-        self.fs.access_log = self._log_access
-        log.info("recording FUSE accesses to %s (%s)%s", path, "all blobs" if digests is None else
-                 ", ".join(d[:19] for d in rec.digests or ()), "; swaps held" if hold_swap else "")
-        return rec
+        """Start logging every FUSE read (of ``digests``, or of every blob) to ``path`` (see
+        :mod:`snapshotter.lazy.recording`); :meth:`stop_recording` ends it.  Several recordings may run at once."""
+        return self.recordings.start(path, digests, hold_swap=hold_swap)
 
     def stop_recording(self, rid: str) -> dict[str, Any]:
-        with self._lock:
-            rec = self._recordings.pop(rid, None)
-            if not self._recordings:
-                self.fs.access_log = self._log_access if self._static_access_log is not None else None
-        if rec is None:
-            raise KeyError(f"no recording {rid!r}")
-        out = rec.close()
-        log.info("recording %s ended: %d reads logged to %s", rid, out["records"], rec.path)
-        return out
+        return self.recordings.stop(rid)
 
     def swap_held(self) -> bool:
-        with self._lock:
-            return any(r.hold_swap for r in self._recordings.values())
-
-    def _log_access(self, name: str, offset: int, length: int, t_ns: int) -> None:
-        """The FUSE thread's hook (``name``: the blob's FUSE file): must not block (appends to buffered local
-        files)."""
-        digest = name.replace("-", ":", 1)
-        if self._static_access_log is not None:
-            self._static_access_log.write(digest, offset, length, t_ns)
-        with self._lock:
-            recs = list(self._recordings.values())
-        for r in recs:
-            r.log.write(digest, offset, length, t_ns)
+        return self.recordings.swap_held()
 
     def wait_swapped(self, digest: str, timeout: float | None = None) -> bool:
         layer = self.layer(digest)
@@ -535,7 +441,7 @@ class LayerManager:
 
     def _save(self, layer: LazyLayer, *, mounted: bool | None = None) -> None:
         with self._lock:
-            rec = self._states.setdefault(layer.spec.digest, _LayerState(layer.spec))
+            rec = self._states.setdefault(layer.spec.digest, LayerState(layer.spec))
             rec.spec = layer.spec
             rec.loop = layer.loop_number
             rec.mounted = layer.mounted if mounted is None else mounted
@@ -544,21 +450,20 @@ class LayerManager:
                 rec.loop = None
         self._write_state(rec)
 
-    def _write_state(self, rec: _LayerState) -> None:
+    def _write_state(self, rec: LayerState) -> None:
         # serialised (and the state snapshotted inside) so the last writer always writes the newest state
         with self._write_lock:
             with self._lock:
                 if self._states.get(rec.spec.digest) is not rec:
                     return  # forgotten (evicted) meanwhile: do not bring its file back
-                data = json.dumps(rec.to_json(), indent=1).encode()
-            atomic_write(self._state_path(rec.spec.name), data)
+                data = self.state_files.encode(rec)
+            self.state_files.write(rec.spec.name, data)
 
     def _forget(self, name: str, *, keep_cache: bool, spec: BlobSpec) -> None:
         with self._write_lock:
             with self._lock:
                 self._states.pop(spec.digest, None)
-            with contextlib.suppress(FileNotFoundError):
-                self._state_path(name).unlink()
+            self.state_files.delete(name)
         if not keep_cache:
             shutil.rmtree(self.root / "cache" / name, ignore_errors=True)
 
@@ -583,36 +488,6 @@ class LayerManager:
                 self.housekeeping()
             except Exception:
                 log.exception("housekeeping failed")
-
-
-class Recording:
-    """An access log being written (the line format: :mod:`bootseer.accesslog`) for a recording started over
-    the control socket.  While a recording with ``hold_swap`` runs, no layer leaves FUSE (no swap, and
-    complete caches are mounted through FUSE too), so every read that misses the erofs page cache is seen;
-    drop the page cache first for a cold run.
-    """
-
-    def __init__(self, rid: str, path: Path, digests: frozenset[str] | None, hold_swap: bool) -> None:
-        self.id = rid
-        self.hold_swap = hold_swap
-        self.started_ns = time.monotonic_ns()
-        self.log = AccessLogWriter(path, digests)  # digests None: every blob
-
-    @property
-    def path(self) -> Path:
-        return self.log.path
-
-    @property
-    def digests(self) -> frozenset[str] | None:
-        return self.log.digests
-
-    @property
-    def records(self) -> int:
-        return self.log.records
-
-    def close(self) -> dict[str, Any]:
-        self.log.close()
-        return {"id": self.id, "path": str(self.path), "records": self.records}
 
 
 class _Hooks:
