@@ -40,7 +40,7 @@ or ``{"ok": false, "error": ..., "errno": ...}``; client: :class:`bootseer.contr
   "concurrency": 4, "wait": seconds | null}`` → ``{"total", "fetched", "failed", "done"}`` (chunks).  Ranges
   are fetched in the order given (first access first), as kind ``prefetch`` (after demand reads, before
   background fill), never twice.  In-process: :meth:`LayerManager.prefetch` returns a
-  :class:`~snapshotter.lazy.layer.Prefetch` job.  To prefetch on every lazy mount, pass a
+  :class:`~snapshotter.lazy.prefetchjob.Prefetch` job.  To prefetch on every lazy mount, pass a
   :class:`~snapshotter.lazy.handler.PrefetchHook` to :class:`~snapshotter.lazy.handler.LazyHandler`
   (``LazyService.start`` in :mod:`snapshotter.lazy.daemon` is where it is wired).  To see how the container's
   reads fared, call ``LayerManager.observe_demand(digest, fn(offset, length, local: bool))``: ``fn`` is called on

@@ -48,9 +48,10 @@ from bootseer.accesslog import AccessLogWriter
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.fetcher import PREFETCH, FetchConfig, Fetcher, HttpClient, Scheduler
 from snapshotter.lazy.fusefs import BlobFS, FuseServer
-from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer, Prefetch
+from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer
 from snapshotter.lazy.layerstate import LayerState, LayerStateFiles
 from snapshotter.lazy.metrics import LazyMetrics
+from snapshotter.lazy.prefetchjob import Prefetch
 from snapshotter.lazy.recording import Recording, Recordings
 from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
 

@@ -64,7 +64,7 @@ DemandObserver = Callable[[int, int, bool], None]  # (offset, length, already lo
 
 
 class PrefetchJob(Protocol):
-    """A running prefetch job (:class:`snapshotter.lazy.layer.Prefetch`): counts in chunks, ``warmed`` in
+    """A running prefetch job (:class:`snapshotter.lazy.prefetchjob.Prefetch`): counts in chunks, ``warmed`` in
     bytes; ``done`` is set when it ends."""
 
     total: int
