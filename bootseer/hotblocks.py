@@ -249,9 +249,10 @@ class HotBlockManifest:
         """Parse and check a manifest; anything malformed is :class:`BadManifest` (never a partial result)."""
         try:
             # no reader threads: a manifest is small, and pyarrow's thread pool still running at interpreter
-            # exit aborted short CLI runs ("terminate called without an active exception", 17 of 60 runs).
-            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first import takes
-            # ~40 ms of the snapshotter's GIL — at the first Prepare of a pull, while its layers are set up
+            # exit aborted short CLI runs ("terminate called without an active exception").
+            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first import holds
+            # the snapshotter's GIL at the first Prepare of a pull, while its layers are set up
+            # (figures: docs/bench/design-measurements.md)
             table = pq.ParquetFile(io.BytesIO(data)).read(use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as e:
             raise BadManifest(f"not a readable Parquet file: {e}") from e

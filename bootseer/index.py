@@ -74,10 +74,9 @@ ARTIFACT_TYPE = "application/vnd.bootseer.index.v1+json"
 INDEX_MEDIA_TYPE = ARTIFACT_TYPE
 EROFS_MEDIA_TYPE = "application/vnd.bootseer.layer.v1.erofs"
 LAYER_ANNOTATION = "io.bootseer.layer.digest"
-# 128 KiB: the unit of every lazy fetch, verification and cache bit.  Measured with the start-up benchmark
-# (docs/bench/startup.md): the realistic image's hot set is 218 MB of blob ranges in 1 MiB chunks, 159 MB in
-# 256 KiB, 139 MB in 128 KiB, 124 MB in 64 KiB — and 128 KiB is also the largest read FUSE and erofs
-# read-ahead send.  64 KiB fetched less but started slower (per-chunk hashing and bookkeeping in Python).
+# 128 KiB: the unit of every lazy fetch, verification and cache bit.  Smaller chunks fetch a smaller hot set
+# but cost more per-chunk hashing and bookkeeping in Python; 128 KiB is also the largest read FUSE and erofs
+# read-ahead send (figures: docs/bench/design-measurements.md).
 DEFAULT_CHUNK_SIZE = 128 << 10
 FORMAT_VERSION = 1
 CONVERTER = {"format": "erofs", "compression": "lz4hc", "version": FORMAT_VERSION}

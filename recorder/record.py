@@ -19,7 +19,7 @@ The steps, and why each is there:
    releases the layers), stop the recording, **build** the manifest (:func:`bootseer.hotblocks.build`).
    With ``--runs N`` steps 2–5 repeat and the union is kept: the first run reads every chunk from the
    registry, later ones — like every prefetched start — from local chunks, and the kernel's read-ahead
-   then reaches a few chunks further (measured with 1 MiB chunks: 19 more of the torch layer's 128).
+   then reaches a few chunks further (docs/bench/design-measurements.md).
 6. ``--merge`` it with the newest manifest in the registry, and **push** it as a referrer of the image
    manifest.
 

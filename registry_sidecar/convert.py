@@ -82,9 +82,9 @@ class ConvertOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     compression: str = "lz4hc,4"  # mkfs.erofs -z argument ("lz4hc,4", "lz4hc" = level 9, "lz4hc,12", "lz4")
     # mkfs.erofs -C: largest physical cluster (bytes of compressed data decompressed as one).  64 KiB instead
-    # of mkfs's 4 KiB: the realistic image's blobs shrink and its start-up hot set with them (161 → 136 MB
-    # over the link; prefetched start-up 7.6 → 7.1 s at 200 Mbit/s), for more decompression per small
-    # random read.  None: mkfs's default.
+    # of mkfs's 4 KiB: the blobs shrink and the start-up hot set with them, which the prefetched start-up
+    # gains more from than it loses to more decompression per small random read
+    # (docs/bench/design-measurements.md).  None: mkfs's default.
     pcluster_size: int | None = 64 << 10
     allow_devices: bool = True
     max_bytes: int | None = None  # refuse layers unpacking to more file data than this

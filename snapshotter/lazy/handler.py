@@ -14,7 +14,8 @@ drops every hold whose snapshot no longer exists.
 
 **Setting up the following layers ahead.**  containerd prepares an image's layers one after another, each
 Prepare waiting for the one below; a lazy layer's set-up (index lookup, loop device, erofs mount — whose
-superblock read is a fetch racing the prefetch already under way) took 50–130 ms of each.  The CRI labels
+superblock read is a fetch racing the prefetch already under way) is a noticeable part of each
+(docs/bench/design-measurements.md).  The CRI labels
 name the layers that follow (``cri.image-layers``), so the first Prepare of a pull sets those up at once, in
 parallel, each held by a provisional owner ``ahead/<manifest>/<layer>`` and with its hot-block prefetch
 started: their own Prepares then find them mounted.  A provisional hold ends when the layer's real Prepare

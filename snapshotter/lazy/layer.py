@@ -159,8 +159,8 @@ class LazyLayer:
 
         A layer already mounted returns at once, without waiting for ``_life``: a Prepare of a layer set up
         ahead must not wait behind its prefetch moving the loop device onto the page cache (a
-        ``LOOP_CHANGE_FD`` freezes the device's queue: 12–38 ms measured).  The caller (the manager, under
-        the layer's digest lock) keeps a teardown from racing this."""
+        ``LOOP_CHANGE_FD`` freezes the device's queue; docs/bench/design-measurements.md).  The caller (the
+        manager, under the layer's digest lock) keeps a teardown from racing this."""
         if self.mounted:
             return
         with self._life:

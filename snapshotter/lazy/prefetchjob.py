@@ -64,7 +64,7 @@ def batchable(first_due: float | None, due: float | None, window: float) -> bool
 
     Only runs due within ``window`` seconds of each other: a request is admitted by its earliest run, and
     the requests in flight share the link, so a batch carrying runs due much later takes link share from runs
-    due sooner (measured: docs/bench/startup.md).  Without recorded times (no schedule to keep) runs are
+    due sooner (docs/bench/design-measurements.md).  Without recorded times (no schedule to keep) runs are
     batched in order."""
     if window <= 0:
         return False
