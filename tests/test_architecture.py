@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+# the repository root, at whatever depth under tests/ this file lives
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "docs" / "architecture.md").exists())
 DOC = ROOT / "docs" / "architecture.md"
 TABLE_HEAD = "## Allowed dependencies"
 COMPOSITION_ROOT = Path("bootseer/cli.py")  # the CLI entry point may reach every part
