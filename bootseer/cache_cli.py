@@ -36,8 +36,8 @@ def drop(
     """Delete the local chunks of IMAGE's lazy layers (or --all unused ones): the next start fetches them
     again, with the recorded hot blocks prefetched, as on a fresh node.  Layers a snapshot holds are kept
     (remove the image first: `ctr image rm IMAGE`)."""
-    from bootseer.status import default_control, image_blobs
-    from snapshotter.lazy.serve import Control, ControlError
+    from bootseer.control import Control, ControlError, default_control
+    from bootseer.status import image_blobs
 
     if (image is None) == (not all_layers):
         typer.echo("error: give IMAGE or --all", err=True)

@@ -1,6 +1,6 @@
 """``bootseer status`` and ``bootseer pull``: the node-side commands of the lazy path.
 
-``status`` asks the snapshotter's control socket (see :mod:`snapshotter.lazy.serve`) for its lazy layers
+``status`` asks the snapshotter's control socket (see :mod:`bootseer.control`) for its lazy layers
 and prints, per layer, the blob, the repository it comes from, its size, how much of it is local, how much
 was fetched by whom (demand reads, prefetch of recorded hot blocks, background fill) and whether the layer
 left FUSE (swapped to its local file).  ``--json`` prints the same for scripts: ``{"layers": [{"digest",
@@ -12,7 +12,6 @@ with ``--image IMAGE`` only that image's layers, each also with ``image``, ``lay
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,8 @@ from typing import Any
 import typer
 
 from bootseer import log
+from bootseer.control import DEFAULT_CONTROL, Control, ControlError, default_control, send_pull_hint
 from bootseer.hosts import default_hosts_dir
-
-DEFAULT_CONTROL = "/run/bootseer/snapshotter.sock.ctl"
-
-
-def default_control() -> str:
-    """The local stack's snapshotter control socket if `bootseer stack up` runs one, else the system one."""
-    from bootseer.localstack import local_stack_value
-
-    ctl = local_stack_value("snapshotter_control")
-    return ctl if ctl and os.path.exists(ctl) else DEFAULT_CONTROL
 
 
 def layer_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,9 +47,9 @@ def image_blobs(image: str, hosts_dir: str | None, plain_http: bool,
                 platform: str | None) -> dict[str, dict[str, Any]]:
     """EROFS blob digest → ``{"image", "layer" (the image's layer digest, as `pull` prints it), "position"}``
     from ``image``'s BootSeer index, so the snapshotter's blobs can be matched to the image's layers."""
+    from bootseer.index import find_index
     from bootseer.reference import Reference
     from bootseer.registry import Platform, RegistryClient
-    from registry_sidecar.index import find_index
 
     client = RegistryClient(hosts_dir=default_hosts_dir(hosts_dir), plain_http=plain_http)
     ref = Reference.parse(image)
@@ -88,8 +78,6 @@ def status(control: str | None = typer.Option(None, "--control", help="The snaps
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show the snapshotter's lazy layers: blob, repository, size, bytes local, bytes fetched by kind, swapped;
     with --image, only that image's, matched to its layers."""
-    from snapshotter.lazy.serve import Control, ControlError
-
     path = control or default_control()
     if not Path(path).exists():
         typer.echo(f"error: no snapshotter control socket at {path} (is the snapshotter running with "
@@ -204,24 +192,6 @@ def pull_cmd(
         lazy = sum(lo.mode == "lazy" for lo in res.layers)
         typer.echo(f"{res.image}: {len(res.layers)} layers, {lazy} lazy, {_mib(res.downloaded_bytes)} downloaded, "
                    f"{res.seconds:.2f}s")
-
-
-def send_pull_hint(control: str, image: str, platform: str | None) -> bool:
-    """Tell the snapshotter (its control socket) that ``image`` is about to be pulled: it resolves the image and
-    sets its lazy layers up, prefetch started, while this process is still importing its gRPC and HTTP stacks
-    and before containerd sends the first Prepare (~0.2 s later, measured).  Best effort and quick: plain
-    socket and JSON, no daemon, no permission or an old daemon just means no head start (False)."""
-    import socket
-
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            s.connect(control)
-            s.sendall(json.dumps({"op": "pull_hint", "image": image, "platform": platform}).encode() + b"\n")
-            answer = s.recv(1 << 12)
-        return bool(json.loads(answer).get("ok"))
-    except (OSError, ValueError):
-        return False
 
 
 class _null:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import time
 
+from bootseer.index import find_index
 from bootseer.reference import Reference
 from bootseer.registry import RegistryClient, RegistryError
 from depsnap import image
 from registry_sidecar.convert import MemoryLayerMap, convert_image
-from registry_sidecar.index import find_index
 
 log = logging.getLogger("bootseer.depsnap")
 MODES = ("auto", "wait", "none")

@@ -231,9 +231,9 @@ def _quickstart_lazy_pull(st: Stack, ref: str, timeout: float) -> None:
     """Wait for the sidecar's index of ``ref``, then ``bootseer pull`` it; fail unless every layer is lazy."""
     import time
 
+    from bootseer.index import find_index
     from bootseer.pull import pull
     from bootseer.registry import RegistryClient
-    from registry_sidecar.index import find_index
 
     client = RegistryClient(hosts_dir=str(Path(st.info.containerd_config).parent / "certs.d"))
     repo, _, _tag = ref.rpartition(":")

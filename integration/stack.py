@@ -30,9 +30,9 @@ from typing import Any
 
 import requests
 
+from bootseer.localstack import DEFAULT_ROOT, STATE_FILE, StackInfo, read_info
 from integration import containerd_config, images
 from integration.netns import ShapedLink, parse_rate
-from integration.state import DEFAULT_ROOT, STATE_FILE, StackInfo, read_info
 
 
 class StackError(RuntimeError):

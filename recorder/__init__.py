@@ -1,5 +1,10 @@
-"""Hot blocks: record which blocks of an image a start-up reads, replay them before they are asked for.
+"""Hot blocks, the recording side: ``bootseer record`` runs an image once and keeps what its start-up read.
 
-* :mod:`~recorder.hotblocks` — the manifest (access records → ranges, Parquet, merge, validation); plain.
-* :mod:`~recorder.artifact` — the manifest as an OCI referrer of the image manifest (push, fetch).
+* :mod:`~recorder.record` — one recording: drives the snapshotter through its control socket
+  (:mod:`bootseer.control`), reads the access log (:mod:`bootseer.accesslog`), builds and pushes the
+  hot-block manifest (:mod:`bootseer.hotblocks`).
+* :mod:`~recorder.cli` — ``bootseer record`` and ``bootseer hotblocks``.
+
+The replaying side — the prefetcher that fetches a recording's ranges on every lazy mount — is part of the
+snapshotter (:mod:`snapshotter.lazy.prefetcher`).  The recorder depends on the core (``bootseer``) only.
 """

@@ -51,7 +51,7 @@ def record(
     command exits, prints the ready line, or the time limit), and push them as the image's hot-block
     manifest: `bootseer record IMG --ready-line 'listening' -- python3 serve.py`.  Progress goes to stderr."""
     from bootseer.containerd import default_address
-    from bootseer.status import default_control
+    from bootseer.control import default_control
 
     if ready_line is not None:
         try:
@@ -138,7 +138,7 @@ def show(
 ) -> None:
     """Layers, ranges, bytes, the share of each layer and of the image, and how the hot set spreads over time.
     Exit code 3 when the image has no usable manifest (none, corrupt, or not matching the image)."""
-    from recorder.hotblocks import BadManifest, HotBlockManifest
+    from bootseer.hotblocks import BadManifest, HotBlockManifest
 
     if (image is None) == (file is None):
         typer.echo("error: give IMAGE or --file", err=True)
@@ -163,10 +163,10 @@ def show(
 def _fetch(image: str, hosts_dir: str, plain_http: bool, platform: str | None) -> tuple[Any, dict[str, Any]]:
     import logging
 
+    from bootseer import hotblocks
+    from bootseer.index import BadIndex, find_index
     from bootseer.reference import Reference
     from bootseer.registry import Platform, RegistryClient, RegistryError
-    from recorder import artifact
-    from registry_sidecar.index import BadIndex, find_index
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="warning: %(message)s")
     client = RegistryClient(hosts_dir=hosts_dir, plain_http=plain_http)
@@ -178,7 +178,7 @@ def _fetch(image: str, hosts_dir: str, plain_http: bool, platform: str | None) -
         except BadIndex:
             idx = None
         index_blobs = {d: lb.blob.digest for d, lb in idx[1].layers.items()} if idx else None
-        found = artifact.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
+        found = hotblocks.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
                                index_blobs=index_blobs)
     except (ValueError, RegistryError) as e:
         typer.echo(f"error: {image}: {log.error_text(e)}", err=True)

@@ -17,10 +17,10 @@ The steps, and why each is there:
    the command with ``ctr run``, watching its output for the ready line, until it exits, prints the ready
    line, or the time limit passes; then kill it.
 5. **Clean up** the container, the image and the namespace (containerd's GC removes the snapshots, which
-   releases the layers), stop the recording, **build** the manifest (:func:`recorder.hotblocks.build`).
+   releases the layers), stop the recording, **build** the manifest (:func:`bootseer.hotblocks.build`).
    With ``--runs N`` steps 2–5 repeat and the union is kept: the first run reads every chunk from the
    registry, later ones — like every prefetched start — from local chunks, and the kernel's read-ahead
-   then reaches a few chunks further (measured with 1 MiB chunks: 19 more of the torch layer's 128).
+   then reaches a few chunks further (docs/bench/design-measurements.md).
 6. ``--merge`` it with the newest manifest in the registry, and **push** it as a referrer of the image
    manifest.
 
@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recorder import artifact
-from recorder.hotblocks import BadManifest, BlobInfo, HotBlockManifest, build, merge, read_access_log
+from bootseer import hotblocks
+from bootseer.accesslog import read_access_log
+from bootseer.hotblocks import BadManifest, BlobInfo, HotBlockManifest, build, merge
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # unexpected failure
@@ -204,9 +205,9 @@ class Recorder:
 
     # ------------------------------------------------------------------------------------------ steps
     def resolve(self) -> tuple[Any, Any, Any, dict[str, BlobInfo]]:
+        from bootseer.index import BadIndex, find_index
         from bootseer.reference import Reference
         from bootseer.registry import Platform, RegistryClient, RegistryError
-        from registry_sidecar.index import BadIndex, find_index
 
         o = self.opts
         client = RegistryClient(hosts_dir=o.hosts_dir, plain_http=o.plain_http)
@@ -231,7 +232,7 @@ class Recorder:
 
     def check_node(self, blobs: dict[str, BlobInfo]) -> tuple[Any, bool]:
         """The control client, and whether any of the blobs is already mounted (page cache to drop)."""
-        from snapshotter.lazy.serve import Control, ControlError
+        from bootseer.control import Control, ControlError
 
         o = self.opts
         if not Path(o.control).exists():
@@ -289,7 +290,7 @@ class Recorder:
 
             subject = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
             try:
-                result["artifact"] = artifact.push(client, ref, subject, hb)
+                result["artifact"] = hotblocks.push(client, ref, subject, hb)
             except (RegistryError, OSError) as e:
                 raise RecordError(EXIT_PUSH, f"pushing the hot-block manifest: {e}", result) from e
             self.progress(f"pushed hot-block manifest {result['artifact'][:19]} (referrer of {manifest.digest[:19]})")
@@ -328,7 +329,7 @@ class Recorder:
     def _merge(self, client: Any, ref: Any, manifest: Any, blobs: dict[str, BlobInfo],
                hb: HotBlockManifest) -> tuple[HotBlockManifest, bool]:
         index_blobs = {b.layer: d for d, b in blobs.items()}
-        found = artifact.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
+        found = hotblocks.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
                                index_blobs=index_blobs)
         if found is None:
             self.progress("--merge: no usable hot-block manifest yet; pushing this recording alone")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from bootseer import log as bslog
+from bootseer.index import DEFAULT_CHUNK_SIZE
 from bootseer.reference import Reference, ReferenceError
 from bootseer.registry import Platform, RegistryClient, RegistryError
 from registry_sidecar.convert import (
@@ -25,7 +26,6 @@ from registry_sidecar.convert import (
     LayerResult,
     MemoryLayerMap,
 )
-from registry_sidecar.index import DEFAULT_CHUNK_SIZE
 
 app = typer.Typer(help="The registry sidecar: converts pushed images into lazily loadable EROFS layers.",
                   no_args_is_help=True)

@@ -17,7 +17,7 @@ byte.
 
 Then the blob is cut into chunks (128 KiB default) and hashed, pushed into the image's repository (or mounted
 from another repository that has it), and finally the index artifact is pushed as a referrer of the image
-manifest (:mod:`registry_sidecar.index`).  Layers that cannot be converted — unknown media type, hostile or
+manifest (:mod:`bootseer.index`).  Layers that cannot be converted — unknown media type, hostile or
 corrupt content — are listed in the index as skipped, with the reason; the rest of the image is still indexed.
 An image none of whose layers could be converted gets no index at all (nodes pull it the ordinary way).
 Scratch data is removed whatever happens.
@@ -41,6 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from bootseer.index import (
+    DEFAULT_CHUNK_SIZE,
+    EROFS_MEDIA_TYPE,
+    ImageIndex,
+    LayerBlob,
+    find_index,
+    hash_chunks,
+    manifest_descriptor,
+    push_index,
+)
 from bootseer.reference import Reference
 from bootseer.registry import (
     Descriptor,
@@ -48,15 +58,6 @@ from bootseer.registry import (
     Manifest,
     Platform,
     RegistryClient,
-)
-from registry_sidecar.index import (
-    DEFAULT_CHUNK_SIZE,
-    EROFS_MEDIA_TYPE,
-    ImageIndex,
-    LayerBlob,
-    find_index,
-    manifest_descriptor,
-    push_index,
 )
 from registry_sidecar.unpack import (
     LayerError,
@@ -81,9 +82,9 @@ class ConvertOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     compression: str = "lz4hc,4"  # mkfs.erofs -z argument ("lz4hc,4", "lz4hc" = level 9, "lz4hc,12", "lz4")
     # mkfs.erofs -C: largest physical cluster (bytes of compressed data decompressed as one).  64 KiB instead
-    # of mkfs's 4 KiB: the realistic image's blobs shrink and its start-up hot set with them (161 → 136 MB
-    # over the link; prefetched start-up 7.6 → 7.1 s at 200 Mbit/s), for more decompression per small
-    # random read.  None: mkfs's default.
+    # of mkfs's 4 KiB: the blobs shrink and the start-up hot set with them, which the prefetched start-up
+    # gains more from than it loses to more decompression per small random read
+    # (docs/bench/design-measurements.md).  None: mkfs's default.
     pcluster_size: int | None = 64 << 10
     allow_devices: bool = True
     max_bytes: int | None = None  # refuse layers unpacking to more file data than this
@@ -95,7 +96,7 @@ class ConvertOptions:
 
 # ------------------------------------------------------------------------------------------ layer map
 @dataclass
-class LayerRecord:
+class ConvertedLayer:
     blob: LayerBlob
     repos: list[str] = field(default_factory=list)  # repositories known to hold the EROFS blob
 
@@ -103,7 +104,7 @@ class LayerRecord:
 class LayerMap(Protocol):
     """Original layer digest → its EROFS blob, across repositories, so a layer is converted once."""
 
-    def get_layer(self, layer_digest: str) -> LayerRecord | None: ...
+    def get_layer(self, layer_digest: str) -> ConvertedLayer | None: ...
 
     def put_layer(self, blob: LayerBlob, repo: str) -> None: ...
 
@@ -112,16 +113,16 @@ class LayerMap(Protocol):
 
 class MemoryLayerMap:
     def __init__(self) -> None:
-        self._d: dict[str, LayerRecord] = {}
+        self._d: dict[str, ConvertedLayer] = {}
         self._lock = threading.Lock()
 
-    def get_layer(self, layer_digest: str) -> LayerRecord | None:
+    def get_layer(self, layer_digest: str) -> ConvertedLayer | None:
         with self._lock:
             return self._d.get(layer_digest)
 
     def put_layer(self, blob: LayerBlob, repo: str) -> None:
         with self._lock:
-            rec = self._d.setdefault(blob.layer_digest, LayerRecord(blob))
+            rec = self._d.setdefault(blob.layer_digest, ConvertedLayer(blob))
             rec.blob = blob
             if repo not in rec.repos:
                 rec.repos.append(repo)
@@ -223,22 +224,6 @@ def build_erofs(root: Path, out: Path, layer_digest: str, epoch: int, opts: Conv
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise ConvertError(f"mkfs.erofs failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-
-
-def hash_chunks(path: Path, chunk_size: int) -> tuple[str, int, tuple[str, ...]]:
-    """(sha256 digest of the file, its size, sha256 hex of each ``chunk_size`` chunk) in one read."""
-    whole = hashlib.sha256()
-    chunks: list[str] = []
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            data = fh.read(chunk_size)
-            if not data:
-                break
-            whole.update(data)
-            chunks.append(hashlib.sha256(data).hexdigest())
-            size += len(data)
-    return "sha256:" + whole.hexdigest(), size, tuple(chunks)
 
 
 class _ReadProgress:
@@ -435,7 +420,7 @@ class ImageConverter:
         finally:
             shutil.rmtree(ldir, ignore_errors=True)
 
-    def _reuse(self, repo: Reference, rec: LayerRecord) -> bool:
+    def _reuse(self, repo: Reference, rec: ConvertedLayer) -> bool:
         """Make the known blob available in ``repo`` without converting: present already, or mounted."""
         digest = rec.blob.blob.digest
         if self.client.blob_exists(repo, digest) is not None:

@@ -43,6 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bootseer import __version__
+from bootseer.index import DEFAULT_CHUNK_SIZE
 from bootseer.reference import Reference, is_loopback
 from bootseer.registry import (
     IMAGE_MANIFEST_TYPES,
@@ -54,7 +55,6 @@ from bootseer.registry import (
     RegistryError,
 )
 from registry_sidecar.convert import ConvertOptions, ImageConverter, ImageResult
-from registry_sidecar.index import DEFAULT_CHUNK_SIZE
 from registry_sidecar.state import Job, QueueFull, State
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry_sidecar.convert import LayerRecord
-from registry_sidecar.index import LayerBlob
+from bootseer.index import LayerBlob
+from registry_sidecar.convert import ConvertedLayer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -205,14 +205,14 @@ class State:
         return [self.job(i) for i in ids]
 
     # ------------------------------------------------------------------------------------------ layer map
-    def get_layer(self, layer_digest: str) -> LayerRecord | None:
+    def get_layer(self, layer_digest: str) -> ConvertedLayer | None:
         with self._lock:
             row = self._db.execute("SELECT blob FROM layers WHERE layer_digest=?", (layer_digest,)).fetchone()
             if row is None:
                 return None
             repos = [r[0] for r in self._db.execute("SELECT repo FROM layer_repos WHERE layer_digest=? ORDER BY repo",
                                                      (layer_digest,))]
-        return LayerRecord(LayerBlob.from_dict(json.loads(row[0])), repos)
+        return ConvertedLayer(LayerBlob.from_dict(json.loads(row[0])), repos)
 
     def put_layer(self, blob: LayerBlob, repo: str) -> None:
         with self._lock:

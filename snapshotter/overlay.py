@@ -203,7 +203,7 @@ class Snapshotter:
             self.create_remote(ns, target, parent, labels, layer)
         except SnapshotError as e:
             with contextlib.suppress(Exception):
-                self.remote.release(layer.lower, None)
+                self.remote.discard(req, layer)
             if isinstance(e, AlreadyExists):
                 raise
             log.warning("could not record remote snapshot %s: %s; falling back", target, e)
@@ -348,7 +348,7 @@ class Snapshotter:
         below, rename to ``rm-*``.  Returns the new path, or None if there was nothing there."""
         if rec is not None and rec.lower and self.remote is not None:
             try:
-                self.remote.release(Path(rec.lower), rec)
+                self.remote.release(rec)
             except Exception:
                 log.exception("remote handler failed to release %s", rec.lower)
         if not os.path.lexists(path):

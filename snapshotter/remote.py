@@ -63,11 +63,17 @@ class RemoteHandler(Protocol):
 
         Called without the metadata lock held, so it may take time (fetch an index, set up mounts).  If the
         core then fails to record the snapshot (e.g. a concurrent Prepare recorded the same target first)
-        it calls :meth:`release` with the layer's ``lower``."""
+        it calls :meth:`discard` with the same request and this answer."""
         ...
 
-    def release(self, lower: Path, record: Record | None) -> None:
-        """The snapshot using ``lower`` is gone (removed, or never recorded): unmount, drop references."""
+    def discard(self, req: RemoteRequest, layer: RemoteLayer) -> None:
+        """``layer``, the answer of :meth:`prepare` to ``req``, was never recorded: drop what that prepare
+        holds (unmount if nothing else holds it)."""
+        ...
+
+    def release(self, record: Record) -> None:
+        """The remote snapshot ``record`` (its ``lower`` the layer's mount) is being removed: unmount, drop
+        references."""
         ...
 
     def restore(self, records: list[Record]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from bootseer.reference import Reference
 from bootseer.registry import Manifest, RegistryClient
 from integration.stack import Stack
-from registry_sidecar.index import IndexReader
+from snapshotter.lazy.index_reader import IndexReader
 
 
 def tree_snapshot(root: Path, mtimes: bool = True) -> tuple[dict[str, tuple], list[list[str]]]:

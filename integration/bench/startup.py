@@ -584,7 +584,7 @@ class Bench:
             self.log("no fetch counters: the stack runs no lazy snapshotter")
             return {}
         try:
-            from snapshotter.lazy.serve import Control
+            from bootseer.control import Control
 
             for ly in Control(ctl, timeout=10).call("status")["layers"]:
                 for k, v in ((ly.get("fetched") or {}).get("bytes") or {}).items():

@@ -9,37 +9,22 @@ re-attaches the ones still behind FUSE.  State lives in ``<root>/lazy`` (see
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootseer.accesslog import AccessLogWriter
 from bootseer.reference import Reference
 from bootseer.registry import Platform, RegistryClient
-from recorder.prefetch import HotBlockPrefetcher
 from snapshotter.config import Config
 from snapshotter.lazy.handler import LazyHandler, RegistrySpecs
 from snapshotter.lazy.manager import LayerManager, LazyConfig
+from snapshotter.lazy.prefetcher import HotBlockPrefetcher
 from snapshotter.lazy.serve import ControlServer
 
 log = logging.getLogger("bootseer.lazy")
-
-
-class _FileAccessLog:
-    """``access_log = PATH``: every FUSE read, as JSON lines, for as long as the daemon runs."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - lives as long as the daemon
-
-    def __call__(self, name: str, offset: int, length: int, t_ns: int) -> None:
-        self._fh.write(json.dumps({"blob": name.replace("-", ":", 1), "offset": offset, "length": length,
-                                   "t_ns": t_ns}) + "\n")
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 @dataclass
@@ -47,22 +32,23 @@ class LazyService:
     manager: LayerManager
     handler: LazyHandler
     control: ControlServer
-    access_log: _FileAccessLog | None = None
-    hotblocks: HotBlockPrefetcher | None = None  # replays recorded hot blocks at Prepare (recorder.prefetch)
+    access_log: AccessLogWriter | None = None
+    hotblocks: HotBlockPrefetcher | None = None  # replays recorded hot blocks at Prepare
 
     @classmethod
     def start(cls, cfg: Config) -> LazyService:
         t0 = time.monotonic()
         specs = RegistrySpecs.create(hosts_dir=cfg.hosts_dir or None, plain_http=cfg.plain_http,
                                      docker_config=cfg.docker_config or None, cache_dir=cfg.root / "index-cache")
-        access = _FileAccessLog(Path(cfg.access_log)) if cfg.access_log else None
+        access = AccessLogWriter(Path(cfg.access_log)) if cfg.access_log else None
         manager = LayerManager(cfg.root / "lazy", LazyConfig.from_dict(cfg.lazy), auth=specs.auth,
                                access_log=access)
         outcomes = manager.start()
         control = ControlServer(cfg.control_path, manager)
         log.info("lazy layers ready in %.2fs (%d restored, control socket %s)", time.monotonic() - t0,
                  len(outcomes), cfg.control_path)
-        hot = HotBlockPrefetcher(manager, specs.client) if cfg.hotblock_prefetch else None
+        hot = (HotBlockPrefetcher(manager, specs.client, registry=manager.metrics.registry)
+               if cfg.hotblock_prefetch else None)
         service = cls(manager, LazyHandler(manager, specs, prefetch=hot), control, access, hot)
         control.on_pull_hint = lambda image, platform: service.pull_hint(specs.client, image, platform)
         return service

@@ -17,23 +17,23 @@ runs in other threads.  That split is not a style choice:
   ``pread`` of the cache file; any read that needs the network runs in a trio worker thread
   (``trio.to_thread``, bounded by a capacity limiter), so one slow fetch never stalls other requests.
 
-**Direct I/O, and the page cache for prefetched data.**  A blob file is first opened with ``direct_io``:
-the loop device's reads bypass the page cache of the FUSE file and reach us as they are — the only cached
-copy of the layer is the erofs mount's, a read arrives as one request however large (the fetcher turns it
-into one range request), and the recorder sees every read.  Once a hot-block prefetch starts for the layer
-(and ``page_cache`` is on, the default), the layer re-opens the file through the page cache
+**Direct I/O, and the page cache for prefetched data.** A blob file is first opened with ``direct_io``: the
+loop device's reads bypass the page cache of the FUSE file and reach us as they are — the only cached copy of
+the layer is the erofs mount's, a read arrives as one request however large (the fetcher turns it into one
+range request), and the recorder sees every read. Once a hot-block prefetch starts for the layer (and
+``page_cache`` is on, the default), the layer re-opens the file through the page cache
 (:meth:`BlobFS.cache_opens`, then ``LOOP_CHANGE_FD`` to the new descriptor) and pushes every chunk the
-prefetch made local into that cache (:meth:`FuseServer.store`, FUSE's ``notify_store``): the container's
-reads of prefetched data are then answered by the kernel — loop device → page cache — without a FUSE round
-trip, the daemon's GIL or a thread switch (the torch start-up: ~1600 FUSE reads become ~35, and the start is
-0.2 s faster).  The price is a second, compressed copy of the hot set next to the erofs mount's decompressed
-one, until the layer leaves FUSE; blobs are content-addressed and inode numbers never reused, so a cached
-page can never be stale.  Why not the page cache from the start: the kernel then splits every read into
-128 KiB read-ahead requests, one range request each — a start-up without prefetch made twice the requests
-and took 7.0 s instead of 5.7 s.  While an access log is active (``bootseer record``) files stay in direct
-I/O and nothing is pushed: a pushed page would hide the read it answers.  Attributes never change while a
-blob is registered, so attribute timeouts are long; names are removed when a layer leaves FUSE, so entry
-timeouts are short.
+prefetch made local into that cache (:meth:`FuseServer.store`, FUSE's ``notify_store``): the container's reads
+of prefetched data are then answered by the kernel — loop device → page cache — without a FUSE round trip, the
+daemon's GIL or a thread switch (most FUSE reads of a prefetched start-up disappear; figures in
+docs/bench/design-measurements.md). The price is a second, compressed copy of the hot set next to the erofs
+mount's decompressed one, until the layer leaves FUSE; blobs are content-addressed and inode numbers never
+reused, so a cached page can never be stale. Why not the page cache from the start: the kernel then splits
+every read into 128 KiB read-ahead requests, one range request each — a start-up without prefetch made twice
+the requests and was slower. While an access log is active (``bootseer record``) files stay in direct I/O and
+nothing is pushed: a pushed page would hide the read it answers. Attributes never change while a blob is
+registered, so attribute timeouts are long; names are removed when a layer leaves FUSE, so entry timeouts are
+short.
 """
 
 from __future__ import annotations

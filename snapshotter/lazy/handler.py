@@ -14,14 +14,16 @@ drops every hold whose snapshot no longer exists.
 
 **Setting up the following layers ahead.**  containerd prepares an image's layers one after another, each
 Prepare waiting for the one below; a lazy layer's set-up (index lookup, loop device, erofs mount — whose
-superblock read is a fetch racing the prefetch already under way) took 50–130 ms of each.  The CRI labels
+superblock read is a fetch racing the prefetch already under way) is a noticeable part of each
+(docs/bench/design-measurements.md).  The CRI labels
 name the layers that follow (``cri.image-layers``), so the first Prepare of a pull sets those up at once, in
 parallel, each held by a provisional owner ``ahead/<manifest>/<layer>`` and with its hot-block prefetch
 started: their own Prepares then find them mounted.  A provisional hold ends when the layer's real Prepare
 takes it over, or after ``ahead_hold`` seconds (a layer containerd never prepares — its snapshot existed —
-is unmounted then); a restart drops it like any hold no snapshot has.
+is unmounted then); a restart drops it like any hold no snapshot has.  The states of a set-up ahead and
+their transitions: :mod:`snapshotter.lazy.ahead`.
 
-:class:`RegistrySpecs` is the production :class:`SpecSource`: :class:`registry_sidecar.index.IndexReader`
+:class:`RegistrySpecs` is the production :class:`SpecSource`: :class:`snapshotter.lazy.index_reader.IndexReader`
 over :class:`bootseer.registry.RegistryClient` (hosts.toml mirrors, docker credentials, bearer tokens),
 whose endpoints and auth become the blob's :class:`~snapshotter.lazy.spec.BlobSpec` and
 :class:`~snapshotter.lazy.spec.AuthHook`.
@@ -30,14 +32,13 @@ whose endpoints and auth become the blob's :class:`~snapshotter.lazy.spec.BlobSp
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
 from bootseer import events
+from snapshotter.lazy.ahead import SetUpAhead, ahead_owner
 from snapshotter.lazy.manager import LayerManager
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.metastore import Record
@@ -52,7 +53,7 @@ from snapshotter.remote import (
 
 if TYPE_CHECKING:
     from bootseer.registry import RegistryClient
-    from registry_sidecar.index import IndexReader
+    from snapshotter.lazy.index_reader import IndexReader
 
 log = logging.getLogger("bootseer.lazy.handler")
 
@@ -68,35 +69,23 @@ class SpecSource(Protocol):
 
 
 class PrefetchHook(Protocol):
-    """Called after a layer was mounted lazily, for the hot-block prefetcher (the recorder's part): it looks
-    up the image's hot-block manifest and calls :meth:`LayerManager.prefetch` with the layer's ranges.  It
-    runs in the Prepare's thread, so it should only start work (``prefetch`` returns at once); errors are
-    logged and never fail the Prepare."""
+    """The hot-block prefetcher as the handler sees it (:class:`~snapshotter.lazy.prefetcher.HotBlockPrefetcher`).
 
-    def __call__(self, manager: LayerManager, image_ref: str, manifest_digest: str, layer_digest: str,
-                 spec: BlobSpec) -> None: ...
+    Both methods run in the Prepare's thread, so they only start work and return at once; errors are logged
+    and never fail the Prepare."""
+
+    def lookup(self, image_ref: str, manifest_digest: str) -> None:
+        """A Prepare of the image begins: start looking up its hot-block manifest, so that it is at hand when
+        the layer is mounted."""
+        ...
+
+    def on_mount(self, image_ref: str, manifest_digest: str, layer_digest: str, spec: BlobSpec) -> None:
+        """A layer was just mounted lazily: start prefetching its recorded ranges."""
+        ...
 
 
 def owner_of(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
-
-
-def ahead_owner(manifest_digest: str, layer_digest: str) -> str:
-    """The provisional owner of a layer set up ahead of its Prepare."""
-    return f"ahead/{manifest_digest}/{layer_digest}"
-
-
-@dataclass
-class _Ahead:
-    """A following layer being (or already) set up ahead of its own Prepare."""
-
-    blob: str | None = None  # its blob, once set up (the provisional hold exists)
-    layer: object | None = None  # the manager's layer object the set-up mounted
-    prefetching: bool = False  # the set-up starts (started) the layer's prefetch: its Prepare must not
-    started: bool = False  # a set-up thread took it from the queue
-    claimed: bool = False  # its Prepare came: the hold is the Prepare's to take over
-    timer: threading.Timer | None = None
-    done: threading.Event = field(default_factory=threading.Event)  # the set-up has finished (or failed)
 
 
 class LazyHandler:
@@ -108,13 +97,9 @@ class LazyHandler:
         self.specs = specs
         self.name = name
         self.prefetch = prefetch
-        self.ahead = max(0, ahead)  # set-ups ahead at once per pull (0: none)
-        self.ahead_hold = ahead_hold
-        self._last = threading.local()  # (lower, owner) of this thread's last prepare, for release(…, None)
         self._recorded: Callable[[str, str], bool] | None = None
-        self._ahead: dict[tuple[str, str], _Ahead] = {}  # (manifest, layer) → set up ahead of its Prepare
-        self._ahead_lock = threading.Lock()
-        self._ahead_threads: list[threading.Thread] = []
+        # ``ahead`` set-ups at once per pull (0: none), each held at most ``ahead_hold`` s without its Prepare
+        self.ahead = SetUpAhead(manager, specs, self._start_prefetch, workers=ahead, hold=ahead_hold)
 
     def bind(self, recorded: Callable[[str, str], bool]) -> None:
         """``recorded(namespace, name)``: whether the core holds that snapshot.  Two Prepares of one layer
@@ -134,10 +119,10 @@ class LazyHandler:
         following = following[following.index(layer) + 1:] if layer in following else []
         if spec is None:
             log.info("layer %s of %s has no lazy blob; ordinary pull", layer[:19], image)
-            self._set_up_ahead(image, manifest, following)  # the layers above it may be lazy
+            self.ahead.queue(image, manifest, following)  # the layers above it may be lazy
             return None
         owner = owner_of(req.namespace, req.target)
-        ahead = self._claim(manifest, layer)  # set up ahead: this Prepare takes its hold over
+        ahead = self.ahead.claim(manifest, layer)  # set up ahead: this Prepare takes its hold over
         replaces = ahead_owner(manifest, layer) if ahead is not None and ahead.blob == spec.digest else None
         try:
             with events.span("image_mount", component="bootseer snapshotter", image=image, layer=layer,
@@ -149,160 +134,52 @@ class LazyHandler:
             raise
         if ahead is not None and replaces is None:  # set up ahead on another blob (re-converted meanwhile)
             self.manager.release(ahead_owner(manifest, layer), ahead.blob)
-        self._last.value = (lower, owner, spec.digest)
         log.info("layer %s of %s is lazy: blob %s at %s", layer[:19], image, spec.digest[:19], lower)
-        started = (ahead is not None and replaces is not None and ahead.prefetching
+        started = (ahead is not None and replaces is not None and ahead.prefetch_started
                    and ahead.layer is self.manager.layer(spec.digest))  # its set-up started this mount's prefetch
         if not started:
             self._start_prefetch(image, manifest, layer, spec)
-        self._set_up_ahead(image, manifest, following)
+        self.ahead.queue(image, manifest, following)
         return RemoteLayer(lower=lower, name=self.name, size=spec.size, inodes=0, labels={LABEL_BLOB: spec.digest})
 
     def hint(self, image: str, manifest: str, layers: list[str]) -> None:
         """A pull of ``image`` (resolved to ``manifest`` with ``layers``, bottom up) is about to send its
         Prepares: look up the hot-block manifest and set every layer up ahead now, each held provisionally
         and its prefetch started, for the Prepares to take over (``bootseer pull`` sends this first, so the
-        prefetch does not wait for the pull's own client to start — see :meth:`_claim`)."""
+        prefetch does not wait for the pull's own client to start — see :mod:`snapshotter.lazy.ahead`)."""
         self._look_up_hot_blocks(image, manifest)
-        self._set_up_ahead(image, manifest, layers)
+        self.ahead.queue(image, manifest, layers)
 
     def _look_up_hot_blocks(self, image: str, manifest: str) -> None:
-        """Start the hot-block manifest lookup (a prefetcher that offers ``lookup``); never fails a Prepare."""
-        lookup = getattr(self.prefetch, "lookup", None)
-        if lookup is not None:
+        """Start the hot-block manifest lookup; never fails a Prepare."""
+        if self.prefetch is not None:
             try:
-                lookup(image, manifest)
+                self.prefetch.lookup(image, manifest)
             except Exception:
                 log.exception("hot-block manifest lookup failed to start for %s", image)
 
     def _start_prefetch(self, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
         if self.prefetch is not None:
             try:
-                self.prefetch(self.manager, image, manifest, layer, spec)
+                self.prefetch.on_mount(image, manifest, layer, spec)
             except Exception:
                 log.exception("prefetch hook failed for layer %s of %s", layer[:19], image)
 
-    # -- following layers, ahead of their Prepares -----------------------------------------------------
-    def _claim(self, manifest: str, layer: str) -> _Ahead | None:
-        """The layer's own Prepare has come: it takes over the provisional hold of a set-up ahead of it.
-        Waits for a set-up still running (the Prepare's acquire would wait for it on the layer's lock
-        anyway — and a set-up that dropped its hold now, before the Prepare's acquire holds the layer,
-        unmounted it and made the Prepare mount it again: 0.5 s of a pull, measured).  Returns the entry
-        (``blob`` None if the set-up failed or the layer is not lazy), or None if nothing was set up ahead."""
-        with self._ahead_lock:
-            entry = self._ahead.get((manifest, layer))
-            if entry is None:
-                return None
-            entry.claimed = True
-            if not entry.started:  # still queued: its set-up will skip it, nothing to wait for
-                del self._ahead[(manifest, layer)]
-                return None
-        entry.done.wait()
-        with self._ahead_lock:
-            if self._ahead.get((manifest, layer)) is entry:
-                del self._ahead[(manifest, layer)]
-        if entry.timer is not None:
-            entry.timer.cancel()
-        return entry if entry.blob is not None else None
-
-    def _set_up_ahead(self, image: str, manifest: str, layers: list[str]) -> None:
-        if not self.ahead:
-            return
-        todo: list[str] = []
-        with self._ahead_lock:
-            for d in layers:
-                if d and (manifest, d) not in self._ahead:
-                    self._ahead[(manifest, d)] = _Ahead()
-                    todo.append(d)
-            self._ahead_threads = [t for t in self._ahead_threads if t.is_alive()]
-
-        def work() -> None:
-            while True:
-                with self._ahead_lock:
-                    if not todo:
-                        return
-                    d = todo.pop(0)
-                self._ahead_one(image, manifest, d)
-
-        for k in range(min(len(todo), self.ahead)):
-            t = threading.Thread(target=work, daemon=True, name=f"ahead-{manifest[7:15]}-{k}")
-            with self._ahead_lock:
-                self._ahead_threads.append(t)
-            t.start()
-
-    def _ahead_one(self, image: str, manifest: str, layer: str) -> None:
-        key, owner = (manifest, layer), ahead_owner(manifest, layer)
-        with self._ahead_lock:
-            entry = self._ahead.get(key)
-            if entry is None or entry.claimed or entry.started:  # its Prepare came first: it sets it up itself
-                return
-            entry.started = True
-        try:
-            spec: BlobSpec | None = None
-            try:
-                spec = self.specs(image, manifest, layer)
-                if spec is not None:
-                    with events.span("image_mount", component="bootseer snapshotter", image=image, layer=layer,
-                                     blob=spec.digest, ahead=True):
-                        self.manager.acquire(spec, owner)
-            except Exception as e:  # its own Prepare tries again, and reports
-                log.info("setting up layer %s of %s ahead failed: %s", layer[:19], image, e)
-                spec = None
-            if spec is None:  # not lazy (its Prepare takes the ordinary path), or failed
-                with self._ahead_lock:
-                    if not entry.claimed:  # (a claiming Prepare removes the entry itself)
-                        del self._ahead[key]
-                return
-            with self._ahead_lock:
-                entry.blob, entry.layer = spec.digest, self.manager.layer(spec.digest)
-                # a Prepare already waiting takes the hold over and starts the prefetch itself
-                entry.prefetching = not entry.claimed
-            if entry.prefetching:
-                self._start_prefetch(image, manifest, layer, spec)
-                log.info("layer %s of %s set up ahead of its Prepare: blob %s", layer[:19], image,
-                         spec.digest[:19])
-        finally:
-            entry.done.set()
-        with self._ahead_lock:
-            if self._ahead.get(key) is entry and not entry.claimed:  # the hold ends in ahead_hold s at the latest
-                entry.timer = threading.Timer(self.ahead_hold, self._expire, args=(key, entry.blob))
-                entry.timer.daemon = True
-                entry.timer.start()
-
-    def _expire(self, key: tuple[str, str], blob: str) -> None:
-        """No Prepare took the layer over: drop the provisional hold (unmounting it if nobody else holds it)."""
-        with self._ahead_lock:
-            if self._ahead.get(key) is None or self._ahead[key].blob != blob:
-                return
-            del self._ahead[key]
-        log.info("layer %s was set up ahead but never prepared; released", key[1][:19])
-        self.manager.release(ahead_owner(*key), blob)
-
     def close(self, timeout: float = 10.0) -> None:
         """Wait for set-ups ahead still running and stop the hold timers (the holds go with the daemon)."""
-        with self._ahead_lock:
-            threads, entries = list(self._ahead_threads), list(self._ahead.values())
-        for t in threads:
-            t.join(timeout)
-        for e in entries:
-            if e.timer is not None:
-                e.timer.cancel()
+        self.ahead.close(timeout)
 
-    def release(self, lower: Path, record: Record | None) -> None:
-        if record is not None:
-            self.manager.release(owner_of(record.ns, record.key), record.labels.get(LABEL_BLOB))
+    def release(self, record: Record) -> None:
+        self.manager.release(owner_of(record.ns, record.key), record.labels.get(LABEL_BLOB))
+
+    def discard(self, req: RemoteRequest, layer: RemoteLayer) -> None:
+        """The core could not record the snapshot :meth:`prepare` answered ``layer`` for: drop its hold —
+        unless a concurrent Prepare of the same layer recorded it first (both hold as one owner, the chain
+        ID, and the winner's snapshot needs the hold)."""
+        if self._recorded is not None and self._recorded(req.namespace, req.target):
+            log.info("%s: a concurrent Prepare recorded it first; its hold stays", req.target)
             return
-        last = getattr(self._last, "value", None)  # the core releases in the thread that prepared
-        if last is not None and Path(last[0]) == Path(lower):
-            self._last.value = None
-            ns, _, name = last[1].partition("/")
-            if self._recorded is not None and self._recorded(ns, name):
-                log.info("%s: a concurrent Prepare recorded it first; its hold stays", name)
-                return
-            self.manager.release(last[1], last[2])
-        else:
-            log.warning("release of %s without a record or a matching prepare; the restart hand-back will "
-                        "drop it", lower)
+        self.manager.release(owner_of(req.namespace, req.target), layer.labels.get(LABEL_BLOB))
 
     def restore(self, records: list[Record]) -> None:
         owners = {owner_of(r.ns, r.key) for r in records if r.labels.get(LABEL_BLOB)}
@@ -356,7 +233,7 @@ class RegistrySpecs:
     def create(cls, *, hosts_dir: str | None, plain_http: bool, docker_config: str | None,
                cache_dir: Path) -> RegistrySpecs:
         from bootseer.registry import RegistryClient
-        from registry_sidecar.index import IndexReader
+        from snapshotter.lazy.index_reader import IndexReader
 
         client = RegistryClient(hosts_dir=hosts_dir, credentials=docker_config or None, plain_http=plain_http,
                                 retries=2, read_timeout=30.0)

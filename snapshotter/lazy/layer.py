@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import threading
@@ -33,17 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from snapshotter.lazy import loop
+from snapshotter.lazy import loop, prefetchjob
 from snapshotter.lazy import mount as mnt
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.fetcher import BACKGROUND, DEMAND, PREFETCH, Cancelled, Fetcher, FetchError
+from snapshotter.lazy.fetcher import BACKGROUND, DEMAND, Cancelled, Fetcher, FetchError
 from snapshotter.lazy.fusefs import BlobFS, FuseServer
-from snapshotter.lazy.spec import BlobSpec, coalesce, split_ranges
+from snapshotter.lazy.prefetchjob import Prefetch
+from snapshotter.lazy.spec import BlobSpec, coalesce
 
 log = logging.getLogger("bootseer.lazy.layer")
 
 _STORE_BYTES = 1 << 20  # one page-cache push (FUSE notify_store) at most
-_BATCH_RUNS = 16  # prefetch runs in one multi-range request at most (Fetcher.ensure_runs)
 
 
 class LayerBusy(OSError):
@@ -85,19 +84,6 @@ class FillConfig:
     # read-ahead of the loop device (erofs reads ahead, and faults around mmap'ed pages, by this much):
     # None keeps the kernel's default; smaller values fetch less around each lazy read
     read_ahead_kb: int | None = None
-
-
-class Prefetch:
-    """A running prefetch of byte ranges (in the given order); ``done`` is set when it ends."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total  # chunks to prefetch
-        self.fetched = 0  # chunks made local (by this prefetch, or by a reader it waited for)
-        self.failed = 0
-        self.warmed = 0  # bytes pushed into the kernel's page cache of the FUSE file (see fusefs)
-        self.done = threading.Event()
-        self.started = time.monotonic()
-        self.finished: float | None = None
 
 
 class LazyLayer:
@@ -173,8 +159,8 @@ class LazyLayer:
 
         A layer already mounted returns at once, without waiting for ``_life``: a Prepare of a layer set up
         ahead must not wait behind its prefetch moving the loop device onto the page cache (a
-        ``LOOP_CHANGE_FD`` freezes the device's queue: 12–38 ms measured).  The caller (the manager, under
-        the layer's digest lock) keeps a teardown from racing this."""
+        ``LOOP_CHANGE_FD`` freezes the device's queue; docs/bench/design-measurements.md).  The caller (the
+        manager, under the layer's digest lock) keeps a teardown from racing this."""
         if self.mounted:
             return
         with self._life:
@@ -302,95 +288,23 @@ class LazyLayer:
     def prefetch(self, ranges: Sequence[Sequence[int]], concurrency: int | None = None,
                  start: float | None = None) -> Prefetch:
         """Fetch the chunks covering ``ranges`` in the given order, ``concurrency`` runs at a time, as
-        "prefetch" (ahead of background fill, behind demand reads).  Chunks already local or in flight are
-        not fetched twice.  Stops when the layer is torn down.
+        "prefetch" (ahead of background fill, behind demand reads), and push them into the page cache (see
+        :mod:`~snapshotter.lazy.prefetchjob`).  Chunks already local or in flight are not fetched twice.
+        Stops when the layer is torn down.
 
         A range may carry a third item, when the recorded start-up first read it (ns after its start);
         with ``start`` (the ``time.monotonic()`` the start-up began, for this image) each request is then
         due at ``start`` + that time, and the daemon's scheduler admits prefetch requests of all layers
         earliest due first."""
-        due_of: dict[int, float] = {}  # chunk → when the start-up is expected to read it first
-        if start is not None:
-            for r in ranges:
-                if len(r) > 2:
-                    when = start + r[2] / 1e9
-                    for i in self.spec.chunks_for(r[0], r[1]):
-                        due_of[i] = min(due_of.get(i, when), when)
-        # Runs in first-access order, each all missing (fetch, then push into the page cache) or all
-        # local (push only: a second start of the image after its layers were released).
-        tasks: list[tuple[list[int], bool]] = []
-        for run in self._runs(split_ranges([(r[0], r[1]) for r in ranges], self.spec),
-                              self.fetcher.config.max_range_bytes):
-            for local, part in itertools.groupby(run, self.cache.has):
-                tasks.append((list(part), not local))
-        job = Prefetch(sum(len(run) for run, fetch in tasks if fetch))
-        cap = self.fetcher.config.max_range_bytes
-        if tasks:
-            self._use_page_cache()
-        lock = threading.Lock()
-        workers = max(1, min(concurrency or self.fill_config.prefetch_concurrency, len(tasks) or 1))
-        left = [workers]
-
-        def worker() -> None:
-            try:
-                while not self._cancel.is_set():
-                    with lock:
-                        if not tasks:
-                            return
-                        run, fetch = tasks.pop(0)
-                        batch, n = [run], len(run)  # the next runs to fetch, up to one request's worth
-                        first_due = self._due(run, due_of)
-                        while (fetch and tasks and tasks[0][1] and len(batch) < _BATCH_RUNS
-                               and (n + len(tasks[0][0])) * self.spec.chunk_size <= cap
-                               and self._batchable(first_due, self._due(tasks[0][0], due_of))):
-                            batch.append(tasks.pop(0)[0])
-                            n += len(batch[-1])
-                    if fetch:
-                        try:
-                            self.fetcher.ensure_runs(batch, PREFETCH, cancel=self._cancel, due=first_due)
-                        except Cancelled:
-                            return
-                        except FetchError:
-                            with lock:
-                                job.failed += n
-                            continue
-                    warmed = sum(self._warm(r) for r in batch)
-                    with lock:
-                        job.fetched += n if fetch else 0
-                        job.warmed += warmed
-            finally:
-                with lock:
-                    left[0] -= 1
-                    last = left[0] == 0
-                if last:
-                    job.finished = time.monotonic()
-                    job.done.set()
-
-        for k in range(workers):
-            t = threading.Thread(target=worker, name=f"prefetch-{self.name[7:15]}-{k}", daemon=True)
-            self._prefetch_threads.append(t)
-            t.start()
-        self._prefetch_threads = [t for t in self._prefetch_threads if t.is_alive()]
+        job, threads = prefetchjob.start(
+            self.spec, self.cache, self.fetcher, ranges,
+            concurrency=concurrency or self.fill_config.prefetch_concurrency, start_time=start,
+            batch_window=self.fill_config.prefetch_batch_window, cancel=self._cancel, warm=self._warm,
+            before=self._use_page_cache, name=self.name[7:15])
+        self._prefetch_threads = [t for t in [*self._prefetch_threads, *threads] if t.is_alive()]
         return job
 
-    @staticmethod
-    def _due(run: list[int], due_of: dict[int, float]) -> float | None:
-        return min((due_of[i] for i in run if i in due_of), default=None)
-
-    def _batchable(self, first_due: float | None, due: float | None) -> bool:
-        """Whether a run due at ``due`` may join a multi-range request admitted for ``first_due``.
-
-        Only runs due close together: a request is admitted by its earliest run, and the requests in flight
-        share the link, so a batch carrying runs due much later takes link share from runs due sooner — with
-        batches of 16 runs in first-access order, the torch start-up at 200 Mbit/s took 8.05 s instead of
-        7.47 s.  Without recorded times (no schedule to keep) runs are batched in order."""
-        window = self.fill_config.prefetch_batch_window
-        if window <= 0:
-            return False
-        if first_due is None or due is None:
-            return first_due is None and due is None
-        return due - first_due <= window
-
+    # -- page-cache warming ---------------------------------------------------------------------------
     def _use_page_cache(self) -> None:
         """Re-open the FUSE file through the page cache and move the loop device onto it (``LOOP_CHANGE_FD``),
         so prefetched chunks pushed into that cache answer the container's reads (see :mod:`fusefs`).

@@ -1,4 +1,4 @@
-"""LayerManager: every lazy layer of a daemon, their records, the cache budget, restart and metrics.
+"""LayerManager: every lazy layer of a daemon, their persisted states, the cache budget, restart and metrics.
 
 The snapshotter's gRPC side calls :meth:`LayerManager.acquire` on a remote Prepare (with the :class:`BlobSpec`
 read from the image's index) and uses the returned directory as the layer's lowerdir; it calls
@@ -10,40 +10,49 @@ On-disk layout under ``root``::
     fuse/                 the FUSE mount: one file per blob still served lazily
     cache/<name>/         chunk cache of a blob (see :mod:`snapshotter.lazy.cache`)
     mnt/<name>/           erofs mount of a blob (the lowerdir handed to the snapshotter)
-    layers/<name>.json    the layer's record: spec, owners, last use, loop device, swapped
+    layers/<name>.json    the layer's state: spec, owners, last use, loop device, swapped
 
-**Restart.**  The records are the daemon's memory.  :meth:`start` mounts a fresh FUSE fs (lazily detaching
-the dead one), then looks at each recorded layer as the kernel has it: a mount whose loop device reads the
-local cache file is *swapped* and left alone — it kept working while no daemon ran; a mount whose loop device
-still points at the old FUSE file is re-attached to the new one with ``LOOP_CHANGE_FD`` (reads fail with EIO
-while no daemon runs, and resume); a layer with owners but no mount (a reboot) is set up again from its cache.
+**Restart.**  The layer states are the daemon's memory.  :meth:`start` mounts a fresh FUSE fs (lazily
+detaching the dead one), then looks at each layer it has a state for as the kernel has it: a mount whose
+loop device reads the local cache file is *swapped* and left alone — it kept working while no daemon ran; a
+mount whose loop device still points at the old FUSE file is re-attached to the new one with
+``LOOP_CHANGE_FD`` (reads fail with EIO while no daemon runs, and resume); a layer with owners but no mount
+(a reboot) is set up again from its cache.
 
 **Cache budget.**  Released layers are unmounted but their caches stay, so a layer pulled again is local at
 once; when the caches together exceed ``cache_cap_bytes``, the least recently used caches of layers nobody
 owns are deleted.  Layers in use are never evicted (the budget can be exceeded by what is in use).
+
+Beside it, by concern: the persisted layer states (:mod:`~snapshotter.lazy.layerstate`), access recording
+(:mod:`~snapshotter.lazy.recording`), metrics (:mod:`~snapshotter.lazy.metrics`); one layer's own lifecycle
+is :mod:`~snapshotter.lazy.layer`.  The manager keeps the layer table, the owners, eviction and restart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from snapshotter.lazy.cache import ChunkCache, atomic_write
-from snapshotter.lazy.fetcher import KINDS, FetchConfig, Fetcher, HttpClient, Scheduler
-from snapshotter.lazy.fusefs import AccessLog, BlobFS, FuseServer
-from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer, Prefetch
+from bootseer.accesslog import AccessLogWriter
+from snapshotter.lazy.cache import ChunkCache
+from snapshotter.lazy.fetcher import PREFETCH, FetchConfig, Fetcher, HttpClient, Scheduler
+from snapshotter.lazy.fusefs import BlobFS, FuseServer
+from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer
+from snapshotter.lazy.layerstate import LayerState, LayerStateFiles
+from snapshotter.lazy.metrics import LazyMetrics
+from snapshotter.lazy.prefetchjob import Prefetch
+from snapshotter.lazy.recording import Recording, Recordings
 from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
 
 log = logging.getLogger("bootseer.lazy")
@@ -78,92 +87,27 @@ class LazyConfig:
         return cls(fetch=fetch, fill=fill, **doc)
 
 
-class Metrics:
-    """Prometheus metrics of the lazy data path (names prefixed ``bootseer_lazy_``)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        reg = registry if registry is not None else REGISTRY
-        try:
-            self._make(reg)
-        except ValueError:  # already registered by another manager in this process (tests): keep ours apart
-            log.debug("lazy metrics already registered; using a private registry")
-            self._make(CollectorRegistry())
-
-    def _make(self, reg: CollectorRegistry) -> None:
-        self.registry = reg
-        self.fetched_bytes = Counter("bootseer_lazy_fetched_bytes", "Bytes fetched from registries, by kind",
-                                     ["kind"], registry=reg)
-        self.fetch_seconds = Histogram("bootseer_lazy_fetch_seconds", "Latency of one range request, by kind",
-                                       ["kind"], registry=reg,
-                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.fetch_failures = Counter("bootseer_lazy_fetch_failures", "Reads/fills that ended in EIO, by kind",
-                                      ["kind"], registry=reg)
-        self.cache_hits = Counter("bootseer_lazy_cache_hits", "FUSE reads answered from local chunks",
-                                  registry=reg)
-        self.corrupt_chunks = Counter("bootseer_lazy_corrupt_chunks", "Chunks that failed sha256 verification",
-                                      registry=reg)
-        self.swaps = Counter("bootseer_lazy_layers_swapped", "Layers switched to their local file (LOOP_CHANGE_FD)",
-                             registry=reg)
-        self.layers = Gauge("bootseer_lazy_layers", "Mounted lazy layers by state (fuse, swapped)", ["state"],
-                            registry=reg)
-        self.cache_bytes = Gauge("bootseer_lazy_cache_bytes", "Disk used by chunk caches", registry=reg)
-        for kind in KINDS:
-            self.fetched_bytes.labels(kind)
-            self.fetch_failures.labels(kind)
-
-    # MetricsSink
-    def fetched(self, kind: str, nbytes: int, seconds: float) -> None:
-        self.fetched_bytes.labels(kind).inc(nbytes)
-        self.fetch_seconds.labels(kind).observe(seconds)
-
-    def corrupt(self, spec: BlobSpec, index: int) -> None:
-        self.corrupt_chunks.inc()
-
-    def failed(self, kind: str) -> None:
-        self.fetch_failures.labels(kind).inc()
-
-
-@dataclass
-class _Record:
-    spec: BlobSpec
-    owners: set[str] = field(default_factory=set)
-    last_used: float = 0.0
-    loop: int | None = None
-    mounted: bool = False
-    swapped: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_json(), "owners": sorted(self.owners), "last_used": self.last_used,
-                "loop": self.loop, "mounted": self.mounted, "swapped": self.swapped}
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> _Record:
-        return cls(BlobSpec.from_json(doc["spec"]), set(doc.get("owners", ())), float(doc.get("last_used", 0)),
-                   doc.get("loop"), bool(doc.get("mounted")), bool(doc.get("swapped")))
-
-
 class LayerManager:
     def __init__(self, root: Path, config: LazyConfig | None = None, *, auth: AuthHook = no_auth,
-                 registry: CollectorRegistry | None = None, access_log: AccessLog | None = None) -> None:
+                 registry: CollectorRegistry | None = None, access_log: AccessLogWriter | None = None) -> None:
         self.root = Path(root)
         self.config = config or LazyConfig()
-        self.metrics = Metrics(registry)
+        self.metrics = LazyMetrics(registry)
         self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests)
         self.scheduler = Scheduler(self.config.max_requests, self.config.background_requests, self.config.fill_rate,
                                    self.config.fill_idle, self.config.fill_max_wait)
-        self.fs = BlobFS(threads=self.config.fuse_threads, access_log=access_log,
-                         page_cache=self.config.page_cache)
+        self.fs = BlobFS(threads=self.config.fuse_threads, page_cache=self.config.page_cache)
+        self.recordings = Recordings(self.fs, access_log)
         self.server: FuseServer | None = None
-        self._lock = threading.Lock()  # records and the layer table; never held while calling into a layer
-        self._write_lock = threading.Lock()  # record files (taken before _lock, never inside it)
+        self._lock = threading.Lock()  # layer states and the layer table; never held while calling into a layer
+        self._write_lock = threading.Lock()  # state files (taken before _lock, never inside it)
         self._digest_locks: dict[str, threading.Lock] = {}
-        self._records: dict[str, _Record] = {}
+        self._states: dict[str, LayerState] = {}  # persisted per layer (self.state_files)
         self._layers: dict[str, LazyLayer] = {}  # layers with live objects (mounted, or going away)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
-        self._static_access_log = access_log
-        self._recordings: dict[str, Recording] = {}
-        for d in ("cache", "mnt", "layers"):
+        self.state_files = LayerStateFiles(self.root / "layers")
+        for d in ("cache", "mnt"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         try:
             self.fuse_dir.mkdir(parents=True, exist_ok=True)
@@ -180,23 +124,15 @@ class LayerManager:
         return LayerPaths(cache=self.root / "cache" / spec.name, mountpoint=self.root / "mnt" / spec.name,
                           fuse_file=self.fuse_dir / spec.name)
 
-    def _record_path(self, name: str) -> Path:
-        return self.root / "layers" / f"{name}.json"
-
     # ------------------------------------------------------------------------------------ start / stop
     def start(self) -> dict[str, str]:
-        """Serve FUSE and bring back every recorded layer; returns ``{digest: outcome}``."""
+        """Serve FUSE and bring back every layer with a persisted state; returns ``{digest: outcome}``."""
         self.server = FuseServer(self.fs, self.fuse_dir)
         self.server.start()
         outcomes: dict[str, str] = {}
-        for path in sorted((self.root / "layers").glob("*.json")):
-            try:
-                rec = _Record.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError, KeyError) as e:
-                log.error("ignoring unreadable layer record %s: %s", path, e)
-                continue
+        for rec in self.state_files.load():
             with self._lock:
-                self._records[rec.spec.digest] = rec
+                self._states[rec.spec.digest] = rec
             outcomes[rec.spec.digest] = self._restore(rec)
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="lazy-housekeeping", daemon=True)
         self._housekeeper.start()
@@ -204,7 +140,7 @@ class LayerManager:
             log.info("restored lazy layers: %s", ", ".join(f"{d[7:19]}={o}" for d, o in outcomes.items()))
         return outcomes
 
-    def _restore(self, rec: _Record) -> str:
+    def _restore(self, rec: LayerState) -> str:
         digest = rec.spec.digest
         with self._digest_lock(digest):
             layer = self._new_layer(rec.spec)
@@ -235,7 +171,7 @@ class LayerManager:
         self._stop.set()
         if self._housekeeper is not None:
             self._housekeeper.join(10)
-        for rid in list(self._recordings):
+        for rid in self.recordings.ids():
             with contextlib.suppress(Exception):
                 self.stop_recording(rid)
         with self._lock:
@@ -263,8 +199,8 @@ class LayerManager:
         nothing behind) if the layer cannot be set up — the caller then takes the ordinary pull path.
 
         ``replaces``: an owner whose hold ``owner`` takes over (a layer set up ahead of its Prepare): dropped
-        in the same step, so the layer is never unheld in between and its record is written once.  The
-        owners change before the set-up, whose own record write (loop device, mount) then carries them: one
+        in the same step, so the layer is never unheld in between and its state is written once.  The
+        owners change before the set-up, whose own state write (loop device, mount) then carries them: one
         durable write per acquire instead of two (each is two fsyncs, serialised across layers, on the
         Prepare's path)."""
         if self.server is None:
@@ -278,7 +214,7 @@ class LayerManager:
                     self._layers[spec.digest] = layer
             fresh = not layer.mounted
             with self._lock:
-                rec = self._records.setdefault(spec.digest, _Record(spec))
+                rec = self._states.setdefault(spec.digest, LayerState(spec))
                 had = owner in rec.owners
                 dropped = replaces if replaces is not None and replaces != owner and replaces in rec.owners else None
                 rec.owners.add(owner)
@@ -286,7 +222,7 @@ class LayerManager:
                     rec.owners.discard(dropped)
                 rec.last_used = time.time()
             try:
-                layer.setup()  # a fresh set-up writes the record (hooks.changed), owners included
+                layer.setup()  # a fresh set-up writes the state (hooks.changed), owners included
             except Exception:
                 with self._lock:
                     self._layers.pop(spec.digest, None)
@@ -311,12 +247,12 @@ class LayerManager:
         is unmounted (its cache stays, evictable).  Returns the digests that were unmounted.  A mount still
         in use stays until housekeeping finds it free, unless ``force`` (lazy detach)."""
         with self._lock:
-            digests = [d for d, r in self._records.items() if owner in r.owners and (digest is None or d == digest)]
+            digests = [d for d, r in self._states.items() if owner in r.owners and (digest is None or d == digest)]
         gone: list[str] = []
         for d in digests:
             with self._digest_lock(d):
                 with self._lock:
-                    rec = self._records.get(d)
+                    rec = self._states.get(d)
                     if rec is None:
                         continue
                     rec.owners.discard(owner)
@@ -324,7 +260,7 @@ class LayerManager:
                     unused = not rec.owners
                     layer = self._layers.get(d)
                 if layer is None:
-                    self._write_record(rec)
+                    self._write_state(rec)
                     continue
                 self._save(layer)
                 if unused and self._teardown(layer, force=force):
@@ -335,7 +271,7 @@ class LayerManager:
         """Drop every owner not in ``owners`` (at start, with the snapshots the metadata still holds)."""
         keep = set(owners)
         with self._lock:
-            stale = {o for r in self._records.values() for o in r.owners if o not in keep}
+            stale = {o for r in self._states.values() for o in r.owners if o not in keep}
         gone: list[str] = []
         for o in sorted(stale):
             gone += self.release(o)
@@ -358,42 +294,32 @@ class LayerManager:
             raise KeyError(digest)
         return layer.prefetch(ranges, concurrency, start)
 
+    def prefetched_bytes(self, digest: str) -> int:
+        """Bytes the mounted layer of ``digest`` fetched as kind ``prefetch`` so far (0 if none is mounted)."""
+        layer = self.layer(digest)
+        return int(layer.fetcher.stats.bytes.get(PREFETCH, 0)) if layer is not None else 0
+
+    def observe_demand(self, digest: str, observer: Callable[[int, int, bool], None] | None) -> bool:
+        """Have ``observer(offset, length, local)`` called on the FUSE loop for every read of the mounted layer
+        of ``digest`` (replacing its observer; None removes it): cheap, must not block, dropped if it raises.
+        False if no layer of ``digest`` is mounted."""
+        layer = self.layer(digest)
+        if layer is None:
+            return False
+        layer.demand_observer = observer
+        return True
+
     # -------------------------------------------------------------------------------- access recording
     def record(self, path: Path | str, digests: Iterable[str] | None = None, *, hold_swap: bool = True) -> Recording:
-        """Start logging every FUSE read (of ``digests``, or of every blob) to ``path`` as JSON lines (see
-        :class:`Recording`); :meth:`stop_recording` ends it.  Several recordings may run at once."""
-        rid = f"rec-{time.monotonic_ns():x}-{len(self._recordings)}"
-        rec = Recording(rid, Path(path), frozenset(digests) if digests is not None else None, hold_swap)
-        with self._lock:
-            self._recordings[rid] = rec
-        self.fs.access_log = self._log_access
-        log.info("recording FUSE accesses to %s (%s)%s", path, "all blobs" if digests is None else
-                 ", ".join(d[:19] for d in rec.digests or ()), "; swaps held" if hold_swap else "")
-        return rec
+        """Start logging every FUSE read (of ``digests``, or of every blob) to ``path`` (see
+        :mod:`snapshotter.lazy.recording`); :meth:`stop_recording` ends it.  Several recordings may run at once."""
+        return self.recordings.start(path, digests, hold_swap=hold_swap)
 
     def stop_recording(self, rid: str) -> dict[str, Any]:
-        with self._lock:
-            rec = self._recordings.pop(rid, None)
-            if not self._recordings:
-                self.fs.access_log = self._static_access_log
-        if rec is None:
-            raise KeyError(f"no recording {rid!r}")
-        out = rec.close()
-        log.info("recording %s ended: %d reads logged to %s", rid, out["records"], rec.path)
-        return out
+        return self.recordings.stop(rid)
 
     def swap_held(self) -> bool:
-        with self._lock:
-            return any(r.hold_swap for r in self._recordings.values())
-
-    def _log_access(self, name: str, offset: int, length: int, t_ns: int) -> None:
-        """The FUSE thread's hook: must not block (appends to a buffered local file)."""
-        if self._static_access_log is not None:
-            self._static_access_log(name, offset, length, t_ns)
-        with self._lock:
-            recs = list(self._recordings.values())
-        for r in recs:
-            r.write(name, offset, length, t_ns)
+        return self.recordings.swap_held()
 
     def wait_swapped(self, digest: str, timeout: float | None = None) -> bool:
         layer = self.layer(digest)
@@ -403,8 +329,8 @@ class LayerManager:
         """Per layer: digest, size, bytes local, bytes fetched by kind, swapped, mount, owners …"""
         with self._lock:
             layers = dict(self._layers)
-            records = {d: (sorted(r.owners), r.last_used) for d, r in self._records.items()}
-            specs = {d: r.spec for d, r in self._records.items()}
+            records = {d: (sorted(r.owners), r.last_used) for d, r in self._states.items()}
+            specs = {d: r.spec for d, r in self._states.items()}
         out: list[dict[str, Any]] = []
         for digest, (owners, last_used) in sorted(records.items()):
             layer = layers.get(digest)
@@ -426,7 +352,7 @@ class LayerManager:
         enforce the cache budget, refresh gauges.  Runs every ``housekeeping_interval`` seconds."""
         with self._lock:
             layers = list(self._layers.values())
-            unowned = {d for d, r in self._records.items() if not r.owners}
+            unowned = {d for d, r in self._states.items() if not r.owners}
         for layer in layers:
             try:
                 if layer.cache.dirty:
@@ -436,7 +362,7 @@ class LayerManager:
                 if layer.spec.digest in unowned:
                     with self._digest_lock(layer.spec.digest):
                         with self._lock:
-                            rec = self._records.get(layer.spec.digest)
+                            rec = self._states.get(layer.spec.digest)
                             still_unowned = rec is not None and not rec.owners
                         if still_unowned and self._layers.get(layer.spec.digest) is layer:
                             self._teardown(layer, force=False, quiet=True)
@@ -465,7 +391,7 @@ class LayerManager:
         Returns the evicted digests."""
         cap = self.config.cache_cap_bytes if cap is None else cap
         with self._lock:
-            candidates = sorted((r.last_used, d, r.spec) for d, r in self._records.items()
+            candidates = sorted((r.last_used, d, r.spec) for d, r in self._states.items()
                                 if not r.owners and d not in self._layers and (digests is None or d in digests))
         total = self._total_disk_bytes()
         self.metrics.cache_bytes.set(total)
@@ -475,7 +401,7 @@ class LayerManager:
                 break
             with self._digest_lock(digest):
                 with self._lock:
-                    rec = self._records.get(digest)
+                    rec = self._states.get(digest)
                     if rec is None or rec.owners or digest in self._layers:
                         continue
                 freed = self._disk_bytes(spec.name)
@@ -518,30 +444,29 @@ class LayerManager:
 
     def _save(self, layer: LazyLayer, *, mounted: bool | None = None) -> None:
         with self._lock:
-            rec = self._records.setdefault(layer.spec.digest, _Record(layer.spec))
+            rec = self._states.setdefault(layer.spec.digest, LayerState(layer.spec))
             rec.spec = layer.spec
             rec.loop = layer.loop_number
             rec.mounted = layer.mounted if mounted is None else mounted
             rec.swapped = layer.swapped and rec.mounted
             if not rec.mounted:
                 rec.loop = None
-        self._write_record(rec)
+        self._write_state(rec)
 
-    def _write_record(self, rec: _Record) -> None:
+    def _write_state(self, rec: LayerState) -> None:
         # serialised (and the state snapshotted inside) so the last writer always writes the newest state
         with self._write_lock:
             with self._lock:
-                if self._records.get(rec.spec.digest) is not rec:
+                if self._states.get(rec.spec.digest) is not rec:
                     return  # forgotten (evicted) meanwhile: do not bring its file back
-                data = json.dumps(rec.to_json(), indent=1).encode()
-            atomic_write(self._record_path(rec.spec.name), data)
+                data = self.state_files.encode(rec)
+            self.state_files.write(rec.spec.name, data)
 
     def _forget(self, name: str, *, keep_cache: bool, spec: BlobSpec) -> None:
         with self._write_lock:
             with self._lock:
-                self._records.pop(spec.digest, None)
-            with contextlib.suppress(FileNotFoundError):
-                self._record_path(name).unlink()
+                self._states.pop(spec.digest, None)
+            self.state_files.delete(name)
         if not keep_cache:
             shutil.rmtree(self.root / "cache" / name, ignore_errors=True)
 
@@ -553,7 +478,7 @@ class LayerManager:
 
     def _total_disk_bytes(self) -> int:
         with self._lock:
-            names = [r.spec.name for r in self._records.values()]
+            names = [r.spec.name for r in self._states.values()]
         return sum(self._disk_bytes(n) for n in names)
 
     def _enforce_cap(self) -> None:
@@ -568,49 +493,8 @@ class LayerManager:
                 log.exception("housekeeping failed")
 
 
-class Recording:
-    """An access log being written: one JSON object per FUSE read of a blob, in arrival order::
-
-        {"blob": "sha256:<hex>", "offset": 1048576, "length": 131072, "t_ns": 123456789}
-
-    ``t_ns`` is ``time.monotonic_ns()`` of the daemon (only differences mean something).  While a recording
-    with ``hold_swap`` runs, no layer leaves FUSE (no swap, and complete caches are mounted through FUSE
-    too), so every read that misses the erofs page cache is seen; drop the page cache first for a cold run.
-    """
-
-    def __init__(self, rid: str, path: Path, digests: frozenset[str] | None, hold_swap: bool) -> None:
-        self.id = rid
-        self.path = Path(path)
-        self.digests = digests  # None: every blob
-        self.hold_swap = hold_swap
-        self.records = 0
-        self.started_ns = time.monotonic_ns()
-        self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
-
-    def write(self, name: str, offset: int, length: int, t_ns: int) -> None:
-        digest = name.replace("-", ":", 1)
-        if self.digests is not None and digest not in self.digests:
-            return
-        line = json.dumps({"blob": digest, "offset": offset, "length": length, "t_ns": t_ns}) + "\n"
-        with self._lock:
-            if self._fh.closed:
-                return
-            self._fh.write(line)
-            self.records += 1
-
-    def close(self) -> dict[str, Any]:
-        with self._lock:
-            if not self._fh.closed:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                self._fh.close()
-        return {"id": self.id, "path": str(self.path), "records": self.records}
-
-
 class _Hooks:
-    """A layer's view of its manager (records and metrics)."""
+    """A layer's view of its manager (persisted state and metrics)."""
 
     def __init__(self, manager: LayerManager) -> None:
         self._m = manager

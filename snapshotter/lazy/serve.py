@@ -2,20 +2,14 @@
 
 Why it exists: pyfuse3 allows one FUSE mount per process and the interesting failures (a daemon killed
 with SIGKILL, restarted, its registry gone) are process-level events.  The tests and the benchmark therefore
-run the data path here, in a child process they can kill, and drive it with :class:`Control`.  It is also a
-handy debugging tool (``status`` shows every layer).  The snapshotter daemon does not use it: it embeds a
-:class:`~snapshotter.lazy.manager.LayerManager` directly.
+run the data path here, in a child process they can kill, and drive it with
+:class:`bootseer.control.Control`.  It is also a handy debugging tool (``status`` shows every layer).  The
+snapshotter daemon does not use it: it embeds a :class:`~snapshotter.lazy.manager.LayerManager` directly.
 
-Protocol: one JSON object per connection, ``{"op": NAME, ...args}``, answered with one JSON line,
-``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "errno": N}``.  Ops: ``ping``, ``acquire``
-(spec, owner), ``release`` (owner, digest?, force?), ``retain`` (owners), ``status``, ``wait_swapped``
-(digest, timeout), ``prefetch`` (digest, ranges, concurrency?, wait?), ``record_start`` (path, digests?,
-hold_swap?) / ``record_stop`` (id), ``set_fill`` (enabled), ``evict`` (need_bytes?, cap?: 0 drops every
-unused cache; digests?: only those blobs), ``housekeeping``, ``metrics``, ``shutdown`` (teardown?).
-Control socket handlers run in their own threads — never on the FUSE thread — so they may mount.
-
-The snapshotter daemon serves the same protocol (:class:`ControlServer`, without ``shutdown``) on its
-control socket, which is how ``bootseer status``, the recorder and the prefetcher reach its layers.
+This module is the server side of the control protocol (the protocol and its one client:
+:mod:`bootseer.control`).  Control socket handlers run in their own threads — never on the FUSE thread — so
+they may mount.  The snapshotter daemon serves the same protocol (:class:`ControlServer`, without
+``shutdown``) on its control socket, which is how ``bootseer status`` and the recorder reach its layers.
 """
 
 from __future__ import annotations
@@ -26,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import socketserver
 import sys
 import threading
@@ -40,38 +33,6 @@ from snapshotter.lazy.manager import LayerManager, LazyConfig
 from snapshotter.lazy.spec import BlobSpec
 
 log = logging.getLogger("bootseer.lazy.serve")
-
-
-class ControlError(RuntimeError):
-    def __init__(self, message: str, errno_: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno_
-
-
-class Control:
-    """Client of the control socket."""
-
-    def __init__(self, path: Path | str, timeout: float = 60.0) -> None:
-        self.path = str(path)
-        self.timeout = timeout
-
-    def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout or self.timeout)
-            s.connect(self.path)
-            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                piece = s.recv(1 << 16)
-                if not piece:
-                    break
-                buf += piece
-        if not buf:
-            raise ControlError(f"{op}: no answer (daemon gone?)")
-        doc = json.loads(buf)
-        if not doc.get("ok"):
-            raise ControlError(f"{op}: {doc.get('error')}", doc.get("errno"))
-        return doc.get("result")
 
 
 class _Handler(socketserver.StreamRequestHandler):

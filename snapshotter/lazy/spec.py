@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bootseer.index import chunk_span, chunks_covering, n_chunks
+
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -63,15 +65,11 @@ class BlobSpec:
 
     def chunk_span(self, index: int) -> tuple[int, int]:
         """(offset, length) of chunk ``index`` in the blob."""
-        off = index * self.chunk_size
-        return off, min(self.chunk_size, self.size - off)
+        return chunk_span(self.size, self.chunk_size, index)
 
     def chunks_for(self, offset: int, length: int) -> range:
         """Indices of the chunks that cover ``[offset, offset+length)`` (clamped to the blob)."""
-        end = min(self.size, offset + length)
-        if length <= 0 or offset >= end:
-            return range(0)
-        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
+        return chunks_covering(self.size, self.chunk_size, offset, length)
 
     def identity(self) -> str:
         """A digest of everything that decides the cached bytes: a cache built for another spec is discarded."""
@@ -98,16 +96,6 @@ class BlobSpec:
                    size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
                    chunks=tuple(str(c) for c in doc["chunks"]), mirrors=tuple(doc.get("mirrors", ())),
                    headers=dict(doc.get("headers", {})))
-
-
-def n_chunks(size: int, chunk_size: int) -> int:
-    return (size + chunk_size - 1) // chunk_size
-
-
-def chunk_digests(data: bytes | memoryview, chunk_size: int) -> tuple[str, ...]:
-    """The per-chunk sha256 list of ``data`` (what the converter's index records)."""
-    view = memoryview(data)
-    return tuple(hashlib.sha256(view[o : o + chunk_size]).hexdigest() for o in range(0, len(view), chunk_size))
 
 
 class AuthHook(Protocol):

@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 
 import requests
 
+from bootseer.control import Control
+from bootseer.index import chunk_digests
 from snapshotter.lazy import loop
 from snapshotter.lazy import mount as mnt
-from snapshotter.lazy.serve import Control
-from snapshotter.lazy.spec import BlobSpec, chunk_digests
+from snapshotter.lazy.spec import BlobSpec
 
 T = TypeVar("T")
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from bootseer.control import ControlError
 from snapshotter.lazy import loop
 from snapshotter.lazy import mount as mnt
-from snapshotter.lazy.serve import ControlError
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import (
     CountingProxy,

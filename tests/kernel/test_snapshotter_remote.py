@@ -34,8 +34,11 @@ class FakeRemote:
         lower = self.layers.get(req.target)
         return None if lower is None else RemoteLayer(lower, size=123, inodes=4, labels={"extra": "1"})
 
-    def release(self, lower: Path, record: Record | None) -> None:
-        self.released.append(lower)
+    def discard(self, req: RemoteRequest, layer: RemoteLayer) -> None:
+        self.released.append(layer.lower)
+
+    def release(self, record: Record) -> None:
+        self.released.append(Path(record.lower))
 
     def restore(self, records: list[Record]) -> None:
         self.restored.append(records)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from bootseer.index import find_index
 from bootseer.registry import (
     MT_OCI_LAYER,
     MT_OCI_LAYER_GZIP,
@@ -34,7 +35,6 @@ from integration.faultproxy import FaultProxy
 from integration.oci import entry
 from integration.stack import Stack
 from registry_sidecar.convert import ConvertOptions, ImageConverter, MemoryLayerMap, convert_layer_file
-from registry_sidecar.index import find_index
 from registry_sidecar.unpack import LayerError
 from tests.convert_util import compare_trees, containerd_tree, mounted_index, push_layout
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from bootseer.index import EROFS_MEDIA_TYPE, BadIndex, ImageIndex, LayerBlob
 from bootseer.registry import Descriptor, RegistryClient
 from integration import images
 from integration.faultproxy import FaultProxy
 from integration.stack import Stack
 from registry_sidecar.convert import ImageConverter
-from registry_sidecar.index import EROFS_MEDIA_TYPE, BadIndex, ImageIndex, IndexReader, LayerBlob
+from snapshotter.lazy.index_reader import IndexReader
 from tests.convert_util import push_layout
 
 

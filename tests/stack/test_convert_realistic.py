@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bootseer.index import find_index
 from bootseer.registry import RegistryClient
 from integration.stack import Stack, wait_for
-from registry_sidecar.index import find_index
 from tests.convert_util import compare_trees, containerd_tree, mounted_index
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from bootseer.index import find_index
 from bootseer.registry import RegistryClient
 from depsnap import engine_containerd as ec
 from depsnap import image
 from depsnap.build import BuildError, resolve
 from depsnap.key import DepSpec
 from integration.stack import Stack, mounts_below
-from registry_sidecar.index import find_index
 from tests.stack.test_depsnap_docker import pip_cmd, wheels  # noqa: F401  (fixture: the local package index)
 
 BUSYBOX_CHANGES = ("busybox rm /data/keep.txt && busybox rm -r /data/sub && busybox mkdir /data/sub && "

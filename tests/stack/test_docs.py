@@ -330,10 +330,10 @@ def test_a_running_snapshotter_serves_the_documented_series_after_a_lazy_pull(st
 
     import requests
 
+    from bootseer.index import find_index
     from bootseer.pull import pull
     from bootseer.registry import RegistryClient
     from integration import images
-    from registry_sidecar.index import find_index
 
     if not (stack.info.sidecar_url and stack.info.snapshotter_metrics and stack.info.snapshotter_control):
         pytest.fail("the local stack runs without the sidecar or the lazy snapshotter")

@@ -39,11 +39,11 @@ from typing import Any
 import pytest
 import requests
 
+from bootseer.control import Control
 from bootseer.cri import CRIClient
+from bootseer.index import DEFAULT_CHUNK_SIZE
 from integration import images
 from integration.stack import Stack, StackConfig, loops_below, mounts_below, running, wait_for
-from registry_sidecar.index import DEFAULT_CHUNK_SIZE
-from snapshotter.lazy.serve import Control
 from tests.conftest import scratch_root
 
 READ_TIMEOUT = 8.0
@@ -73,7 +73,7 @@ class Lazy:
     def blobs(self) -> list[str]:
         """Digests of the realistic image's EROFS blobs (from the registry's index)."""
         from bootseer.registry import RegistryClient
-        from registry_sidecar.index import IndexReader
+        from snapshotter.lazy.index_reader import IndexReader
 
         client = RegistryClient(hosts_dir=self.certs, plain_http=True)
         man, _ = client.resolve_image(self.ref)
@@ -290,7 +290,7 @@ def test_a_pull_hint_sets_the_layers_up_first_and_the_pull_takes_them_over(lazy:
     """`bootseer pull --control …` tells the snapshotter first: it resolves the image and sets every lazy layer
     up (held provisionally, prefetch started) before the pull's own Prepares come; they take the layers over,
     so no provisional hold is left.  A missing control socket only means no head start."""
-    from bootseer.status import send_pull_hint
+    from bootseer.control import send_pull_hint
 
     lazy.cold(ns)
     assert not send_pull_hint("/nonexistent/snapshotter.sock.ctl", lazy.ref, None)

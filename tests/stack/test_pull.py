@@ -21,13 +21,13 @@ import grpc
 import pytest
 
 from bootseer.containerd import Containerd
+from bootseer.control import Control
 from bootseer.cri import CRIClient
 from bootseer.pull import chain_ids, layer_labels
 from bootseer.registry import RegistryClient
 from integration import images
 from integration.stack import Stack, StackConfig, running
 from protos.containerd.services.snapshots.v1 import snapshots_pb2 as spb
-from snapshotter.lazy.serve import Control
 from tests.conftest import scratch_root
 
 
@@ -49,8 +49,8 @@ def test_chain_ids_and_cri_labels() -> None:
 @pytest.fixture(scope="module")
 def mixed() -> Iterator[tuple[Stack, str, str, list[str]]]:
     """(stack, mixed image ref, plain image ref, layer digests left lazy)."""
+    from bootseer.index import ImageIndex, manifest_descriptor, push_index
     from registry_sidecar.convert import convert_image
-    from registry_sidecar.index import ImageIndex, manifest_descriptor, push_index
 
     with running(StackConfig(root=scratch_root("pl"), cri_snapshotter="bootseer", sidecar=False)) as st:
         ref = images.push_small(st.info.registry, repo="bootseer/small-mixed")
@@ -68,8 +68,8 @@ def mixed() -> Iterator[tuple[Stack, str, str, list[str]]]:
 
 
 def _index_blob(client: RegistryClient, ref: str, artifact: str | None) -> str:
+    from bootseer.index import INDEX_MEDIA_TYPE
     from bootseer.reference import Reference
-    from registry_sidecar.index import INDEX_MEDIA_TYPE
 
     assert artifact is not None
     man = client.get_manifest(Reference.parse(ref).with_digest(artifact))

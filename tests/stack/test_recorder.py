@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import requests
 
+from bootseer.control import Control
 from integration import images
 from integration.stack import Stack, StackConfig, running, wait_for
-from snapshotter.lazy.serve import Control
 from snapshotter.lazy.testing import drop_caches
 from tests.conftest import scratch_root
 
@@ -62,7 +62,7 @@ class World:
 
     def blobs(self, image: str) -> list[str]:
         from bootseer.registry import RegistryClient
-        from registry_sidecar.index import IndexReader
+        from snapshotter.lazy.index_reader import IndexReader
 
         client = RegistryClient(hosts_dir=self.certs, plain_http=True)
         man, _ = client.resolve_image(image)

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import requests
 
+from bootseer.index import find_index
 from bootseer.registry import RegistryClient
 from integration import images
 from integration.faultproxy import FaultProxy
 from integration.stack import Stack, wait_for
-from registry_sidecar.index import find_index
 from registry_sidecar.sidecar import SidecarConfig, SidecarServer, parse_events
 from registry_sidecar.state import State
 from tests.convert_util import push_layout

@@ -122,9 +122,9 @@ def test_shaped_registry_link_is_really_shaped() -> None:
         # the registry in its namespace posts its notifications off the sidecar's loopback, with the stack's
         # token: a pushed image is still converted (without the token the sidecar answers 403 and nothing is)
         ShapedLink(st.info.netns_id or "", 0).set_rate(parse_rate("10gbit"))
+        from bootseer.index import find_index
         from bootseer.reference import Reference
         from bootseer.registry import RegistryClient
-        from registry_sidecar.index import find_index
 
         ref = images.push_small(st.info.registry)
         client = RegistryClient(plain_http=True)

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from bootseer.auth import Credentials
+from bootseer.index import chunk_digests
 from bootseer.reference import Reference
 from bootseer.registry import RegistryClient
 from integration.faultproxy import FaultProxy
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.fetcher import Fetcher, HttpClient, Scheduler
 from snapshotter.lazy.handler import RegistryAuthHook
-from snapshotter.lazy.spec import BlobSpec, chunk_digests
+from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import Registry
 
 PASSWORD = "s3cret-" + secrets.token_hex(8)

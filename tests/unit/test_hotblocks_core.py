@@ -14,19 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bootseer.reference import Reference
-from bootseer.registry import MT_OCI_MANIFEST, Descriptor, RegistryClient
-from recorder import artifact
-from recorder.hotblocks import (
+from bootseer import hotblocks
+from bootseer.accesslog import Access, read_access_log
+from bootseer.hotblocks import (
     META_KEY,
-    Access,
     BadManifest,
     BlobInfo,
     HotBlockManifest,
     build,
     merge,
-    read_access_log,
 )
+from bootseer.reference import Reference
+from bootseer.registry import MT_OCI_MANIFEST, Descriptor, RegistryClient
 from snapshotter.lazy.testing import Registry
 
 MiB = 1 << 20
@@ -197,41 +196,41 @@ def test_push_fetch_merge_and_ignore_bad_artifacts(registry: Registry, caplog: p
     host = registry.url.removeprefix("http://")
     ref = f"{host}/hb/img{secrets.token_hex(3)}:v1"
     subject = _image(client, ref, [L0, L1])
-    assert artifact.fetch(client, ref, subject.digest) is None  # nothing recorded yet
+    assert hotblocks.fetch(client, ref, subject.digest) is None  # nothing recorded yet
 
     a = build(subject.digest, BLOBS, [acc(B0, 0, 10, 0), acc(B1, 5 * MiB, 10, 10)], command=["a"])
-    d1 = artifact.push(client, ref, subject, a)
-    found = artifact.fetch(client, ref, subject.digest, image_layers=[L0, L1], index_blobs={L0: B0, L1: B1})
+    d1 = hotblocks.push(client, ref, subject, a)
+    found = hotblocks.fetch(client, ref, subject.digest, image_layers=[L0, L1], index_blobs={L0: B0, L1: B1})
     assert found is not None and found.digest == d1 and found.manifest.ranges == a.ranges
     man = client.get_manifest(f"{ref.rsplit(':', 1)[0]}@{d1}")
-    assert man.artifact_type == artifact.ARTIFACT_TYPE and man.subject and man.subject.digest == subject.digest
-    assert man.layers[0].media_type == artifact.PARQUET_MEDIA_TYPE
+    assert man.artifact_type == hotblocks.ARTIFACT_TYPE and man.subject and man.subject.digest == subject.digest
+    assert man.layers[0].media_type == hotblocks.PARQUET_MEDIA_TYPE
 
     # a newer recording, merged: the newest artifact wins
     b = build(subject.digest, BLOBS, [acc(B1, 9 * MiB, 10, 0)], command=["b"])
     b.created = "9999-01-01T00:00:00Z"  # strictly newer than a's, whatever the clock says
     merged = merge(found.manifest, b)
     merged.created = b.created
-    d2 = artifact.push(client, ref, subject, merged)
-    again = artifact.fetch(client, ref, subject.digest)
+    d2 = hotblocks.push(client, ref, subject, merged)
+    again = hotblocks.fetch(client, ref, subject.digest)
     assert again is not None and again.digest == d2 and again.manifest.recordings == 2
     assert {r.offset // MiB for r in again.manifest.ranges} == {0, 5, 9}
 
     # the image's layers are not the ones recorded: ignored with a warning
     caplog.clear()
-    assert artifact.fetch(client, ref, subject.digest, image_layers=[L0]) is None
+    assert hotblocks.fetch(client, ref, subject.digest, image_layers=[L0]) is None
     assert "not a layer of the image" in caplog.text
 
     # a corrupt newest artifact: ignored with a warning (not an exception, not an older manifest)
     bad = b"PAR1 this is not parquet PAR1"
     blob = client.push_blob(ref, bad)
     client.push_blob(ref, b"{}")
-    raw = json.loads(artifact.artifact_manifest(Descriptor(artifact.PARQUET_MEDIA_TYPE, blob.digest, blob.size),
+    raw = json.loads(hotblocks.artifact_manifest(Descriptor(hotblocks.PARQUET_MEDIA_TYPE, blob.digest, blob.size),
                                                 subject, merged))
-    raw["annotations"][artifact.ANN_PREFIX + "created"] = "9999-12-31T00:00:00Z"
+    raw["annotations"][hotblocks.ANN_PREFIX + "created"] = "9999-12-31T00:00:00Z"
     client.push_referrer(ref, json.dumps(raw).encode(), MT_OCI_MANIFEST)
     caplog.clear()
-    assert artifact.fetch(client, ref, subject.digest) is None
+    assert hotblocks.fetch(client, ref, subject.digest) is None
     assert "ignored" in caplog.text
 
 
@@ -241,7 +240,7 @@ def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog
     in first-access order."""
     from prometheus_client import CollectorRegistry
 
-    from recorder.prefetch import HotBlockPrefetcher, plan
+    from snapshotter.lazy.prefetcher import HotBlockPrefetcher, plan
 
     client = RegistryClient(plain_http=True)
     host = registry.url.removeprefix("http://")
@@ -251,7 +250,7 @@ def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog
     assert hot.manifest(ref, subject.digest) is None  # none yet
 
     hb = build(subject.digest, BLOBS, [acc(B1, 9 * MiB, 10, 0), acc(B0, 0, 10, 1), acc(B1, 2 * MiB, 10, 2)])
-    artifact.push(client, ref, subject, hb)
+    hotblocks.push(client, ref, subject, hb)
     got = hot.manifest(ref, subject.digest)
     assert got is not None and got.ranges == hb.ranges
     assert plan(got, L1, B1) == [(9 * MiB, MiB, 0), (2 * MiB, MiB, 2_000_000)]  # with first-access times
@@ -265,7 +264,7 @@ def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog
     # a manifest naming a layer the image does not have (recorded for another image, attached here)
     stranger = build(subject.digest, {B0: BlobInfo("sha256:" + "7" * 64, 10 * MiB, MiB)}, [acc(B0, 0, 1, 0)])
     stranger.created = "9999-01-01T00:00:00Z"
-    artifact.push(client, ref, subject, stranger)
+    hotblocks.push(client, ref, subject, stranger)
     caplog.clear()
     assert hot.manifest(ref, subject.digest) is None
     assert "not a layer of the image" in caplog.text
@@ -274,7 +273,7 @@ def test_prefetcher_lookup_ignores_unusable_manifests(registry: Registry, caplog
 def test_layers_of_one_start_up_share_its_time_zero() -> None:
     from prometheus_client import CollectorRegistry
 
-    from recorder.prefetch import HotBlockPrefetcher
+    from snapshotter.lazy.prefetcher import HotBlockPrefetcher
 
     hot = HotBlockPrefetcher(None, None, registry=CollectorRegistry(), start_window=30.0)  # type: ignore[arg-type]
     with hot._lock:
@@ -289,7 +288,7 @@ def test_early_lookup_has_the_manifest_at_hand_for_the_first_layer(registry: Reg
     many Prepares ask meanwhile) and the layer's own lookup then finds it parsed and cached."""
     from prometheus_client import CollectorRegistry
 
-    from recorder.prefetch import HotBlockPrefetcher
+    from snapshotter.lazy.prefetcher import HotBlockPrefetcher
     from snapshotter.lazy.testing import wait_until
 
     client = RegistryClient(plain_http=True)
@@ -297,7 +296,7 @@ def test_early_lookup_has_the_manifest_at_hand_for_the_first_layer(registry: Reg
     ref = f"{host}/hb/early{secrets.token_hex(3)}:v1"
     subject = _image(client, ref, [L0, L1])
     hb = build(subject.digest, BLOBS, [acc(B1, 9 * MiB, 10, 0), acc(B0, 0, 10, 1)])
-    artifact.push(client, ref, subject, hb)
+    hotblocks.push(client, ref, subject, hb)
     hot = HotBlockPrefetcher(None, client, registry=CollectorRegistry(), reuse_for=60)  # type: ignore[arg-type]
     hot.lookup(ref, subject.digest)
     hot.lookup(ref, subject.digest)  # a second Prepare while the first lookup runs: no second lookup

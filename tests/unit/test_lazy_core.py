@@ -21,6 +21,7 @@ import pyfuse3
 import pytest
 import trio
 
+from bootseer.index import chunk_digests
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.fetcher import (
     BACKGROUND,
@@ -34,7 +35,7 @@ from snapshotter.lazy.fetcher import (
     TokenBucket,
 )
 from snapshotter.lazy.fusefs import BlobFS
-from snapshotter.lazy.spec import BlobSpec, chunk_digests, split_ranges
+from snapshotter.lazy.spec import BlobSpec, split_ranges
 from snapshotter.lazy.testing import free_port, run_with_deadline, wait_until
 
 CS = 64 << 10  # small chunks keep these tests fast; the kernel tests use 256 KiB

@@ -8,7 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from snapshotter.lazy.handler import LazyHandler, ahead_owner
+from snapshotter.lazy.ahead import AheadState, ahead_owner
+from snapshotter.lazy.handler import LazyHandler
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import wait_until
 from snapshotter.remote import (
@@ -66,17 +67,27 @@ class FakeManager:
             return self.layers.get(digest)
 
 
+class Hooked:
+    """A :class:`PrefetchHook` that notes the layers whose prefetch started."""
+
+    def __init__(self) -> None:
+        self.layers: list[str] = []
+
+    def lookup(self, image: str, manifest: str) -> None:
+        return None
+
+    def on_mount(self, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
+        self.layers.append(layer)
+
+
 def _handler(hold: float = 60.0) -> tuple[LazyHandler, FakeManager, list[str]]:
     manager = FakeManager()
-    hooked: list[str] = []
+    hooked = Hooked()
 
     def specs(image: str, manifest: str, layer: str) -> BlobSpec | None:
         return None if layer == NOT_LAZY else _spec(layer)
 
-    def prefetch(mgr: Any, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
-        hooked.append(layer)
-
-    return LazyHandler(manager, specs, prefetch=prefetch, ahead_hold=hold), manager, hooked  # type: ignore[arg-type]
+    return LazyHandler(manager, specs, prefetch=hooked, ahead_hold=hold), manager, hooked.layers  # type: ignore[arg-type]
 
 
 def _prepare(h: LazyHandler, i: int) -> None:
@@ -86,7 +97,7 @@ def _prepare(h: LazyHandler, i: int) -> None:
 
 
 def _ahead_done(h: LazyHandler) -> bool:
-    return not any(t.is_alive() for t in h._ahead_threads)
+    return h.ahead.idle()
 
 
 def test_first_prepare_sets_up_the_following_lazy_layers_ahead() -> None:
@@ -108,7 +119,7 @@ def test_first_prepare_sets_up_the_following_lazy_layers_ahead() -> None:
             _spec(LAYERS[i]).digest: {f"ns/chain-{i}"} for i in (0, 1, 3)}
         assert sorted(hooked) == sorted([LAYERS[0], LAYERS[1], LAYERS[3]])  # one prefetch per mount
         assert sorted(m.replaced) == sorted(ahead_owner(MANIFEST, d) for d in (LAYERS[1], LAYERS[3]))
-        assert not h._ahead
+        assert h.ahead.pending() == 0
     finally:
         h.close()
 
@@ -121,7 +132,7 @@ def test_a_layer_never_prepared_is_released_when_its_hold_runs_out() -> None:
         top = _spec(LAYERS[3]).digest
         assert m.owners[top] == {ahead_owner(MANIFEST, LAYERS[3])}
         wait_until(lambda: not m.owners.get(top), 10, "the provisional hold to run out")
-        assert m.layer(top) is None and not h._ahead  # unmounted: nobody else held it
+        assert m.layer(top) is None and h.ahead.pending() == 0  # unmounted: nobody else held it
     finally:
         h.close()
 
@@ -149,7 +160,7 @@ def test_a_prepare_starts_the_hot_block_manifest_lookup_before_setting_its_layer
         def lookup(self, image: str, manifest: str) -> None:
             calls.append(f"lookup {image} {manifest}")
 
-        def __call__(self, mgr: Any, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
+        def on_mount(self, image: str, manifest: str, layer: str, spec: BlobSpec) -> None:
             calls.append(f"prefetch {layer}")
 
     def specs(image: str, manifest: str, layer: str) -> BlobSpec | None:
@@ -185,16 +196,16 @@ def test_a_prepare_arriving_during_its_layers_set_up_ahead_takes_it_over_without
             return gone
 
     m = GatedManager()
-    hooked: list[str] = []
-    h = LazyHandler(m, lambda image, manifest, layer: _spec(layer),  # type: ignore[arg-type]
-                    prefetch=lambda mgr, image, manifest, layer, spec: hooked.append(layer))
+    hook = Hooked()
+    hooked = hook.layers
+    h = LazyHandler(m, lambda image, manifest, layer: _spec(layer), prefetch=hook)  # type: ignore[arg-type]
     try:
         _prepare(h, 0)
         assert m.mounting.wait(10)  # layer 1 is being set up ahead ...
         second = threading.Thread(target=_prepare, args=(h, 1))
         second.start()  # ... when its own Prepare comes
-        wait_until(lambda: h._ahead.get((MANIFEST, LAYERS[1])) is not None
-                   and h._ahead[(MANIFEST, LAYERS[1])].claimed, 10, "the Prepare to claim the set-up")
+        wait_until(lambda: h.ahead.state(MANIFEST, LAYERS[1]) is AheadState.CLAIMED, 10,
+                   "the Prepare to claim the set-up")
         m.gate.set()
         second.join(10)
         assert not second.is_alive()
@@ -204,3 +215,28 @@ def test_a_prepare_arriving_during_its_layers_set_up_ahead_takes_it_over_without
     finally:
         m.gate.set()
         h.close()
+
+
+def test_a_prepare_the_core_could_not_record_is_discarded_from_any_thread() -> None:
+    """The core hands back an unrecorded answer explicitly (request and layer), so the hold is dropped whatever
+    thread does it — unless a concurrent Prepare of the same chain ID recorded it first, whose hold it is."""
+    m = FakeManager()
+    h = LazyHandler(m, lambda image, manifest, layer: _spec(layer), ahead=0)  # type: ignore[arg-type]
+    recorded: set[tuple[str, str]] = set()
+    h.bind(lambda ns, name: (ns, name) in recorded)
+    labels = {LABEL_SNAPSHOT_REF: "chain-0", LABEL_CRI_IMAGE_REF: IMAGE, LABEL_CRI_MANIFEST_DIGEST: MANIFEST,
+              LABEL_CRI_LAYER_DIGEST: LAYERS[0]}
+    req = RemoteRequest("ns", "extract-0", "", "chain-0", labels)
+    answers: list[Any] = []
+    t = threading.Thread(target=lambda: answers.append(h.prepare(req)))
+    t.start()
+    t.join(10)
+    [layer] = answers
+    d0 = _spec(LAYERS[0]).digest
+    recorded.add(("ns", "chain-0"))  # the concurrent winner's snapshot: the shared hold stays
+    h.discard(req, layer)
+    assert m.owners[d0] == {"ns/chain-0"}
+    recorded.clear()  # nobody recorded it: the hold goes
+    h.discard(req, layer)
+    assert m.owners[d0] == set()
+    h.close()

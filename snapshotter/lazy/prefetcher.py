@@ -1,7 +1,8 @@
-"""Replaying hot blocks: the snapshotter's side of record-and-prefetch.
+"""The hot-block prefetcher: replays a recording's hot blocks on every lazy mount (the snapshotter's side of
+record-and-prefetch; the recording side is :mod:`recorder`).
 
 When a remote ``Prepare`` has set a lazy layer up, :meth:`HotBlockPrefetcher.on_prepare` looks for the image's
-hot-block manifest (a referrer of the image manifest, see :mod:`recorder.artifact`) and hands the layer's
+hot-block manifest (a referrer of the image manifest, see :mod:`bootseer.hotblocks`) and hands the layer's
 recorded ranges, in first-access order, to :meth:`LayerManager.prefetch
 <snapshotter.lazy.manager.LayerManager.prefetch>` — before the container exists, so by the time it reads,
 most of what it reads is local.  The rules the data path already guarantees, and why they matter here:
@@ -29,7 +30,7 @@ Metrics (Prometheus, in the manager's registry, so the daemon's ``metrics`` cont
 file: the container's reads of them are answered by the kernel and never reach FUSE — see
 :mod:`snapshotter.lazy.fusefs`),
 ``bootseer_hotblocks_demand_bytes_total{result="hit"|"miss"}`` (reads reaching FUSE that touched a recorded range:
-already local thanks to prefetch, or not yet — needs the layer's ``demand_observer`` hook),
+already local thanks to prefetch, or not yet: :meth:`PrefetchTarget.observe_demand`),
 ``bootseer_hotblocks_prefetch_seconds`` (Prepare → prefetch of the layer done),
 ``bootseer_hotblocks_prefetches_total{outcome}`` and ``bootseer_hotblocks_prefetch_running``.
 """
@@ -47,32 +48,42 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bootseer import events
-from recorder import artifact
-from recorder.hotblocks import BadManifest, HotBlockManifest
+from bootseer import events, hotblocks
+from bootseer.hotblocks import BadManifest, HotBlockManifest
 
 if TYPE_CHECKING:
     from bootseer.registry import RegistryClient
+    from snapshotter.lazy.spec import BlobSpec
 
-log = logging.getLogger("bootseer.recorder.prefetch")
+log = logging.getLogger("bootseer.lazy.prefetcher")
 
 OUTCOMES = ("done", "cancelled", "partial", "no_manifest", "not_recorded", "ignored", "error")
 
 
-class _Job(Protocol):
+DemandObserver = Callable[[int, int, bool], None]  # (offset, length, already local), on the FUSE loop
+
+
+class PrefetchJob(Protocol):
+    """A running prefetch job (:class:`snapshotter.lazy.prefetchjob.Prefetch`): counts in chunks, ``warmed`` in
+    bytes; ``done`` is set when it ends."""
+
     total: int
     fetched: int
     failed: int
+    warmed: int
     done: threading.Event
 
 
-class _Manager(Protocol):
-    """What we need of :class:`snapshotter.lazy.manager.LayerManager`."""
+class PrefetchTarget(Protocol):
+    """What the hot-block prefetcher may see of the lazy layers (:class:`~snapshotter.lazy.manager.LayerManager`
+    provides it): start a prefetch job, read the layer's prefetch byte counter, watch its demand reads."""
 
-    def prefetch(self, digest: str, ranges: Sequence[tuple[int, int, int]], concurrency: int | None = None,
-                 start: float | None = None) -> Any: ...
+    def prefetch(self, digest: str, ranges: Sequence[Sequence[int]], concurrency: int | None = None,
+                 start: float | None = None) -> PrefetchJob: ...
 
-    def layer(self, digest: str) -> Any: ...
+    def prefetched_bytes(self, digest: str) -> int: ...
+
+    def observe_demand(self, digest: str, observer: DemandObserver | None) -> bool: ...
 
 
 def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tuple[int, int, int]] | None:
@@ -87,7 +98,7 @@ def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tupl
     return hb.ranges_for(layer_digest)
 
 
-class Metrics:
+class PrefetchMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
         try:
@@ -159,7 +170,7 @@ class HotBlockPrefetcher:
     hot-block referrers (one small request), and only the Parquet blob of a new newest artifact is fetched;
     within ``reuse_for`` seconds a lookup is reused as is (the Prepares of one pull come in a burst)."""
 
-    def __init__(self, manager: _Manager, client: RegistryClient, *, concurrency: int | None = None,
+    def __init__(self, manager: PrefetchTarget, client: RegistryClient, *, concurrency: int | None = None,
                  reuse_for: float = 1.0, max_images: int = 64, start_window: float = 30.0,
                  registry: CollectorRegistry | None = None, enabled: bool = True) -> None:
         self.manager = manager
@@ -168,9 +179,7 @@ class HotBlockPrefetcher:
         self.reuse_for = reuse_for
         self.max_images = max_images
         self.enabled = enabled
-        if registry is None:
-            registry = getattr(getattr(manager, "metrics", None), "registry", None)
-        self.metrics = Metrics(registry)
+        self.metrics = PrefetchMetrics(registry)
         self._lock = threading.Lock()
         # (repository, manifest digest) → (reuse until, newest artifact digest, its manifest or None if unusable)
         self._cache: OrderedDict[tuple[str, str], tuple[float, str | None, HotBlockManifest | None]] = OrderedDict()
@@ -206,11 +215,9 @@ class HotBlockPrefetcher:
         t.start()
         return lp
 
-    def __call__(self, manager: Any, image_ref: str, manifest_digest: str, layer_digest: str, spec: Any) -> None:
-        """The snapshotter's ``PrefetchHook`` (:mod:`snapshotter.lazy.handler`): ``spec`` is the layer's
-        :class:`~snapshotter.lazy.spec.BlobSpec`.  Starts the prefetch in a worker thread."""
-        if manager is not None and manager is not self.manager:
-            self.manager = manager
+    def on_mount(self, image_ref: str, manifest_digest: str, layer_digest: str, spec: BlobSpec) -> None:
+        """The handler's :class:`~snapshotter.lazy.handler.PrefetchHook`: a lazy layer was just mounted.
+        Starts its prefetch in a worker thread."""
         self.on_prepare(image_ref, manifest_digest, layer_digest, spec.digest, spec.chunk_size)
 
     def lookup(self, image_ref: str, manifest_digest: str) -> None:
@@ -267,7 +274,7 @@ class HotBlockPrefetcher:
                 layers = self._layers_of.get(key)
             if layers is None:
                 layers = [d.digest for d in self.client.get_manifest(ref.with_digest(manifest_digest)).layers]
-            descs = artifact.candidates(self.client, ref, manifest_digest)
+            descs = hotblocks.candidates(self.client, ref, manifest_digest)
             newest = descs[0].digest if descs else None
             if hit is not None and hit[1] == newest:
                 parsed = hit[2]  # nothing new was pushed: the parsed manifest (or the verdict on it) still holds
@@ -279,7 +286,7 @@ class HotBlockPrefetcher:
                         log.warning("hot-block manifest of %s ignored: %s", ref.name, e)
                         hb = None
             else:
-                found = artifact.fetch(self.client, ref, manifest_digest, image_layers=layers,
+                found = hotblocks.fetch(self.client, ref, manifest_digest, image_layers=layers,
                                        index_blobs=index_blobs, descs=descs)
                 parsed = hb = found.manifest if found is not None else None
                 if found is not None:
@@ -357,11 +364,8 @@ class HotBlockPrefetcher:
         lp.hot_bytes = sum(r[1] for r in ranges)
         lp.hot_chunks = frozenset(i for off, n, _ in ranges for i in range(off // cs, (off + n - 1) // cs + 1))
         self.metrics.hot_set.inc(lp.hot_bytes)
-        layer = self.manager.layer(lp.blob)
-        stats = getattr(getattr(layer, "fetcher", None), "stats", None)
-        before = int(stats.bytes.get("prefetch", 0)) if stats is not None else 0
-        if layer is not None:
-            _observe_reads(layer, self._observer(lp))
+        before = self.manager.prefetched_bytes(lp.blob)
+        self.manager.observe_demand(lp.blob, self._observer(lp))
         self.metrics.running.inc()
         began = events.now()
         try:
@@ -377,9 +381,8 @@ class HotBlockPrefetcher:
         finally:
             self.metrics.running.dec()
         lp.chunks_fetched, lp.chunks_failed = int(job.fetched), int(job.failed)
-        after = int(stats.bytes.get("prefetch", 0)) if stats is not None else before
-        lp.prefetched_bytes = max(0, after - before)
-        lp.page_cache_bytes = int(getattr(job, "warmed", 0))
+        lp.prefetched_bytes = max(0, self.manager.prefetched_bytes(lp.blob) - before)
+        lp.page_cache_bytes = int(job.warmed)
         self.metrics.prefetched.inc(lp.prefetched_bytes)
         self.metrics.warmed.inc(lp.page_cache_bytes)
         lp.seconds = time.monotonic() - lp.prepared
@@ -397,7 +400,7 @@ class HotBlockPrefetcher:
         log.info("hot-block prefetch of layer %s %s in %.2fs: %d/%d chunks, %.1f MiB fetched", lp.layer[:19],
                  lp.state, lp.seconds, lp.chunks_fetched, lp.chunks, lp.prefetched_bytes / (1 << 20))
 
-    def _observer(self, lp: LayerPrefetch) -> Callable[[int, int, bool], None]:
+    def _observer(self, lp: LayerPrefetch) -> DemandObserver:
         """Runs on the FUSE loop for every read of the layer: must be cheap and never raise."""
         hit_c, miss_c = self.metrics.demand.labels("hit"), self.metrics.demand.labels("miss")
 
@@ -416,27 +419,3 @@ class HotBlockPrefetcher:
 
         return observe
 
-
-def _observe_reads(layer: Any, observer: Callable[[int, int, bool], None]) -> None:
-    """Have ``observer(offset, length, hit)`` called for every FUSE read of the layer.
-
-    Uses the layer's ``demand_observer`` hook when it has one; otherwise wraps the layer object's
-    ``read_cached`` (every FUSE read of the blob starts there and it answers None when a chunk is missing),
-    once per layer object — a later prefetch of the same layer only swaps the observer."""
-    if hasattr(layer, "demand_observer"):
-        layer.demand_observer = observer
-        return
-    holder = getattr(layer, "_hotblocks_observer", None)
-    if holder is not None:
-        holder[0] = observer
-        return
-    holder = [observer]
-    original = layer.read_cached
-
-    def read_cached(offset: int, length: int) -> Any:
-        data = original(offset, length)
-        holder[0](offset, length, data is not None)
-        return data
-
-    layer._hotblocks_observer = holder
-    layer.read_cached = read_cached

@@ -2,8 +2,8 @@
 
 Built by ``bootseer record`` from the reads that reached FUSE while an image ran once from cold caches, and
 read by the snapshotter's prefetcher, which fetches the ranges of a freshly mounted layer in the same order
-before the container asks for them.  This module is the plain part — no kernel, no registry, no daemon — so
-every rule below is unit-tested on its own.
+before the container asks for them.  The format and its rules need no kernel and no daemon, so every rule
+below is unit-tested on its own; only :func:`push` / :func:`fetch` talk to a registry.
 
 From access records to ranges (:func:`build`)
 ---------------------------------------------
@@ -40,15 +40,36 @@ A file that does not follow all of this (or whose ranges fall outside their blob
 :class:`BadManifest` — the prefetcher then ignores it with a warning, it never fetches from a manifest it
 cannot trust.
 
+Where the ranges come from: the access log (:mod:`bootseer.accesslog`), one line per read that reached FUSE.
+
 Merging (:func:`merge`) takes the union of the units of several manifests of one image, each unit keeping
 its earliest first access, and coalesces again: a manifest recorded for one command plus one recorded for
 another prefetches what either read, in the order either read it first.
+
+The artifact in the registry (:func:`push`, :func:`candidates`, :func:`fetch`)
+-----------------------------------------------------------------------------
+The manifest is an OCI artifact whose ``subject`` is the image manifest.  Wire format (beside the BootSeer
+index, found the same way — referrers API, or the ``sha256-<hex>`` tag schema on registries without it)::
+
+    {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+     "artifactType": "application/vnd.bootseer.hotblocks.v1",
+     "config": <the empty descriptor, application/vnd.oci.empty.v1+json>,
+     "layers": [{"mediaType": "application/vnd.bootseer.hotblocks.v1.parquet", "digest": ..., "size": ...}],
+     "subject": <the image manifest's descriptor>,
+     "annotations": {"io.bootseer.hotblocks.version": "1", "io.bootseer.hotblocks.created": "<RFC 3339>",
+                     "io.bootseer.hotblocks.recordings": "<n>", "io.bootseer.hotblocks.bytes": "<hot bytes>"}}
+
+The image's tag and digests never change.  Each recording pushes a new artifact (a merge includes the old
+one's ranges); readers take the newest by its ``created`` annotation, falling back to listing order.
+Only the newest is ever used: an older one that is corrupt is not looked at, a newest one that is corrupt
+(or another image's) is ignored with a warning — no prefetch then, never a wrong one.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +78,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from registry_sidecar.index import DEFAULT_CHUNK_SIZE
+from bootseer.accesslog import Access
+from bootseer.index import DEFAULT_CHUNK_SIZE, chunks_covering
+from bootseer.reference import Reference
+from bootseer.registry import (
+    EMPTY_DIGEST,
+    EMPTY_JSON,
+    MT_OCI_EMPTY,
+    MT_OCI_MANIFEST,
+    Descriptor,
+    DigestMismatch,
+    NotFound,
+    RegistryClient,
+)
+
+log = logging.getLogger("bootseer.hotblocks")
 
 FORMAT_VERSION = 1
 META_KEY = b"bootseer.hotblocks"
@@ -65,6 +100,11 @@ DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE  # tests only: a real manifest takes each blo
 PAGE = 4096  # granularity of read_bytes
 DEFAULT_MAX_RANGE = 8 << 20  # the fetcher's largest range request
 DEFAULT_WINDOW_NS = 250_000_000  # units first read further apart than this start a new range
+
+ARTIFACT_TYPE = "application/vnd.bootseer.hotblocks.v1"
+PARQUET_MEDIA_TYPE = "application/vnd.bootseer.hotblocks.v1.parquet"
+ANN_PREFIX = "io.bootseer.hotblocks."
+MAX_MANIFEST_BLOB = 64 << 20
 
 SCHEMA = pa.schema([
     pa.field("layer_digest", pa.dictionary(pa.int32(), pa.string()), nullable=False),
@@ -78,20 +118,6 @@ SCHEMA = pa.schema([
 
 class BadManifest(ValueError):
     """A hot-block manifest that cannot be trusted (corrupt, another image's, inconsistent)."""
-
-
-@dataclass(frozen=True)
-class Access:
-    """One read that reached FUSE: ``length`` bytes at ``offset`` of ``blob``, at daemon time ``t_ns``."""
-
-    blob: str
-    offset: int
-    length: int
-    t_ns: int
-
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> Access:
-        return cls(str(doc["blob"]), int(doc["offset"]), int(doc["length"]), int(doc["t_ns"]))
 
 
 @dataclass(frozen=True)
@@ -143,7 +169,7 @@ class HotBlockManifest:
     def ranges_for(self, layer_digest: str) -> list[tuple[int, int, int]]:
         """``(offset, length, first_access_ns)`` of one layer's ranges, in prefetch order (what the prefetcher
         is given: the time lets it fetch every layer's ranges in one image-wide order, see
-        :mod:`recorder.prefetch`)."""
+        :mod:`snapshotter.lazy.prefetcher`)."""
         return [(r.offset, r.length, r.first_access_ns) for r in self.ranges if r.layer_digest == layer_digest]
 
     def hot_bytes(self, layer_digest: str | None = None) -> int:
@@ -223,9 +249,10 @@ class HotBlockManifest:
         """Parse and check a manifest; anything malformed is :class:`BadManifest` (never a partial result)."""
         try:
             # no reader threads: a manifest is small, and pyarrow's thread pool still running at interpreter
-            # exit aborted short CLI runs ("terminate called without an active exception", 17 of 60 runs).
-            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first import takes
-            # ~40 ms of the snapshotter's GIL — at the first Prepare of a pull, while its layers are set up
+            # exit aborted short CLI runs ("terminate called without an active exception").
+            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first import holds
+            # the snapshotter's GIL at the first Prepare of a pull, while its layers are set up
+            # (figures: docs/bench/design-measurements.md)
             table = pq.ParquetFile(io.BytesIO(data)).read(use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as e:
             raise BadManifest(f"not a readable Parquet file: {e}") from e
@@ -276,10 +303,7 @@ class HotBlockManifest:
 
 # ------------------------------------------------------------------------------------------- building
 def _units(blob: BlobInfo, offset: int, length: int) -> range:
-    end = min(blob.size, offset + length)
-    if length <= 0 or offset < 0 or offset >= end:
-        return range(0)
-    return range(offset // blob.chunk_size, (end - 1) // blob.chunk_size + 1)
+    return chunks_covering(blob.size, blob.chunk_size, offset, length)
 
 
 def _coalesce(layer: str, blob_digest: str, blob: BlobInfo, first: Mapping[int, int], *, gap: int, max_range: int,
@@ -382,27 +406,91 @@ def merge(*manifests: HotBlockManifest, gap: int = 0, max_range: int = DEFAULT_M
     return HotBlockManifest(subject, blobs, ranges, sum(m.recordings for m in manifests), commands, _now(), read)
 
 
-def read_access_log(path: str, blobs: Iterable[str] | None = None) -> list[Access]:
-    """The daemon's JSON-lines access log (``{"blob", "offset", "length", "t_ns"}`` per FUSE read).
-
-    A torn last line (the daemon was killed mid-write) is skipped; any other malformed line is an error."""
-    want = set(blobs) if blobs is not None else None
-    out: list[Access] = []
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            a = Access.from_json(json.loads(line))
-        except (ValueError, KeyError, TypeError) as e:
-            if n == len(lines):  # unterminated last line
-                continue
-            raise ValueError(f"{path}:{n}: bad access record: {e}") from e
-        if want is None or a.blob in want:
-            out.append(a)
-    return out
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ------------------------------------------------------------------------------------------- artifact
+
+
+@dataclass
+class Found:
+    """A hot-block artifact fetched from the registry."""
+
+    digest: str  # the artifact manifest's digest
+    blob: str  # the Parquet blob's digest
+    manifest: HotBlockManifest
+
+
+def artifact_manifest(blob: Descriptor, subject: Descriptor, hb: HotBlockManifest) -> bytes:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": MT_OCI_EMPTY, "digest": EMPTY_DIGEST, "size": len(EMPTY_JSON)},
+        "layers": [{"mediaType": PARQUET_MEDIA_TYPE, "digest": blob.digest, "size": blob.size}],
+        "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size},
+        "annotations": {ANN_PREFIX + "version": "1", ANN_PREFIX + "created": hb.created,
+                        ANN_PREFIX + "recordings": str(hb.recordings), ANN_PREFIX + "bytes": str(hb.hot_bytes())},
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def push(client: RegistryClient, image: Reference | str, subject: Descriptor, hb: HotBlockManifest) -> str:
+    """Push the Parquet blob, the empty config and the artifact manifest (a referrer of ``subject``);
+    return the artifact manifest's digest."""
+    ref = _repo(image)
+    if hb.subject != subject.digest:
+        raise ValueError(f"manifest recorded for {hb.subject}, not {subject.digest}")
+    data = hb.to_parquet()
+    desc = client.push_blob(ref, data)
+    client.push_blob(ref, EMPTY_JSON)
+    raw = artifact_manifest(Descriptor(PARQUET_MEDIA_TYPE, desc.digest, desc.size), subject, hb)
+    return client.push_referrer(ref, raw, MT_OCI_MANIFEST)
+
+
+def candidates(client: RegistryClient, image: Reference | str, manifest_digest: str) -> list[Descriptor]:
+    """The image's hot-block artifacts, newest first."""
+    ref = _repo(image)
+    descs = client.referrers(ref, manifest_digest, ARTIFACT_TYPE)
+    order = {d.digest: i for i, d in enumerate(descs)}
+    return sorted(descs, key=lambda d: ((d.annotations or {}).get(ANN_PREFIX + "created", ""), order[d.digest]),
+                  reverse=True)
+
+
+def fetch(client: RegistryClient, image: Reference | str, manifest_digest: str, *,
+          image_layers: Sequence[str] | None = None, index_blobs: Mapping[str, str] | None = None,
+          descs: Sequence[Descriptor] | None = None) -> Found | None:
+    """The newest hot-block manifest of the image, or None (none, or the newest is unusable: warned).
+
+    With ``image_layers`` (the image's layer digests) and ``index_blobs`` (layer → EROFS blob of the index),
+    a manifest that does not fit the image is ignored too.  ``descs``: :func:`candidates` if already listed.
+    Registry errors other than "not found" propagate."""
+    ref = _repo(image)
+    for desc in descs if descs is not None else candidates(client, ref, manifest_digest):
+        try:
+            man = client.get_manifest(ref.with_digest(desc.digest))
+        except NotFound:
+            continue  # a stale entry of the tag schema
+        layer = next((d for d in man.layers if d.media_type == PARQUET_MEDIA_TYPE), None)
+        if layer is None or (man.subject is not None and man.subject.digest != manifest_digest):
+            log.warning("hot-block artifact %s of %s is malformed; ignored", desc.digest, manifest_digest)
+            return None
+        try:
+            if layer.size > MAX_MANIFEST_BLOB:
+                raise BadManifest(f"{layer.size} bytes is more than a hot-block manifest can be")
+            hb = HotBlockManifest.from_parquet(client.get_blob(ref, layer.digest, max_size=MAX_MANIFEST_BLOB))
+            if hb.subject != manifest_digest:
+                raise BadManifest(f"recorded for image {hb.subject}")
+            if image_layers is not None:
+                hb.check(image_layers, index_blobs)
+        except (BadManifest, DigestMismatch, NotFound) as e:  # a blob gone or not what it claims: corrupt too
+            log.warning("hot-block manifest %s of %s ignored: %s", desc.digest, manifest_digest, e)
+            return None
+        return Found(desc.digest, layer.digest, hb)
+    return None
+
+
+def _repo(image: Reference | str) -> Reference:
+    ref = image if isinstance(image, Reference) else Reference.parse(image)
+    return ref.in_repository(ref.repository)

@@ -35,7 +35,14 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
   ``skipped`` lists layers that have no EROFS blob (unknown media type, refused as hostile, …), with the
   reason; nodes pull those the ordinary way.
 
-The reader side (:class:`IndexReader`) is what the snapshotter calls on ``Prepare``.
+Chunk arithmetic — which bytes chunk *i* covers, which chunks a byte range touches, the digests of a blob's
+chunks — is defined here once (:func:`n_chunks`, :func:`chunk_span`, :func:`chunks_covering`,
+:func:`chunk_digests`, :func:`hash_chunks`): the converter, the snapshotter's data path and the hot-block
+manifest all cut blobs the same way.
+
+The registry sidecar writes the index (:func:`push_index`); the snapshotter reads it on ``Prepare``
+(:class:`snapshotter.lazy.index_reader.IndexReader`, over :func:`find_index`); the recorder and depsnap find
+it with :func:`find_index`.
 """
 
 from __future__ import annotations
@@ -43,10 +50,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,15 +74,58 @@ ARTIFACT_TYPE = "application/vnd.bootseer.index.v1+json"
 INDEX_MEDIA_TYPE = ARTIFACT_TYPE
 EROFS_MEDIA_TYPE = "application/vnd.bootseer.layer.v1.erofs"
 LAYER_ANNOTATION = "io.bootseer.layer.digest"
-# 128 KiB: the unit of every lazy fetch, verification and cache bit.  Measured with the start-up benchmark
-# (docs/bench/startup.md): the realistic image's hot set is 218 MB of blob ranges in 1 MiB chunks, 159 MB in
-# 256 KiB, 139 MB in 128 KiB, 124 MB in 64 KiB — and 128 KiB is also the largest read FUSE and erofs
-# read-ahead send.  64 KiB fetched less but started slower (per-chunk hashing and bookkeeping in Python).
+# 128 KiB: the unit of every lazy fetch, verification and cache bit.  Smaller chunks fetch a smaller hot set
+# but cost more per-chunk hashing and bookkeeping in Python; 128 KiB is also the largest read FUSE and erofs
+# read-ahead send (figures: docs/bench/design-measurements.md).
 DEFAULT_CHUNK_SIZE = 128 << 10
 FORMAT_VERSION = 1
 CONVERTER = {"format": "erofs", "compression": "lz4hc", "version": FORMAT_VERSION}
 
 
+# ------------------------------------------------------------------------------------ chunk arithmetic
+def n_chunks(size: int, chunk_size: int) -> int:
+    """How many chunks of ``chunk_size`` cut ``size`` bytes (the last one may be short)."""
+    return (size + chunk_size - 1) // chunk_size
+
+
+def chunk_span(size: int, chunk_size: int, index: int) -> tuple[int, int]:
+    """(offset, length) of chunk ``index`` of a ``size``-byte blob."""
+    off = index * chunk_size
+    return off, min(chunk_size, size - off)
+
+
+def chunks_covering(size: int, chunk_size: int, offset: int, length: int) -> range:
+    """Indices of the chunks that cover ``[offset, offset+length)`` of a ``size``-byte blob (clamped to it;
+    empty for an empty or out-of-blob range)."""
+    end = min(size, offset + length)
+    if length <= 0 or offset < 0 or offset >= end:
+        return range(0)
+    return range(offset // chunk_size, (end - 1) // chunk_size + 1)
+
+
+def chunk_digests(data: bytes | memoryview, chunk_size: int) -> tuple[str, ...]:
+    """The per-chunk sha256 list of ``data`` (what the index records)."""
+    view = memoryview(data)
+    return tuple(hashlib.sha256(view[o : o + chunk_size]).hexdigest() for o in range(0, len(view), chunk_size))
+
+
+def hash_chunks(path: Path, chunk_size: int) -> tuple[str, int, tuple[str, ...]]:
+    """(sha256 digest of the file, its size, sha256 hex of each ``chunk_size`` chunk) in one read."""
+    whole = hashlib.sha256()
+    chunks: list[str] = []
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            data = fh.read(chunk_size)
+            if not data:
+                break
+            whole.update(data)
+            chunks.append(hashlib.sha256(data).hexdigest())
+            size += len(data)
+    return "sha256:" + whole.hexdigest(), size, tuple(chunks)
+
+
+# ------------------------------------------------------------------------------------------ the format
 class BadIndex(RegistryError):
     """The index artifact exists but is malformed."""
 
@@ -104,8 +150,7 @@ class LayerBlob:
         """(offset, length) of chunk ``i`` in the blob."""
         if not 0 <= i < len(self.chunks):
             raise IndexError(f"chunk {i} out of range (0..{len(self.chunks) - 1})")
-        off = i * self.chunk_size
-        return off, min(self.chunk_size, self.blob.size - off)
+        return chunk_span(self.blob.size, self.chunk_size, i)
 
     def verify_chunk(self, i: int, data: bytes) -> bool:
         return hashlib.sha256(data).hexdigest() == self.chunks[i]
@@ -120,7 +165,7 @@ class LayerBlob:
         blob = Descriptor.from_dict(d["blob"])
         chunk_size = int(d["chunkSize"])
         chunks = tuple(str(c) for c in d["chunks"])
-        if chunk_size <= 0 or len(chunks) != -(-blob.size // chunk_size):
+        if chunk_size <= 0 or len(chunks) != n_chunks(blob.size, chunk_size):
             raise BadIndex(f"layer {d.get('digest')}: {len(chunks)} chunk digests for {blob.size} bytes "
                               f"in chunks of {chunk_size}")
         return cls(str(d["digest"]), str(d.get("mediaType", "")), int(d.get("size", 0)), blob, chunk_size, chunks,
@@ -205,116 +250,10 @@ def find_index(client: RegistryClient, repo: Reference | str, manifest_digest: s
     return None
 
 
-# ------------------------------------------------------------------------------------------------ reader
-class IndexReader:
-    """Answers the snapshotter's question on ``Prepare``: is there an EROFS blob for this layer, and what are
-    its chunk digests?  Cached in memory (LRU) and, with ``cache_dir``, on disk across restarts; a miss is
-    remembered for ``negative_ttl`` seconds so a burst of ``Prepare`` calls for an unconverted image costs one
-    registry round trip, yet a conversion that lands later is picked up.  Thread-safe; concurrent lookups
-    of one image share one fetch.
-    """
-
-    def __init__(self, client: RegistryClient | None = None, *, cache_dir: Path | str | None = None,
-                 negative_ttl: float = 30.0, max_images: int = 256) -> None:
-        self.client = client or RegistryClient()
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        if self.cache_dir:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.negative_ttl = negative_ttl
-        self.max_images = max_images
-        self._mem: OrderedDict[tuple[str, str], ImageIndex] = OrderedDict()
-        self._misses: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
-        self._inflight: dict[tuple[str, str], threading.Lock] = {}
-
-    def lookup(self, image_ref: str, manifest_digest: str, layer_digest: str) -> LayerBlob | None:
-        """The EROFS blob of ``layer_digest`` in image ``image_ref`` (manifest ``manifest_digest``), or None."""
-        idx = self.image_index(image_ref, manifest_digest)
-        return idx.layers.get(layer_digest) if idx else None
-
-    def image_index(self, image_ref: str, manifest_digest: str) -> ImageIndex | None:
-        """The whole index of an image, or None if it has none (yet).  Registry errors propagate."""
-        ref = Reference.parse(image_ref)
-        key = (ref.name, manifest_digest)
-        with self._lock:
-            hit = self._mem.get(key)
-            if hit is not None:
-                self._mem.move_to_end(key)
-                return hit
-            miss = self._misses.get(key)
-            if miss is not None and miss > time.monotonic():
-                return None
-            gate = self._inflight.setdefault(key, threading.Lock())
-        with gate:
-            with self._lock:  # someone else may have fetched it while we waited
-                if key in self._mem:
-                    return self._mem[key]
-            try:
-                idx = self._from_disk(ref, manifest_digest)
-                if idx is None:
-                    found = find_index(self.client, ref, manifest_digest)
-                    idx = found[1] if found else None
-                    if idx is not None:
-                        self._to_disk(ref, manifest_digest, idx)
-            except BaseException:
-                with self._lock:
-                    self._inflight.pop(key, None)
-                raise
-            with self._lock:
-                self._inflight.pop(key, None)
-                if idx is None:
-                    self._misses[key] = time.monotonic() + self.negative_ttl
-                    return None
-                self._misses.pop(key, None)
-                self._mem[key] = idx
-                while len(self._mem) > self.max_images:
-                    self._mem.popitem(last=False)
-            return idx
-
-    def invalidate(self, image_ref: str | None = None, manifest_digest: str | None = None) -> None:
-        """Forget cached answers (all, or one image's) — e.g. after a conversion finished."""
-        with self._lock:
-            if image_ref is None:
-                self._mem.clear()
-                self._misses.clear()
-                return
-            key = (Reference.parse(image_ref).name, manifest_digest or "")
-            self._mem.pop(key, None)
-            self._misses.pop(key, None)
-
-    def _disk_path(self, ref: Reference, manifest_digest: str) -> Path | None:
-        if not self.cache_dir:
-            return None
-        name = hashlib.sha256(f"{ref.name}@{manifest_digest}".encode()).hexdigest()
-        return self.cache_dir / f"{name}.json"
-
-    def _from_disk(self, ref: Reference, manifest_digest: str) -> ImageIndex | None:
-        path = self._disk_path(ref, manifest_digest)
-        if path is None or not path.exists():
-            return None
-        try:
-            idx = ImageIndex.from_json(path.read_bytes(), source=ref.name)
-        except (OSError, BadIndex) as e:
-            log.warning("ignoring unreadable index cache %s: %s", path, e)
-            return None
-        return idx if idx.subject == manifest_digest else None
-
-    def _to_disk(self, ref: Reference, manifest_digest: str, idx: ImageIndex) -> None:
-        path = self._disk_path(ref, manifest_digest)
-        if path is None:
-            return
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        try:
-            tmp.write_bytes(idx.to_json())
-            os.replace(tmp, path)
-        except OSError as e:  # a cache, not the truth: the registry still has the index
-            log.warning("cannot cache index at %s: %s", path, e)
-            tmp.unlink(missing_ok=True)
-
-
 def manifest_descriptor(man: Manifest) -> Descriptor:
     return Descriptor(man.media_type, man.digest, len(man.raw))
 
 
-__all__ = ["ARTIFACT_TYPE", "DEFAULT_CHUNK_SIZE", "EROFS_MEDIA_TYPE", "INDEX_MEDIA_TYPE", "ImageIndex",
-           "IndexReader", "LayerBlob", "artifact_manifest", "find_index", "push_index", "sha256_digest"]
+__all__ = ["ARTIFACT_TYPE", "DEFAULT_CHUNK_SIZE", "EROFS_MEDIA_TYPE", "INDEX_MEDIA_TYPE", "BadIndex", "ImageIndex",
+           "LayerBlob", "artifact_manifest", "chunk_digests", "chunk_span", "chunks_covering", "find_index",
+           "hash_chunks", "manifest_descriptor", "n_chunks", "push_index", "sha256_digest"]
