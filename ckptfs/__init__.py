@@ -7,6 +7,7 @@
 from ckptfs.api import CkptFile, open, read_file
 from ckptfs.cache import ChunkCache
 from ckptfs.errors import (
+    CheckpointBusy,
     CheckpointExists,
     CheckpointNotFound,
     ChunkReadError,
@@ -20,6 +21,7 @@ from ckptfs.store import StoreOptions, open_store
 
 __all__ = [
     "Checkpoint",
+    "CheckpointBusy",
     "CheckpointExists",
     "CheckpointNotFound",
     "ChunkCache",

@@ -105,7 +105,7 @@ class CkptOperations(pyfuse3.Operations):
                 node = _Node(path, True, (d.mode if d else 0o755) & 0o555, 0, d.mtime_ns if d else newest)
             else:
                 f = ckpt.file(path)
-                node = _Node(path, False, f.mode & ~0o222 & 0o7777, f.size, f.mtime_ns, f)
+                node = _Node(path, False, f.mode & 0o555, f.size, f.mtime_ns, f)  # never setuid/setgid/sticky
             self._add(ino, node)
             ino += 1
 
