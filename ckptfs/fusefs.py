@@ -204,17 +204,23 @@ class CkptOperations(pyfuse3.Operations):
         self._loads[fh] = (events.now(), [0])
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         try:
             ino, entry, state = self._fh[fh]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         try:
-            data = self.ckpt.read_ready(entry, off, size, state)
-            if data is None:
+            data: bytes | memoryview
+            ready = self.ckpt.read_ready(entry, off, size, state)
+            if ready is None:
                 data = await trio.to_thread.run_sync(self.ckpt.read, entry, off, size, state,
                                                      limiter=self._limiter)
             else:
+                # A view of the pinned pool buffer, no copy: pyfuse3 replies with it (the kernel
+                # copies it) in this same task step, before the loop runs anything else; the pin is
+                # released on the loop's next turn, after that reply.
+                data, release = ready
+                trio.lowlevel.current_trio_token().run_sync_soon(release)
                 self.fast_reads += 1
             self.reads += 1
             self.read_bytes += len(data)

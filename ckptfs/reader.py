@@ -348,19 +348,27 @@ class ChunkSource:
                 e.pins -= 1
                 e.used = True
 
-    def peek_slice(self, ref: ChunkRef, lo: int, hi: int) -> bytes | None:
-        """``bytes`` of ``[lo, hi)`` of the chunk if already fetched and verified, else ``None``.
+    def peek_slice(self, ref: ChunkRef, lo: int, hi: int) -> tuple[memoryview, Callable[[], None]] | None:
+        """``[lo, hi)`` of the chunk, pinned, if already fetched and verified, else ``None``.
 
-        Never blocks on I/O (the copy happens under the pool lock, so the buffer cannot be recycled
-        meanwhile), which lets the FUSE loop answer it without a thread hop.
+        Never blocks on I/O, which lets the FUSE loop answer it without a thread hop, and copies
+        nothing: the caller gets a view of the pool buffer and must call the returned ``release`` once
+        it is done with it (until then the buffer cannot be recycled).
         """
         with self._lock:
             e = self._pool.get(ref.digest)
-            if e is None or not e.future.done() or e.future.exception() is not None:
+            if e is None or not e.future.done() or e.future.exception() is not None or e.buf is None:
                 return None
             self._pool.move_to_end(ref.digest)
             e.used = True
-            return bytes(e.view()[lo:hi])
+            e.pins += 1
+        entry = e
+
+        def release() -> None:
+            with self._lock:
+                entry.pins -= 1
+
+        return entry.view()[lo:hi], release
 
     @property
     def pooled_bytes(self) -> int:
@@ -374,6 +382,10 @@ class ChunkSource:
             self._pool.clear()
             self._free.clear()
             self._used = 0
+
+
+def _nothing() -> None:
+    return None
 
 
 def alloc_buffer(size: int) -> memoryview:
@@ -554,26 +566,30 @@ class Checkpoint:
         self.readinto(f, offset, memoryview(out), state)
         return bytes(out)
 
-    def read_ready(self, f: FileEntry, offset: int, size: int, state: ReadState | None = None) -> bytes | None:
-        """Like :meth:`read` but only from chunks already in memory, else ``None``; never blocks on I/O.
+    def read_ready(
+        self, f: FileEntry, offset: int, size: int, state: ReadState | None = None
+    ) -> tuple[memoryview, Callable[[], None]] | None:
+        """Like :meth:`read` but only from a chunk already in memory, else ``None``; never blocks on I/O.
 
-        The FUSE adapter answers most sequential reads this way on its event loop, skipping a thread
-        hop per request; anything else goes to :meth:`read` on a worker thread.
+        Returns a pinned view of the pool buffer and the ``release`` to call once it was consumed (see
+        :meth:`ChunkSource.peek_slice`).  The FUSE adapter answers most sequential reads this way on
+        its event loop, skipping a thread hop and a copy per request; anything else goes to
+        :meth:`read` on a worker thread.
         """
         end = min(f.size, offset + max(0, size))
         if end <= offset:
-            return b""
+            return memoryview(b""), _nothing
         cs = self.manifest.chunk_size
         i = offset // cs
         if i != (end - 1) // cs:
             return None
-        data = self.source.peek_slice(f.chunks[i], offset - i * cs, end - i * cs)
-        if data is None:
+        got = self.source.peek_slice(f.chunks[i], offset - i * cs, end - i * cs)
+        if got is None:
             return None
         seq = state.observe(offset, end, cs) if state is not None else True
         if seq:
             self._read_ahead(f, i, i, state, seq)
-        return data
+        return got
 
     def read_file(self, path: str, out: bytearray | memoryview | None = None) -> bytearray | memoryview:
         """The whole file, read with all stripes in parallel; ``out`` may be a preallocated buffer.
