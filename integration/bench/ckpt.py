@@ -449,7 +449,7 @@ LOCAL_RATIOS: dict[str, tuple[str, str, float | None]] = {
 
 def run_local_modes(
     modes: dict[str, Callable[[], int | tuple[int, float]]], repeats: int, prefault_gib: float, expect: int,
-    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), deadline: float | None = None,
 ) -> dict[str, Any]:
     """Run every mode ``repeats`` times, page cache dropped (and memory pre-faulted) before each read,
     in a rotated order per repeat so a slow spell of the disk does not always hit the same mode.
@@ -459,7 +459,9 @@ def run_local_modes(
     errors: dict[str, str] = {}
     names = list(modes)
     dropped = True
+    done = 0
     for r in range(repeats):
+        started = time.monotonic()
         order = names[r % len(names):] + names[: r % len(names)]
         for m in order:
             if m in errors:
@@ -483,7 +485,12 @@ def run_local_modes(
                 continue
             runs[m].append(n / dt)
             log(f"local: repeat {r + 1}/{repeats} {m}: {n / dt / 1e9:.2f} GB/s")
-    out: dict[str, Any] = {"page_cache_dropped": dropped, "modes": {}, "ratios": {}, "errors": errors}
+        done = r + 1
+        if deadline is not None and done < repeats and time.monotonic() + (time.monotonic() - started) > deadline:
+            log(f"local: stopping after {done} of {repeats} repeats: the next would overrun the time budget")
+            break
+    out: dict[str, Any] = {"page_cache_dropped": dropped, "modes": {}, "ratios": {}, "errors": errors,
+                           "repeats_done": done}
     for m, xs in runs.items():
         vals = [x for x in xs if x is not None]
         if vals:
