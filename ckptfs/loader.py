@@ -220,6 +220,9 @@ def load_safetensors(
         count = max(1, min(count, n_chunks))
         slots = _Slots(count, cs, pinned=cuda and torch.cuda.is_available())
         stream = torch.cuda.Stream(device=dev) if cuda else None
+        if stream is not None:
+            # The destination tensors were allocated on the current stream: order the copies after it.
+            stream.wait_stream(torch.cuda.current_stream(dev))
         free = list(range(count))
         copying: deque[tuple[int, Any]] = deque()  # (slot, CUDA event of its last copy)
         inflight: deque[tuple[int, int, Future[None]]] = deque()  # (chunk index, slot, fetch)
