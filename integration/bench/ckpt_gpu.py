@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,14 @@ def survey() -> dict[str, Any]:
     if found["torch"]:
         import torch
 
-        cuda = torch.cuda.is_available()
-        info["torch_cuda"] = cuda
-        if cuda:
-            info["gpu"] = torch.cuda.get_device_name(0)
-            torch.zeros(1, device="cuda")  # CUDA context up front: not part of any timed load
+        try:
+            cuda = torch.cuda.is_available()
+            if cuda:
+                info["gpu"] = torch.cuda.get_device_name(0)
+                torch.zeros(1, device="cuda")  # CUDA context up front: not part of any timed load
+        except Exception as e:  # a broken driver: measure the rest
+            print(f"CUDA does not work: {type(e).__name__}: {e}")
+            cuda = False
     print(f"torch sees a GPU: {cuda}")
     info["cuda"] = cuda
     return info
@@ -214,6 +218,7 @@ def main() -> int:
     work = pick_workdir() / f"ckpt-gpu-bench-{os.getpid()}"
     say(f"work dir {work} ({sh(['stat', '-f', '-c', '%T', str(work.parent)])}); "
         f"{sh(['df', '-h', str(work.parent)]).splitlines()[-1]}")
+    bench: Any = None
     try:
         if pk["pyarrow"]:
             from ckptfs.put import put
@@ -280,8 +285,12 @@ def main() -> int:
             res.update({"bytes": total, "files": files, "threads": threads, "chunk_size": 64 << 20, "stripes": 8,
                         "prefault_gib": prefault})
             result["local"] = res
+    except Exception:  # still write what was measured, and why it stopped
+        result["error"] = traceback.format_exc()
+        print(result["error"], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result.setdefault("local", {"modes": {}, "ratios": {}})
     result["seconds"] = time.monotonic() - T0
     path = out_dir / "ckpt_gpu.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -289,12 +298,14 @@ def main() -> int:
     print("\n==== ckptfs on this node: summary ====")
     gpu = info.get("gpu", "no GPU")
     print(f"{info['cpus']} CPUs, {gpu}, {result['local'].get('bytes', 0) / (1 << 30):.1f} GiB in {files} files, "
-          f"{threads} threads, rounds done: {result['local'].get('repeats_done', repeats)}, "
+          f"{threads} threads, rounds done: {result['local'].get('repeats_done', 0)}, "
           f"page cache dropped: {result['local'].get('page_cache_dropped', info['root'])}")
-    if bench is not None:
+    if "error" in result:
+        print(f"  STOPPED EARLY: {result['error'].strip().splitlines()[-1]}")
+    if bench is not None and "ratios" in result["local"]:
         bench.print_local_summary(result["local"], file=sys.stdout)
     else:
-        for m, sp in result["local"]["modes"].items():
+        for m, sp in result["local"].get("modes", {}).items():
             print(f"  {m:<18} {sp['median'] / 1e9:.2f} GB/s [{sp['min'] / 1e9:.2f}-{sp['max'] / 1e9:.2f}]")
     for what, why in result["skipped"].items():
         print(f"  skipped {what}: {why}")
