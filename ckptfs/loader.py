@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from ckptfs.errors import CkptfsError
 from ckptfs.manifest import FileEntry
@@ -175,7 +175,7 @@ class _Slots:
         for _ in range(count):
             if pinned:
                 t = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                v = memoryview(t.numpy()).cast("B")
+                v = t.numpy().data.cast("B")
             else:
                 # Page-aligned and untouched until a fetch thread fills it (see reader.alloc_buffer).
                 m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
@@ -329,4 +329,4 @@ def torch_load(
 
     with _opened(src, store_options, reader_options) as ckpt:
         buf = ckpt.read_file(path)
-    return torch.load(_MemoryFile(buf), map_location=map_location, **kwargs)
+    return torch.load(cast("IO[bytes]", _MemoryFile(buf)), map_location=map_location, **kwargs)

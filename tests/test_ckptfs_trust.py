@@ -147,7 +147,8 @@ def test_a_second_put_to_the_same_uri_is_refused_while_the_first_runs(tmp_path: 
         except CheckpointBusy as e:
             outcome.append(e)
 
-    ckptfs.put(a_src, uri, chunk_size=CS, stripes=2, segment_chunks=1, **{hook: other_put})
+    hooks: dict[str, Any] = {hook: other_put}
+    ckptfs.put(a_src, uri, chunk_size=CS, stripes=2, segment_chunks=1, **hooks)
     assert outcome and isinstance(outcome[0], CheckpointBusy), outcome
     with Checkpoint(uri) as ck:
         assert ck.verify() == []
