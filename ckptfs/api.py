@@ -3,8 +3,9 @@
     import ckptfs, torch
     with ckptfs.open("s3://bucket/ckpt/step-1000", "model.pt") as f:
         state = torch.load(f)                    # a seekable, readable binary file object
-    raw = ckptfs.read_file("hdfs://nn:8020/ckpt", "model.safetensors")   # bytearray, all stripes at once
+    raw = ckptfs.read_file("hdfs://nn:8020/ckpt", "model.safetensors")   # memoryview, all stripes at once
     state = safetensors.torch.load(bytes(raw))
+    state = ckptfs.load_safetensors("hdfs://nn:8020/ckpt", "model.safetensors", device="cuda")  # no detour
 
 For several files of one checkpoint, open a :class:`~ckptfs.reader.Checkpoint` once and call its
 ``open``-like helpers, so the manifest is read once and the chunk pool is shared.
@@ -116,6 +117,7 @@ def read_file(
     store_options: StoreOptions | None = None,
     reader_options: ReaderOptions | None = None,
 ) -> bytearray | memoryview:
-    """All bytes of ``path``, fetched from every stripe in parallel (into ``out`` if given)."""
+    """All bytes of ``path``, fetched from every stripe in parallel straight into ``out`` if given, else
+    into a fresh page-aligned mapping (returned as a memoryview)."""
     with Checkpoint(uri, store_options=store_options, reader_options=reader_options) as ckpt:
         return ckpt.read_file(path, out)

@@ -187,7 +187,7 @@ def get_cmd(
                         fh.write(buf[:n])
                         pos += n
                         prog.advance(task, n)
-                os.chmod(out, f.mode)
+                os.chmod(out, f.mode & 0o777)  # a manifest's setuid/setgid bits are never applied
                 os.utime(out, ns=(f.mtime_ns, f.mtime_ns))
     err.print(f"copied {len(entries)} file(s) to {dest}")
 

@@ -25,6 +25,10 @@ class CheckpointExists(CkptfsError):
     """``put`` refuses to replace a different, complete checkpoint."""
 
 
+class CheckpointBusy(CkptfsError):
+    """Another ``put`` to the same URI holds its lock: two writers must never interleave."""
+
+
 class ChunkReadError(OSError):
     """A chunk could not be read even after retries (store unreachable, object missing or short)."""
 

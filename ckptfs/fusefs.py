@@ -105,7 +105,7 @@ class CkptOperations(pyfuse3.Operations):
                 node = _Node(path, True, (d.mode if d else 0o755) & 0o555, 0, d.mtime_ns if d else newest)
             else:
                 f = ckpt.file(path)
-                node = _Node(path, False, f.mode & ~0o222 & 0o7777, f.size, f.mtime_ns, f)
+                node = _Node(path, False, f.mode & 0o555, f.size, f.mtime_ns, f)  # never setuid/setgid/sticky
             self._add(ino, node)
             ino += 1
 
@@ -204,17 +204,24 @@ class CkptOperations(pyfuse3.Operations):
         self._loads[fh] = (events.now(), [0])
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # (pyfuse3's stub says bytes; it takes any contiguous buffer, see the fast path below)
         try:
             ino, entry, state = self._fh[fh]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         try:
-            data = self.ckpt.read_ready(entry, off, size, state)
-            if data is None:
+            data: bytes | memoryview
+            ready = self.ckpt.read_ready(entry, off, size, state)
+            if ready is None:
                 data = await trio.to_thread.run_sync(self.ckpt.read, entry, off, size, state,
                                                      limiter=self._limiter)
             else:
+                # A view of the pinned pool buffer, no copy: pyfuse3 replies with it (the kernel
+                # copies it) in this same task step, before the loop runs anything else; the pin is
+                # released on the loop's next turn, after that reply.
+                data, release = ready
+                trio.lowlevel.current_trio_token().run_sync_soon(release)
                 self.fast_reads += 1
             self.reads += 1
             self.read_bytes += len(data)

@@ -151,8 +151,17 @@ class Manifest:
         """Structural checks: chunk lengths add up to file sizes and stay inside their objects."""
         if self.chunk_size <= 0 or self.stripes <= 0:
             raise ManifestError("corrupt manifest: chunk_size and stripes must be positive")
+        # A manifest comes from the store, and whoever can write the store must not reach outside it:
+        # every path is checked as stored, not normalised into something acceptable.
+        for o in self.objects:
+            check_rel_path(o.path, "object")
+            if not o.path.startswith(DATA_DIR + "/"):
+                raise ManifestError(f"corrupt manifest: object {o.path!r} is not under {DATA_DIR}/")
+        for d in self.dirs:
+            check_rel_path(d.path, "directory")
         seen: set[str] = set()
         for f in self.files:
+            check_rel_path(f.path, "file")
             if f.path in seen:
                 raise ManifestError(f"corrupt manifest: duplicate path {f.path!r}")
             seen.add(f.path)
@@ -165,6 +174,21 @@ class Manifest:
                     raise ManifestError(f"corrupt manifest: {f.path!r} chunk {i} lies outside its object")
                 if c.length > self.chunk_size or (i < len(f.chunks) - 1 and c.length != self.chunk_size):
                     raise ManifestError(f"corrupt manifest: {f.path!r} chunk {i} has a bad length")
+
+
+def check_rel_path(path: str, what: str) -> None:
+    """Refuse a manifest path that is not plain and relative: absolute, ``..``, ``.``, empty parts,
+    backslashes or NUL.  Such a path names something outside the checkpoint (``../../etc/shadow`` on a
+    local or NFS store, ``/etc/cron.d/x`` for ``get``), so it is an error, never rewritten."""
+    if (
+        not isinstance(path, str)
+        or not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or any(part in ("", ".", "..") for part in path.split("/"))
+    ):
+        raise ManifestError(f"corrupt manifest: {what} path {path!r} is not a plain relative path")
 
 
 def normalise_path(path: str) -> str:

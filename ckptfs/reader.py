@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from bootseer import events
@@ -167,6 +167,23 @@ class ChunkSource:
                 self._give_buffer_locked(buf)
             raise
         entry.buf = buf
+
+    def has(self, ref: ChunkRef) -> bool:
+        """Whether the chunk is pooled or being fetched (a read of it should wait for that, not refetch)."""
+        with self._lock:
+            return ref.digest in self._pool
+
+    def read_direct(self, ref: ChunkRef, out: memoryview) -> Future[None]:
+        """Fetch ``ref`` on the pool's threads straight into ``out`` (a caller's buffer), verified there.
+
+        No pool buffer and no copy: a large read lands where the caller wants it, with as many chunks
+        in flight as there are threads.  ``out`` holds unverified bytes until the future succeeds; on
+        failure the caller gets the error, never the bytes.
+        """
+        with self._lock:
+            if self._closed:
+                raise ValueError("read from a closed checkpoint")
+        return self._exec.submit(self._load, ref, out)
 
     def _load(self, ref: ChunkRef, out: memoryview) -> None:
         cache = self.opts.cache
@@ -331,19 +348,27 @@ class ChunkSource:
                 e.pins -= 1
                 e.used = True
 
-    def peek_slice(self, ref: ChunkRef, lo: int, hi: int) -> bytes | None:
-        """``bytes`` of ``[lo, hi)`` of the chunk if already fetched and verified, else ``None``.
+    def peek_slice(self, ref: ChunkRef, lo: int, hi: int) -> tuple[memoryview, Callable[[], None]] | None:
+        """``[lo, hi)`` of the chunk, pinned, if already fetched and verified, else ``None``.
 
-        Never blocks on I/O (the copy happens under the pool lock, so the buffer cannot be recycled
-        meanwhile), which lets the FUSE loop answer it without a thread hop.
+        Never blocks on I/O, which lets the FUSE loop answer it without a thread hop, and copies
+        nothing: the caller gets a view of the pool buffer and must call the returned ``release`` once
+        it is done with it (until then the buffer cannot be recycled).
         """
         with self._lock:
             e = self._pool.get(ref.digest)
-            if e is None or not e.future.done() or e.future.exception() is not None:
+            if e is None or not e.future.done() or e.future.exception() is not None or e.buf is None:
                 return None
             self._pool.move_to_end(ref.digest)
             e.used = True
-            return bytes(e.view()[lo:hi])
+            e.pins += 1
+        entry = e
+
+        def release() -> None:
+            with self._lock:
+                entry.pins -= 1
+
+        return entry.view()[lo:hi], release
 
     @property
     def pooled_bytes(self) -> int:
@@ -357,6 +382,23 @@ class ChunkSource:
             self._pool.clear()
             self._free.clear()
             self._used = 0
+
+
+def _nothing() -> None:
+    return None
+
+
+def alloc_buffer(size: int) -> memoryview:
+    """A writable, page-aligned buffer of ``size`` bytes, not touched yet.
+
+    An anonymous mapping rather than a ``bytearray``: ``bytearray(n)`` zeroes all ``n`` bytes in the
+    calling thread before the first read starts (a serial pass over the whole file), whereas a
+    mapping's pages are zero-filled by the kernel on first touch, i.e. in whichever fetch thread fills
+    them; and page alignment lets local reads use O_DIRECT straight into it.
+    """
+    if size <= 0:
+        return memoryview(bytearray(0))
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE))
 
 
 def load_manifest(store: Store) -> Manifest:
@@ -457,7 +499,13 @@ class Checkpoint:
                 state.ahead_to = max(state.ahead_to, start + n)
 
     def readinto(self, f: FileEntry, offset: int, buf: memoryview, state: ReadState | None = None) -> int:
-        """Fill ``buf`` from ``offset`` of ``f``; returns the byte count (short only at end of file)."""
+        """Fill ``buf`` from ``offset`` of ``f``; returns the byte count (short only at end of file).
+
+        Chunks the read covers whole and that nobody is fetching yet are read by the fetch threads
+        straight into ``buf``, all at once; only the partial chunks at either end (and chunks already
+        pooled by read-ahead) go through the pool and are copied.  So a large read (``read_file``, a
+        tensor's storage) costs no copy and no serial loop, and uses every thread.
+        """
         if offset < 0:
             raise ValueError("negative offset")
         end = min(f.size, offset + len(buf))
@@ -466,16 +514,41 @@ class Checkpoint:
         cs = self.manifest.chunk_size
         first, last = offset // cs, (end - 1) // cs
         seq = state.observe(offset, end, cs) if state is not None else True
-        pos = 0
-        for i in range(first, last + 1):
-            # Keep the window full: the rest of this read plus read-ahead, spread over the stripes.
-            self._read_ahead(f, i, last, state, seq)
-            lo = max(offset, i * cs) - i * cs
-            hi = min(end, (i + 1) * cs) - i * cs
-            with self.source.chunk(f.chunks[i]) as data:
-                buf[pos : pos + hi - lo] = data[lo:hi]
-            pos += hi - lo
-        return pos
+        direct: dict[int, Future[None]] = {}
+        ok = False
+        try:
+            for i in range(first, last + 1):
+                ref = f.chunks[i]
+                lo = i * cs
+                if lo >= offset and lo + ref.length <= end and not self.source.has(ref):
+                    direct[i] = self.source.read_direct(ref, buf[lo - offset : lo - offset + ref.length])
+            if last != first and last not in direct:
+                self.source.prefetch([f.chunks[last]])  # the partial tail, beside the head
+            # Keep read-ahead going past this read for a sequential reader.
+            self._read_ahead(f, last, last, state, seq)
+            for i in range(first, last + 1):
+                if i in direct:
+                    continue
+                lo = max(offset, i * cs) - i * cs
+                hi = min(end, (i + 1) * cs) - i * cs
+                pos = i * cs + lo - offset
+                with self.source.chunk(f.chunks[i]) as data:
+                    buf[pos : pos + hi - lo] = data[lo:hi]
+            ok = True
+        finally:
+            # Never return (or raise) while a thread may still write into the caller's buffer; after
+            # a failure, chunks not started yet are not worth reading.
+            futs = list(direct.values())
+            if futs:
+                done, pending = wait(futs, return_when=FIRST_EXCEPTION)
+                if not ok or any(not d.cancelled() and d.exception() is not None for d in done):
+                    for p in pending:
+                        p.cancel()
+                wait(futs)
+        for fut in direct.values():
+            if not fut.cancelled():
+                fut.result()  # the first failure, as EIO / CorruptChunkError
+        return end - offset
 
     def read(self, f: FileEntry, offset: int, size: int, state: ReadState | None = None) -> bytes:
         """Up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
@@ -493,31 +566,38 @@ class Checkpoint:
         self.readinto(f, offset, memoryview(out), state)
         return bytes(out)
 
-    def read_ready(self, f: FileEntry, offset: int, size: int, state: ReadState | None = None) -> bytes | None:
-        """Like :meth:`read` but only from chunks already in memory, else ``None``; never blocks on I/O.
+    def read_ready(
+        self, f: FileEntry, offset: int, size: int, state: ReadState | None = None
+    ) -> tuple[memoryview, Callable[[], None]] | None:
+        """Like :meth:`read` but only from a chunk already in memory, else ``None``; never blocks on I/O.
 
-        The FUSE adapter answers most sequential reads this way on its event loop, skipping a thread
-        hop per request; anything else goes to :meth:`read` on a worker thread.
+        Returns a pinned view of the pool buffer and the ``release`` to call once it was consumed (see
+        :meth:`ChunkSource.peek_slice`).  The FUSE adapter answers most sequential reads this way on
+        its event loop, skipping a thread hop and a copy per request; anything else goes to
+        :meth:`read` on a worker thread.
         """
         end = min(f.size, offset + max(0, size))
         if end <= offset:
-            return b""
+            return memoryview(b""), _nothing
         cs = self.manifest.chunk_size
         i = offset // cs
         if i != (end - 1) // cs:
             return None
-        data = self.source.peek_slice(f.chunks[i], offset - i * cs, end - i * cs)
-        if data is None:
+        got = self.source.peek_slice(f.chunks[i], offset - i * cs, end - i * cs)
+        if got is None:
             return None
         seq = state.observe(offset, end, cs) if state is not None else True
         if seq:
             self._read_ahead(f, i, i, state, seq)
-        return data
+        return got
 
     def read_file(self, path: str, out: bytearray | memoryview | None = None) -> bytearray | memoryview:
-        """The whole file, read with all stripes in parallel; ``out`` may be a preallocated buffer."""
+        """The whole file, read with all stripes in parallel; ``out`` may be a preallocated buffer.
+
+        Without ``out`` the result is a memoryview of a fresh anonymous mapping (see :func:`alloc_buffer`).
+        """
         f = self.file(path)
-        buf = out if out is not None else bytearray(f.size)
+        buf = out if out is not None else alloc_buffer(f.size)
         if len(buf) < f.size:
             raise ValueError(f"buffer of {len(buf)} bytes is too small for {path} ({f.size} bytes)")
         with events.span("checkpoint_load", component="ckptfs", uri=redact(self.store.uri), path=f.path,

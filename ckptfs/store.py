@@ -258,17 +258,72 @@ class Store:
         self._makedirs_for(rel)
         return self.fs.open_output_stream(self.join(rel))
 
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        """Make ``rel`` appear with ``data`` all at once: rename on filesystems, a single PUT on S3."""
+    def write_atomic(self, rel: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Make ``rel`` appear with ``data`` all at once, durably: rename (link when ``exclusive``)
+        of a synced temporary on filesystems, a single PUT on S3.
+
+        ``exclusive``: fail with ``FileExistsError`` rather than replace an existing ``rel`` — atomic
+        on local/NFS stores (``link`` never replaces); elsewhere a check before the write, which is
+        why ``put`` also holds a lock.
+        """
         self._makedirs_for(rel)
-        if self.kind in ("local", "hdfs"):
+        if self.kind == "local":
+            path = self.join(rel)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                if exclusive:
+                    os.link(tmp, path)
+                else:
+                    os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            _fsync_dir(os.path.dirname(path))
+        elif self.kind == "hdfs":
+            if exclusive and self.exists(rel):
+                raise FileExistsError(errno.EEXIST, f"{self.join(rel)} exists")
             tmp = f"{rel}.tmp-{uuid.uuid4().hex[:12]}"
             with self.fs.open_output_stream(self.join(tmp)) as f:
                 f.write(data)
             self.fs.move(self.join(tmp), self.join(rel))
         else:
+            if exclusive and self.exists(rel):
+                raise FileExistsError(errno.EEXIST, f"{self.join(rel)} exists")
             with self.fs.open_output_stream(self.join(rel)) as f:
                 f.write(data)
+
+    def sync(self, rels: list[str]) -> None:
+        """Make written objects durable, with the directory entries that name them (local stores:
+        ``fsync`` of each file, then of every directory up to the root).  On S3 an object is durable
+        once its upload completed (``close``); HDFS likewise on close."""
+        if self.kind != "local":
+            return
+        dirs: set[str] = set()
+        for rel in rels:
+            fd = os.open(self.join(rel), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            parent = os.path.dirname(rel)
+            while parent:
+                dirs.add(parent)
+                parent = os.path.dirname(parent)
+        for d in sorted(dirs, key=len, reverse=True):
+            _fsync_dir(self.join(d))
+        _fsync_dir(self.root)
+
+    def delete_file(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.join(rel))
 
     def delete_dir(self, rel: str) -> None:
         info = self.fs.get_file_info(self.join(rel))
@@ -323,6 +378,14 @@ class _Fd:
         os.close(self.fd)
         if self.direct is not None:
             os.close(self.direct)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _close_quietly(h: Any) -> None:

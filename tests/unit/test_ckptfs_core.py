@@ -19,7 +19,7 @@ from ckptfs.cache import ChunkCache
 from ckptfs.cli import app
 from ckptfs.errors import CheckpointExists, CheckpointNotFound, CkptfsError, CorruptChunkError, ManifestError
 from ckptfs.manifest import MANIFEST_NAME, Manifest
-from ckptfs.reader import Checkpoint, ReaderOptions
+from ckptfs.reader import Checkpoint, ReaderOptions, ReadState
 from ckptfs.sizes import parse_size
 from ckptfs.store import Store, open_store
 from ckptfs.testing import wait_until
@@ -298,3 +298,20 @@ def test_bootseer_cli_mounts_ckptfs() -> None:
     assert r.exit_code == 0
     for cmd in ("put", "ls", "verify", "get", "mount"):
         assert cmd in r.output
+
+
+def test_large_read_lands_in_the_callers_buffer_not_the_pool(tree: tuple[Path, dict[str, bytes]],
+                                                              tmp_path: Path) -> None:
+    """Whole chunks of a large read are fetched straight into the caller's buffer by the fetch threads:
+    only the partial chunks at either end pass through (and stay in) the memory pool."""
+    src, files = tree
+    ckptfs.put(src, str(tmp_path / "store"), chunk_size=CS, stripes=4)
+    data = files["model.bin"]
+    with Checkpoint(str(tmp_path / "store"), reader_options=ReaderOptions(threads=4, memory_budget=64 * CS)) as ck:
+        f = ck.file("model.bin")
+        off = CS // 2 + 3
+        buf = bytearray(20 * CS)  # 19 whole chunks and two partial ones
+        assert ck.readinto(f, off, memoryview(buf), ReadState()) == len(buf)
+        assert bytes(buf) == data[off : off + len(buf)]
+        assert ck.source.pooled_bytes <= 2 * CS
+        assert ck.source.stats.store_reads == 21
