@@ -204,7 +204,7 @@ class CkptOperations(pyfuse3.Operations):
         self._loads[fh] = (events.now(), [0])
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         # (pyfuse3's stub says bytes; it takes any contiguous buffer, see the fast path below)
         try:
             ino, entry, state = self._fh[fh]

@@ -219,7 +219,7 @@ def load_safetensors(
         count = staging_buffers or min(opts.threads + 2, max(2, opts.memory_budget // cs))
         count = max(1, min(count, n_chunks))
         slots = _Slots(count, cs, pinned=cuda and torch.cuda.is_available())
-        stream = torch.cuda.Stream(device=dev) if cuda else None
+        stream = torch.cuda.Stream(device=dev) if cuda else None  # type: ignore[no-untyped-call]
         if stream is not None:
             # The destination tensors were allocated on the current stream: order the copies after it.
             stream.wait_stream(torch.cuda.current_stream(dev))
@@ -262,7 +262,7 @@ def load_safetensors(
                         flat[s.name][a - s.begin : b - s.begin].copy_(staged[a - lo : b - lo], non_blocking=cuda)
                         i += 1
                 if stream is not None:
-                    ev = torch.cuda.Event()
+                    ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
                     ev.record(stream)
                     copying.append((slot, ev))
                 else:

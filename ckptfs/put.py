@@ -243,7 +243,7 @@ class PutLock:
         if dead:
             self.store.delete_file(f"{LOCK_DIR}/{name}")
             return None
-        return doc
+        return dict(doc)
 
     def acquire(self) -> None:
         self.store.write_atomic(self.rel, self._claim())
