@@ -31,6 +31,7 @@ from typing import Any
 import requests
 
 from bootseer.localstack import DEFAULT_ROOT, STATE_FILE, StackInfo, read_info
+from bootseer.testkit import free_port
 from integration import containerd_config, images
 from integration.netns import ShapedLink, parse_rate
 
@@ -61,12 +62,6 @@ class StackConfig:
 
 
 EVENTS_FILE = "events.jsonl"  # below the stack's root
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None = None,

@@ -30,7 +30,6 @@ Exit codes (:class:`RecordError.code`) are meant for CI pipelines: see :data:`EX
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import re
 import secrets
@@ -47,6 +46,7 @@ from typing import Any
 from bootseer import hotblocks
 from bootseer.accesslog import read_access_log
 from bootseer.hotblocks import BadManifest, BlobInfo, HotBlockManifest, build, merge
+from bootseer.testkit import drop_caches
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # unexpected failure
@@ -102,10 +102,10 @@ class RunOutcome:
 
 
 def drop_page_cache() -> None:
-    """Write back, then drop clean pages, dentries and inodes (what a cold start sees)."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as fh:
-        fh.write("3\n")
+    """Write back, then drop clean pages, dentries and inodes (what a cold start sees); a recording that
+    cannot start cold must not pretend to."""
+    if not drop_caches():
+        raise PermissionError("cannot drop the page cache (/proc/sys/vm/drop_caches): record as root")
 
 
 def run_until(argv: Sequence[str], *, ready: re.Pattern[str] | None, timeout: float,

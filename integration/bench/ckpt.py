@@ -52,12 +52,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bootseer.testkit import drop_caches, free_port, wait_until
 from ckptfs.baseline import read_file_single_stream
 from ckptfs.manifest import MANIFEST_NAME
 from ckptfs.put import put
 from ckptfs.reader import Checkpoint, ReaderOptions, ReadState
 from ckptfs.sizes import human, parse_size
-from ckptfs.testing import free_port, mounted, wait_until
+from ckptfs.testing import mounted
 
 GOAL_BOUND = 0.8
 GOAL_FUSE = 0.7
@@ -80,14 +81,7 @@ def _write_random(path: Path, size: int) -> None:
             left -= n
 
 
-def _drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+_drop_caches = drop_caches  # (the GPU script calls it by this name)
 
 
 def _prefault(gib: float) -> None:

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from bootseer.testkit import drop_caches
 from integration.bench.stats import Spread, ratio_spread, spread, verdict
 
 MODES = ("overlayfs", "floor", "stargz", "stargz-optimized", "lazy", "prefetch")
@@ -330,11 +331,6 @@ def _stop(pid: int | None, grace: float = 30.0) -> None:
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
         time.sleep(0.05)  # polling a process's exit with a deadline
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def page_cache_bytes(dirs: list[Path]) -> tuple[int, int]:

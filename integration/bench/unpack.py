@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bootseer.testkit import drop_caches as drop_caches_
 from integration import images
 from integration.stack import Stack, StackConfig, running
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settle(drop_caches: bool) -> None:
     os.sync()
     if drop_caches:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        assert drop_caches_(), "dropping the page cache needs root"
 
 
 def _remove_image(st: Stack, ref: str) -> None:

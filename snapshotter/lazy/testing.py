@@ -20,8 +20,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +28,7 @@ import requests
 
 from bootseer.control import Control
 from bootseer.index import chunk_digests
+from bootseer.testkit import free_port, wait_until
 from snapshotter.lazy import loop
 from snapshotter.lazy import mount as mnt
 from snapshotter.lazy.spec import BlobSpec
@@ -37,48 +36,6 @@ from snapshotter.lazy.spec import BlobSpec
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout:.1f}s")
-        time.sleep(delay)  # polling a condition under a deadline
-        delay = min(delay * 2, 0.1)
-
-
-def run_with_deadline(fn: Callable[[], T], timeout: float, what: str = "call") -> T:
-    """Run ``fn`` in a thread; raise TimeoutError if it has not returned in ``timeout`` s (a hung read
-    must fail the test, not hang the suite; the thread is left to the cleanup that kills the daemon)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["v"] = fn()
-        except BaseException as e:
-            box["e"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"{what} still blocked after {timeout:.1f}s")
-    if "e" in box:
-        raise box["e"]
-    return box["v"]  # type: ignore[no-any-return]
-
-
-# ------------------------------------------------------------------------------------------- trees
 def make_tree(root: Path, *, seed: int = 1, random_mib: int = 4, b64_mib: int = 9, small_files: int = 120) -> Path:
     """A directory tree with a raw random file (stored uncompressed by erofs), a large base64 file
     (compressible, random content), a numbers file, many small files, an empty file and a symlink."""
@@ -425,13 +382,6 @@ def loops_below(root: Path) -> list[int]:
         if backing.startswith(prefix) or f"/{Path(root).name}/" in backing:
             out.append(int(d.name[4:]))
     return out
-
-
-def drop_caches() -> None:
-    """Flush dirty pages and drop the page cache, dentries and inodes (root only)."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def read_eio(path: Path) -> bool:

@@ -20,9 +20,10 @@ import safetensors.torch as safetensors_torch  # the dev extra installs both: a 
 import torch
 
 import ckptfs
+from bootseer.testkit import wait_until
 from ckptfs.manifest import MANIFEST_NAME
 from ckptfs.reader import Checkpoint
-from ckptfs.testing import mounted, wait_until
+from ckptfs.testing import mounted
 
 CHUNK = 4 << 20
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from bootseer.testkit import drop_caches, wait_until
 from snapshotter.lazy import loop
 from snapshotter.lazy import mount as mnt
-from snapshotter.lazy.testing import build_erofs, cleanup_root, drop_caches, make_tree, tree_digest, wait_until
+from snapshotter.lazy.testing import build_erofs, cleanup_root, make_tree, tree_digest
 
 
 @pytest.fixture

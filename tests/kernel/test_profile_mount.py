@@ -11,8 +11,9 @@ from tests.unit.test_profile import _lines
 
 def test_ckptfs_mount_logs_each_open_to_release(tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
+    from bootseer.testkit import wait_until
     from ckptfs.put import put
-    from ckptfs.testing import mounted, wait_until
+    from ckptfs.testing import mounted
 
     src = tmp_path / "ckpt"
     src.mkdir()

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from bootseer.testkit import free_port
 from integration import containerd_config
-from integration.stack import free_port, unmount_below, wait_for
+from integration.stack import unmount_below, wait_for
 from tests.conftest import scratch_root
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,9 +27,9 @@ import pytest
 import requests
 
 from bootseer.control import Control
+from bootseer.testkit import drop_caches
 from integration import images
 from integration.stack import Stack, StackConfig, running, wait_for
-from snapshotter.lazy.testing import drop_caches
 from tests.conftest import scratch_root
 
 MiB = 1 << 20

@@ -11,8 +11,9 @@ import pytest
 
 from bootseer.hosts import HostsConfigError, HostsResolver
 from bootseer.registry import RegistryClient, sha256_digest
+from bootseer.testkit import free_port
 from integration.faultproxy import FaultProxy
-from integration.stack import Stack, free_port
+from integration.stack import Stack
 
 
 def test_parse_hosts_toml(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ import grpc
 import pytest
 import requests
 
+from bootseer.testkit import free_port
 from integration import images
-from integration.stack import Stack, free_port, wait_for
+from integration.stack import Stack, wait_for
 from tests.snapshotter_fixtures import Client, code_of, tree, tree_diff
 
 

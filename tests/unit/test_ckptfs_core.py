@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ckptfs
+from bootseer.testkit import wait_until
 from ckptfs.baseline import read_file_single_stream
 from ckptfs.cache import ChunkCache
 from ckptfs.cli import app
@@ -22,7 +23,6 @@ from ckptfs.manifest import MANIFEST_NAME, Manifest
 from ckptfs.reader import Checkpoint, ReaderOptions, ReadState
 from ckptfs.sizes import parse_size
 from ckptfs.store import Store, open_store
-from ckptfs.testing import wait_until
 
 CS = 64 << 10  # small chunks: many chunks, tails and stripes from little data
 

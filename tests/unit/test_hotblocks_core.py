@@ -288,8 +288,8 @@ def test_early_lookup_has_the_manifest_at_hand_for_the_first_layer(registry: Reg
     many Prepares ask meanwhile) and the layer's own lookup then finds it parsed and cached."""
     from prometheus_client import CollectorRegistry
 
+    from bootseer.testkit import wait_until
     from snapshotter.lazy.prefetcher import HotBlockPrefetcher
-    from snapshotter.lazy.testing import wait_until
 
     client = RegistryClient(plain_http=True)
     host = registry.url.removeprefix("http://")

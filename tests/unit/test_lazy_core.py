@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from bootseer.index import chunk_digests
+from bootseer.testkit import free_port, run_with_deadline, wait_until
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.fetcher import (
     BACKGROUND,
@@ -36,7 +37,6 @@ from snapshotter.lazy.fetcher import (
 )
 from snapshotter.lazy.fusefs import BlobFS
 from snapshotter.lazy.spec import BlobSpec, split_ranges
-from snapshotter.lazy.testing import free_port, run_with_deadline, wait_until
 
 CS = 64 << 10  # small chunks keep these tests fast; the kernel tests use 256 KiB
 REPO = "t/blob"

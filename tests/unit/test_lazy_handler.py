@@ -8,10 +8,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from bootseer.testkit import wait_until
 from snapshotter.lazy.ahead import AheadState, ahead_owner
 from snapshotter.lazy.handler import LazyHandler
 from snapshotter.lazy.spec import BlobSpec
-from snapshotter.lazy.testing import wait_until
 from snapshotter.remote import (
     LABEL_CRI_IMAGE_LAYERS,
     LABEL_CRI_IMAGE_REF,
