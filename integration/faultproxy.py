@@ -7,7 +7,15 @@ through its body, a slow answer (``delay`` seconds before forwarding), or a corr
 authenticating registry: ``auth="bearer"`` answers 401 with a ``WWW-Authenticate: Bearer`` challenge and serves
 ``/token`` (checking basic credentials when ``username`` is set); ``auth="basic"`` wants basic credentials.
 
-Used by the registry client's and the converter's tests; ``hits`` records what happened to each request.
+Faults fire on the next ``times`` matching requests, or, with ``rate``, on that fraction of them (transient
+registry errors under load: ``add("status", status=503, rate=0.2, ranged=True)``), decided by a random
+generator seeded with the proxy's ``seed`` so that a run is repeatable: each request that some rate fault
+matches takes one draw, and the rate faults split that draw in the order they were added (so 20 % 503 and
+5 % cut are 20 % and 5 % of the requests, never both on one).  ``ranged=True`` matches only requests with a
+``Range`` header (lazy blob reads, not whole-blob or manifest GETs).
+
+Used by the registry client's, the converter's and the lazy fetcher's tests and the transient-error benchmark;
+``hits`` records what happened to each request.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import random
 import re
 import secrets
 import socket
@@ -34,8 +43,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 class Fault:
     """Inject ``action`` into the next ``times`` requests matching ``method`` and the ``path`` regex.
 
-    Actions: ``status`` (answer ``status``), ``drop`` (reset the connection), ``cut`` (send half the upstream
-    body then reset), ``delay`` (wait ``delay`` s, then forward), ``corrupt`` (flip a byte of the body).
+    Actions: ``status`` (answer ``status``, with ``Retry-After: retry_after`` when set), ``drop`` (reset the
+    connection), ``cut`` (send half the upstream body then reset), ``delay`` (wait ``delay`` s, then forward),
+    ``corrupt`` (flip a byte of the body).  ``rate``: fire on that fraction of the matching requests (seeded,
+    see the module doc) instead of the next ``times``; ``ranged``: match only requests with a ``Range`` header.
     """
 
     action: str
@@ -45,11 +56,14 @@ class Fault:
     status: int = 503
     code: str = "UNAVAILABLE"  # the registry error code a ``status`` answer carries
     delay: float = 0.0
+    retry_after: str | None = None  # the Retry-After header of a ``status`` answer (seconds or an HTTP date)
+    rate: float | None = None  # fire on this fraction of matching requests (``times`` is then ignored)
+    ranged: bool = False  # only requests carrying a Range header
     hits: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.hits < self.times and re.fullmatch(self.method, method) is not None
-                and re.search(self.path, path) is not None)
+    def matches(self, method: str, path: str, ranged: bool = False) -> bool:
+        return ((self.rate is not None or self.hits < self.times) and (ranged or not self.ranged)
+                and re.fullmatch(self.method, method) is not None and re.search(self.path, path) is not None)
 
 
 @dataclass
@@ -59,12 +73,14 @@ class FaultProxy:
     username: str = ""
     password: str = ""
     faults: list[Fault] = field(default_factory=list)
+    seed: int = 0  # of the draws that decide which requests a ``rate`` fault hits
     hits: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what happened)
     tokens_issued: int = 0
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _tokens: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _rng: random.Random | None = None
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> FaultProxy:
@@ -108,14 +124,32 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
             self.hits.clear()
+            self._rng = None
 
-    def _take(self, method: str, path: str) -> Fault | None:
+    def _take(self, method: str, path: str, ranged: bool = False) -> Fault | None:
         with self._lock:
-            for f in self.faults:
-                if f.matches(method, path):
+            counted = [f for f in self.faults if f.rate is None and f.matches(method, path, ranged)]
+            if counted:
+                counted[0].hits += 1
+                return counted[0]
+            rated = [f for f in self.faults if f.rate is not None and f.matches(method, path, ranged)]
+            if not rated:
+                return None
+            if self._rng is None:
+                self._rng = random.Random(self.seed)
+            draw = self._rng.random()
+            for f in rated:
+                draw -= f.rate or 0.0
+                if draw < 0:
                     f.hits += 1
                     return f
         return None
+
+    def count(self, what: str) -> int:
+        """How many requests were answered with ``what`` (a prefix of ``hits``' third field: "status 503",
+        "cut", "drop", "206", ...)."""
+        with self._lock:
+            return sum(1 for h in self.hits if h[2].startswith(what))
 
     def _record(self, method: str, path: str, what: str) -> None:
         with self._lock:
@@ -179,11 +213,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._token()
         if p.auth and not self._authorized():
             return
-        fault = p._take(self.command, path)
+        fault = p._take(self.command, path, "Range" in self.headers)
         if fault and fault.action == "status":
             p._record(self.command, path, f"status {fault.status}")
             err = {"errors": [{"code": fault.code, "message": "injected fault", "detail": None}]}
-            return self._send(fault.status, json.dumps(err).encode(), {"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if fault.retry_after is not None:
+                headers["Retry-After"] = fault.retry_after
+            return self._send(fault.status, json.dumps(err).encode(), headers)
         if fault and fault.action == "drop":
             p._record(self.command, path, "drop")
             return self._reset()
