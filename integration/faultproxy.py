@@ -12,7 +12,7 @@ registry errors under load: ``add("status", status=503, rate=0.2, ranged=True)``
 generator seeded with the proxy's ``seed`` so that a run is repeatable: each request that some rate fault
 matches takes one draw, and the rate faults split that draw in the order they were added (so 20 % 503 and
 5 % cut are 20 % and 5 % of the requests, never both on one).  ``ranged=True`` matches only requests with a
-``Range`` header (lazy blob reads, not whole-blob or manifest GETs).
+``Range`` header (lazy blob reads, not whole-blob or manifest GETs), ``range`` those whose ``Range`` a regex finds.
 
 Used by the registry client's, the converter's and the lazy fetcher's tests and the transient-error benchmark;
 ``hits`` records what happened to each request.
@@ -59,11 +59,17 @@ class Fault:
     retry_after: str | None = None  # the Retry-After header of a ``status`` answer (seconds or an HTTP date)
     rate: float | None = None  # fire on this fraction of matching requests (``times`` is then ignored)
     ranged: bool = False  # only requests carrying a Range header
+    range: str | None = None  # only requests whose Range header this regex finds (e.g. "^bytes=0-")
     hits: int = 0
 
-    def matches(self, method: str, path: str, ranged: bool = False) -> bool:
-        return ((self.rate is not None or self.hits < self.times) and (ranged or not self.ranged)
-                and re.fullmatch(self.method, method) is not None and re.search(self.path, path) is not None)
+    def matches(self, method: str, path: str, range_header: str | None = None) -> bool:
+        if self.rate is None and self.hits >= self.times:
+            return False
+        if (self.ranged or self.range is not None) and range_header is None:
+            return False
+        if self.range is not None and re.search(self.range, range_header or "") is None:
+            return False
+        return re.fullmatch(self.method, method) is not None and re.search(self.path, path) is not None
 
 
 @dataclass
@@ -75,6 +81,7 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     seed: int = 0  # of the draws that decide which requests a ``rate`` fault hits
     hits: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what happened)
+    stamps: list[float] = field(default_factory=list)  # time.monotonic() of each of ``hits``
     tokens_issued: int = 0
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -124,15 +131,16 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
             self.hits.clear()
+            self.stamps.clear()
             self._rng = None
 
-    def _take(self, method: str, path: str, ranged: bool = False) -> Fault | None:
+    def _take(self, method: str, path: str, range_header: str | None = None) -> Fault | None:
         with self._lock:
-            counted = [f for f in self.faults if f.rate is None and f.matches(method, path, ranged)]
+            counted = [f for f in self.faults if f.rate is None and f.matches(method, path, range_header)]
             if counted:
                 counted[0].hits += 1
                 return counted[0]
-            rated = [f for f in self.faults if f.rate is not None and f.matches(method, path, ranged)]
+            rated = [f for f in self.faults if f.rate is not None and f.matches(method, path, range_header)]
             if not rated:
                 return None
             if self._rng is None:
@@ -154,6 +162,7 @@ class FaultProxy:
     def _record(self, method: str, path: str, what: str) -> None:
         with self._lock:
             self.hits.append((method, path, what))
+            self.stamps.append(time.monotonic())
 
     def _new_token(self) -> str:
         tok = secrets.token_urlsafe(24)
@@ -213,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._token()
         if p.auth and not self._authorized():
             return
-        fault = p._take(self.command, path, "Range" in self.headers)
+        fault = p._take(self.command, path, self.headers.get("Range"))
         if fault and fault.action == "status":
             p._record(self.command, path, f"status {fault.status}")
             err = {"errors": [{"code": fault.code, "message": "injected fault", "detail": None}]}

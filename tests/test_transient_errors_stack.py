@@ -10,8 +10,10 @@ registry is the benchmark's (``python -m integration.bench.transient``), not thi
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -84,8 +86,12 @@ def test_lazy_start_survives_503s_and_cut_bodies(indexed: tuple[Stack, str], ns:
                      *images.REALISTIC_CMD, namespace=ns, check=False, timeout=600)
         took = time.monotonic() - t0
         log = Path(st.info.logs["snapshotter"]).read_text(errors="replace").splitlines()
-        assert (run.returncode, run.stdout) == (0, images.REALISTIC_OUTPUT), \
-            (run.returncode, run.stdout, run.stderr[-2000:], "\n".join(ln for ln in log if "fail" in ln)[-3000:])
+        if (run.returncode, run.stdout) != (0, images.REALISTIC_OUTPUT):
+            keep = os.environ.get("BOOTSEER_TEST_KEEP_LOGS")  # a directory to copy the stack's logs to
+            if keep:
+                shutil.copytree(Path(st.info.logs["snapshotter"]).parent, Path(keep) / st.root.name)
+            pytest.fail(f"exit {run.returncode}, stdout {run.stdout!r}, stderr {run.stderr[-2000:]}\nsnapshotter:\n"
+                        + "\n".join(ln for ln in log if "fail" in ln or "down" in ln)[-6000:], pytrace=False)
         served, failed, cut = proxy.count("206"), proxy.count("status 503"), proxy.count("206 cut")
     print(f"through the fault proxy: {served} ranged reads served ({cut} of them cut), {failed} answered 503; "
           f"run took {took:.1f}s")

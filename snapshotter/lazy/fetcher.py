@@ -39,7 +39,7 @@ any HTTP server.  The rules, and why:
   that one is retried at most ``retries`` times, then EIO for the read that needs it, never wrong bytes.
 * **Down means down, not one failure.**  Every request's outcome is reported to the :class:`HttpClient`
   all blobs share: ``down_after_failures`` failed requests in a row (distinct requests, of any reader and
-  kind) spanning at least ``down_after_seconds`` with no success in between mark the blob's endpoints
+  kind) seen over at least ``down_after_seconds`` with no bytes arriving in between mark the blob's endpoints
   *down* for ``failure_memo`` seconds; any success clears it.  While they are down, every demand read of a
   missing chunk, of any blob served by those endpoints, fails at once, and every retry loop gives up: one
   ``read(2)`` of a file makes the kernel issue several read-ahead requests for different chunks, one after
@@ -182,7 +182,7 @@ class FetchConfig:
     backoff_max: float = 2.0
     failure_memo: float = 1.0  # a chunk whose demand read failed, and endpoints marked down, fail fast this long
     down_after_failures: int = 3  # failed requests in a row that mark the endpoints down ...
-    down_after_seconds: float = 2.0  # ... when at least this long passed since the first of them began
+    down_after_seconds: float = 2.0  # ... when at least this long passed since the first of them was seen
     tls_verify: bool | str = True  # False, True, or a CA bundle path
 
 
@@ -371,7 +371,7 @@ class _Health:
     """Outcome of the recent requests to one endpoint set (see the module doc, "Down means down")."""
 
     failures: int = 0  # failed requests since the last success
-    since: float = 0.0  # when the first of them began
+    since: float = 0.0  # when the first of them was seen
     until: float = 0.0  # marked down until then (0: not marked)
     marked: float = 0.0  # when it was marked down
     why: str = ""
@@ -391,18 +391,18 @@ class HttpClient:
         self._down_lock = threading.Lock()
 
     # -- outages (see the module doc: one outage costs a reader one deadline, not one per chunk) ----------
-    def request_failed(self, endpoints: Sequence[str], began: float, why: str, *, after: int, span: float,
+    def request_failed(self, endpoints: Sequence[str], why: str, *, after: int, span: float,
                        seconds: float) -> bool:
-        """A request to ``endpoints`` that began at ``began`` failed transiently.  Marks them down for
-        ``seconds`` when it is the ``after``-th failure in a row and the first of those began ``span`` seconds
-        ago or more; True if this call marked them down."""
+        """A request to ``endpoints`` failed transiently.  Marks them down for ``seconds`` when it is the
+        ``after``-th failure in a row and the first of those was seen ``span`` seconds ago or more; True if
+        this call marked them down.  (Seen, not begun: a request slow to fail — a big range through a
+        loaded mirror — must not make a window of its own.)"""
         now = time.monotonic()
         with self._down_lock:
             h = self._health.setdefault(tuple(endpoints), _Health())
             if h.failures == 0:
-                h.since = began
+                h.since = now
             h.failures += 1
-            h.since = min(h.since, began)
             h.why = why
             if h.failures >= max(1, after) and now - h.since >= span and seconds > 0 and now >= h.until:
                 h.until, h.marked = now + seconds, now
@@ -410,11 +410,13 @@ class HttpClient:
         return False
 
     def request_succeeded(self, endpoints: Sequence[str]) -> None:
-        """Bytes arrived from ``endpoints``: whatever outage there was is over."""
+        """Bytes arrived from ``endpoints`` (a verified chunk, even of a request cut off later): whatever
+        outage there was is over.  Called for every chunk, so the common case takes no lock."""
         key = tuple(endpoints)
+        if key not in self._health:
+            return
         with self._down_lock:
-            if key in self._health:
-                del self._health[key]
+            self._health.pop(key, None)
 
     def mark_up(self, endpoints: Sequence[str]) -> None:
         self.request_succeeded(endpoints)
@@ -791,6 +793,9 @@ class Fetcher:
                 self.metrics.corrupt(self.spec, i)
             return
         self.cache.put(i, piece)
+        # Progress, not only a whole answer, proves the endpoints alive: with 8 MiB requests in flight a
+        # few short failures would otherwise count "in a row" while the big answers are still arriving.
+        self.client.request_succeeded(self.spec.endpoints())
         with self._lock:
             self._failed.pop(i, None)
             p = self._inflight.get(i)
@@ -816,7 +821,6 @@ class Fetcher:
         order = [(first + k) % n for k in (ready + [k for k in range(n) if k not in ready])]
         err: FetchError | None = None
         for idx in order:
-            began = time.monotonic()
             try:
                 out = fn(endpoints[idx])
                 self._endpoint = idx
@@ -829,7 +833,7 @@ class Fetcher:
                     err = e
                     continue
                 cfg = self.config
-                if self.client.request_failed(endpoints, began, e.strerror or str(e), after=cfg.down_after_failures,
+                if self.client.request_failed(endpoints, e.strerror or str(e), after=cfg.down_after_failures,
                                               span=cfg.down_after_seconds, seconds=cfg.failure_memo):
                     log.warning("%s marked down for %.1fs after %d failed requests in a row: %s",
                                 urlparse(endpoints[-1]).netloc, cfg.failure_memo, cfg.down_after_failures,
