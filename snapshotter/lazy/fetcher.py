@@ -38,15 +38,18 @@ any HTTP server.  The rules, and why:
   endpoint, then fails; it is never retried), a malformed answer, and a chunk that failed verification —
   that one is retried at most ``retries`` times, then EIO for the read that needs it, never wrong bytes.
 * **Down means down, not one failure.**  Every request's outcome is reported to the :class:`HttpClient`
-  all blobs share: ``down_after_failures`` failed requests in a row (distinct requests, of any reader and
-  kind) seen over at least ``down_after_seconds`` with no bytes arriving in between mark the blob's endpoints
-  *down* for ``failure_memo`` seconds; any success clears it.  While they are down, every demand read of a
+  all blobs share, and any bytes arriving from the endpoints clear their record.  They are marked *down*
+  for ``failure_memo`` seconds when nothing arrived from them for ``down_after_seconds`` or more since a
+  failure, and either ``down_after_failures`` distinct reads (of any blob and kind) had requests fail
+  meanwhile, or a read spent its whole deadline failing.  While they are down, every demand read of a
   missing chunk, of any blob served by those endpoints, fails at once, and every retry loop gives up: one
   ``read(2)`` of a file makes the kernel issue several read-ahead requests for different chunks, one after
   the other through the loop device; without this each would wait out its own deadline and the reader
-  would see EIO only after several times ``read_timeout``.  A single failed request — even a read that
-  gave up — never marks anything down (it did, and one unlucky read cost a start-up every read for a
-  second).  A corrupt chunk does not count: the registry answered.
+  would see EIO only after several times ``read_timeout``.  Distinct reads, not requests: one read retrying
+  through a run of bad luck is no outage (at 25 % errors, five failures in a row come once in a thousand
+  requests, and a start-up makes more; marking the registry down on that, or on one read giving up after
+  a moment, cost a start-up every read for a second).  A corrupt chunk does not count: the registry
+  answered.
 """
 
 from __future__ import annotations
@@ -181,8 +184,8 @@ class FetchConfig:
     backoff: float = 0.2  # first retry delay (jittered: 50-100 %); doubles, capped by backoff_max
     backoff_max: float = 2.0
     failure_memo: float = 1.0  # a chunk whose demand read failed, and endpoints marked down, fail fast this long
-    down_after_failures: int = 3  # failed requests in a row that mark the endpoints down ...
-    down_after_seconds: float = 2.0  # ... when at least this long passed since the first of them was seen
+    down_after_failures: int = 3  # distinct reads with failed requests that mark the endpoints down ...
+    down_after_seconds: float = 2.0  # ... when nothing arrived for this long since the first failure
     tls_verify: bool | str = True  # False, True, or a CA bundle path
 
 
@@ -371,6 +374,7 @@ class _Health:
     """Outcome of the recent requests to one endpoint set (see the module doc, "Down means down")."""
 
     failures: int = 0  # failed requests since the last success
+    readers: set[int] = field(default_factory=set)  # the reads (ensure calls) that made them
     since: float = 0.0  # when the first of them was seen
     until: float = 0.0  # marked down until then (0: not marked)
     marked: float = 0.0  # when it was marked down
@@ -391,22 +395,44 @@ class HttpClient:
         self._down_lock = threading.Lock()
 
     # -- outages (see the module doc: one outage costs a reader one deadline, not one per chunk) ----------
-    def request_failed(self, endpoints: Sequence[str], why: str, *, after: int, span: float,
+    def request_failed(self, endpoints: Sequence[str], reader: int, why: str, *, after: int, span: float,
                        seconds: float) -> bool:
-        """A request to ``endpoints`` failed transiently.  Marks them down for ``seconds`` when it is the
-        ``after``-th failure in a row and the first of those was seen ``span`` seconds ago or more; True if
-        this call marked them down.  (Seen, not begun: a request slow to fail — a big range through a
-        loaded mirror — must not make a window of its own.)"""
+        """A request to ``endpoints`` made by read ``reader`` failed transiently.  Marks them down for
+        ``seconds`` once ``after`` distinct reads have had requests fail, the first failure seen ``span``
+        seconds ago or more, with no bytes arriving since; True if this call marked them down.
+
+        Distinct reads, not requests: one read retrying through a run of bad luck (at 25 % errors five in a
+        row come every thousand requests, and a start-up makes more) is not an outage — while it retries,
+        others' reads succeed, or there are none.  Seen, not begun: a request slow to fail (a big range
+        through a loaded mirror) must not make a window of its own."""
         now = time.monotonic()
         with self._down_lock:
             h = self._health.setdefault(tuple(endpoints), _Health())
             if h.failures == 0:
                 h.since = now
             h.failures += 1
+            h.readers.add(reader)
             h.why = why
-            if h.failures >= max(1, after) and now - h.since >= span and seconds > 0 and now >= h.until:
-                h.until, h.marked = now + seconds, now
-                return True
+            return self._mark(h, now, len(h.readers) >= max(1, after) and now - h.since >= span, seconds)
+
+    def read_gave_up(self, endpoints: Sequence[str], why: str, *, span: float, seconds: float) -> bool:
+        """A read spent its whole deadline (or retry window) on transient failures of ``endpoints``: marks
+        them down for ``seconds`` if nothing arrived from them for ``span`` seconds or more of that; True if
+        this call marked them down.  (The kernel issues a file's read-ahead requests one after the other:
+        without this each would wait out its own deadline before the distinct reads added up.)"""
+        now = time.monotonic()
+        with self._down_lock:
+            h = self._health.get(tuple(endpoints))
+            if h is None or h.failures == 0:
+                return False
+            h.why = why
+            return self._mark(h, now, now - h.since >= span, seconds)
+
+    @staticmethod
+    def _mark(h: _Health, now: float, due: bool, seconds: float) -> bool:
+        if due and seconds > 0 and now >= h.until:
+            h.until, h.marked = now + seconds, now
+            return True
         return False
 
     def request_succeeded(self, endpoints: Sequence[str]) -> None:
@@ -429,7 +455,7 @@ class HttpClient:
             if h is None or now >= h.until:
                 return None
             n, first, marked, until, why = h.failures, h.since, h.marked, h.until, h.why
-        return (f"{why} (registry unreachable: {n} requests failed in a row over {marked - first:.1f}s, "
+        return (f"{why} (registry unreachable: {n} requests failed and none answered over {marked - first:.1f}s, "
                 f"marked down {now - marked:.1f}s ago; retrying after {until - now:.1f}s)")
 
     def hold(self, endpoint: str, seconds: float) -> None:
@@ -463,6 +489,7 @@ class HttpClient:
 
 
 # ------------------------------------------------------------------------------------------- fetcher
+_current = threading.local()  # .reader: the _RetryState of the ensure() call this thread is serving
 class _Pending:
     """A chunk in flight: waiters block on ``done``; ``error`` says how it ended if it failed."""
 
@@ -540,6 +567,8 @@ class Fetcher:
             return
         last: FetchError | None = None
         retry = _RetryState(deadline)
+        outer = getattr(_current, "reader", None)
+        _current.reader = retry  # the read the requests below belong to (outage tracking counts reads)
         try:
             if kind == DEMAND:
                 self._fail_fast(todo)
@@ -567,6 +596,8 @@ class Fetcher:
         except FetchError as e:
             self._failed_for_good(todo, kind, e, last)
             raise
+        finally:
+            _current.reader = outer
 
     def _next_attempt(self, last: FetchError, kind: str, retry: _RetryState, cancel: threading.Event | None) -> None:
         """After a failed attempt: return when the next one may go out, or raise — the error is not worth
@@ -601,7 +632,7 @@ class Fetcher:
             self.stats.retry_reasons[last.reason] = self.stats.retry_reasons.get(last.reason, 0) + 1
         if self.metrics is not None:
             self.metrics.retried(kind, last.reason)
-        log.debug("%s: retrying in %.2fs (%s, attempt %d): %s", self.spec.digest[:19], delay, kind,
+        log.info("%s: retrying in %.2fs (%s, attempt %d): %s", self.spec.digest[:19], delay, kind,
                   retry.attempt + 1, last.strerror)
         if cancel is not None:
             if cancel.wait(delay):
@@ -626,6 +657,13 @@ class Fetcher:
                 if failed is not None and now - failed[0] < self.config.failure_memo:
                     raise _Memo(f"{failed[1].strerror} (failed {now - failed[0]:.1f}s ago)")
 
+    def _marked_down(self, after: str, e: FetchError) -> None:
+        log.warning("%s marked down for %.1fs (%s, none answered for %.1fs or more): %s",
+                    urlparse(self.spec.registry).netloc, self.config.failure_memo, after,
+                    self.config.down_after_seconds, e.strerror)
+        if self.metrics is not None:
+            self.metrics.marked_down()
+
     def _failed_for_good(self, todo: Sequence[int], kind: str, e: FetchError, last: FetchError | None) -> None:
         """Book-keeping of an ensure() that raises: counters, the failure memo, the outage mark, a log line."""
         with self._lock:
@@ -637,6 +675,11 @@ class Fetcher:
         todo = [i for i in todo if not self.cache.has(i)]
         if isinstance(e, Cancelled) or not todo:
             return
+        cause = last if last is not None else e
+        if cause.transient and not isinstance(cause, CorruptChunk) and self.client.read_gave_up(
+                self.spec.endpoints(), cause.strerror or str(cause), span=self.config.down_after_seconds,
+                seconds=self.config.failure_memo):
+            self._marked_down(f"a {kind} read gave up", cause)
         if kind == DEMAND:  # (a prefetch that gave up must not fail the container's own read of the chunk)
             now = time.monotonic()
             with self._lock:
@@ -833,13 +876,11 @@ class Fetcher:
                     err = e
                     continue
                 cfg = self.config
-                if self.client.request_failed(endpoints, e.strerror or str(e), after=cfg.down_after_failures,
+                reader = getattr(_current, "reader", None)
+                if self.client.request_failed(endpoints, id(reader) if reader is not None else 0,
+                                              e.strerror or str(e), after=cfg.down_after_failures,
                                               span=cfg.down_after_seconds, seconds=cfg.failure_memo):
-                    log.warning("%s marked down for %.1fs after %d failed requests in a row: %s",
-                                urlparse(endpoints[-1]).netloc, cfg.failure_memo, cfg.down_after_failures,
-                                e.strerror)
-                    if self.metrics is not None:
-                        self.metrics.marked_down()
+                    self._marked_down(f"{cfg.down_after_failures} reads failed", e)
                 raise
         assert err is not None
         raise err
