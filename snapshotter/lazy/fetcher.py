@@ -181,7 +181,7 @@ class FetchConfig:
     read_timeout: float = 30.0  # whole budget of a demand read, retries of transient errors included
     retry_window: float = 30.0  # prefetch / background: retry transient errors this long after the first
     retries: int = 3  # extra attempts after a chunk failed verification (transient errors: see above)
-    backoff: float = 0.2  # first retry delay (jittered: 50-100 %); doubles, capped by backoff_max
+    backoff: float = 0.02  # first retry delay (jittered: 50-100 %); doubles, capped by backoff_max
     backoff_max: float = 2.0
     failure_memo: float = 1.0  # a chunk whose demand read failed, and endpoints marked down, fail fast this long
     down_after_failures: int = 3  # distinct reads with failed requests that mark the endpoints down ...
@@ -632,7 +632,7 @@ class Fetcher:
             self.stats.retry_reasons[last.reason] = self.stats.retry_reasons.get(last.reason, 0) + 1
         if self.metrics is not None:
             self.metrics.retried(kind, last.reason)
-        log.info("%s: retrying in %.2fs (%s, attempt %d): %s", self.spec.digest[:19], delay, kind,
+        log.debug("%s: retrying in %.2fs (%s, attempt %d): %s", self.spec.digest[:19], delay, kind,
                   retry.attempt + 1, last.strerror)
         if cancel is not None:
             if cancel.wait(delay):
