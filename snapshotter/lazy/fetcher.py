@@ -39,17 +39,17 @@ any HTTP server.  The rules, and why:
   that one is retried at most ``retries`` times, then EIO for the read that needs it, never wrong bytes.
 * **Down means down, not one failure.**  Every request's outcome is reported to the :class:`HttpClient`
   all blobs share, and any bytes arriving from the endpoints clear their record.  They are marked *down*
-  for ``failure_memo`` seconds when nothing arrived from them for ``down_after_seconds`` or more since a
-  failure, and either ``down_after_failures`` distinct reads (of any blob and kind) had requests fail
-  meanwhile, or a read spent its whole deadline failing.  While they are down, every demand read of a
-  missing chunk, of any blob served by those endpoints, fails at once, and every retry loop gives up: one
-  ``read(2)`` of a file makes the kernel issue several read-ahead requests for different chunks, one after
-  the other through the loop device; without this each would wait out its own deadline and the reader
-  would see EIO only after several times ``read_timeout``.  Distinct reads, not requests: one read retrying
-  through a run of bad luck is no outage (at 25 % errors, five failures in a row come once in a thousand
-  requests, and a start-up makes more; marking the registry down on that, or on one read giving up after
-  a moment, cost a start-up every read for a second).  A corrupt chunk does not count: the registry
-  answered.
+  for ``failure_memo`` seconds when, with no bytes arriving from them meanwhile, either
+  ``down_after_failures`` distinct reads (of any blob and kind) had requests fail over at least
+  ``down_after_seconds``, or a demand read spent its whole deadline failing.  While they are down, every
+  demand read of a missing chunk, of any blob served by those endpoints, fails at once, and every retry
+  loop gives up: one ``read(2)`` of a file makes the kernel issue several read-ahead requests for
+  different chunks, one after the other through the loop device; without this each would wait out its own
+  deadline and the reader would see EIO only after several times ``read_timeout``.  Distinct reads, not
+  requests: one read retrying through a run of bad luck is no outage (at 25 % errors, five failures in a
+  row come once in a thousand requests, and a start-up makes more; marking the registry down on that, or
+  on one read giving up, cost a start-up every read for a second).  A corrupt chunk does not count: the
+  registry answered.
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ class _RetryState:
     """The retry budget of one :meth:`Fetcher.ensure` call."""
 
     until: float | None  # no retry may start after this (demand: the read's deadline)
+    began: float = field(default_factory=time.monotonic)
     attempt: int = 0  # retries so far
     corrupt: int = 0  # attempts that ended in a chunk failing verification
 
@@ -181,7 +182,7 @@ class FetchConfig:
     read_timeout: float = 30.0  # whole budget of a demand read, retries of transient errors included
     retry_window: float = 30.0  # prefetch / background: retry transient errors this long after the first
     retries: int = 3  # extra attempts after a chunk failed verification (transient errors: see above)
-    backoff: float = 0.02  # first retry delay (jittered: 50-100 %); doubles, capped by backoff_max
+    backoff: float = 0.005  # first retry delay (jittered: 50-100 %); doubles, capped by backoff_max
     backoff_max: float = 2.0
     failure_memo: float = 1.0  # a chunk whose demand read failed, and endpoints marked down, fail fast this long
     down_after_failures: int = 3  # distinct reads with failed requests that mark the endpoints down ...
@@ -391,6 +392,7 @@ class HttpClient:
         self._pool = pool
         self._local = threading.local()
         self._health: dict[tuple[str, ...], _Health] = {}  # endpoint set → recent outcomes
+        self._last_ok: dict[tuple[str, ...], float] = {}  # endpoint set → when bytes last arrived
         self._not_before: dict[str, float] = {}  # endpoint → time.monotonic() its Retry-After ends
         self._down_lock = threading.Lock()
 
@@ -415,18 +417,23 @@ class HttpClient:
             h.why = why
             return self._mark(h, now, len(h.readers) >= max(1, after) and now - h.since >= span, seconds)
 
-    def read_gave_up(self, endpoints: Sequence[str], why: str, *, span: float, seconds: float) -> bool:
-        """A read spent its whole deadline (or retry window) on transient failures of ``endpoints``: marks
-        them down for ``seconds`` if nothing arrived from them for ``span`` seconds or more of that; True if
-        this call marked them down.  (The kernel issues a file's read-ahead requests one after the other:
-        without this each would wait out its own deadline before the distinct reads added up.)"""
+    def read_gave_up(self, endpoints: Sequence[str], began: float, why: str, *, seconds: float) -> bool:
+        """A demand read that began at ``began`` ran out of time (its deadline) on
+        transient failures of ``endpoints``: marks them down for ``seconds`` if no bytes arrived from them
+        since it began; True if this call marked them down.  (The kernel issues a file's read-ahead requests
+        one after the other: without this each would wait out its own deadline before the distinct reads
+        added up.  A whole deadline of failures with nothing arriving is no run of bad luck: at 25 % errors
+        that takes a dozen failures in a row.)"""
+        key = tuple(endpoints)
+        if self._last_ok.get(key, -1.0) >= began:
+            return False
         now = time.monotonic()
         with self._down_lock:
-            h = self._health.get(tuple(endpoints))
+            h = self._health.get(key)
             if h is None or h.failures == 0:
                 return False
             h.why = why
-            return self._mark(h, now, now - h.since >= span, seconds)
+            return self._mark(h, now, True, seconds)
 
     @staticmethod
     def _mark(h: _Health, now: float, due: bool, seconds: float) -> bool:
@@ -439,6 +446,7 @@ class HttpClient:
         """Bytes arrived from ``endpoints`` (a verified chunk, even of a request cut off later): whatever
         outage there was is over.  Called for every chunk, so the common case takes no lock."""
         key = tuple(endpoints)
+        self._last_ok[key] = time.monotonic()  # (a plain store: this runs for every chunk)
         if key not in self._health:
             return
         with self._down_lock:
@@ -594,7 +602,7 @@ class Fetcher:
                     return
                 self._next_attempt(last or FetchError("fetch failed"), kind, retry, cancel)
         except FetchError as e:
-            self._failed_for_good(todo, kind, e, last)
+            self._failed_for_good(todo, kind, e, last, retry.began)
             raise
         finally:
             _current.reader = outer
@@ -658,13 +666,13 @@ class Fetcher:
                     raise _Memo(f"{failed[1].strerror} (failed {now - failed[0]:.1f}s ago)")
 
     def _marked_down(self, after: str, e: FetchError) -> None:
-        log.warning("%s marked down for %.1fs (%s, none answered for %.1fs or more): %s",
-                    urlparse(self.spec.registry).netloc, self.config.failure_memo, after,
-                    self.config.down_after_seconds, e.strerror)
+        log.warning("%s marked down for %.1fs (%s, and nothing arrived meanwhile): %s",
+                    urlparse(self.spec.registry).netloc, self.config.failure_memo, after, e.strerror)
         if self.metrics is not None:
             self.metrics.marked_down()
 
-    def _failed_for_good(self, todo: Sequence[int], kind: str, e: FetchError, last: FetchError | None) -> None:
+    def _failed_for_good(self, todo: Sequence[int], kind: str, e: FetchError, last: FetchError | None,
+                         began: float | None = None) -> None:
         """Book-keeping of an ensure() that raises: counters, the failure memo, the outage mark, a log line."""
         with self._lock:
             self.stats.failures += 1
@@ -676,10 +684,11 @@ class Fetcher:
         if isinstance(e, Cancelled) or not todo:
             return
         cause = last if last is not None else e
-        if cause.transient and not isinstance(cause, CorruptChunk) and self.client.read_gave_up(
-                self.spec.endpoints(), cause.strerror or str(cause), span=self.config.down_after_seconds,
-                seconds=self.config.failure_memo):
-            self._marked_down(f"a {kind} read gave up", cause)
+        if kind == DEMAND and e.reason == "timeout" and began is not None and cause.transient \
+                and not isinstance(cause, CorruptChunk) \
+                and self.client.read_gave_up(self.spec.endpoints(), began, cause.strerror or str(cause),
+                                             seconds=self.config.failure_memo):
+            self._marked_down(f"a {kind} read ran out of time", cause)
         if kind == DEMAND:  # (a prefetch that gave up must not fail the container's own read of the chunk)
             now = time.monotonic()
             with self._lock:
@@ -810,6 +819,7 @@ class Fetcher:
                         return None
                     if resp.status_code == 401:
                         return None
+                    _drain(resp)
                     raise status_error(url, f"({len(spans)} ranges)", resp)
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
                 return _read_parts(_Body(resp, url, deadline), boundary.group(1).encode(), url, wanted)
@@ -929,6 +939,7 @@ class Fetcher:
             skip = start  # the server ignored Range: correct but slow, so say so
             log.warning("GET %s: server ignored Range (200); skipping %d bytes", url, start)
         else:
+            _drain(resp)
             raise status_error(url, f"bytes {start}-{end - 1}", resp)
         want = end - start
         buf = bytearray(want)
@@ -955,6 +966,16 @@ class Fetcher:
         if got < want:
             raise FetchError(f"GET {url}: short body, {got} of {want} bytes", "cut")
         return buf
+
+
+def _drain(resp: requests.Response, limit: int = 64 << 10) -> None:
+    """Read a small error body, so that the connection goes back to the pool instead of being closed (a
+    registry answering 503 to a fifth of the requests would otherwise cost a new connection for each)."""
+    try:
+        if int(resp.headers.get("Content-Length") or limit + 1) <= limit:
+            resp.content  # noqa: B018 - reading it is the point
+    except (ValueError, requests.RequestException):
+        pass
 
 
 class _Body:

@@ -116,6 +116,8 @@ class Metrics:
         for kind in KINDS:
             self.fetched_bytes.labels(kind)
             self.fetch_failures.labels(kind)
+            for reason in ("http_503", "http_429", "reset", "timeout", "cut"):  # the usual ones, at 0 from the start
+                self.fetch_retries.labels(kind, reason)
 
     # MetricsSink
     def fetched(self, kind: str, nbytes: int, seconds: float) -> None:
