@@ -135,17 +135,20 @@ def test_a_fifth_of_reads_failing_fails_no_read(tmp_path: Path, world: World, pr
 
 def test_prefetch_retries_too_and_its_failure_does_not_fail_demand_reads(tmp_path: Path, world: World,
                                                                           proxy: FaultProxy) -> None:
-    proxy.add("status", status=503, ranged=True, times=2)
-    f = fetcher(tmp_path, world, f"http://{proxy.address}")
-    f.ensure_runs([[20, 21], [30]], PREFETCH)
-    assert all(f.cache.has(i) for i in (20, 21, 30)) and f.stats.retry_reasons == {"http_503": 2}
     # a prefetch that gives up (its retry window spent) leaves the chunk to the container's own read
     proxy.add("status", status=503, ranged=True, range=f"^bytes={40 * CS}-", times=1000)
-    g = fetcher(tmp_path, world, f"http://{proxy.address}", retry_window=0.3, down_after_seconds=60)
+    g = fetcher(tmp_path, world, f"http://{proxy.address}")
+    g.config.retry_window = 0.3
     with pytest.raises(FetchError):
         g.ensure_runs([[40]], PREFETCH)
     proxy.clear()
     assert g.read(40 * CS, 10) == world.data[40 * CS : 40 * CS + 10]
+
+    proxy.add("status", status=503, ranged=True, times=2)
+    f = fetcher(tmp_path, world, f"http://{proxy.address}")
+    f.ensure_runs([[20, 21], [30]], PREFETCH)
+    assert all(f.cache.has(i) for i in (20, 21, 30)) and f.stats.retry_reasons == {"http_503": 2}
+    assert f.metrics.retries == {("prefetch", "http_503"): 2}  # type: ignore[union-attr]
 
 
 def test_retry_after_holds_that_endpoint_back_and_the_retry_goes_to_the_next(tmp_path: Path, world: World,
