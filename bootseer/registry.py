@@ -16,8 +16,12 @@ recorder and depsnap need from a registry, and nothing that ties them to one reg
   lookup (the snapshotter looks up two referrers per image pull).
 * **Transport**: endpoints (mirrors, TLS, headers) from containerd's ``hosts.toml``
   (:mod:`bootseer.hosts`); auth from docker's config and the token flow (:mod:`bootseer.auth`); retries with
-  exponential backoff and jitter on 429/5xx, timeouts and connection resets, honouring ``Retry-After``;
-  a mirror answering 404 or failing hands over to the next endpoint, as containerd does.
+  exponential backoff and jitter on 408/429/5xx (not 501/505), timeouts, connection resets and bodies cut
+  off (manifests, referrers, small blobs are read again), honouring ``Retry-After``; a mirror answering 404
+  or failing hands over to the next endpoint, as containerd does.  A 4xx other than 408/429 is an answer,
+  not retried.  ``with client.deadline(seconds):`` bounds every call in the block, retries and their waits
+  included (a ``Retry-After`` that ends past it fails the call at once): the snapshotter's Prepare path
+  uses it, since containerd is waiting.
 
 Nothing here logs a header value or a URL with credentials (we never put credentials in URLs).
 """
@@ -25,6 +29,7 @@ Nothing here logs a header value or a URL with credentials (we never put credent
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import json
 import logging
@@ -67,7 +72,7 @@ INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
 MANIFEST_TYPES = (*IMAGE_MANIFEST_TYPES, *INDEX_TYPES)
 EMPTY_JSON = b"{}"
 EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_JSON).hexdigest()
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({408, 429, *range(500, 600)} - {501, 505})  # worth asking again: load, gateways
 MAX_MANIFEST_BYTES = 4 << 20
 
 
@@ -291,6 +296,7 @@ class RegistryClient:
         self._ref_locks: dict[str, threading.Lock] = {}
         self._ref_locks_guard = threading.Lock()
         self._no_referrers_api: dict[str, float] = {}  # registry → time.monotonic() to ask the API again
+        self.retried: dict[str, int] = {}  # retries by reason (http_503, reset, cut, …), for logs and tests
 
     @property
     def session(self) -> requests.Session:
@@ -303,10 +309,51 @@ class RegistryClient:
         return s
 
     # ------------------------------------------------------------------------------------------ transport
-    def _sleep_backoff(self, attempt: int, resp: requests.Response | None = None) -> None:
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Calls made in this thread inside the block end within ``seconds`` (or by an enclosing deadline),
+        retries included: requests' timeouts are clipped to what is left, and no retry starts whose wait
+        (backoff, ``Retry-After``) would end past it — the call raises :class:`TransientError` instead."""
+        outer = getattr(self._local, "deadline", None)
+        mine = time.monotonic() + seconds
+        self._local.deadline = mine if outer is None else min(outer, mine)
+        try:
+            yield
+        finally:
+            self._local.deadline = outer
+
+    def _left(self) -> float | None:
+        d = getattr(self._local, "deadline", None)
+        return None if d is None else d - time.monotonic()
+
+    def _timeout(self, what: str) -> tuple[float, float]:
+        """(connect, read) timeouts for the next request, clipped to the deadline; raises past it."""
+        left = self._left()
+        if left is None:
+            return self.timeout
+        if left <= 0:
+            raise TransientError(f"{what}: deadline passed")
+        return (min(self.timeout[0], left), min(self.timeout[1], left))
+
+    def _count(self, reason: str) -> None:
+        with self._ref_locks_guard:
+            self.retried[reason] = self.retried.get(reason, 0) + 1
+
+    def _sleep_backoff(self, attempt: int, resp: requests.Response | None = None, what: str = "request",
+                       reason: str = "other") -> None:
+        """Wait before retry ``attempt + 1``: jittered exponential backoff, at least the server's
+        ``Retry-After``; raises :class:`TransientError` if that wait would end past the call's deadline."""
         delay = min(self.max_backoff, self.backoff * (2**attempt)) * (0.5 + random.random() / 2)
-        if resp is not None and resp.headers.get("Retry-After", "").isdigit():
-            delay = min(self.max_backoff, max(delay, float(resp.headers["Retry-After"])))
+        asked = _retry_after(resp.headers.get("Retry-After")) if resp is not None else None
+        if asked is not None:
+            delay = max(delay, asked)
+            if self._left() is None:
+                delay = min(delay, max(self.max_backoff, 60.0))  # no deadline: still not forever
+        left = self._left()
+        if left is not None and delay >= left:
+            why = f"Retry-After {asked:.0f}s" if asked is not None and asked >= left else "no time left to retry"
+            raise TransientError(f"{what}: {why} ({max(0.0, left):.1f}s left of the deadline)")
+        self._count(reason)
         time.sleep(delay)  # backoff between retries, not synchronisation
 
     def _send(
@@ -339,13 +386,14 @@ class RegistryClient:
             log.debug("%s %s", method, url)
             try:
                 resp = self.session.request(method, url, headers=hdrs, data=body, stream=stream,
-                                            timeout=self.timeout, verify=ep.verify, cert=ep.client_cert,
-                                            allow_redirects=redirects)
+                                            timeout=self._timeout(f"{method} {_path(url)} on {ep.host}"),
+                                            verify=ep.verify, cert=ep.client_cert, allow_redirects=redirects)
             except (requests.ConnectionError, requests.Timeout) as e:
                 last = f"{e.__class__.__name__}: {e}"
                 if attempt < retries:
                     log.info("%s %s: %s; retrying", method, _path(url), redact(last)[:200])
-                    self._sleep_backoff(attempt)
+                    self._sleep_backoff(attempt, what=f"{method} {_path(url)} on {ep.host}: {redact(last)[:200]}",
+                                        reason="timeout" if isinstance(e, requests.Timeout) else "reset")
                     attempt += 1
                     continue
                 raise TransientError(f"{method} {_path(url)} on {ep.host}: {last}") from e
@@ -370,7 +418,8 @@ class RegistryClient:
             if resp.status_code in RETRY_STATUS and attempt < retries:
                 log.info("%s %s: HTTP %d; retrying", method, _path(url), resp.status_code)
                 resp.close()
-                self._sleep_backoff(attempt, resp)
+                self._sleep_backoff(attempt, resp, f"{method} {_path(url)} on {ep.host}: HTTP {resp.status_code}",
+                                    f"http_{resp.status_code}")
                 attempt += 1
                 continue
             raise _error_from(resp, method, url, ep.host)
@@ -404,14 +453,29 @@ class RegistryClient:
                 err = e
         raise err or RegistryError("no endpoint")
 
+    def _get_small(self, ref: Reference, path: str, limit: int, what: str, *, capability: str,
+                   headers: dict[str, str] | None = None) -> tuple[requests.Response, bytes]:
+        """(response, body) of a GET whose body is read whole (manifests, referrers, configs, indexes): a body
+        cut off or stalled is asked for again, like a transient status (:meth:`_send` retries those)."""
+        attempt = 0
+        while True:
+            _, resp = self._request(ref, "GET", path, capability=capability, headers=headers, stream=True)
+            try:
+                return resp, _read_limited(resp, limit, what)
+            except TransientError as e:
+                if attempt >= self.retries:
+                    raise
+                log.info("%s of %s: %s; retrying", what, ref.name, e)
+                self._sleep_backoff(attempt, what=str(e), reason="cut")
+                attempt += 1
+
     # ------------------------------------------------------------------------------------------ manifests
     def get_manifest(self, ref: Reference | str, accept: Iterable[str] = MANIFEST_TYPES) -> Manifest:
         """Fetch a manifest or index by tag or digest, verified against the digest asked for or announced."""
         ref = _ref(ref)
-        _, resp = self._request(ref, "GET", f"/{ref.repository}/manifests/{ref.reference}",
-                                capability="pull" if ref.digest else "resolve",
-                                headers={"Accept": ", ".join(accept)}, stream=True)
-        raw = _read_limited(resp, MAX_MANIFEST_BYTES, "manifest")
+        resp, raw = self._get_small(ref, f"/{ref.repository}/manifests/{ref.reference}", MAX_MANIFEST_BYTES,
+                                    "manifest", capability="pull" if ref.digest else "resolve",
+                                    headers={"Accept": ", ".join(accept)})
         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
         if ref.digest:
             verify_bytes(raw, ref.digest)
@@ -492,8 +556,8 @@ class RegistryClient:
     def get_blob(self, ref: Reference | str, digest: str, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, index) in memory, verified."""
         ref = _ref(ref)
-        _, resp = self._request(ref, "GET", f"/{ref.repository}/blobs/{digest}", capability="pull", stream=True)
-        data = _read_limited(resp, max_size, f"blob {digest}")
+        _, data = self._get_small(ref, f"/{ref.repository}/blobs/{digest}", max_size, f"blob {digest}",
+                                  capability="pull")
         verify_bytes(data, digest)
         return data
 
@@ -528,7 +592,7 @@ class RegistryClient:
                 if attempt >= self.retries:
                     raise TransientError(f"blob {digest}: download failed after {attempt + 1} tries: {e}") from e
                 log.info("blob %s: connection lost at %d bytes (%s); resuming", digest, written, e.__class__.__name__)
-                self._sleep_backoff(attempt)
+                self._sleep_backoff(attempt, what=f"blob {digest}: {e}", reason="cut")
                 attempt += 1
                 continue
             break
@@ -566,7 +630,7 @@ class RegistryClient:
                     OSError) as e:
                 if attempt >= self.retries:
                     raise TransientError(f"blob {digest} [{offset}, +{length}): {e}") from e
-                self._sleep_backoff(attempt)
+                self._sleep_backoff(attempt, what=f"blob {digest} [{offset}, +{length}): {e}", reason="cut")
                 attempt += 1
                 continue
             finally:
@@ -574,7 +638,7 @@ class RegistryClient:
             if len(data) != length:
                 if attempt >= self.retries:
                     raise TransientError(f"blob {digest} [{offset}, +{length}): got {len(data)} bytes")
-                self._sleep_backoff(attempt)
+                self._sleep_backoff(attempt, what=f"blob {digest} [{offset}, +{length}): short", reason="cut")
                 attempt += 1
                 continue
             return data
@@ -683,10 +747,9 @@ class RegistryClient:
             path += "?" + urlencode({"artifactType": artifact_type})
         if self._no_referrers_api.get(ref.registry, 0.0) <= time.monotonic():
             try:
-                _, resp = self._request(ref, "GET", path, capability="pull", headers={"Accept": MT_OCI_INDEX},
-                                        stream=True)
+                resp, raw = self._get_small(ref, path, MAX_MANIFEST_BYTES, "referrers", capability="pull",
+                                            headers={"Accept": MT_OCI_INDEX})
                 ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
-                raw = _read_limited(resp, MAX_MANIFEST_BYTES, "referrers")
                 if ctype == MT_OCI_INDEX or ctype == "application/json":
                     descs = Manifest.from_bytes(raw, MT_OCI_INDEX).manifests
                     if artifact_type and "artifactType" not in resp.headers.get("OCI-Filters-Applied", ""):
@@ -761,6 +824,20 @@ def _ref(ref: Reference | str) -> Reference:
 
 def _path(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header (delta-seconds or an HTTP date) asks for; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return None if when is None else max(0.0, when.timestamp() - time.time())
 
 
 def _read_limited(resp: requests.Response, limit: int, what: str) -> bytes:

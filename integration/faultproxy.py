@@ -7,7 +7,15 @@ through its body, a slow answer (``delay`` seconds before forwarding), or a corr
 authenticating registry: ``auth="bearer"`` answers 401 with a ``WWW-Authenticate: Bearer`` challenge and serves
 ``/token`` (checking basic credentials when ``username`` is set); ``auth="basic"`` wants basic credentials.
 
-Used by the registry client's and the converter's tests; ``hits`` records what happened to each request.
+Faults fire on the next ``times`` matching requests, or, with ``rate``, on that fraction of them (transient
+registry errors under load: ``add("status", status=503, rate=0.2, ranged=True)``), decided by a random
+generator seeded with the proxy's ``seed`` so that a run is repeatable: each request that some rate fault
+matches takes one draw, and the rate faults split that draw in the order they were added (so 20 % 503 and
+5 % cut are 20 % and 5 % of the requests, never both on one).  ``ranged=True`` matches only requests with a
+``Range`` header (lazy blob reads, not whole-blob or manifest GETs), ``range`` those whose ``Range`` a regex finds.
+
+Used by the registry client's, the converter's and the lazy fetcher's tests and the transient-error benchmark;
+``hits`` records what happened to each request.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import random
 import re
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,8 +44,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 class Fault:
     """Inject ``action`` into the next ``times`` requests matching ``method`` and the ``path`` regex.
 
-    Actions: ``status`` (answer ``status``), ``drop`` (reset the connection), ``cut`` (send half the upstream
-    body then reset), ``delay`` (wait ``delay`` s, then forward), ``corrupt`` (flip a byte of the body).
+    Actions: ``status`` (answer ``status``, with ``Retry-After: retry_after`` when set), ``drop`` (reset the
+    connection), ``cut`` (send half the upstream body then reset), ``delay`` (wait ``delay`` s, then forward),
+    ``corrupt`` (flip a byte of the body).  ``rate``: fire on that fraction of the matching requests (seeded,
+    see the module doc) instead of the next ``times``; ``ranged``: match only requests with a ``Range`` header.
     """
 
     action: str
@@ -45,11 +57,20 @@ class Fault:
     status: int = 503
     code: str = "UNAVAILABLE"  # the registry error code a ``status`` answer carries
     delay: float = 0.0
+    retry_after: str | None = None  # the Retry-After header of a ``status`` answer (seconds or an HTTP date)
+    rate: float | None = None  # fire on this fraction of matching requests (``times`` is then ignored)
+    ranged: bool = False  # only requests carrying a Range header
+    range: str | None = None  # only requests whose Range header this regex finds (e.g. "^bytes=0-")
     hits: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.hits < self.times and re.fullmatch(self.method, method) is not None
-                and re.search(self.path, path) is not None)
+    def matches(self, method: str, path: str, range_header: str | None = None) -> bool:
+        if self.rate is None and self.hits >= self.times:
+            return False
+        if (self.ranged or self.range is not None) and range_header is None:
+            return False
+        if self.range is not None and re.search(self.range, range_header or "") is None:
+            return False
+        return re.fullmatch(self.method, method) is not None and re.search(self.path, path) is not None
 
 
 @dataclass
@@ -59,12 +80,15 @@ class FaultProxy:
     username: str = ""
     password: str = ""
     faults: list[Fault] = field(default_factory=list)
+    seed: int = 0  # of the draws that decide which requests a ``rate`` fault hits
     hits: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what happened)
+    stamps: list[float] = field(default_factory=list)  # time.monotonic() of each of ``hits``
     tokens_issued: int = 0
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _tokens: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _rng: random.Random | None = None
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> FaultProxy:
@@ -73,7 +97,7 @@ class FaultProxy:
         class Handler(_Handler):
             owner = proxy
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
         self._thread.start()
@@ -109,18 +133,38 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
             self.hits.clear()
+            self.stamps.clear()
+            self._rng = None
 
-    def _take(self, method: str, path: str) -> Fault | None:
+    def _take(self, method: str, path: str, range_header: str | None = None) -> Fault | None:
         with self._lock:
-            for f in self.faults:
-                if f.matches(method, path):
+            counted = [f for f in self.faults if f.rate is None and f.matches(method, path, range_header)]
+            if counted:
+                counted[0].hits += 1
+                return counted[0]
+            rated = [f for f in self.faults if f.rate is not None and f.matches(method, path, range_header)]
+            if not rated:
+                return None
+            if self._rng is None:
+                self._rng = random.Random(self.seed)
+            draw = self._rng.random()
+            for f in rated:
+                draw -= f.rate or 0.0
+                if draw < 0:
                     f.hits += 1
                     return f
         return None
 
+    def count(self, what: str) -> int:
+        """How many requests were answered with ``what`` (a prefix of ``hits``' third field: "status 503",
+        "cut", "drop", "206", ...)."""
+        with self._lock:
+            return sum(1 for h in self.hits if h[2].startswith(what))
+
     def _record(self, method: str, path: str, what: str) -> None:
         with self._lock:
             self.hits.append((method, path, what))
+            self.stamps.append(time.monotonic())
 
     def _new_token(self) -> str:
         tok = secrets.token_urlsafe(24)
@@ -143,9 +187,21 @@ class FaultProxy:
         return user == self.username and pw == self.password
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client closing its connection while we read or write is no error of ours (clients drop a
+        keep-alive connection whose response they abandon, or one we cut); anything else is printed."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: FaultProxy
     protocol_version = "HTTP/1.1"
+    # headers and body go out in separate writes: with Nagle's algorithm, a small body waits for the client's
+    # delayed ACK (40 ms) — a cost of this proxy, not of the registry it stands for (which answers in one)
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -180,11 +236,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._token()
         if p.auth and not self._authorized():
             return
-        fault = p._take(self.command, path)
+        fault = p._take(self.command, path, self.headers.get("Range"))
         if fault and fault.action == "status":
             p._record(self.command, path, f"status {fault.status}")
             err = {"errors": [{"code": fault.code, "message": "injected fault", "detail": None}]}
-            return self._send(fault.status, json.dumps(err).encode(), {"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if fault.retry_after is not None:
+                headers["Retry-After"] = fault.retry_after
+            return self._send(fault.status, json.dumps(err).encode(), headers)
         if fault and fault.action == "drop":
             p._record(self.command, path, "drop")
             return self._reset()

@@ -23,25 +23,43 @@ any HTTP server.  The rules, and why:
   waiting or running, and through a token bucket that caps its bandwidth.
 * **Bounded time.**  A demand read has a deadline (``read_timeout``); connect and socket-read timeouts are
   clipped to it and the body is read against it, so a registry that hangs costs the reader EIO after the
-  deadline, not a hung process.  A chunk that just failed fails again at once for ``failure_memo``
-  seconds: the kernel retries a failed read-ahead page with a synchronous read, which would otherwise
-  wait out a second deadline.
-* **One outage, one deadline.**  A demand read that ran out of time or could not reach any endpoint
-  (as opposed to receiving bytes that failed verification) marks the blob's endpoints *down* for
-  ``failure_memo`` seconds, in the :class:`HttpClient` all blobs share: during that window every demand
-  read of a missing chunk, of any blob served by those endpoints, fails at once.  One ``read(2)`` of a
-  file makes the kernel issue several read-ahead requests for different chunks, one after the other
-  through the loop device; without this each would wait out its own deadline and the reader would see
-  EIO only after several times ``read_timeout``.  A corrupt chunk does not mark anything down: it is
-  EIO for the file that needs it, and nothing else.
+  deadline, not a hung process.  A chunk whose demand read just failed fails again at once for
+  ``failure_memo`` seconds: the kernel retries a failed read-ahead page with a synchronous read, which would
+  otherwise wait out a second deadline.
+* **Transient errors are retried, within the deadline.**  Registries under a fleet's load answer 429 and
+  5xx, reset connections and cut bodies off; a start-up makes hundreds of range requests, so with 20 % of
+  them failing a fixed handful of attempts still loses some read, and one lost read is an import that dies.
+  So a demand read retries a transient error (5xx but 501/505, 408, 429, a reset or refused connection, a
+  timeout, a body cut short) with jittered exponential backoff for as long as its deadline allows, a
+  prefetch or background fetch for ``retry_window`` seconds after its first failure; each retry goes to the
+  next endpoint where there are several (mirrors from ``hosts.toml``, then the registry).  ``Retry-After``
+  (seconds or a date) holds back requests to *that* endpoint until then; a read whose deadline comes first
+  fails at once rather than waiting for nothing.  Not transient: any other 4xx (a 404 moves on to the next
+  endpoint, then fails; it is never retried), a malformed answer, and a chunk that failed verification —
+  that one is retried at most ``retries`` times, then EIO for the read that needs it, never wrong bytes.
+* **Down means down, not one failure.**  Every request's outcome is reported to the :class:`HttpClient`
+  all blobs share, and any bytes arriving from the endpoints clear their record.  They are marked *down*
+  for ``failure_memo`` seconds when, with no bytes arriving from them meanwhile, either
+  ``down_after_failures`` distinct reads (of any blob and kind) had requests fail over at least
+  ``down_after_seconds``, or a demand read spent its whole deadline failing.  While they are down, every
+  demand read of a missing chunk, of any blob served by those endpoints, fails at once, and every retry
+  loop gives up: one ``read(2)`` of a file makes the kernel issue several read-ahead requests for
+  different chunks, one after the other through the loop device; without this each would wait out its own
+  deadline and the reader would see EIO only after several times ``read_timeout``.  Distinct reads, not
+  requests: one read retrying through a run of bad luck is no outage (at 25 % errors, five failures in a
+  row come once in a thousand requests, and a start-up makes more; marking the registry down on that, or
+  on one read giving up, cost a start-up every read for a second).  A corrupt chunk does not count: the
+  registry answered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
 import hashlib
 import logging
+import random
 import re
 import threading
 import time
@@ -67,22 +85,93 @@ KINDS = (DEMAND, PREFETCH, BACKGROUND)
 
 
 class FetchError(OSError):
-    """A chunk could not be fetched and verified in time.  Always EIO: that is what the reader sees."""
+    """A chunk could not be fetched and verified in time.  Always EIO: that is what the reader sees.
 
-    def __init__(self, message: str) -> None:
+    ``reason`` names the failure for metrics (``http_503``, ``reset``, ``timeout``, ``cut``, ``corrupt``, …);
+    ``transient``: worth retrying (see the module doc); ``retry_after``: seconds the endpoint asked us to
+    wait (``Retry-After``)."""
+
+    def __init__(self, message: str, reason: str = "other", *, transient: bool = True,
+                 retry_after: float | None = None) -> None:
         super().__init__(errno.EIO, message)
+        self.reason = reason
+        self.transient = transient
+        self.retry_after = retry_after
 
 
 class Cancelled(FetchError):
     """The fetch was abandoned because its layer is going away (background fill, prefetch)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "cancelled", transient=False)
+
 
 class CorruptChunk(FetchError):
     """Bytes arrived but failed sha256 verification (the registry is reachable; the data is wrong)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "corrupt")
+
+
+def transient_status(status: int) -> bool:
+    """A status worth asking again for: overload and gateway errors, not a request that is wrong."""
+    return status in (408, 429) or (status >= 500 and status not in (501, 505))
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from now that a ``Retry-After`` header (delta-seconds or an HTTP date) asks for, capped at an
+    hour; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(3600.0, float(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return min(3600.0, max(0.0, when.timestamp() - (time.time() if now is None else now)))
+
+
+def status_error(url: str, what: str, resp: requests.Response) -> FetchError:
+    """The :class:`FetchError` for an unexpected HTTP status."""
+    code = resp.status_code
+    after = retry_after(resp.headers.get("Retry-After")) if code in (429, 503) else None
+    return FetchError(f"GET {url} {what}: HTTP {code}" + (f" (Retry-After {after:.0f}s)" if after else ""),
+                      f"http_{code}", transient=transient_status(code), retry_after=after)
+
+
+def transport_error(url: str, what: str, e: requests.RequestException) -> FetchError:
+    """The :class:`FetchError` for an exception of ``requests`` (connecting, sending or reading a body)."""
+    text = str(e)
+    if isinstance(e, requests.Timeout) or "timed out" in text.lower():
+        reason = "timeout"
+    elif isinstance(e, requests.exceptions.ChunkedEncodingError):
+        reason = "cut"  # the connection ended inside the body
+    elif isinstance(e, requests.ConnectionError):
+        reason = "reset"
+    else:  # an invalid URL, too many redirects, …: asking again gives the same answer
+        return FetchError(f"GET {url} {what}: {type(e).__name__}: {text}", "other", transient=False)
+    return FetchError(f"GET {url} {what}: {type(e).__name__}: {text}", reason)
+
 
 class _Memo(FetchError):
-    """A demand read refused at once: the registry is marked down, or the chunk failed a moment ago."""
+    """A read refused at once: the registry is marked down, or the chunk failed a moment ago."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "down", transient=False)
+
+
+@dataclass
+class _RetryState:
+    """The retry budget of one :meth:`Fetcher.ensure` call."""
+
+    until: float | None  # no retry may start after this (demand: the read's deadline)
+    began: float = field(default_factory=time.monotonic)
+    attempt: int = 0  # retries so far
+    corrupt: int = 0  # attempts that ended in a chunk failing verification
 
 
 @dataclass
@@ -90,11 +179,14 @@ class FetchConfig:
     max_range_bytes: int = 8 << 20  # coalescing cap of one range request
     connect_timeout: float = 5.0
     io_timeout: float = 10.0  # longest silence of the server inside one request
-    read_timeout: float = 30.0  # whole budget of a demand read, retries included
-    retries: int = 3  # extra attempts after the first
-    backoff: float = 0.2  # first retry delay; doubles, capped by backoff_max
+    read_timeout: float = 30.0  # whole budget of a demand read, retries of transient errors included
+    retry_window: float = 30.0  # prefetch / background: retry transient errors this long after the first
+    retries: int = 3  # extra attempts after a chunk failed verification (transient errors: see above)
+    backoff: float = 0.005  # first retry delay (jittered: 50-100 %); doubles, capped by backoff_max
     backoff_max: float = 2.0
-    failure_memo: float = 1.0  # a chunk that failed fails fast for this long (demand reads)
+    failure_memo: float = 1.0  # a chunk whose demand read failed, and endpoints marked down, fail fast this long
+    down_after_failures: int = 3  # distinct reads with failed requests that mark the endpoints down ...
+    down_after_seconds: float = 2.0  # ... when nothing arrived for this long since the first failure
     tls_verify: bool | str = True  # False, True, or a CA bundle path
 
 
@@ -107,6 +199,10 @@ class MetricsSink(Protocol):
 
     def failed(self, kind: str) -> None: ...
 
+    def retried(self, kind: str, reason: str) -> None: ...
+
+    def marked_down(self) -> None: ...
+
 
 @dataclass
 class FetchStats:
@@ -115,13 +211,15 @@ class FetchStats:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     retries: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)  # retries by the reason of the failure before
     corrupt: int = 0  # chunks that failed verification (each failed attempt counts)
     failures: int = 0  # ensure() calls that ended in FetchError
     dedup_waits: int = 0  # times a caller waited on a fetch another caller had in flight
 
     def as_dict(self) -> dict[str, object]:
         return {"bytes": dict(self.bytes), "requests": dict(self.requests), "retries": self.retries,
-                "corrupt": self.corrupt, "failures": self.failures, "dedup_waits": self.dedup_waits}
+                "retry_reasons": dict(self.retry_reasons), "corrupt": self.corrupt, "failures": self.failures,
+                "dedup_waits": self.dedup_waits}
 
 
 # ----------------------------------------------------------------------------------------- scheduling
@@ -246,7 +344,7 @@ class Scheduler:
                     if deadline is not None:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise FetchError("timed out waiting for a request slot")
+                            raise FetchError("timed out waiting for a request slot", "timeout")
                         timeout = min(timeout or left, left)
                     self._cond.wait(timeout)
                 self._active[kind] += 1
@@ -272,41 +370,118 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
+@dataclass
+class _Health:
+    """Outcome of the recent requests to one endpoint set (see the module doc, "Down means down")."""
+
+    failures: int = 0  # failed requests since the last success
+    readers: set[int] = field(default_factory=set)  # the reads (ensure calls) that made them
+    since: float = 0.0  # when the first of them was seen
+    until: float = 0.0  # marked down until then (0: not marked)
+    marked: float = 0.0  # when it was marked down
+    why: str = ""
+
+
 class HttpClient:
-    """One ``requests.Session`` per thread (sessions are not documented thread-safe) plus the auth hook."""
+    """One ``requests.Session`` per thread (sessions are not documented thread-safe) plus the auth hook, and
+    what all blobs share about their endpoints: which are down, which asked us to come back later."""
 
     def __init__(self, auth: AuthHook = no_auth, tls_verify: bool | str = True, pool: int = 4) -> None:
         self.auth = auth
         self.tls_verify = tls_verify
         self._pool = pool
         self._local = threading.local()
-        self._down: dict[tuple[str, ...], tuple[float, float, str]] = {}  # endpoints → (since, until, why)
+        self._health: dict[tuple[str, ...], _Health] = {}  # endpoint set → recent outcomes
+        self._last_ok: dict[tuple[str, ...], float] = {}  # endpoint set → when bytes last arrived
+        self._not_before: dict[str, float] = {}  # endpoint → time.monotonic() its Retry-After ends
         self._down_lock = threading.Lock()
 
     # -- outages (see the module doc: one outage costs a reader one deadline, not one per chunk) ----------
-    def mark_down(self, endpoints: Sequence[str], seconds: float, why: str) -> None:
-        if seconds <= 0:
-            return
+    def request_failed(self, endpoints: Sequence[str], reader: int, why: str, *, after: int, span: float,
+                       seconds: float) -> bool:
+        """A request to ``endpoints`` made by read ``reader`` failed transiently.  Marks them down for
+        ``seconds`` once ``after`` distinct reads have had requests fail, the first failure seen ``span``
+        seconds ago or more, with no bytes arriving since; True if this call marked them down.
+
+        Distinct reads, not requests: one read retrying through a run of bad luck (at 25 % errors five in a
+        row come every thousand requests, and a start-up makes more) is not an outage — while it retries,
+        others' reads succeed, or there are none.  Seen, not begun: a request slow to fail (a big range
+        through a loaded mirror) must not make a window of its own."""
         now = time.monotonic()
         with self._down_lock:
-            self._down[tuple(endpoints)] = (now, now + seconds, why)
+            h = self._health.setdefault(tuple(endpoints), _Health())
+            if h.failures == 0:
+                h.since = now
+            h.failures += 1
+            h.readers.add(reader)
+            h.why = why
+            return self._mark(h, now, len(h.readers) >= max(1, after) and now - h.since >= span, seconds)
+
+    def read_gave_up(self, endpoints: Sequence[str], began: float, why: str, *, seconds: float) -> bool:
+        """A demand read that began at ``began`` ran out of time (its deadline) on
+        transient failures of ``endpoints``: marks them down for ``seconds`` if no bytes arrived from them
+        since it began; True if this call marked them down.  (The kernel issues a file's read-ahead requests
+        one after the other: without this each would wait out its own deadline before the distinct reads
+        added up.  A whole deadline of failures with nothing arriving is no run of bad luck: at 25 % errors
+        that takes a dozen failures in a row.)"""
+        key = tuple(endpoints)
+        if self._last_ok.get(key, -1.0) >= began:
+            return False
+        now = time.monotonic()
+        with self._down_lock:
+            h = self._health.get(key)
+            if h is None or h.failures == 0:
+                return False
+            h.why = why
+            return self._mark(h, now, True, seconds)
+
+    @staticmethod
+    def _mark(h: _Health, now: float, due: bool, seconds: float) -> bool:
+        if due and seconds > 0 and now >= h.until:
+            h.until, h.marked = now + seconds, now
+            return True
+        return False
+
+    def request_succeeded(self, endpoints: Sequence[str]) -> None:
+        """Bytes arrived from ``endpoints`` (a verified chunk, even of a request cut off later): whatever
+        outage there was is over.  Called for every chunk, so the common case takes no lock."""
+        key = tuple(endpoints)
+        self._last_ok[key] = time.monotonic()  # (a plain store: this runs for every chunk)
+        if key not in self._health:
+            return
+        with self._down_lock:
+            self._health.pop(key, None)
 
     def mark_up(self, endpoints: Sequence[str]) -> None:
-        with self._down_lock:
-            self._down.pop(tuple(endpoints), None)
+        self.request_succeeded(endpoints)
 
     def down(self, endpoints: Sequence[str]) -> str | None:
         """Why ``endpoints`` count as unreachable right now, or None."""
         now = time.monotonic()
         with self._down_lock:
-            entry = self._down.get(tuple(endpoints))
-            if entry is None:
+            h = self._health.get(tuple(endpoints))
+            if h is None or now >= h.until:
                 return None
-            since, until, why = entry
-            if now >= until:
-                del self._down[tuple(endpoints)]
-                return None
-        return f"{why} (registry unreachable {now - since:.1f}s ago; retrying after {until - now:.1f}s)"
+            n, first, marked, until, why = h.failures, h.since, h.marked, h.until, h.why
+        return (f"{why} (registry unreachable: {n} requests failed and none answered over {marked - first:.1f}s, "
+                f"marked down {now - marked:.1f}s ago; retrying after {until - now:.1f}s)")
+
+    def hold(self, endpoint: str, seconds: float) -> None:
+        """``endpoint`` answered ``Retry-After: seconds``: no request goes there before then."""
+        with self._down_lock:
+            self._not_before[endpoint] = max(self._not_before.get(endpoint, 0.0), time.monotonic() + seconds)
+
+    def held(self, endpoint: str) -> float:
+        """Seconds until ``endpoint`` may be asked again (0: now)."""
+        with self._down_lock:
+            until = self._not_before.get(endpoint)
+            if until is None:
+                return 0.0
+            left = until - time.monotonic()
+            if left <= 0:
+                del self._not_before[endpoint]
+                return 0.0
+            return left
 
     def session(self) -> requests.Session:
         s: requests.Session | None = getattr(self._local, "session", None)
@@ -322,6 +497,7 @@ class HttpClient:
 
 
 # ------------------------------------------------------------------------------------------- fetcher
+_current = threading.local()  # .reader: the _RetryState of the ensure() call this thread is serving
 class _Pending:
     """A chunk in flight: waiters block on ``done``; ``error`` says how it ended if it failed."""
 
@@ -390,23 +566,25 @@ class Fetcher:
     def _ensure(self, indices: Sequence[int], kind: str, deadline: float | None, cancel: threading.Event | None,
                 due: float | None, batches: Callable[[set[int]], list[list[list[int]]]]) -> None:
         """The attempt loop of :meth:`ensure` / :meth:`ensure_runs`: each attempt fetches ``batches(todo)``,
-        each batch (a list of runs) in one request slot."""
+        each batch (a list of runs) in one request slot; between attempts :meth:`_next_attempt` decides
+        whether and when to try again."""
         if deadline is None and kind == DEMAND:
             deadline = time.monotonic() + self.config.read_timeout
         todo = [i for i in indices if not self.cache.has(i)]
         if not todo:
             return
         last: FetchError | None = None
+        retry = _RetryState(deadline)
+        outer = getattr(_current, "reader", None)
+        _current.reader = retry  # the read the requests below belong to (outage tracking counts reads)
         try:
             if kind == DEMAND:
                 self._fail_fast(todo)
-            for attempt in range(self.config.retries + 1):
-                if attempt:
-                    self._backoff(attempt, deadline, cancel)
+            while True:
                 theirs: list[tuple[int, _Pending]] = []
                 for batch in batches(set(todo)):
                     if deadline is not None and time.monotonic() >= deadline:
-                        raise FetchError(f"timed out ({last.strerror if last else 'no answer'})")
+                        raise FetchError(f"timed out ({last.strerror if last else 'no answer'})", "timeout")
                     try:
                         theirs += self._fetch_runs(batch, kind, deadline, cancel, due)
                     except Cancelled:
@@ -416,16 +594,59 @@ class Fetcher:
                 for i, p in theirs:
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
                     if not p.done.wait(left):
-                        raise FetchError(f"timed out waiting for chunk {i} fetched by another reader")
+                        raise FetchError(f"timed out waiting for chunk {i} fetched by another reader", "timeout")
                     if p.error is not None and not self.cache.has(i):
                         last = p.error  # their attempt failed: ours is the next one
                 todo = [i for i in todo if not self.cache.has(i)]
                 if not todo:
                     return
-            raise last or FetchError("fetch failed")
+                self._next_attempt(last or FetchError("fetch failed"), kind, retry, cancel)
         except FetchError as e:
-            self._failed_for_good(todo, kind, e, last)
+            self._failed_for_good(todo, kind, e, last, retry.began)
             raise
+        finally:
+            _current.reader = outer
+
+    def _next_attempt(self, last: FetchError, kind: str, retry: _RetryState, cancel: threading.Event | None) -> None:
+        """After a failed attempt: return when the next one may go out, or raise — the error is not worth
+        retrying, a chunk failed verification ``retries`` times, the endpoints are marked down, or the wait
+        (backoff, or the endpoints' ``Retry-After``) would end past the deadline."""
+        if not last.transient:
+            raise last
+        if isinstance(last, CorruptChunk):
+            retry.corrupt += 1
+            if retry.corrupt > self.config.retries:
+                raise last
+        now = time.monotonic()
+        down = self.client.down(self.spec.endpoints())
+        if down is not None:
+            raise _Memo(down)
+        if retry.until is None:  # prefetch / background: a window from the first failure
+            retry.until = now + self.config.retry_window
+        retry.attempt += 1
+        delay = min(self.config.backoff * 2 ** (retry.attempt - 1), self.config.backoff_max)
+        delay *= 0.5 + random.random() / 2  # jitter: a fleet's nodes must not come back in step
+        held = min(self.client.held(ep) for ep in self.spec.endpoints())  # Retry-After of every endpoint
+        if held > delay:
+            delay = held
+        left = retry.until - now
+        if delay >= left:
+            asked = held > 0 and held >= left
+            why = f"Retry-After {held:.1f}s" if asked else "no time left to retry"
+            raise FetchError(f"{last.strerror} ({why}: {max(0.0, left):.1f}s left of the deadline)",
+                             last.reason if asked else "timeout")
+        with self._lock:
+            self.stats.retries += 1
+            self.stats.retry_reasons[last.reason] = self.stats.retry_reasons.get(last.reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.retried(kind, last.reason)
+        log.debug("%s: retrying in %.2fs (%s, attempt %d): %s", self.spec.digest[:19], delay, kind,
+                  retry.attempt + 1, last.strerror)
+        if cancel is not None:
+            if cancel.wait(delay):
+                raise Cancelled("cancelled")
+        elif delay > 0:
+            time.sleep(delay)  # back-off between attempts
 
     def busy(self) -> bool:
         with self._lock:
@@ -444,19 +665,14 @@ class Fetcher:
                 if failed is not None and now - failed[0] < self.config.failure_memo:
                     raise _Memo(f"{failed[1].strerror} (failed {now - failed[0]:.1f}s ago)")
 
-    def _backoff(self, attempt: int, deadline: float | None, cancel: threading.Event | None) -> None:
-        with self._lock:
-            self.stats.retries += 1
-        delay = min(self.config.backoff * 2 ** (attempt - 1), self.config.backoff_max)
-        if deadline is not None:
-            delay = min(delay, max(0.0, deadline - time.monotonic()))
-        if cancel is not None:
-            if cancel.wait(delay):
-                raise Cancelled("cancelled")
-        elif delay > 0:
-            time.sleep(delay)  # back-off between attempts
+    def _marked_down(self, after: str, e: FetchError) -> None:
+        log.warning("%s marked down for %.1fs (%s, and nothing arrived meanwhile): %s",
+                    urlparse(self.spec.registry).netloc, self.config.failure_memo, after, e.strerror)
+        if self.metrics is not None:
+            self.metrics.marked_down()
 
-    def _failed_for_good(self, todo: Sequence[int], kind: str, e: FetchError, last: FetchError | None) -> None:
+    def _failed_for_good(self, todo: Sequence[int], kind: str, e: FetchError, last: FetchError | None,
+                         began: float | None = None) -> None:
         """Book-keeping of an ensure() that raises: counters, the failure memo, the outage mark, a log line."""
         with self._lock:
             self.stats.failures += 1
@@ -465,15 +681,19 @@ class Fetcher:
         if isinstance(e, _Memo):
             return  # already failed a moment ago: counted, not logged again
         todo = [i for i in todo if not self.cache.has(i)]
-        if kind == DEMAND and todo and not isinstance(e, (Cancelled, CorruptChunk)) \
-                and not isinstance(last, CorruptChunk):
-            self.client.mark_down(self.spec.endpoints(), self.config.failure_memo, e.strerror or str(e))
         if isinstance(e, Cancelled) or not todo:
             return
-        now = time.monotonic()
-        with self._lock:
-            for i in todo:
-                self._failed[i] = (now, e)
+        cause = last if last is not None else e
+        if kind == DEMAND and e.reason == "timeout" and began is not None and cause.transient \
+                and not isinstance(cause, CorruptChunk) \
+                and self.client.read_gave_up(self.spec.endpoints(), began, cause.strerror or str(cause),
+                                             seconds=self.config.failure_memo):
+            self._marked_down(f"a {kind} read ran out of time", cause)
+        if kind == DEMAND:  # (a prefetch that gave up must not fail the container's own read of the chunk)
+            now = time.monotonic()
+            with self._lock:
+                for i in todo:
+                    self._failed[i] = (now, e)
         log.warning("%s: %d chunk(s) from #%d failed (%s): %s", self.spec.digest[:19], len(todo), todo[0], kind,
                     e.strerror)
 
@@ -548,7 +768,7 @@ class Fetcher:
 
     def _account(self, kind: str, nbytes: int, elapsed: float, bad: list[int]) -> None:
         """One request's bytes arrived: count them; chunks that failed verification make it a failure."""
-        self.client.mark_up(self.spec.endpoints())  # bytes arrived: whatever outage there was is over
+        self.client.request_succeeded(self.spec.endpoints())  # bytes arrived: whatever outage there was is over
         with self._lock:
             self.stats.bytes[kind] += nbytes
             self.stats.requests[kind] += 1
@@ -599,7 +819,8 @@ class Fetcher:
                         return None
                     if resp.status_code == 401:
                         return None
-                    raise FetchError(f"GET {url} ({len(spans)} ranges): HTTP {resp.status_code}")
+                    _drain(resp)
+                    raise status_error(url, f"({len(spans)} ranges)", resp)
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
                 return _read_parts(_Body(resp, url, deadline), boundary.group(1).encode(), url, wanted)
             finally:
@@ -625,6 +846,9 @@ class Fetcher:
                 self.metrics.corrupt(self.spec, i)
             return
         self.cache.put(i, piece)
+        # Progress, not only a whole answer, proves the endpoints alive: with 8 MiB requests in flight a
+        # few short failures would otherwise count "in a row" while the big answers are still arriving.
+        self.client.request_succeeded(self.spec.endpoints())
         with self._lock:
             self._failed.pop(i, None)
             p = self._inflight.get(i)
@@ -638,14 +862,38 @@ class Fetcher:
         return self._on_endpoint(lambda base: self._get_from(base, start, end, deadline, arrived))
 
     def _on_endpoint(self, fn: Callable[[str], _T]) -> _T:
-        """``fn(base URL)`` on the endpoint that last worked; a failure moves on to the next one."""
+        """``fn(base URL)`` on the endpoint that last worked (skipping one that asked us, with Retry-After, to
+        come back later while another has not).  A transient failure is reported to the client's outage
+        tracking and raised (the retry, after the backoff, goes to the next endpoint); any other failure — a
+        mirror without the blob answers 404 — moves on to the next endpoint at once, and is raised once
+        every endpoint answered so."""
         endpoints = self.spec.endpoints()
-        idx = self._endpoint % len(endpoints)
-        try:
-            return fn(endpoints[idx])
-        except FetchError:
-            self._endpoint = idx + 1  # mirrors first, the registry last, round and round
-            raise
+        n = len(endpoints)
+        first = self._endpoint % n
+        ready = [k for k in range(n) if not self.client.held(endpoints[(first + k) % n])]
+        order = [(first + k) % n for k in (ready + [k for k in range(n) if k not in ready])]
+        err: FetchError | None = None
+        for idx in order:
+            try:
+                out = fn(endpoints[idx])
+                self._endpoint = idx
+                return out
+            except FetchError as e:
+                self._endpoint = idx + 1  # mirrors first, the registry last, round and round
+                if e.retry_after is not None:
+                    self.client.hold(endpoints[idx], e.retry_after)
+                if not e.transient:
+                    err = e
+                    continue
+                cfg = self.config
+                reader = getattr(_current, "reader", None)
+                if self.client.request_failed(endpoints, id(reader) if reader is not None else 0,
+                                              e.strerror or str(e), after=cfg.down_after_failures,
+                                              span=cfg.down_after_seconds, seconds=cfg.failure_memo):
+                    self._marked_down(f"{cfg.down_after_failures} reads failed", e)
+                raise
+        assert err is not None
+        raise err
 
     def _request(self, base: str, ranges: str, deadline: float | None,
                  refresh: bool = False) -> tuple[str, requests.Response]:
@@ -655,7 +903,7 @@ class Fetcher:
         url = self.spec.blob_url(base)
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            raise FetchError("timed out")
+            raise FetchError("timed out", "timeout")
         budget = left if left is not None else max(cfg.connect_timeout, cfg.io_timeout)
         timeout = (min(cfg.connect_timeout, budget), min(cfg.io_timeout, budget))
         headers = {**self.spec.headers, **self.client.auth(self.spec, base, refresh=refresh),
@@ -663,7 +911,7 @@ class Fetcher:
         try:
             return url, self.client.session().get(url, headers=headers, stream=True, timeout=timeout)
         except requests.RequestException as e:
-            raise FetchError(f"GET {url} bytes {ranges}: {type(e).__name__}: {e}") from e
+            raise transport_error(url, f"bytes {ranges}", e) from e
 
     def _get_from(self, base: str, start: int, end: int, deadline: float | None,
                   arrived: Callable[[bytearray, int], None] | None = None) -> bytearray:
@@ -684,13 +932,15 @@ class Fetcher:
         if resp.status_code == 206:
             cr = resp.headers.get("Content-Range", "")
             if not cr.startswith(f"bytes {start}-"):
-                raise FetchError(f"GET {url}: Content-Range {cr!r} does not start at {start}")
+                raise FetchError(f"GET {url}: Content-Range {cr!r} does not start at {start}", "protocol",
+                                 transient=False)
             skip = 0
         elif resp.status_code == 200:
             skip = start  # the server ignored Range: correct but slow, so say so
             log.warning("GET %s: server ignored Range (200); skipping %d bytes", url, start)
         else:
-            raise FetchError(f"GET {url} bytes {start}-{end - 1}: HTTP {resp.status_code}")
+            _drain(resp)
+            raise status_error(url, f"bytes {start}-{end - 1}", resp)
         want = end - start
         buf = bytearray(want)
         got = 0
@@ -710,12 +960,22 @@ class Fetcher:
                 if got >= want:
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise FetchError(f"GET {url}: timed out after {got} of {want} bytes")
+                    raise FetchError(f"GET {url}: timed out after {got} of {want} bytes", "timeout")
         except requests.RequestException as e:
-            raise FetchError(f"GET {url}: {type(e).__name__} after {got} of {want} bytes: {e}") from e
+            raise transport_error(url, f"after {got} of {want} bytes", e) from e
         if got < want:
-            raise FetchError(f"GET {url}: short body, {got} of {want} bytes")
+            raise FetchError(f"GET {url}: short body, {got} of {want} bytes", "cut")
         return buf
+
+
+def _drain(resp: requests.Response, limit: int = 64 << 10) -> None:
+    """Read a small error body, so that the connection goes back to the pool instead of being closed (a
+    registry answering 503 to a fifth of the requests would otherwise cost a new connection for each)."""
+    try:
+        if int(resp.headers.get("Content-Length") or limit + 1) <= limit:
+            resp.content  # noqa: B018 - reading it is the point
+    except (ValueError, requests.RequestException):
+        pass
 
 
 class _Body:
@@ -735,15 +995,15 @@ class _Body:
         try:
             piece = next(self._it)
         except StopIteration:
-            raise FetchError(f"GET {self.url}: the multipart body ended early") from None
+            raise FetchError(f"GET {self.url}: the multipart body ended early", "cut") from None
         except requests.RequestException as e:
-            raise FetchError(f"GET {self.url}: {type(e).__name__}: {e}") from e
+            raise transport_error(self.url, "(multipart body)", e) from e
         if self._pos >= len(self._buf):
             self._buf, self._pos = piece, 0
         else:  # a line or part split across pieces: keep the rest, then the new piece
             self._buf, self._pos = self._buf[self._pos:] + piece, 0
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise FetchError(f"GET {self.url}: timed out")
+            raise FetchError(f"GET {self.url}: timed out", "timeout")
 
     def readline(self, limit: int = 8192) -> bytes:
         while True:
@@ -753,7 +1013,8 @@ class _Body:
                 self._pos = k + 1
                 return line
             if len(self._buf) - self._pos > limit:
-                raise FetchError(f"GET {self.url}: a multipart header line longer than {limit} bytes")
+                raise FetchError(f"GET {self.url}: a multipart header line longer than {limit} bytes", "protocol",
+                                 transient=False)
             self._more()
 
     def read_into(self, out: bytearray, arrived: Callable[[bytearray, int], None]) -> None:
@@ -783,7 +1044,8 @@ def _read_parts(body: _Body, boundary: bytes, url: str,
         if line == close:
             break
         if line != delimiter:
-            raise FetchError(f"GET {url}: unexpected line in the multipart body: {line[:80]!r}")
+            raise FetchError(f"GET {url}: unexpected line in the multipart body: {line[:80]!r}", "protocol",
+                             transient=False)
         crange = ""
         while header := body.readline().strip():
             name, _, value = header.decode("latin-1").partition(":")
@@ -792,10 +1054,11 @@ def _read_parts(body: _Body, boundary: bytes, url: str,
         m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", crange)
         part = wanted.pop(int(m.group(1)), None) if m else None
         if m is None or part is None or part[0] != int(m.group(2)) + 1:
-            raise FetchError(f"GET {url}: a multipart part we did not ask for (Content-Range {crange!r})")
+            raise FetchError(f"GET {url}: a multipart part we did not ask for (Content-Range {crange!r})",
+                             "protocol", transient=False)
         buf = bytearray(part[0] - int(m.group(1)))
         body.read_into(buf, part[1])
         total += len(buf)
     if wanted:
-        raise FetchError(f"GET {url}: the multipart body lacks {len(wanted)} of the ranges asked for")
+        raise FetchError(f"GET {url}: the multipart body lacks {len(wanted)} of the ranges asked for", "cut")
     return total

@@ -221,7 +221,12 @@ class RegistryAuthHook:
 
 
 class RegistrySpecs:
-    """:class:`SpecSource` reading BootSeer indexes from the image's registry (with a disk cache)."""
+    """:class:`SpecSource` reading BootSeer indexes from the image's registry (with a disk cache).
+
+    A lookup's requests (referrers, index manifest and blob) retry transient errors within one deadline,
+    ``lookup_timeout``: containerd's Prepare waits on it, and past it the layer is pulled the ordinary way."""
+
+    lookup_timeout = 30.0
 
     def __init__(self, client: RegistryClient, reader: IndexReader) -> None:
         self.client = client
@@ -236,13 +241,14 @@ class RegistrySpecs:
         from snapshotter.lazy.index_reader import IndexReader
 
         client = RegistryClient(hosts_dir=hosts_dir, credentials=docker_config or None, plain_http=plain_http,
-                                retries=2, read_timeout=30.0)
+                                retries=6, read_timeout=30.0)  # (the lookup's deadline bounds the retries)
         return cls(client, IndexReader(client, cache_dir=cache_dir))
 
     def __call__(self, image_ref: str, manifest_digest: str, layer_digest: str) -> BlobSpec | None:
         from bootseer.reference import Reference
 
-        blob = self.reader.lookup(image_ref, manifest_digest, layer_digest)
+        with self.client.deadline(self.lookup_timeout):
+            blob = self.reader.lookup(image_ref, manifest_digest, layer_digest)
         if blob is None:
             return None
         ref = Reference.parse(blob.source or image_ref)

@@ -33,6 +33,12 @@ class LazyMetrics:
                                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.fetch_failures = Counter("bootseer_lazy_fetch_failures", "Reads/fills that ended in EIO, by kind",
                                       ["kind"], registry=reg)
+        self.fetch_retries = Counter("bootseer_lazy_fetch_retries", "Range requests sent again after a transient "
+                                     "error or a corrupt chunk, by kind and by the reason of the failure before",
+                                     ["kind", "reason"], registry=reg)
+        self.registry_down = Counter("bootseer_lazy_registry_marked_down", "Times an endpoint set was marked down "
+                                     "(failed requests in a row over a window): reads fail fast for a moment",
+                                     registry=reg)
         self.cache_hits = Counter("bootseer_lazy_cache_hits", "FUSE reads answered from local chunks",
                                   registry=reg)
         self.corrupt_chunks = Counter("bootseer_lazy_corrupt_chunks", "Chunks that failed sha256 verification",
@@ -45,6 +51,8 @@ class LazyMetrics:
         for kind in KINDS:
             self.fetched_bytes.labels(kind)
             self.fetch_failures.labels(kind)
+            for reason in ("http_503", "http_429", "reset", "timeout", "cut"):  # the usual ones, at 0 from the start
+                self.fetch_retries.labels(kind, reason)
 
     # MetricsSink
     def fetched(self, kind: str, nbytes: int, seconds: float) -> None:
@@ -56,3 +64,9 @@ class LazyMetrics:
 
     def failed(self, kind: str) -> None:
         self.fetch_failures.labels(kind).inc()
+
+    def retried(self, kind: str, reason: str) -> None:
+        self.fetch_retries.labels(kind, reason).inc()
+
+    def marked_down(self) -> None:
+        self.registry_down.inc()
