@@ -6,6 +6,8 @@ Layout of a cache directory::
     data        sparse file, exactly ``size`` bytes: chunk i lives at i*chunk_size — so once complete it *is*
                 the blob, and the loop device can be switched to it as is
     bitmap      one bit per chunk, set = "these bytes are verified and durable"
+    verified    present once the whole data file was hashed and matched the blob digest (holds the spec
+                identity it was verified for): only then is the layer complete (mounted on, swapped to the file)
 
 Crash safety rests on one ordering rule: a bit reaches the bitmap file only after the chunk's bytes were
 ``fdatasync``\\ ed.  :meth:`ChunkCache.put` writes the verified bytes and marks the chunk *present* in memory
@@ -16,6 +18,13 @@ second; it never leaves a bit set over bytes that are not on disk.  Bits only ev
 bitmap is rewritten in place: a torn write leaves each sector old or new, and both are true statements.
 ``verify=True`` on open re-hashes every chunk marked present (a disk that lies about durability, or a
 cache copied around by hand) and clears the bits that do not match.
+
+**The whole blob, not just its chunks.**  Chunks are verified against the index's chunk table as they
+arrive; that the chunk table describes the blob the digest names is checked only by hashing the whole
+file: :meth:`ChunkCache.verify_blob`, called once the cache is complete, in the layer's fill thread (never on
+a Prepare's path).  It writes ``verified`` when the hash matches; when it does not, the cache is discarded
+(every bit cleared: the chunks are fetched and verified again).  :attr:`ChunkCache.verified` is what the
+layer checks before it mounts on, or swaps to, the local file.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ log = logging.getLogger("bootseer.lazy.cache")
 META = "meta.json"
 DATA = "data"
 BITMAP = "bitmap"
+VERIFIED = "verified"
+_HASH_READ = 4 << 20  # bytes per read while hashing the whole blob
 
 
 class ChunkCache:
@@ -50,6 +61,7 @@ class ChunkCache:
         self._count = 0
         self._dirty = False
         self._closed = False
+        self._epoch = 0  # bumped by discard(): a flush that began before it must not write old bits back
         self.dir.mkdir(parents=True, exist_ok=True)
         self._open(verify)
 
@@ -64,7 +76,7 @@ class ChunkCache:
         if have != want:
             if have is not None:
                 log.warning("cache %s belongs to another spec; starting it afresh", self.dir)
-            for name in (DATA, BITMAP, META):
+            for name in (DATA, BITMAP, VERIFIED, META):
                 with contextlib.suppress(FileNotFoundError):
                     (self.dir / name).unlink()
             atomic_write(meta, json.dumps(want).encode())
@@ -81,6 +93,10 @@ class ChunkCache:
             self._verify()
         self._durable[:] = self._present
         self._count = sum(bin(b).count("1") for b in self._present)
+        self._verified = False
+        with contextlib.suppress(OSError):
+            self._verified = (self.complete and not verify
+                              and (self.dir / VERIFIED).read_text().strip() == self.spec.identity())
 
     def _verify(self) -> None:
         bad = 0
@@ -121,6 +137,54 @@ class ChunkCache:
     @property
     def complete(self) -> bool:
         return self._count == self.spec.n_chunks
+
+    @property
+    def verified(self) -> bool:
+        """Complete, and the whole file hashed to the blob digest (:meth:`verify_blob`)."""
+        return self._verified and self.complete
+
+    def verify_blob(self, cancel: threading.Event | None = None) -> bool | None:
+        """Hash the whole (complete) data file against the blob digest.  True: it matches, and that is
+        recorded; False: it does not — the cache is discarded (:meth:`discard`); None: not complete, or
+        ``cancel`` was set meanwhile.  Reads the file in large pieces; meant for a background thread."""
+        if self._verified:
+            return True
+        if not self.complete:
+            return None
+        h = hashlib.sha256()
+        off = 0
+        while off < self.spec.size:
+            if cancel is not None and cancel.is_set():
+                return None
+            data = os.pread(self._data_fd, min(_HASH_READ, self.spec.size - off), off)
+            if not data:
+                raise OSError(f"{self.data_path}: short file at {off}")
+            h.update(data)
+            off += len(data)
+        if "sha256:" + h.hexdigest() != self.spec.digest:
+            log.error("cache %s: every chunk matched the chunk table, but the blob hashes to sha256:%s, not %s; "
+                      "discarding it", self.dir, h.hexdigest(), self.spec.digest)
+            self.discard()
+            return False
+        self.flush()  # the marker must not get ahead of the bitmap it vouches for
+        atomic_write(self.dir / VERIFIED, self.spec.identity().encode())
+        self._verified = True
+        return True
+
+    def discard(self) -> None:
+        """Forget every chunk (in memory and on disk): reads go to the network again and are re-verified.
+        The data file keeps its bytes until they are overwritten; nothing reads a chunk whose bit is clear."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / VERIFIED).unlink()
+        with self._lock:
+            self._verified = False
+            self._epoch += 1
+            self._present[:] = bytes(len(self._present))
+            self._durable[:] = self._present
+            self._count = 0
+            self._dirty = False
+            os.pwrite(self._bitmap_fd, bytes(self._present), 0)
+        os.fdatasync(self._bitmap_fd)
 
     def local_bytes(self) -> int:
         """Bytes of the blob held locally (counted by chunk, not by disk blocks)."""
@@ -164,10 +228,13 @@ class ChunkCache:
             if not self._dirty or self._closed:
                 return
             snapshot = bytes(self._present)
+            epoch = self._epoch
             self._dirty = False
         try:
             os.fdatasync(self._data_fd)
             with self._lock:
+                if epoch != self._epoch:
+                    return  # discarded meanwhile
                 # Never clear a bit another flush already made durable; only add ours.
                 merged = bytes(a | b for a, b in zip(snapshot, self._durable, strict=True))
                 if merged == bytes(self._durable):

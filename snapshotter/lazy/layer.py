@@ -7,9 +7,12 @@ Lifecycle (every step runs in a manager or worker thread, never on the FUSE thre
                 (from here the mount is the loop device's only user: unmounting it frees the device)
     fill        a thread fetches the chunks nobody asked for yet, as "background" (bandwidth-capped,
                 admitted only while no demand read waits), in coalesced runs
-    swap()      once every chunk is local and durable: LOOP_CHANGE_FD from the FUSE file to the cache's
-                data file (read-only) — the kernel now reads local disk, FUSE serves nothing more for the
-                blob, and the daemon may die without breaking the mount; the FUSE name is removed
+    verify      once every chunk is local, the fill thread hashes the whole file against the blob digest; a
+                mismatch discards the cache (the layer stays on FUSE, chunks are fetched and verified again)
+    swap()      once every chunk is local, durable and the whole blob verified: LOOP_CHANGE_FD from the
+                FUSE file to the cache's data file (read-only) — the kernel now reads local disk, FUSE serves
+                nothing more for the blob, and the daemon may die without breaking the mount; the FUSE name
+                is removed
     reattach()  after a daemon restart, for a layer that was not swapped yet: register the file in the new
                 FUSE mount and LOOP_CHANGE_FD the existing loop device from the dead FUSE file to it
     teardown()  stop fill and prefetch, unmount, make sure the loop device is gone, unregister, close or
@@ -43,6 +46,7 @@ from snapshotter.lazy.spec import BlobSpec, coalesce
 log = logging.getLogger("bootseer.lazy.layer")
 
 _STORE_BYTES = 1 << 20  # one page-cache push (FUSE notify_store) at most
+_VERIFY_ATTEMPTS = 2  # whole-blob hashes that may fail before fill gives up (the layer stays on FUSE)
 
 
 class LayerBusy(OSError):
@@ -109,6 +113,7 @@ class LazyLayer:
         self._fill_thread: threading.Thread | None = None
         self._prefetch_threads: list[threading.Thread] = []
         self._swapped_event = threading.Event()
+        self.blob_mismatches = 0  # whole-blob hashes that failed (each discarded the cache)
         self.io = {"reads": 0, "cached": 0, "bytes": 0, "errors": 0}  # reads that reached FUSE for this blob
         # (offset, length, all chunks local?) for every read reaching FUSE, on the FUSE loop: the hot-block
         # prefetcher counts how many of the container's reads its prefetch had made local.  Must be cheap.
@@ -121,7 +126,15 @@ class LazyLayer:
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        """The layer's FUSE file name (:attr:`BlobSpec.name`, or the legacy name its state kept)."""
+        return self.paths.fuse_file.name
+
+    def _loop_name(self) -> str:
+        """What the loop device's file name is set to (63 bytes at most): unique per layer key."""
+        if "+" not in self.name:
+            return self.name[:63]
+        blob, suffix = self.name.split("+", 1)
+        return f"{blob[7:47]}+{suffix}"
 
     def read_cached(self, offset: int, length: int) -> bytes | None:
         """Every FUSE read starts here (on the FUSE loop), so this is where they are counted."""
@@ -167,7 +180,7 @@ class LazyLayer:
             if self.mounted:
                 return
             self._cancel.clear()
-            if self.cache.complete and self.hooks.may_swap():
+            if self.cache.verified and self.hooks.may_swap():
                 self._setup_on(self.cache.open_readonly(), via_fuse=False)
             else:
                 self._register()
@@ -181,7 +194,7 @@ class LazyLayer:
         self.paths.mountpoint.mkdir(parents=True, exist_ok=True)
         block = 4096 if self.spec.size % 4096 == 0 else 512
         try:
-            dev = loop.attach(backing_fd, read_only=True, autoclear=True, block_size=block, name=self.name[:63])
+            dev = loop.attach(backing_fd, read_only=True, autoclear=True, block_size=block, name=self._loop_name())
         finally:
             os.close(backing_fd)
         with dev:  # keep the device open until the mount holds it, or autoclear would detach it
@@ -275,6 +288,23 @@ class LazyLayer:
                 pause = min(pause * 2, self.fill_config.retry_max)
         if not self._cancel.is_set() and self.cache.complete:
             try:
+                ok = self.cache.verify_blob(self._cancel)
+            except OSError as e:
+                self.last_error = str(e)
+                log.error("hashing %s failed: %s", self.spec.digest[:19], e)
+                return
+            if ok is False:
+                self.blob_mismatches += 1
+                self.last_error = "blob digest mismatch: cache discarded"
+                if self.blob_mismatches < _VERIFY_ATTEMPTS and not self._cancel.wait(0.5):
+                    self._fill()  # fetch (and verify) every chunk again, once
+                else:  # the chunk table does not describe this blob: never complete, stays on FUSE
+                    log.error("layer %s: the blob never matched its digest; it stays on FUSE",
+                              self.spec.digest[:19])
+                return
+            if ok is None:
+                return
+            try:
                 self.swap()
             except OSError as e:
                 self.last_error = str(e)
@@ -350,8 +380,8 @@ class LazyLayer:
         with self._life:
             if self.swapped:
                 return True
-            if self._cancel.is_set() or not self.mounted or self.loop_number is None or not self.cache.complete:
-                return False
+            if self._cancel.is_set() or not self.mounted or self.loop_number is None or not self.cache.verified:
+                return False  # (a complete, unverified cache: the fill thread hashes it first)
             if not self.hooks.may_swap():
                 return False  # housekeeping swaps it once the hold is lifted
             self.cache.flush()  # the bitmap must say "complete" before the kernel depends on the file
@@ -433,7 +463,7 @@ class LazyLayer:
     def _ensure_detached(self, number: int) -> None:
         """Autoclear detaches the device when the mount goes; make sure it did and it is not ours anymore."""
         st = loop.status(number)
-        if st is None or st.file_name != self.name[:63]:
+        if st is None or st.file_name != self._loop_name():
             return
         with contextlib.suppress(OSError):
             loop.detach(number)
@@ -452,6 +482,8 @@ class LazyLayer:
             "chunk_size": self.spec.chunk_size,
             "chunks": self.spec.n_chunks,
             "chunks_local": self.cache.present_chunks,
+            "verified": self.cache.verified,
+            "blob_mismatches": self.blob_mismatches,
             "bytes_local": self.cache.local_bytes(),
             "fetched": self.fetcher.stats.as_dict(),
             "fuse": dict(self.io),

@@ -24,21 +24,39 @@ log = logging.getLogger("bootseer.lazy")
 
 @dataclass
 class LayerState:
+    """``name``: the layer's directory and file name — :attr:`BlobSpec.name` (keyed by the verified identity)
+    for layers set up since keys exist; a state written before (no ``name`` in its file) keeps the name its
+    file has (``sha256-<hex>``), so its mount, loop device and cache carry on across the upgrade where they
+    are.  Either way the manager keys it by :attr:`BlobSpec.key`, computed from the persisted spec."""
+
     spec: BlobSpec
     owners: set[str] = field(default_factory=set)
     last_used: float = 0.0
     loop: int | None = None
     mounted: bool = False
     swapped: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.spec.name
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
 
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.spec.to_json(), "owners": sorted(self.owners), "last_used": self.last_used,
-                "loop": self.loop, "mounted": self.mounted, "swapped": self.swapped}
+                "loop": self.loop, "mounted": self.mounted, "swapped": self.swapped, "name": self.name}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> LayerState:
-        return cls(BlobSpec.from_json(doc["spec"]), set(doc.get("owners", ())), float(doc.get("last_used", 0)),
-                   doc.get("loop"), bool(doc.get("mounted")), bool(doc.get("swapped")))
+    def from_json(cls, doc: dict[str, Any], legacy_name: str = "") -> LayerState:
+        spec = BlobSpec.from_json(doc["spec"])
+        name = str(doc.get("name") or legacy_name or spec.name)
+        if name not in (spec.name, spec.digest.replace(":", "-")):  # a state file must not point elsewhere
+            raise ValueError(f"layer name {name!r} does not belong to blob {spec.digest}")
+        return cls(spec, set(doc.get("owners", ())), float(doc.get("last_used", 0)), doc.get("loop"),
+                   bool(doc.get("mounted")), bool(doc.get("swapped")), name)
 
 
 class LayerStateFiles:
@@ -55,7 +73,7 @@ class LayerStateFiles:
         """Every readable state, in file-name order; unreadable ones are logged and skipped."""
         for path in sorted(self.directory.glob("*.json")):
             try:
-                yield LayerState.from_json(json.loads(path.read_text()))
+                yield LayerState.from_json(json.loads(path.read_text()), legacy_name=path.name[: -len(".json")])
             except (OSError, ValueError, KeyError) as e:
                 log.error("ignoring unreadable layer state %s: %s", path, e)
 

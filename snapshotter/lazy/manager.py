@@ -7,10 +7,19 @@ still knows.  All methods block and may be called from any thread except the FUS
 
 On-disk layout under ``root``::
 
-    fuse/                 the FUSE mount: one file per blob still served lazily
-    cache/<name>/         chunk cache of a blob (see :mod:`snapshotter.lazy.cache`)
-    mnt/<name>/           erofs mount of a blob (the lowerdir handed to the snapshotter)
+    fuse/                 the FUSE mount: one file per layer still served lazily
+    cache/<name>/         chunk cache of a layer (see :mod:`snapshotter.lazy.cache`)
+    mnt/<name>/           erofs mount of a layer (the lowerdir handed to the snapshotter)
     layers/<name>.json    the layer's state: spec, owners, last use, loop device, swapped
+
+**Keyed by what was verified.**  A layer is keyed by :attr:`BlobSpec.key` — the blob digest *and* a digest
+of its chunk table and source (registry, repository) — and ``<name>`` is that key, file-system safe.  A spec
+from another registry, or with another chunk table, that claims the same blob digest gets a layer, a mount
+and a cache of its own: it never reads bytes verified against someone else's chunk table.  The methods that
+take a ``blob`` accept the key, or a plain blob digest (the first layer of that blob: the control API, and
+snapshot labels written before keys existed).  Before a layer is declared complete — mounted on its local
+file, swapped off FUSE — the whole blob is hashed against its digest (:meth:`ChunkCache.verify_blob`, in the
+fill thread, off the start-up path); a cache that fails is discarded and its chunks fetched again.
 
 **Restart.**  The layer states are the daemon's memory.  :meth:`start` mounts a fresh FUSE fs (lazily
 detaching the dead one), then looks at each layer it has a state for as the kernel has it: a mount whose
@@ -120,20 +129,23 @@ class LayerManager:
     def fuse_dir(self) -> Path:
         return self.root / "fuse"
 
-    def _paths(self, spec: BlobSpec) -> LayerPaths:
-        return LayerPaths(cache=self.root / "cache" / spec.name, mountpoint=self.root / "mnt" / spec.name,
-                          fuse_file=self.fuse_dir / spec.name)
+    def _paths(self, name: str) -> LayerPaths:
+        return LayerPaths(cache=self.root / "cache" / name, mountpoint=self.root / "mnt" / name,
+                          fuse_file=self.fuse_dir / name)
 
     # ------------------------------------------------------------------------------------ start / stop
     def start(self) -> dict[str, str]:
-        """Serve FUSE and bring back every layer with a persisted state; returns ``{digest: outcome}``."""
+        """Serve FUSE and bring back every layer with a persisted state; returns ``{key: outcome}``."""
         self.server = FuseServer(self.fs, self.fuse_dir)
         self.server.start()
         outcomes: dict[str, str] = {}
         for rec in self.state_files.load():
             with self._lock:
-                self._states[rec.spec.digest] = rec
-            outcomes[rec.spec.digest] = self._restore(rec)
+                if rec.key in self._states:  # a legacy state beside its keyed successor: one of them
+                    log.error("ignoring a second layer state of %s (%s)", rec.key, rec.name)
+                    continue
+                self._states[rec.key] = rec
+            outcomes[rec.key] = self._restore(rec)
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="lazy-housekeeping", daemon=True)
         self._housekeeper.start()
         if outcomes:
@@ -141,16 +153,16 @@ class LayerManager:
         return outcomes
 
     def _restore(self, rec: LayerState) -> str:
-        digest = rec.spec.digest
-        with self._digest_lock(digest):
-            layer = self._new_layer(rec.spec)
+        key = rec.key
+        with self._digest_lock(key):
+            layer = self._new_layer(rec.spec, rec.name)
             try:
                 outcome = layer.adopt()
                 if outcome == "absent" and rec.owners:
                     layer.setup()
                     outcome = "remounted"
             except Exception as e:
-                log.exception("could not restore lazy layer %s", digest)
+                log.exception("could not restore lazy layer %s", key)
                 with contextlib.suppress(Exception):
                     layer.close()
                 return f"failed: {e}"
@@ -159,7 +171,7 @@ class LayerManager:
                 self._save(layer, mounted=False)
                 return "cached"
             with self._lock:
-                self._layers[digest] = layer
+                self._layers[key] = layer
             if not rec.owners:  # mounted, but nobody uses it any more: finish what a crash interrupted
                 self._teardown(layer, force=False)
                 return f"{outcome}, released"
@@ -195,8 +207,9 @@ class LayerManager:
     # ------------------------------------------------------------------------------------ API
     def acquire(self, spec: BlobSpec, owner: str, *, replaces: str | None = None) -> Path:
         """Make the blob available as a mounted erofs tree and return its directory; ``owner`` (e.g. the
-        snapshot's namespace/key) now holds it.  Idempotent per (digest, owner).  Raises OSError (and leaves
-        nothing behind) if the layer cannot be set up — the caller then takes the ordinary pull path.
+        snapshot's namespace/key) now holds it.  Idempotent per (:attr:`BlobSpec.key`, owner).  Raises
+        OSError (and leaves nothing behind) if the layer cannot be set up — the caller then takes the
+        ordinary pull path.
 
         ``replaces``: an owner whose hold ``owner`` takes over (a layer set up ahead of its Prepare): dropped
         in the same step, so the layer is never unheld in between and its state is written once.  The
@@ -205,16 +218,18 @@ class LayerManager:
         Prepare's path)."""
         if self.server is None:
             raise RuntimeError("LayerManager.start() first")
-        with self._digest_lock(spec.digest):
+        key = spec.key
+        with self._digest_lock(key):
             with self._lock:
-                layer = self._layers.get(spec.digest)
+                layer = self._layers.get(key)
+                known = self._states.get(key)
             if layer is None:
-                layer = self._new_layer(spec)
+                layer = self._new_layer(spec, known.name if known is not None else spec.name)
                 with self._lock:
-                    self._layers[spec.digest] = layer
+                    self._layers[key] = layer
             fresh = not layer.mounted
             with self._lock:
-                rec = self._states.setdefault(spec.digest, LayerState(spec))
+                rec = self._states.setdefault(key, LayerState(spec))
                 had = owner in rec.owners
                 dropped = replaces if replaces is not None and replaces != owner and replaces in rec.owners else None
                 rec.owners.add(owner)
@@ -225,7 +240,7 @@ class LayerManager:
                 layer.setup()  # a fresh set-up writes the state (hooks.changed), owners included
             except Exception:
                 with self._lock:
-                    self._layers.pop(spec.digest, None)
+                    self._layers.pop(key, None)
                     if not had:
                         rec.owners.discard(owner)
                     if dropped is not None:
@@ -234,7 +249,7 @@ class LayerManager:
                 with contextlib.suppress(Exception):
                     layer.teardown(force=True)
                 if unheld:
-                    self._forget(spec.name, keep_cache=True, spec=spec)
+                    self._forget(rec, keep_cache=True)
                 raise
             if not fresh:
                 self._save(layer)
@@ -243,13 +258,15 @@ class LayerManager:
         return layer.paths.mountpoint
 
     def release(self, owner: str, digest: str | None = None, *, force: bool = False) -> list[str]:
-        """``owner`` no longer uses the layer (``digest``, or every layer it holds).  A layer nobody holds
-        is unmounted (its cache stays, evictable).  Returns the digests that were unmounted.  A mount still
-        in use stays until housekeeping finds it free, unless ``force`` (lazy detach)."""
+        """``owner`` no longer uses the layer (``digest``: its key or blob digest; or every layer it holds).
+        A layer nobody holds is unmounted (its cache stays, evictable).  Returns the blob digests of the
+        layers that were unmounted.  A mount still in use stays until housekeeping finds it free, unless
+        ``force`` (lazy detach)."""
         with self._lock:
-            digests = [d for d, r in self._states.items() if owner in r.owners and (digest is None or d == digest)]
+            keys = [k for k, r in self._states.items()
+                    if owner in r.owners and (digest is None or digest in (k, r.spec.digest))]
         gone: list[str] = []
-        for d in digests:
+        for d in keys:
             with self._digest_lock(d):
                 with self._lock:
                     rec = self._states.get(d)
@@ -264,7 +281,7 @@ class LayerManager:
                     continue
                 self._save(layer)
                 if unused and self._teardown(layer, force=force):
-                    gone.append(d)
+                    gone.append(rec.spec.digest)
         return gone
 
     def retain(self, owners: Iterable[str]) -> list[str]:
@@ -278,13 +295,16 @@ class LayerManager:
         return gone
 
     def mountpoint(self, digest: str) -> Path | None:
-        with self._lock:
-            layer = self._layers.get(digest)
-            return layer.paths.mountpoint if layer is not None and layer.mounted else None
+        layer = self.layer(digest)
+        return layer.paths.mountpoint if layer is not None and layer.mounted else None
 
     def layer(self, digest: str) -> LazyLayer | None:
+        """The live layer of a key — or of a plain blob digest, the first one of that blob."""
         with self._lock:
-            return self._layers.get(digest)
+            layer = self._layers.get(digest)
+            if layer is None and "+" not in digest:
+                layer = next((x for k, x in sorted(self._layers.items()) if x.spec.digest == digest), None)
+            return layer
 
     def prefetch(self, digest: str, ranges: Sequence[Sequence[int]], concurrency: int | None = None,
                  start: float | None = None) -> Prefetch:
@@ -331,18 +351,19 @@ class LayerManager:
             layers = dict(self._layers)
             records = {d: (sorted(r.owners), r.last_used) for d, r in self._states.items()}
             specs = {d: r.spec for d, r in self._states.items()}
+            names = {d: r.name for d, r in self._states.items()}
         out: list[dict[str, Any]] = []
-        for digest, (owners, last_used) in sorted(records.items()):
-            layer = layers.get(digest)
+        for key, (owners, last_used) in sorted(records.items()):
+            layer = layers.get(key)
+            spec = specs[key]
             if layer is not None:
                 doc = layer.status()
             else:
-                spec = specs[digest]
-                doc = {"digest": digest, "size": spec.size, "mounted": False, "swapped": False,
-                       "bytes_local": self._disk_bytes(spec.name)}
+                doc = {"digest": spec.digest, "size": spec.size, "mounted": False, "swapped": False,
+                       "bytes_local": self._disk_bytes(names[key])}
+            doc["key"] = key
             doc["owners"] = owners
-            doc["last_used"] = last_used
-            spec = specs[digest]  # where the blob comes from, so `bootseer status` can be matched to images
+            doc["last_used"] = last_used  # where the blob comes from, so `bootseer status` can be matched to images
             doc["repository"] = f"{spec.registry.split('://', 1)[-1].rstrip('/')}/{spec.repository}"
             out.append(doc)
         return out
@@ -354,17 +375,21 @@ class LayerManager:
             layers = list(self._layers.values())
             unowned = {d for d, r in self._states.items() if not r.owners}
         for layer in layers:
+            key = layer.spec.key
             try:
                 if layer.cache.dirty:
                     layer.cache.flush()
                 if layer.mounted and not layer.swapped and layer.cache.complete:
-                    layer.swap()
-                if layer.spec.digest in unowned:
-                    with self._digest_lock(layer.spec.digest):
+                    if layer.cache.verified:
+                        layer.swap()
+                    else:  # demand reads or prefetch completed it: the fill thread hashes it, then swaps
+                        layer.start_fill()
+                if key in unowned:
+                    with self._digest_lock(key):
                         with self._lock:
-                            rec = self._states.get(layer.spec.digest)
+                            rec = self._states.get(key)
                             still_unowned = rec is not None and not rec.owners
-                        if still_unowned and self._layers.get(layer.spec.digest) is layer:
+                        if still_unowned and self._layers.get(key) is layer:
                             self._teardown(layer, force=False, quiet=True)
             except Exception:
                 log.exception("housekeeping of %s", layer.spec.digest)
@@ -388,44 +413,45 @@ class LayerManager:
     def evict(self, need_bytes: int = 0, cap: int | None = None, digests: Collection[str] | None = None) -> list[str]:
         """Delete caches of unowned, unmounted layers (least recently used first; only ``digests`` when given)
         until the caches fit the budget (``cap``, default the configured one) with ``need_bytes`` to spare.
-        Returns the evicted digests."""
+        ``digests`` and the result name layers by key (a plain blob digest in ``digests`` covers its layers)."""
         cap = self.config.cache_cap_bytes if cap is None else cap
         with self._lock:
-            candidates = sorted((r.last_used, d, r.spec) for d, r in self._states.items()
-                                if not r.owners and d not in self._layers and (digests is None or d in digests))
+            candidates = sorted((r.last_used, k) for k, r in self._states.items()
+                                if not r.owners and k not in self._layers
+                                and (digests is None or k in digests or r.spec.digest in digests))
         total = self._total_disk_bytes()
         self.metrics.cache_bytes.set(total)
         evicted: list[str] = []
-        for _, digest, spec in candidates:
+        for _, key in candidates:
             if cap is None or total + need_bytes <= cap:
                 break
-            with self._digest_lock(digest):
+            with self._digest_lock(key):
                 with self._lock:
-                    rec = self._states.get(digest)
-                    if rec is None or rec.owners or digest in self._layers:
+                    rec = self._states.get(key)
+                    if rec is None or rec.owners or key in self._layers:
                         continue
-                freed = self._disk_bytes(spec.name)
-                self._forget(spec.name, keep_cache=False, spec=spec)
+                freed = self._disk_bytes(rec.name)
+                self._forget(rec, keep_cache=False)
             total -= freed
-            evicted.append(digest)
-            log.info("evicted cache of %s (%d MiB)", digest[:19], freed >> 20)
+            evicted.append(key)
+            log.info("evicted cache of %s (%d MiB)", key[:19], freed >> 20)
         self.metrics.cache_bytes.set(total)
         return evicted
 
     # ------------------------------------------------------------------------------------ internals
     @contextlib.contextmanager
-    def _digest_lock(self, digest: str) -> Iterator[None]:
+    def _digest_lock(self, digest: str) -> Iterator[None]:  # per layer key
         with self._lock:
             lk = self._digest_locks.setdefault(digest, threading.Lock())
         with lk:
             yield
 
-    def _new_layer(self, spec: BlobSpec) -> LazyLayer:
+    def _new_layer(self, spec: BlobSpec, name: str) -> LazyLayer:
         def fetcher(cache: ChunkCache) -> Fetcher:
             return Fetcher(spec, cache, scheduler=self.scheduler, client=self.client, config=self.config.fetch,
                            metrics=self.metrics)
 
-        return LazyLayer(spec, self._paths(spec), fetcher_factory=fetcher, fs=self.fs, server=self.server,
+        return LazyLayer(spec, self._paths(name), fetcher_factory=fetcher, fs=self.fs, server=self.server,
                          hooks=_Hooks(self), fill=self.config.fill, verify_cache=self.config.verify_cache_on_load)
 
     def _teardown(self, layer: LazyLayer, *, force: bool, quiet: bool = False) -> bool:
@@ -437,14 +463,14 @@ class LayerManager:
                 log.info("layer %s released but its mount is busy; will retry", layer.spec.digest[:19])
             return False
         with self._lock:
-            if self._layers.get(layer.spec.digest) is layer:
-                del self._layers[layer.spec.digest]
+            if self._layers.get(layer.spec.key) is layer:
+                del self._layers[layer.spec.key]
         self._save(layer, mounted=False)
         return True
 
     def _save(self, layer: LazyLayer, *, mounted: bool | None = None) -> None:
         with self._lock:
-            rec = self._states.setdefault(layer.spec.digest, LayerState(layer.spec))
+            rec = self._states.setdefault(layer.spec.key, LayerState(layer.spec, name=layer.name))
             rec.spec = layer.spec
             rec.loop = layer.loop_number
             rec.mounted = layer.mounted if mounted is None else mounted
@@ -457,18 +483,19 @@ class LayerManager:
         # serialised (and the state snapshotted inside) so the last writer always writes the newest state
         with self._write_lock:
             with self._lock:
-                if self._states.get(rec.spec.digest) is not rec:
+                if self._states.get(rec.key) is not rec:
                     return  # forgotten (evicted) meanwhile: do not bring its file back
                 data = self.state_files.encode(rec)
-            self.state_files.write(rec.spec.name, data)
+            self.state_files.write(rec.name, data)
 
-    def _forget(self, name: str, *, keep_cache: bool, spec: BlobSpec) -> None:
+    def _forget(self, rec: LayerState, *, keep_cache: bool) -> None:
         with self._write_lock:
             with self._lock:
-                self._states.pop(spec.digest, None)
-            self.state_files.delete(name)
+                if self._states.get(rec.key) is rec:
+                    del self._states[rec.key]
+            self.state_files.delete(rec.name)
         if not keep_cache:
-            shutil.rmtree(self.root / "cache" / name, ignore_errors=True)
+            shutil.rmtree(self.root / "cache" / rec.name, ignore_errors=True)
 
     def _disk_bytes(self, name: str) -> int:
         try:
@@ -478,7 +505,7 @@ class LayerManager:
 
     def _total_disk_bytes(self) -> int:
         with self._lock:
-            names = [r.spec.name for r in self._states.values()]
+            names = [r.name for r in self._states.values()]
         return sum(self._disk_bytes(n) for n in names)
 
     def _enforce_cap(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from bootseer.accesslog import AccessLogWriter
 from snapshotter.lazy.fusefs import BlobFS
+from snapshotter.lazy.spec import digest_of_name
 
 log = logging.getLogger("bootseer.lazy")
 
@@ -92,7 +93,7 @@ class Recordings:
     def _log(self, name: str, offset: int, length: int, t_ns: int) -> None:
         """The FUSE thread's hook (``name``: the blob's FUSE file): must not block (appends to buffered local
         files)."""
-        digest = name.replace("-", ":", 1)
+        digest = digest_of_name(name)  # the log speaks of blobs, whatever the layer key
         if self._static is not None:
             self._static.write(digest, offset, length, t_ns)
         with self._lock:

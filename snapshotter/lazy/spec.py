@@ -55,9 +55,20 @@ class BlobSpec:
 
     # -- identity ----------------------------------------------------------------------------------
     @property
+    def key(self) -> str:
+        """What a lazy layer on the node is keyed by: ``<blob digest>+<16 hex>``, the suffix a digest of the
+        chunk table (:meth:`identity`) and the source (registry and repository).  Two specs that share a
+        blob digest but not the chunk table or the source never share a mount or a cache: the bytes a layer
+        served were verified against *its* chunk table, fetched from *its* registry, and nothing else."""
+        h = hashlib.sha256(f"{self.identity()}\n{self.registry.rstrip('/')}\n{self.repository}\n".encode())
+        return f"{self.digest}+{h.hexdigest()[:16]}"
+
+    @property
     def name(self) -> str:
-        """File-system-safe name of the blob: the FUSE file, cache dir and mount dir are called this."""
-        return self.digest.replace(":", "-")
+        """File-system-safe name of the layer (:attr:`key`): the FUSE file, cache dir and mount dir are called
+        this.  Layers persisted before keys existed keep their old name (``sha256-<hex>``, see
+        :mod:`~snapshotter.lazy.layerstate`)."""
+        return self.key.replace(":", "-")
 
     @property
     def n_chunks(self) -> int:
@@ -96,6 +107,11 @@ class BlobSpec:
                    size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
                    chunks=tuple(str(c) for c in doc["chunks"]), mirrors=tuple(doc.get("mirrors", ())),
                    headers=dict(doc.get("headers", {})))
+
+
+def digest_of_name(name: str) -> str:
+    """The blob digest a layer's file name (:attr:`BlobSpec.name`, or a legacy ``sha256-<hex>``) stands for."""
+    return name.split("+", 1)[0].replace("-", ":", 1)
 
 
 class AuthHook(Protocol):

@@ -457,3 +457,22 @@ def test_a_hold_taken_over_keeps_the_layer_mounted_and_is_recorded_in_one_write(
     assert [r["owners"] for r in records] == [["ns/chain-1"]]
     assert run_with_deadline(lambda: tree_digest(mp), 60, "reading the tree") == world.tree
     _assert_clean(d, daemon_root)
+
+
+def test_specs_sharing_a_blob_digest_from_another_source_do_not_share_a_mount(
+        world: World, proxy: CountingProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+    """The layer an index from one registry set up is not handed to a spec from another registry (or with
+    another chunk table) that claims the same blob digest: each gets its own mount and cache."""
+    d = start(NO_FILL)
+    here, there = world.spec(proxy.url), world.spec(world.registry.url)
+    assert here.digest == there.digest and here.key != there.key
+    mp_here = _acquire(d, here, "ns/a")
+    mp_there = _acquire(d, there, "ns/b")
+    assert mp_here != mp_there
+    assert {x["key"] for x in d.call("status")["layers"]} == {here.key, there.key}
+    assert (daemon_root / "cache" / here.name).is_dir() and (daemon_root / "cache" / there.name).is_dir()
+    for mp in (mp_here, mp_there):
+        assert _read(mp / "seq.txt") == (world.src / "seq.txt").read_bytes()
+    assert d.call("release", owner="ns/a")["gone"] == [world.digest]
+    assert mnt.top_mount(mp_there) is not None  # the other source's layer stays
+    _assert_clean(d, daemon_root)

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import hashlib
 import http.server
+import json
 import logging
 import os
 import random
@@ -36,7 +37,8 @@ from snapshotter.lazy.fetcher import (
     TokenBucket,
 )
 from snapshotter.lazy.fusefs import BlobFS
-from snapshotter.lazy.spec import BlobSpec, split_ranges
+from snapshotter.lazy.layerstate import LayerState, LayerStateFiles
+from snapshotter.lazy.spec import BlobSpec, digest_of_name, split_ranges
 
 CS = 64 << 10  # small chunks keep these tests fast; the kernel tests use 256 KiB
 REPO = "t/blob"
@@ -62,7 +64,7 @@ def test_spec_chunk_math_and_json_round_trip() -> None:
     assert list(spec.chunks_for(len(data), 10)) == []
     assert split_ranges([(5 * CS, 10), (0, 2 * CS), (5 * CS + 1, 1)], spec) == [5, 0, 1]
     assert BlobSpec.from_json(spec.to_json()) == spec
-    assert spec.name == spec.digest.replace(":", "-")
+    assert spec.name == spec.key.replace(":", "-") and spec.key.startswith(spec.digest + "+")
     with pytest.raises(ValueError):
         BlobSpec(registry="http://x", repository=REPO, digest=spec.digest, size=len(data), chunk_size=CS,
                  chunks=spec.chunks[:-1])
@@ -71,7 +73,74 @@ def test_spec_chunk_math_and_json_round_trip() -> None:
                  chunks=spec.chunks)
 
 
+def test_spec_key_binds_the_chunk_table_and_the_source_not_the_digest_alone() -> None:
+    """Two specs claiming one blob digest share a layer (mount, cache) only if their chunk tables and
+    sources match: a tenant's index from its own registry cannot make the node serve its chunk table's bytes
+    to another image's layer.  Mirrors and headers are transport, not identity."""
+    data = _blob()
+    spec = _spec(data, "http://127.0.0.1:1")
+    others = [
+        BlobSpec(registry=spec.registry, repository=REPO, digest=spec.digest, size=spec.size, chunk_size=CS,
+                 chunks=("0" * 64,) * spec.n_chunks),  # another chunk table
+        _spec(data, "http://127.0.0.1:2"),  # another registry
+        BlobSpec(registry=spec.registry, repository="evil/blob", digest=spec.digest, size=spec.size,
+                 chunk_size=CS, chunks=spec.chunks),  # another repository
+    ]
+    keys = {spec.key, *(o.key for o in others)}
+    assert len(keys) == 4 and len({spec.name, *(o.name for o in others)}) == 4
+    assert all(k.startswith(spec.digest + "+") for k in keys)
+    same = _spec(data, "http://127.0.0.1:1/", mirrors=("http://mirror:5000",), headers={"User-Agent": "x"})
+    assert same.key == spec.key
+    assert digest_of_name(spec.name) == spec.digest == digest_of_name(spec.digest.replace(":", "-"))
+
+
+def test_legacy_layer_state_keeps_its_name_and_gets_its_key(tmp_path: Path) -> None:
+    """A state written before keys existed (file ``sha256-<hex>.json``, no ``name``) still loads: it keeps its
+    directory name (its mount, loop device and cache stay where they are) and is keyed by its spec's key."""
+    spec = _spec(_blob(), "http://127.0.0.1:1")
+    legacy = spec.digest.replace(":", "-")
+    files = LayerStateFiles(tmp_path)
+    doc = {"spec": spec.to_json(), "owners": ["ns/a"], "last_used": 1.0, "loop": 7, "mounted": True,
+           "swapped": False}
+    files.path(legacy).write_text(json.dumps(doc))
+    (rec,) = list(files.load())
+    assert rec.name == legacy and rec.key == spec.key and rec.owners == {"ns/a"} and rec.loop == 7
+    files.write(rec.name, files.encode(rec))
+    (again,) = list(files.load())
+    assert again.name == legacy
+    assert LayerState(spec).name == spec.name
+    files.path("sha256-" + "0" * 64).write_text(json.dumps(doc))  # a file naming another blob is refused
+    assert [r.name for r in files.load()] == [legacy]
+
+
 # ---------------------------------------------------------------------------------------------- cache
+def test_cache_is_complete_only_once_the_whole_blob_hashes_to_its_digest(tmp_path: Path) -> None:
+    """Every chunk matching the chunk table is not enough: an index whose chunk table describes other
+    bytes than the blob digest names gets its cache discarded, never a "verified" mark."""
+    data = _blob(n_chunks=5, tail=CS)
+    good = _spec(data, "http://127.0.0.1:1")
+    forged = BlobSpec(registry=good.registry, repository=REPO, digest="sha256:" + "ab" * 32, size=good.size,
+                      chunk_size=CS, chunks=good.chunks)  # chunk table of `data`, digest of something else
+    bad = ChunkCache(tmp_path / "bad", forged)
+    for i in range(5):
+        bad.put(i, data[i * CS : (i + 1) * CS])
+    assert bad.complete and not bad.verified
+    assert bad.verify_blob() is False
+    assert bad.present_chunks == 0 and not bad.complete and not bad.verified
+    bad.close()
+    assert ChunkCache(tmp_path / "bad", forged).present_chunks == 0  # discarded on disk too
+
+    ok = ChunkCache(tmp_path / "ok", good)
+    for i in range(4):
+        ok.put(i, data[i * CS : (i + 1) * CS])
+    assert ok.verify_blob() is None  # not complete yet: nothing to hash
+    ok.put(4, data[4 * CS :])
+    assert not ok.verified and ok.verify_blob() is True and ok.verified
+    ok.close()
+    assert ChunkCache(tmp_path / "ok", good).verified  # persisted: no re-hash on the next mount
+    assert not ChunkCache(tmp_path / "ok", good, verify=True).verified  # re-verify asked: hash again
+
+
 def test_cache_bits_become_durable_only_at_flush(tmp_path: Path) -> None:
     data = _blob()
     spec = _spec(data, "http://127.0.0.1:1")
