@@ -16,6 +16,7 @@ BENCHMARKS = {
     "lazyread": "sequential read in a swapped lazy layer vs local disk",
     "startup": "container start-up: full pull vs lazy vs lazy+prefetch vs floor",
     "depsnap": "env-ready time: dependency snapshot hit vs install at start",
+    "job": "whole job start (image + dependencies + checkpoint + first step): today vs BootSeer vs floor",
 }
 
 app = typer.Typer(help="Benchmarks (ratios against a same-run baseline; --json FILE for machines).",

@@ -8,8 +8,9 @@ runs one training step (forward, backward, AdamW step) on a batch drawn from the
 ``loss=<float>``: the loss of that step, the same for the same checkpoint every time.  Imports the job's
 dependencies (requirements.txt) first, as a real job would, so it fails without them.
 
-Phases go to the event log (``$BOOTSEER_EVENTS``, ``$BOOTSEER_JOB_ID``): ``checkpoint_load`` (the read and
-``load_state_dict``) and ``first_step``, component ``trainer``.  Runs in the job's image, which has torch and
+Phases go to the event log (``$BOOTSEER_EVENTS``, ``$BOOTSEER_JOB_ID``), component ``trainer``: ``imports``
+(from the script's start: torch and the dependencies), ``checkpoint_download`` (``--ckpt-url``),
+``checkpoint_load`` (the read and ``load_state_dict``) and ``first_step``.  Runs in the job's image, which has torch and
 numpy but not BootSeer: stdlib, torch and the requirements only.
 
 ``make`` writes a checkpoint (on a machine with torch): ``python3 train.py make OUT.pt --layers 12 ...``.
@@ -21,13 +22,16 @@ import argparse
 import io
 import os
 import sys
-import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import jobevents  # noqa: E402  (beside this file, in the image or the bind-mounted job dir)
+try:
+    from integration.job import jobevents
+except ImportError:  # in the job's container: /job/train.py, jobevents.py beside it
+    import jobevents  # type: ignore[import-not-found,no-redef]
+
+SCRIPT_START = jobevents.now()  # before torch and the dependencies are imported
 
 # the job's dependencies (requirements.txt): imported, as a training job's data and logging code would
 DEPENDENCIES = ("numpy", "six", "idna", "attrs", "packaging", "pyparsing", "dateutil", "pytz", "certifi",
@@ -56,6 +60,8 @@ def build(cfg: Config) -> Any:
     from torch import nn
 
     class Model(nn.Module):
+        mask: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
@@ -171,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import importlib
 
-    for mod in DEPENDENCIES:
+    for mod in ("torch", *DEPENDENCIES):
         importlib.import_module(mod)
+    jobevents.emit("imports", SCRIPT_START, jobevents.now(), modules=len(DEPENDENCIES) + 1)
     if a.ckpt_url:
         t0 = jobevents.now()
         data = fetch(a.ckpt_url)
