@@ -332,7 +332,9 @@ def write_simple_index(wheels: Path, names: list[str], dest: Path) -> None:
         f'<a href="{d}/">{d}</a><br>\n' for d in sorted(by)) + "</body></html>\n")
 
 
+# workers as root: the store's files may sit below a 0700 directory (a test's tmp dir)
 NGINX_CONF = """
+user root;
 worker_processes 2;
 daemon off;
 pid {root}/nginx.pid;
@@ -571,6 +573,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     write_outputs(result(runs, rates, args, ckpt, sizes, t_start, notes, partial=True), args)
     finally:
         store.destroy()
+        for big in ("www", "index", "pip", "convert-state"):  # GBs; the event logs (small) stay for the charts
+            shutil.rmtree(root / big, ignore_errors=True)
     bad = check_losses(runs, ckpt.get("expected_loss"))
     if bad:
         raise RuntimeError("loss check failed: " + "; ".join(bad))
@@ -600,6 +604,24 @@ def write_outputs(res: dict[str, Any], args: argparse.Namespace) -> None:
         Path(args.md_path).write_text(markdown(res))
     if args.png_path and res.get("median"):
         write_png(res, Path(args.png_path))
+        if not res.get("partial"):
+            gantt_charts(res, Path(args.png_path))
+
+
+def gantt_charts(res: dict[str, Any], png: Path) -> None:
+    """``bootseer profile --png`` of the first rate's last baseline and BootSeer runs, beside ``png``
+    (``NAME-baseline.png``, ``NAME-bootseer.png``), with their event logs (``.jsonl``) for the record."""
+    rate = res["rates"][0]
+    for mode in ("baseline", "bootseer"):
+        rs = [r for r in res.get("all_runs", []) if r["mode"] == mode and r["rate"] == rate]
+        if not rs:
+            continue
+        stem = png.with_name(f"{png.stem}-{mode}")
+        try:
+            _cli("profile", "--events", rs[-1]["events"], "--job", rs[-1]["job"], "--png", str(stem) + ".png")
+            shutil.copyfile(rs[-1]["events"], str(stem) + ".jsonl")
+        except (RuntimeError, OSError) as e:  # a chart is extra: the figures are written already
+            _log(f"no Gantt chart for {mode}: {e}")
 
 
 def build_parser() -> argparse.ArgumentParser:

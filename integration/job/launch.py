@@ -48,7 +48,8 @@ def install_command(index_url: str) -> str:
     the requirements' directory, with pip from the wheel at /wheels."""
     host = index_url.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
     return (f"python3 /wheels/{PIP_WHEEL}/pip install -q --no-cache-dir --disable-pip-version-check "
-            f"--break-system-packages --index-url {index_url} --trusted-host {host} -r requirements.txt")
+            f"--root-user-action=ignore --break-system-packages --index-url {index_url} --trusted-host {host} "
+            "-r requirements.txt")
 
 
 class Launcher:
@@ -75,7 +76,7 @@ class Launcher:
             args += ["--mount", f"type=bind,src={self.events.parent},dst=/bootseer-events,options=rbind:rw"]
         for e in env:
             args += ["--env", e]
-        return self.ctr(*args, image, f"{a.job_id}-{os.getpid()}", "sh", "-c", command)
+        return self.ctr(*args, image, a.job_id, "sh", "-c", command)
 
     def plan(self) -> list[tuple[str, list[str]]]:
         """(what, command) in order; ``mount`` runs in the background, ``image`` answers the image to run."""
