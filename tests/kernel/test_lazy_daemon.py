@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from bootseer.control import ControlError
+from bootseer.testkit import drop_caches, run_with_deadline, wait_until
 from snapshotter.lazy import loop
 from snapshotter.lazy import mount as mnt
 from snapshotter.lazy.spec import BlobSpec
@@ -33,15 +34,12 @@ from snapshotter.lazy.testing import (
     Registry,
     build_erofs,
     cleanup_root,
-    drop_caches,
     loops_below,
     make_tree,
     push_blob,
     read_eio,
-    run_with_deadline,
     spec_for,
     tree_digest,
-    wait_until,
 )
 
 REPO = "bootseer/lazytest"
