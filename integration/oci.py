@@ -172,3 +172,12 @@ def push(layout_dir: Path, tag: str, dest: str, plain_http: bool = True) -> None
         proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"skopeo copy to {dest} failed: {proc.stderr.strip()}")
+
+
+def tar_of(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    """An uncompressed PAX tar of ``entries`` (from :func:`entry`), in memory: a layer for tests."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in entries:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from integration.oci import entry
+from integration.oci import entry, tar_of
 from registry_sidecar.unpack import LayerError, Unpacker
-from tests.unit.test_unpack_limits import tar_of
 
 
 def test_enospc_while_unpacking_is_not_a_bad_layer(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
 import os
 import secrets
@@ -32,7 +31,7 @@ from bootseer.registry import (
 )
 from integration import images
 from integration.faultproxy import FaultProxy
-from integration.oci import entry
+from integration.oci import entry, tar_of
 from integration.stack import Stack
 from registry_sidecar.convert import ConvertOptions, ImageConverter, MemoryLayerMap, convert_layer_file
 from registry_sidecar.unpack import LayerError
@@ -54,14 +53,6 @@ def unique_repo(stack: Stack, name: str) -> str:
 def small_layout(tmp_path: Path) -> Path:
     images.build_small(tmp_path / "small")
     return tmp_path / "small"
-
-
-def tar_of(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for info, data in entries:
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
 
 
 def gz(data: bytes) -> bytes:

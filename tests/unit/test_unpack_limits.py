@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from integration.oci import entry
+from integration.oci import entry, tar_of
 from registry_sidecar.unpack import MAX_HEADER_BYTES, LayerError, Unpacker, open_layer_stream
-
-
-def tar_of(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for info, data in entries:
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
 
 
 def _root(tmp_path: Path) -> str:
