@@ -50,7 +50,8 @@ or ``{"ok": false, "error": ..., "errno": ...}``; client: :class:`bootseer.contr
 """
 
 from bootseer.index import chunk_digests
-from snapshotter.lazy.fetcher import FetchConfig, FetchError
+from snapshotter.lazy.errors import FetchError
+from snapshotter.lazy.fetcher import FetchConfig
 from snapshotter.lazy.layer import FillConfig, LayerBusy
 from snapshotter.lazy.manager import LayerManager, LazyConfig
 from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth

@@ -18,9 +18,6 @@ any HTTP server.  The rules, and why:
   the torch start-up's registry CPU fell by 35–40 % at the same start-up time.
 * **Chunks as they arrive.**  Each chunk of a response is verified, stored and handed to its waiters as
   soon as its bytes are in, not when the whole response is.
-* **Demand first.**  All fetchers of a daemon share a :class:`Scheduler`: a bounded number of requests in
-  flight, demand reads always admitted first, prefetch next, background fill only when no demand read is
-  waiting or running, and through a token bucket that caps its bandwidth.
 * **Bounded time.**  A demand read has a deadline (``read_timeout``); connect and socket-read timeouts are
   clipped to it and the body is read against it, so a registry that hangs costs the reader EIO after the
   deadline, not a hung process.  A chunk whose demand read just failed fails again at once for
@@ -37,124 +34,37 @@ any HTTP server.  The rules, and why:
   fails at once rather than waiting for nothing.  Not transient: any other 4xx (a 404 moves on to the next
   endpoint, then fails; it is never retried), a malformed answer, and a chunk that failed verification —
   that one is retried at most ``retries`` times, then EIO for the read that needs it, never wrong bytes.
-* **Down means down, not one failure.**  Every request's outcome is reported to the :class:`HttpClient`
-  all blobs share, and any bytes arriving from the endpoints clear their record.  They are marked *down*
-  for ``failure_memo`` seconds when, with no bytes arriving from them meanwhile, either
-  ``down_after_failures`` distinct reads (of any blob and kind) had requests fail over at least
-  ``down_after_seconds``, or a demand read spent its whole deadline failing.  While they are down, every
-  demand read of a missing chunk, of any blob served by those endpoints, fails at once, and every retry
-  loop gives up: one ``read(2)`` of a file makes the kernel issue several read-ahead requests for
-  different chunks, one after the other through the loop device; without this each would wait out its own
-  deadline and the reader would see EIO only after several times ``read_timeout``.  Distinct reads, not
-  requests: one read retrying through a run of bad luck is no outage (at 25 % errors, five failures in a
-  row come once in a thousand requests, and a start-up makes more; marking the registry down on that, or
-  on one read giving up, cost a start-up every read for a second).  A corrupt chunk does not count: the
-  registry answered.
+* **Demand first** and **down means down** are the shared parts: the :class:`~snapshotter.lazy.scheduling.Scheduler`
+  admits requests across all blobs, the :class:`~snapshotter.lazy.transport.HttpClient` keeps each endpoint's
+  health; failures are classified in :mod:`snapshotter.lazy.errors`, multi-range answers parsed in
+  :mod:`snapshotter.lazy.multipart`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
-import errno
 import hashlib
 import logging
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.spec import AuthHook, BlobSpec, coalesce, no_auth
+from snapshotter.lazy.errors import Cancelled, CorruptChunk, FetchError, status_error, transport_error
+from snapshotter.lazy.multipart import BodyReader, read_parts
+from snapshotter.lazy.scheduling import DEMAND, KINDS, PREFETCH, Scheduler
+from snapshotter.lazy.spec import BlobSpec, coalesce
+from snapshotter.lazy.transport import HttpClient, drain
 
 _T = TypeVar("_T")
 
 log = logging.getLogger("bootseer.lazy.fetch")
-
-DEMAND = "demand"
-PREFETCH = "prefetch"
-BACKGROUND = "background"
-KINDS = (DEMAND, PREFETCH, BACKGROUND)
-
-
-class FetchError(OSError):
-    """A chunk could not be fetched and verified in time.  Always EIO: that is what the reader sees.
-
-    ``reason`` names the failure for metrics (``http_503``, ``reset``, ``timeout``, ``cut``, ``corrupt``, …);
-    ``transient``: worth retrying (see the module doc); ``retry_after``: seconds the endpoint asked us to
-    wait (``Retry-After``)."""
-
-    def __init__(self, message: str, reason: str = "other", *, transient: bool = True,
-                 retry_after: float | None = None) -> None:
-        super().__init__(errno.EIO, message)
-        self.reason = reason
-        self.transient = transient
-        self.retry_after = retry_after
-
-
-class Cancelled(FetchError):
-    """The fetch was abandoned because its layer is going away (background fill, prefetch)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "cancelled", transient=False)
-
-
-class CorruptChunk(FetchError):
-    """Bytes arrived but failed sha256 verification (the registry is reachable; the data is wrong)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "corrupt")
-
-
-def transient_status(status: int) -> bool:
-    """A status worth asking again for: overload and gateway errors, not a request that is wrong."""
-    return status in (408, 429) or (status >= 500 and status not in (501, 505))
-
-
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from now that a ``Retry-After`` header (delta-seconds or an HTTP date) asks for, capped at an
-    hour; None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(3600.0, float(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return min(3600.0, max(0.0, when.timestamp() - (time.time() if now is None else now)))
-
-
-def status_error(url: str, what: str, resp: requests.Response) -> FetchError:
-    """The :class:`FetchError` for an unexpected HTTP status."""
-    code = resp.status_code
-    after = retry_after(resp.headers.get("Retry-After")) if code in (429, 503) else None
-    return FetchError(f"GET {url} {what}: HTTP {code}" + (f" (Retry-After {after:.0f}s)" if after else ""),
-                      f"http_{code}", transient=transient_status(code), retry_after=after)
-
-
-def transport_error(url: str, what: str, e: requests.RequestException) -> FetchError:
-    """The :class:`FetchError` for an exception of ``requests`` (connecting, sending or reading a body)."""
-    text = str(e)
-    if isinstance(e, requests.Timeout) or "timed out" in text.lower():
-        reason = "timeout"
-    elif isinstance(e, requests.exceptions.ChunkedEncodingError):
-        reason = "cut"  # the connection ended inside the body
-    elif isinstance(e, requests.ConnectionError):
-        reason = "reset"
-    else:  # an invalid URL, too many redirects, …: asking again gives the same answer
-        return FetchError(f"GET {url} {what}: {type(e).__name__}: {text}", "other", transient=False)
-    return FetchError(f"GET {url} {what}: {type(e).__name__}: {text}", reason)
 
 
 class _Memo(FetchError):
@@ -222,281 +132,7 @@ class FetchStats:
                 "dedup_waits": self.dedup_waits}
 
 
-# ----------------------------------------------------------------------------------------- scheduling
-class TokenBucket:
-    """Bandwidth cap for background fill: ``rate`` bytes/s with a burst of ``burst`` bytes.
 
-    A request larger than the burst is admitted when the bucket is full and drives it negative, so the
-    long-run rate holds without splitting requests."""
-
-    def __init__(self, rate: float | None, burst: float | None = None) -> None:
-        self.rate = rate
-        self.burst = burst if burst is not None else (rate or 0.0) / 4
-        self._tokens = self.burst
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self, n: int, cancel: threading.Event | None = None) -> None:
-        if not self.rate:
-            return
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
-                if self._tokens >= min(n, self.burst):
-                    self._tokens -= n
-                    return
-                wait = (min(n, self.burst) - self._tokens) / self.rate
-            if cancel is not None:
-                if cancel.wait(wait):
-                    raise Cancelled("cancelled while rate-limited")
-            else:
-                time.sleep(wait)  # rate limiting, not synchronisation
-
-
-class Scheduler:
-    """Admission of range requests across all blobs of a daemon: demand > prefetch > background.
-
-    ``max_requests`` bounds requests in flight; one slot is kept for demand reads (prefetch and background
-    may not take the last one), background fill runs at most ``background_requests`` at once, through
-    ``bucket``, and only while no demand read or prefetch is waiting or in flight and none has been for
-    ``background_idle`` seconds.  Reads served from the local cache count as activity too (see
-    :meth:`note_read`): a start-up whose hot blocks were prefetched makes no fetches at all, and a fill
-    started then competes with it for the CPU (hashing, copying) and the disk.  So that a workload reading
-    without pause still gets its layers completed (and off FUSE), a fill held back by reads alone for
-    ``background_max_wait`` seconds proceeds anyway.
-
-    Why the idle window: a container's start-up reads come in bursts separated by short compute gaps.  A
-    background request started in such a gap holds the link (a 4 MiB run is 0.17 s at 200 Mbit/s) when the
-    next demand read arrives, and over a whole start-up the fill took half the link from the reads the
-    container was waiting for.  Filling once the start-up has gone quiet costs nothing that matters."""
-
-    def __init__(self, max_requests: int = 8, background_requests: int = 2,
-                 background_rate: float | None = None, background_idle: float = 0.0,
-                 background_max_wait: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_requests = max(2, max_requests)
-        self.background_requests = max(1, background_requests)
-        self.background_idle = max(0.0, background_idle)
-        self.bucket = TokenBucket(background_rate)
-        self._clock = clock
-        self._last_foreground = -float("inf")  # when a demand read or prefetch last started or ended
-        self._last_read = -float("inf")  # when a read was last served from the local cache
-        self.background_max_wait = background_max_wait
-        self._held_by_reads_since: float | None = None
-        self._cond = threading.Condition()
-        self._active = dict.fromkeys(KINDS, 0)
-        self._waiting = dict.fromkeys(KINDS, 0)
-        self._prefetch_due: list[float] = []  # due times of the prefetch requests waiting for a slot
-
-    def _may_start(self, kind: str, due: float | None = None) -> bool:
-        total = sum(self._active.values())
-        if kind == DEMAND:
-            return total < self.max_requests
-        if kind == PREFETCH:
-            return (total < self.max_requests - 1 and not self._waiting[DEMAND]
-                    and (due is None or not self._prefetch_due or due <= min(self._prefetch_due)))
-        if not (total < self.max_requests - 1 and self._active[BACKGROUND] < self.background_requests
-                and not self._waiting[DEMAND] and not self._waiting[PREFETCH] and not self._active[DEMAND]
-                and not self._active[PREFETCH]):
-            return False
-        now = self._clock()
-        if now - self._last_foreground < self.background_idle:
-            return False
-        if now - self._last_read >= self.background_idle:
-            self._held_by_reads_since = None
-            return True
-        if self._held_by_reads_since is None:
-            self._held_by_reads_since = now
-        return now - self._held_by_reads_since >= self.background_max_wait
-
-    def note_mount(self) -> None:
-        """A lazy layer was just mounted: a container is about to start reading, so background fill waits
-        ``background_idle`` as after a foreground fetch (without this every new layer's fill took the
-        link for one run before the container's first read, or the hot-block prefetch, came in)."""
-        with self._cond:
-            self._last_foreground = max(self._last_foreground, self._clock())
-
-    def note_read(self) -> None:
-        """A read was served from the local cache (called on every FUSE read; a plain store, no lock)."""
-        self._last_read = self._clock()
-
-    @contextlib.contextmanager
-    def slot(self, kind: str, nbytes: int, deadline: float | None = None,
-             cancel: threading.Event | None = None, due: float | None = None) -> Iterator[None]:
-        """Hold one request slot of ``kind``.  Prefetch requests are admitted earliest ``due`` first (a
-        ``time.monotonic()`` value: when the container is expected to read the bytes; None: now), across
-        all layers and images — so the bytes a start-up needs next are on the link next, whichever layer
-        they live in."""
-        if kind == BACKGROUND:
-            self.bucket.acquire(nbytes, cancel)
-        if kind == PREFETCH and due is None:
-            due = self._clock()
-        with self._cond:
-            self._waiting[kind] += 1
-            if kind == PREFETCH:
-                self._prefetch_due.append(due)  # type: ignore[arg-type]
-            try:
-                while not self._may_start(kind, due):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("cancelled while queued")
-                    timeout = 0.5 if cancel is not None else None
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise FetchError("timed out waiting for a request slot", "timeout")
-                        timeout = min(timeout or left, left)
-                    self._cond.wait(timeout)
-                self._active[kind] += 1
-                if kind != BACKGROUND:
-                    self._last_foreground = self._clock()
-            finally:
-                self._waiting[kind] -= 1
-                if kind == PREFETCH:
-                    self._prefetch_due.remove(due)  # type: ignore[arg-type]
-                self._cond.notify_all()  # a waiter's priority may have changed who can start
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active[kind] -= 1
-                if kind != BACKGROUND:
-                    self._last_foreground = self._clock()
-                self._cond.notify_all()
-
-    def demand_busy(self) -> bool:
-        with self._cond:
-            return bool(self._active[DEMAND] or self._waiting[DEMAND])
-
-
-# ---------------------------------------------------------------------------------------------- HTTP
-@dataclass
-class _Health:
-    """Outcome of the recent requests to one endpoint set (see the module doc, "Down means down")."""
-
-    failures: int = 0  # failed requests since the last success
-    readers: set[int] = field(default_factory=set)  # the reads (ensure calls) that made them
-    since: float = 0.0  # when the first of them was seen
-    until: float = 0.0  # marked down until then (0: not marked)
-    marked: float = 0.0  # when it was marked down
-    why: str = ""
-
-
-class HttpClient:
-    """One ``requests.Session`` per thread (sessions are not documented thread-safe) plus the auth hook, and
-    what all blobs share about their endpoints: which are down, which asked us to come back later."""
-
-    def __init__(self, auth: AuthHook = no_auth, tls_verify: bool | str = True, pool: int = 4) -> None:
-        self.auth = auth
-        self.tls_verify = tls_verify
-        self._pool = pool
-        self._local = threading.local()
-        self._health: dict[tuple[str, ...], _Health] = {}  # endpoint set → recent outcomes
-        self._last_ok: dict[tuple[str, ...], float] = {}  # endpoint set → when bytes last arrived
-        self._not_before: dict[str, float] = {}  # endpoint → time.monotonic() its Retry-After ends
-        self._down_lock = threading.Lock()
-
-    # -- outages (see the module doc: one outage costs a reader one deadline, not one per chunk) ----------
-    def request_failed(self, endpoints: Sequence[str], reader: int, why: str, *, after: int, span: float,
-                       seconds: float) -> bool:
-        """A request to ``endpoints`` made by read ``reader`` failed transiently.  Marks them down for
-        ``seconds`` once ``after`` distinct reads have had requests fail, the first failure seen ``span``
-        seconds ago or more, with no bytes arriving since; True if this call marked them down.
-
-        Distinct reads, not requests: one read retrying through a run of bad luck (at 25 % errors five in a
-        row come every thousand requests, and a start-up makes more) is not an outage — while it retries,
-        others' reads succeed, or there are none.  Seen, not begun: a request slow to fail (a big range
-        through a loaded mirror) must not make a window of its own."""
-        now = time.monotonic()
-        with self._down_lock:
-            h = self._health.setdefault(tuple(endpoints), _Health())
-            if h.failures == 0:
-                h.since = now
-            h.failures += 1
-            h.readers.add(reader)
-            h.why = why
-            return self._mark(h, now, len(h.readers) >= max(1, after) and now - h.since >= span, seconds)
-
-    def read_gave_up(self, endpoints: Sequence[str], began: float, why: str, *, seconds: float) -> bool:
-        """A demand read that began at ``began`` ran out of time (its deadline) on
-        transient failures of ``endpoints``: marks them down for ``seconds`` if no bytes arrived from them
-        since it began; True if this call marked them down.  (The kernel issues a file's read-ahead requests
-        one after the other: without this each would wait out its own deadline before the distinct reads
-        added up.  A whole deadline of failures with nothing arriving is no run of bad luck: at 25 % errors
-        that takes a dozen failures in a row.)"""
-        key = tuple(endpoints)
-        if self._last_ok.get(key, -1.0) >= began:
-            return False
-        now = time.monotonic()
-        with self._down_lock:
-            h = self._health.get(key)
-            if h is None or h.failures == 0:
-                return False
-            h.why = why
-            return self._mark(h, now, True, seconds)
-
-    @staticmethod
-    def _mark(h: _Health, now: float, due: bool, seconds: float) -> bool:
-        if due and seconds > 0 and now >= h.until:
-            h.until, h.marked = now + seconds, now
-            return True
-        return False
-
-    def request_succeeded(self, endpoints: Sequence[str]) -> None:
-        """Bytes arrived from ``endpoints`` (a verified chunk, even of a request cut off later): whatever
-        outage there was is over.  Called for every chunk, so the common case takes no lock."""
-        key = tuple(endpoints)
-        self._last_ok[key] = time.monotonic()  # (a plain store: this runs for every chunk)
-        if key not in self._health:
-            return
-        with self._down_lock:
-            self._health.pop(key, None)
-
-    def mark_up(self, endpoints: Sequence[str]) -> None:
-        self.request_succeeded(endpoints)
-
-    def down(self, endpoints: Sequence[str]) -> str | None:
-        """Why ``endpoints`` count as unreachable right now, or None."""
-        now = time.monotonic()
-        with self._down_lock:
-            h = self._health.get(tuple(endpoints))
-            if h is None or now >= h.until:
-                return None
-            n, first, marked, until, why = h.failures, h.since, h.marked, h.until, h.why
-        return (f"{why} (registry unreachable: {n} requests failed and none answered over {marked - first:.1f}s, "
-                f"marked down {now - marked:.1f}s ago; retrying after {until - now:.1f}s)")
-
-    def hold(self, endpoint: str, seconds: float) -> None:
-        """``endpoint`` answered ``Retry-After: seconds``: no request goes there before then."""
-        with self._down_lock:
-            self._not_before[endpoint] = max(self._not_before.get(endpoint, 0.0), time.monotonic() + seconds)
-
-    def held(self, endpoint: str) -> float:
-        """Seconds until ``endpoint`` may be asked again (0: now)."""
-        with self._down_lock:
-            until = self._not_before.get(endpoint)
-            if until is None:
-                return 0.0
-            left = until - time.monotonic()
-            if left <= 0:
-                del self._not_before[endpoint]
-                return 0.0
-            return left
-
-    def session(self) -> requests.Session:
-        s: requests.Session | None = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool, max_retries=0)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            s.verify = self.tls_verify
-            s.trust_env = False  # proxies from the environment must not silently reroute blob reads
-            self._local.session = s
-        return s
-
-
-# ------------------------------------------------------------------------------------------- fetcher
 _current = threading.local()  # .reader: the _RetryState of the ensure() call this thread is serving
 class _Pending:
     """A chunk in flight: waiters block on ``done``; ``error`` says how it ended if it failed."""
@@ -819,10 +455,10 @@ class Fetcher:
                         return None
                     if resp.status_code == 401:
                         return None
-                    _drain(resp)
+                    drain(resp)
                     raise status_error(url, f"({len(spans)} ranges)", resp)
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
-                return _read_parts(_Body(resp, url, deadline), boundary.group(1).encode(), url, wanted)
+                return read_parts(BodyReader(resp, url, deadline), boundary.group(1).encode(), url, wanted)
             finally:
                 resp.close()
 
@@ -939,7 +575,7 @@ class Fetcher:
             skip = start  # the server ignored Range: correct but slow, so say so
             log.warning("GET %s: server ignored Range (200); skipping %d bytes", url, start)
         else:
-            _drain(resp)
+            drain(resp)
             raise status_error(url, f"bytes {start}-{end - 1}", resp)
         want = end - start
         buf = bytearray(want)
@@ -966,99 +602,3 @@ class Fetcher:
         if got < want:
             raise FetchError(f"GET {url}: short body, {got} of {want} bytes", "cut")
         return buf
-
-
-def _drain(resp: requests.Response, limit: int = 64 << 10) -> None:
-    """Read a small error body, so that the connection goes back to the pool instead of being closed (a
-    registry answering 503 to a fifth of the requests would otherwise cost a new connection for each)."""
-    try:
-        if int(resp.headers.get("Content-Length") or limit + 1) <= limit:
-            resp.content  # noqa: B018 - reading it is the point
-    except (ValueError, requests.RequestException):
-        pass
-
-
-class _Body:
-    """Buffered reading of a streamed response body: lines (multipart headers) and exact byte counts.
-
-    The unread bytes are ``_buf[_pos:]``; payload is copied once, from the network piece into the part's
-    buffer (no slicing of the remainder per part: a hot set is ~130 MiB through here)."""
-
-    def __init__(self, resp: requests.Response, url: str, deadline: float | None) -> None:
-        self._it = resp.iter_content(chunk_size=256 << 10)
-        self._buf: bytes | bytearray = b""
-        self._pos = 0
-        self.url = url
-        self.deadline = deadline
-
-    def _more(self) -> None:
-        try:
-            piece = next(self._it)
-        except StopIteration:
-            raise FetchError(f"GET {self.url}: the multipart body ended early", "cut") from None
-        except requests.RequestException as e:
-            raise transport_error(self.url, "(multipart body)", e) from e
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = piece, 0
-        else:  # a line or part split across pieces: keep the rest, then the new piece
-            self._buf, self._pos = self._buf[self._pos:] + piece, 0
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise FetchError(f"GET {self.url}: timed out", "timeout")
-
-    def readline(self, limit: int = 8192) -> bytes:
-        while True:
-            k = self._buf.find(b"\n", self._pos)
-            if k >= 0:
-                line = bytes(self._buf[self._pos : k + 1])
-                self._pos = k + 1
-                return line
-            if len(self._buf) - self._pos > limit:
-                raise FetchError(f"GET {self.url}: a multipart header line longer than {limit} bytes", "protocol",
-                                 transient=False)
-            self._more()
-
-    def read_into(self, out: bytearray, arrived: Callable[[bytearray, int], None]) -> None:
-        got = 0
-        while got < len(out):
-            if self._pos >= len(self._buf):
-                self._more()
-            k = min(len(out) - got, len(self._buf) - self._pos)
-            with memoryview(self._buf) as view:
-                out[got : got + k] = view[self._pos : self._pos + k]
-            self._pos += k
-            got += k
-            arrived(out, got)
-
-
-def _read_parts(body: _Body, boundary: bytes, url: str,
-                wanted: dict[int, tuple[int, Callable[[bytearray, int], None]]]) -> int:
-    """Read a ``multipart/byteranges`` body whose parts must be exactly the ranges ``wanted`` (start →
-    (end, arrived)); returns the payload bytes.  Anything else — a part we did not ask for, a missing one,
-    a malformed header — is a :class:`FetchError` (what was settled before stays: it was verified)."""
-    total = 0
-    delimiter, close = b"--" + boundary, b"--" + boundary + b"--"
-    while wanted:
-        line = body.readline().strip()
-        if not line:
-            continue
-        if line == close:
-            break
-        if line != delimiter:
-            raise FetchError(f"GET {url}: unexpected line in the multipart body: {line[:80]!r}", "protocol",
-                             transient=False)
-        crange = ""
-        while header := body.readline().strip():
-            name, _, value = header.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-range":
-                crange = value.strip()
-        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", crange)
-        part = wanted.pop(int(m.group(1)), None) if m else None
-        if m is None or part is None or part[0] != int(m.group(2)) + 1:
-            raise FetchError(f"GET {url}: a multipart part we did not ask for (Content-Range {crange!r})",
-                             "protocol", transient=False)
-        buf = bytearray(part[0] - int(m.group(1)))
-        body.read_into(buf, part[1])
-        total += len(buf)
-    if wanted:
-        raise FetchError(f"GET {url}: the multipart body lacks {len(wanted)} of the ranges asked for", "cut")
-    return total

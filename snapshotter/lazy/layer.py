@@ -38,9 +38,11 @@ from typing import Protocol
 from snapshotter.lazy import loop, prefetchjob
 from snapshotter.lazy import mount as mnt
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.fetcher import BACKGROUND, DEMAND, Cancelled, Fetcher, FetchError
+from snapshotter.lazy.errors import Cancelled, FetchError
+from snapshotter.lazy.fetcher import Fetcher
 from snapshotter.lazy.fusefs import BlobFS, FuseServer
 from snapshotter.lazy.prefetchjob import Prefetch
+from snapshotter.lazy.scheduling import BACKGROUND, DEMAND
 from snapshotter.lazy.spec import BlobSpec, coalesce
 
 log = logging.getLogger("bootseer.lazy.layer")

@@ -55,14 +55,16 @@ from prometheus_client import CollectorRegistry
 
 from bootseer.accesslog import AccessLogWriter
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.fetcher import PREFETCH, FetchConfig, Fetcher, HttpClient, Scheduler
+from snapshotter.lazy.fetcher import FetchConfig, Fetcher
 from snapshotter.lazy.fusefs import BlobFS, FuseServer
 from snapshotter.lazy.layer import FillConfig, LayerBusy, LayerPaths, LazyLayer
 from snapshotter.lazy.layerstate import LayerState, LayerStateFiles
 from snapshotter.lazy.metrics import LazyMetrics
 from snapshotter.lazy.prefetchjob import Prefetch
 from snapshotter.lazy.recording import Recording, Recordings
+from snapshotter.lazy.scheduling import PREFETCH, Scheduler
 from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
+from snapshotter.lazy.transport import HttpClient
 
 log = logging.getLogger("bootseer.lazy")
 

@@ -7,7 +7,7 @@ import logging
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from snapshotter.lazy.fetcher import KINDS
+from snapshotter.lazy.scheduling import KINDS
 from snapshotter.lazy.spec import BlobSpec
 
 log = logging.getLogger("bootseer.lazy")

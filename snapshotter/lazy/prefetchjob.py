@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.fetcher import PREFETCH, Cancelled, Fetcher, FetchError
+from snapshotter.lazy.errors import Cancelled, FetchError
+from snapshotter.lazy.fetcher import Fetcher
+from snapshotter.lazy.scheduling import PREFETCH
 from snapshotter.lazy.spec import BlobSpec, coalesce, split_ranges
 
 _BATCH_RUNS = 16  # prefetch runs in one multi-range request at most (Fetcher.ensure_runs)

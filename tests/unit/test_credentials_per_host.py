@@ -21,10 +21,12 @@ from bootseer.reference import Reference
 from bootseer.registry import RegistryClient
 from integration.faultproxy import FaultProxy
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.fetcher import Fetcher, HttpClient, Scheduler
+from snapshotter.lazy.fetcher import Fetcher
 from snapshotter.lazy.handler import RegistryAuthHook
+from snapshotter.lazy.scheduling import Scheduler
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import Registry
+from snapshotter.lazy.transport import HttpClient
 
 PASSWORD = "s3cret-" + secrets.token_hex(8)
 CS = 64 << 10

@@ -25,20 +25,13 @@ import trio
 from bootseer.index import chunk_digests
 from bootseer.testkit import free_port, run_with_deadline, wait_until
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.fetcher import (
-    BACKGROUND,
-    DEMAND,
-    PREFETCH,
-    FetchConfig,
-    Fetcher,
-    FetchError,
-    HttpClient,
-    Scheduler,
-    TokenBucket,
-)
+from snapshotter.lazy.errors import FetchError
+from snapshotter.lazy.fetcher import FetchConfig, Fetcher
 from snapshotter.lazy.fusefs import BlobFS
 from snapshotter.lazy.layerstate import LayerState, LayerStateFiles
+from snapshotter.lazy.scheduling import BACKGROUND, DEMAND, PREFETCH, Scheduler, TokenBucket
 from snapshotter.lazy.spec import BlobSpec, digest_of_name, split_ranges
+from snapshotter.lazy.transport import HttpClient
 
 CS = 64 << 10  # small chunks keep these tests fast; the kernel tests use 256 KiB
 REPO = "t/blob"
@@ -387,7 +380,7 @@ def test_runs_fall_back_to_one_range_per_request_where_multi_range_is_not_served
 
 def test_multipart_byteranges_bodies_are_read_strictly() -> None:
     """Parts may come in any order; a part we did not ask for, a missing or a truncated one is an error."""
-    from snapshotter.lazy.fetcher import _Body, _read_parts
+    from snapshotter.lazy.multipart import BodyReader, read_parts
 
     class Resp:
         def __init__(self, raw: bytes) -> None:
@@ -410,7 +403,7 @@ def test_multipart_byteranges_bodies_are_read_strictly() -> None:
         def keep(start: int) -> Any:
             return lambda buf, n: got.__setitem__(start, bytes(buf[:n]))
 
-        _read_parts(_Body(Resp(raw), "u", None), b"XYZ", "u",  # type: ignore[arg-type]
+        read_parts(BodyReader(Resp(raw), "u", None), b"XYZ", "u",  # type: ignore[arg-type]
                     {a: (b, keep(a)) for a, b in want.items()})
         return got
 

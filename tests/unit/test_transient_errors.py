@@ -25,9 +25,12 @@ import pytest
 from bootseer.registry import MT_OCI_MANIFEST, RegistryClient, TransientError, sha256_digest
 from integration.faultproxy import FaultProxy
 from snapshotter.lazy.cache import ChunkCache
-from snapshotter.lazy.fetcher import PREFETCH, FetchConfig, Fetcher, FetchError, HttpClient, Scheduler
+from snapshotter.lazy.errors import FetchError
+from snapshotter.lazy.fetcher import FetchConfig, Fetcher
+from snapshotter.lazy.scheduling import PREFETCH, Scheduler
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import Registry, push_blob, spec_for
+from snapshotter.lazy.transport import HttpClient
 
 CS = 64 << 10
 REPO = "bootseer/transient"
