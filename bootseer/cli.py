@@ -124,8 +124,8 @@ def __getattr__(name: str) -> Any:
 
 # Commands that end the process without the interpreter's teardown once they are done (output flushed, logs
 # closed): `pull` runs on the path to a container's start, and tearing down the grpc, requests and protobuf
-# modules it loaded took 40-70 ms after its last line (measured: result line at 0.32-0.45 s, exit 45-73 ms
-# later).  Only commands that leave nothing to atexit handlers or finalizers (temporary dirs, pools) belong here.
+# modules it loaded took a sixth of its run after its last line (docs/bench/design-measurements.md).  Only
+# commands that leave nothing to atexit handlers or finalizers (temporary dirs, pools) belong here.
 FAST_EXIT = frozenset({"pull"})
 
 

@@ -160,8 +160,8 @@ def pull_cmd(
     addr = address or default_address()
     hd = default_hosts_dir(hosts_dir)
     client = RegistryClient(hosts_dir=hd, plain_http=plain_http)
-    # rich (a spinner, bold modes) only for a person at a terminal: importing it costs a script ~30 ms of
-    # every pull, on the path to the container's start
+    # rich (a spinner, bold modes) only for a person at a terminal: importing it costs every pull time on the
+    # path to the container's start (docs/bench/design-measurements.md)
     console = None
     if not as_json and sys.stderr.isatty():
 

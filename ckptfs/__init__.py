@@ -6,7 +6,7 @@
 """
 
 from ckptfs.api import CkptFile, open, read_file
-from ckptfs.cache import ChunkCache
+from ckptfs.cache import DigestCache
 from ckptfs.errors import (
     CheckpointBusy,
     CheckpointExists,
@@ -26,11 +26,11 @@ __all__ = [
     "CheckpointBusy",
     "CheckpointExists",
     "CheckpointNotFound",
-    "ChunkCache",
     "ChunkReadError",
     "CkptFile",
     "CkptfsError",
     "CorruptChunkError",
+    "DigestCache",
     "ManifestError",
     "ReaderOptions",
     "SafetensorsHeaderError",

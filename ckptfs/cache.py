@@ -24,7 +24,10 @@ from typing import Any
 _TMP_MARK = ".tmp-"
 
 
-class ChunkCache:
+class DigestCache:
+    """Verified checkpoint chunks on local disk, named by their sha256 and evicted oldest first past ``capacity``
+    bytes: a chunk shared by two checkpoints (or two files) is stored once, and a reader checks it again on use."""
+
     def __init__(self, directory: str | os.PathLike[str], capacity: int) -> None:
         if capacity <= 0:
             raise ValueError("cache size must be positive")

@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bootseer import log as bslog
-from ckptfs.cache import ChunkCache
+from ckptfs.cache import DigestCache
 from ckptfs.errors import CkptfsError
 from ckptfs.manifest import normalise_path
 from ckptfs.put import DEFAULT_SEGMENT_CHUNKS, put
@@ -240,7 +240,7 @@ def mount_cmd(
             local = uri.startswith(("/", "file:")) or "://" not in uri
             directory = cache_dir or (None if local else default_cache_dir())
             if directory is not None:
-                cache = ChunkCache(directory, _size(cache_size, "--cache-size"))
+                cache = DigestCache(directory, _size(cache_size, "--cache-size"))
         opts = ReaderOptions(threads=threads, readahead=readahead, memory_budget=budget, retries=retries,
                              cache=cache, verify=not no_verify)
         with Checkpoint(uri, store_options=store_opts, reader_options=opts) as ckpt:

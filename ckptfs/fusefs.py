@@ -15,7 +15,7 @@ Design points (and why):
 * **Pages pushed, not pulled.**  Read-ahead chunks, once fetched and verified, are written into the
   kernel's page cache (``FUSE_NOTIFY_STORE``) by a pusher thread, so a sequential reader mostly finds
   its pages cached and skips the FUSE round trip; without it the single pyfuse3 thread (a copy per
-  request, one request at a time) capped a cold local read near 1 GB/s on 2 cores.  Pushing stops
+  request, one request at a time) capped a cold local read (docs/bench/design-measurements.md).  Pushing stops
   half a read-ahead window past the last chunk the kernel asked for: the reader must come back through
   FUSE now and then, and those reads are what move read-ahead forward (a reader on cached pages is
   invisible to us).  Each chunk is pushed at most once per inode.

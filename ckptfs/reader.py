@@ -3,7 +3,7 @@
 A read of a byte range becomes chunk requests.  Chunks come, in order of preference, from
 
 1. the in-memory pool (chunks fetched or prefetched recently; bounded by ``memory_budget``),
-2. the on-disk :class:`~ckptfs.cache.ChunkCache` (verified again before use: disks rot too),
+2. the on-disk :class:`~ckptfs.cache.DigestCache` (verified again before use: disks rot too),
 3. the store, by a ranged read of the chunk's stripe object, verified against its sha256 and retried
    with backoff on any failure — a mismatch included, since a bad proxy or a torn connection is more
    likely than bad bytes at rest.  Only when every attempt failed does the read fail, with EIO.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from bootseer import events
 from bootseer.log import redact
-from ckptfs.cache import ChunkCache
+from ckptfs.cache import DigestCache
 from ckptfs.errors import CheckpointNotFound, ChunkReadError, CorruptChunkError
 from ckptfs.manifest import MANIFEST_NAME, ChunkRef, DirEntry, FileEntry, Manifest, normalise_path
 from ckptfs.store import Store, StoreOptions, open_store
@@ -50,7 +50,7 @@ class ReaderOptions:
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of chunks held in memory
     retries: int = 3  # extra attempts per chunk before EIO
     backoff: float = 0.05  # seconds before the first retry; doubles, capped at 2 s
-    cache: ChunkCache | None = None
+    cache: DigestCache | None = None
     verify: bool = True  # sha256 every chunk before serving it (turn off only to measure its cost)
 
 

@@ -208,8 +208,8 @@ class Store:
         """Fill ``out`` from ``offset`` of ``rel``, feeding ``hasher`` as the bytes arrive.
 
         Hashing piece by piece, right after each piece is copied, hashes data that is still in the CPU
-        cache: sha256 over a 64 MiB chunk ran at ~0.95 GB/s in one call and ~1.4 GB/s in 256 KiB
-        pieces on the 2-core test machine, and verification is the largest CPU cost of a load.
+        cache (faster by half than one call over the whole chunk: docs/bench/design-measurements.md), and
+        verification is the largest CPU cost of a load.
         """
         n = len(out)
         if self.kind != "local":
@@ -342,8 +342,7 @@ class _Fd:
     """Local object: an O_DIRECT descriptor for aligned pieces, a buffered one for the rest.
 
     O_DIRECT lets the disk DMA straight into the reader's (recycled, page-aligned) chunk buffer: no
-    copy out of the page cache and no page-cache pages to allocate — on the 2-core test VM that took
-    a cold 64 MiB-chunk read+sha256 from 1.5 to 1.8 GB/s and cut system time by two thirds.  ``put``
+    copy out of the page cache and no page-cache pages to allocate (docs/bench/design-measurements.md).  ``put``
     aligns chunk offsets to 4 KiB so nearly every piece qualifies; filesystems without O_DIRECT
     (tmpfs) and unaligned pieces use the buffered descriptor.
     """

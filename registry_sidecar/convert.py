@@ -7,13 +7,12 @@ it with :mod:`registry_sidecar.unpack` (overlay whiteouts, every attribute kept,
     SOURCE_DATE_EPOCH=<newest mtime in the layer> mkfs.erofs -zlz4hc,4 -C65536 -U<uuid from the layer digest> blob root
 
 Why these options: LZ4HC is decompressed by the kernel inside erofs, so no byte of file data passes through Python
-on the node; level 4 rather than mkfs's default 9 because on the realistic image's torch layer (700 MB unpacked) it
-took 4.7 s of CPU instead of 6.9 s for a blob 0.5 % larger (316.0 vs 314.3 MB), and LZ4 decompresses equally fast
-at any level. ``SOURCE_DATE_EPOCH`` fixes the superblock build time and clamps nothing (it is the layer's own
-newest mtime), so per-file mtimes survive — Python's ``.pyc`` files are validated against them — while the output
-depends only on the layer's content; the UUID is derived from the layer digest. mkfs.erofs sorts directory entries,
-so readdir order of the scratch dir does not leak in either: the same layer always gives the same blob, byte for
-byte.
+on the node; level 4 rather than mkfs's default 9 because it costs a third less CPU for a blob half a percent larger
+(docs/bench/design-measurements.md), and LZ4 decompresses equally fast at any level. ``SOURCE_DATE_EPOCH`` fixes the
+superblock build time and clamps nothing (it is the layer's own newest mtime), so per-file mtimes survive — Python's
+``.pyc`` files are validated against them — while the output depends only on the layer's content; the UUID is
+derived from the layer digest. mkfs.erofs sorts directory entries, so readdir order of the scratch dir does not leak
+in either: the same layer always gives the same blob, byte for byte.
 
 Then the blob is cut into chunks (128 KiB default) and hashed, pushed into the image's repository (or mounted
 from another repository that has it), and finally the index artifact is pushed as a referrer of the image

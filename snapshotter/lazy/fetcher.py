@@ -15,7 +15,7 @@ any HTTP server.  The rules, and why:
   follow the recorded first-access order and so are scattered over the blob, sends its next runs as one
   *multi-range* request where the registry serves ``multipart/byteranges`` (:meth:`Fetcher.ensure_runs`;
   only runs due close together, see :meth:`LazyLayer.prefetch <snapshotter.lazy.layer.LazyLayer.prefetch>`):
-  the torch start-up's registry CPU fell by 35–40 % at the same start-up time.
+  the registry's CPU per start-up falls by a third at the same start-up time (docs/bench/design-measurements.md).
 * **Chunks as they arrive.**  Each chunk of a response is verified, stored and handed to its waiters as
   soon as its bytes are in, not when the whole response is.
 * **Bounded time.**  A demand read has a deadline (``read_timeout``); connect and socket-read timeouts are
@@ -180,8 +180,8 @@ class Fetcher:
         Missing chunks go out in coalesced runs; a chunk another caller is fetching right now is waited
         for, not fetched twice.  A chunk is claimed only once its request holds a scheduler slot: a fetch
         still queued for a slot claims nothing, so a demand read or a prefetch never waits on a background
-        fetch that is itself queued behind them (that priority inversion cost the start-up benchmark 2 s:
-        prefetch waited for chunks the fill had claimed and could not fetch until prefetch was over)."""
+        fetch that is itself queued behind them (that priority inversion made prefetch wait for chunks the
+        fill had claimed and could not fetch until prefetch was over; docs/bench/design-measurements.md)."""
         cap = max(1, self.config.max_range_bytes // self.spec.chunk_size)
         self._ensure(indices, kind, deadline, cancel, due,
                      lambda todo: [[run] for run in coalesce(sorted(todo), cap)])
@@ -190,9 +190,9 @@ class Fetcher:
                     cancel: threading.Event | None = None, due: float | None = None) -> None:
         """Like :meth:`ensure` for several runs of chunks (prefetch: the next runs in first-access order),
         fetched in *one* request slot with *one* multi-range request (``Range: bytes=a-b,c-d,…``) where the
-        registry answers those with ``multipart/byteranges``.  Why: docker-registry 2.8 spends ~4 ms of CPU
-        on every request whatever its size (measured: 256 requests of 128 KiB cost it 1.05 CPU-s, the same
-        bytes in 32 requests of 8 ranges 0.25 CPU-s), and on a node every request costs this daemon too.
+        registry answers those with ``multipart/byteranges``.  Why: a registry spends CPU on every request
+        whatever its size (docker-registry 2.8: docs/bench/design-measurements.md), and on a node every
+        request costs this daemon too.
         A registry that answers otherwise (a CDN or object store behind a redirect answers ``200`` with the
         whole blob, or one range) is asked one range per request from then on: the body is never read."""
         order = [list(r) for r in runs if r]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import ckptfs
 from bootseer.testkit import wait_until
 from ckptfs.baseline import read_file_single_stream
-from ckptfs.cache import ChunkCache
+from ckptfs.cache import DigestCache
 from ckptfs.cli import app
 from ckptfs.errors import CheckpointExists, CheckpointNotFound, CkptfsError, CorruptChunkError, ManifestError
 from ckptfs.manifest import MANIFEST_NAME, Manifest
@@ -197,11 +197,11 @@ def test_disk_cache_survives_reopen_and_is_verified(tree: tuple[Path, dict[str, 
     store = tmp_path / "store"
     ckptfs.put(src, str(store), chunk_size=CS, stripes=2)
     cache_dir = tmp_path / "cache"
-    with Checkpoint(str(store), reader_options=ReaderOptions(cache=ChunkCache(cache_dir, 1 << 30))) as ck:
+    with Checkpoint(str(store), reader_options=ReaderOptions(cache=DigestCache(cache_dir, 1 << 30))) as ck:
         assert bytes(ck.read_file("optim/state.bin")) == files["optim/state.bin"]
         assert ck.source.stats.store_bytes == len(files["optim/state.bin"])
     # A new instance (a remount) is served from the cache alone: remove the data objects entirely.
-    cache = ChunkCache(cache_dir, 1 << 30)
+    cache = DigestCache(cache_dir, 1 << 30)
     assert cache.used == len(files["optim/state.bin"])
     with Checkpoint(str(store), reader_options=ReaderOptions(cache=cache)) as ck:
         for p in (store / "data").rglob("*"):
@@ -212,7 +212,7 @@ def test_disk_cache_survives_reopen_and_is_verified(tree: tuple[Path, dict[str, 
     # A rotten cache entry is dropped, not served (and the store is empty now, so the read fails).
     victim = next(p for p in cache_dir.rglob("*") if p.is_file())
     victim.write_bytes(b"x" * victim.stat().st_size)
-    opts = ReaderOptions(cache=ChunkCache(cache_dir, 1 << 30), retries=0)
+    opts = ReaderOptions(cache=DigestCache(cache_dir, 1 << 30), retries=0)
     with Checkpoint(str(store), reader_options=opts) as ck, pytest.raises(OSError):
         ck.read_file("optim/state.bin")
     assert not victim.exists()
@@ -223,13 +223,13 @@ def test_cache_is_lru_and_capped(tmp_path: Path) -> None:
 
     blobs = [bytes([i]) * 1000 for i in range(5)]
     digests = [hashlib.sha256(b).hexdigest() for b in blobs]
-    c = ChunkCache(tmp_path / "c", 3000)
+    c = DigestCache(tmp_path / "c", 3000)
     for d, b in zip(digests[:3], blobs[:3], strict=True):
         c.put(d, b)
     assert c.get(digests[0]) == blobs[0]  # 0 is now the most recent
     c.put(digests[3], blobs[3])  # evicts 1, the least recent
     assert digests[1] not in c and digests[0] in c and c.used <= 3000
-    c2 = ChunkCache(tmp_path / "c", 2000)  # reopen smaller: evicts the oldest by mtime
+    c2 = DigestCache(tmp_path / "c", 2000)  # reopen smaller: evicts the oldest by mtime
     assert c2.used <= 2000 and len(list((tmp_path / "c").rglob("*/*"))) == 2
     with pytest.raises(ValueError):
         c.get("../../etc/passwd")
