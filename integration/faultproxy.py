@@ -14,8 +14,14 @@ matches takes one draw, and the rate faults split that draw in the order they we
 5 % cut are 20 % and 5 % of the requests, never both on one).  ``ranged=True`` matches only requests with a
 ``Range`` header (lazy blob reads, not whole-blob or manifest GETs), ``range`` those whose ``Range`` a regex finds.
 
-Used by the registry client's, the converter's and the lazy fetcher's tests and the transient-error benchmark;
-``hits`` records what happened to each request.
+For tests that need to see what reached the registry, ``exchanges`` logs each forwarded request with its
+``Range`` and the bytes served (:meth:`FaultProxy.blob_requests`, :meth:`FaultProxy.served_bytes`);
+:meth:`FaultProxy.hold` holds ranged responses until :meth:`FaultProxy.release` (concurrent readers made to
+overlap deterministically), and the ``hang`` action accepts a request and answers nothing until the fault is
+removed (:meth:`FaultProxy.clear`, :meth:`FaultProxy.remove`) or the proxy stops: a registry that stalls.
+
+Used by the registry client's, the converter's, the lazy fetcher's and the lazy data path's tests and the
+transient-error benchmark; ``hits`` records what happened to each request.
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ class Fault:
 
     Actions: ``status`` (answer ``status``, with ``Retry-After: retry_after`` when set), ``drop`` (reset the
     connection), ``cut`` (send half the upstream body then reset), ``delay`` (wait ``delay`` s, then forward),
-    ``corrupt`` (flip a byte of the body).  ``rate``: fire on that fraction of the matching requests (seeded,
-    see the module doc) instead of the next ``times``; ``ranged``: match only requests with a ``Range`` header.
+    ``corrupt`` (flip a byte of the body), ``hang`` (answer nothing while the fault is in place). ``rate``: fire on
+    that fraction of the matching requests (seeded, see the module doc) instead of the next ``times``; ``ranged``:
+    match only requests with a ``Range`` header.
     """
 
     action: str
@@ -74,6 +81,24 @@ class Fault:
 
 
 @dataclass
+class Exchange:
+    """One request the proxy forwarded: what was asked and what went back."""
+
+    method: str
+    path: str
+    range: str | None
+    status: int = 0
+    nbytes: int = 0  # body bytes sent back (a GET)
+
+    def span(self) -> tuple[int, int] | None:
+        """(first, last) byte of a ``bytes=a-b`` range."""
+        if not self.range or not self.range.startswith("bytes=") or "," in self.range:
+            return None
+        a, _, b = self.range[6:].partition("-")
+        return int(a), int(b)
+
+
+@dataclass
 class FaultProxy:
     upstream: str  # host:port of the real registry (plain HTTP)
     auth: str | None = None  # None | "bearer" | "basic"
@@ -83,12 +108,16 @@ class FaultProxy:
     seed: int = 0  # of the draws that decide which requests a ``rate`` fault hits
     hits: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what happened)
     stamps: list[float] = field(default_factory=list)  # time.monotonic() of each of ``hits``
+    exchanges: list[Exchange] = field(default_factory=list)  # forwarded requests, in arrival order
     tokens_issued: int = 0
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _tokens: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rng: random.Random | None = None
+    _changed: threading.Condition = field(default_factory=threading.Condition)  # faults removed, gate, stop
+    _gate: threading.Event | None = None
+    _stopping: bool = False
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> FaultProxy:
@@ -104,6 +133,10 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self.release()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -123,18 +156,58 @@ class FaultProxy:
         assert isinstance(host, str)  # an AF_INET server
         return f"{host}:{port}"
 
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
     def add(self, action: str, **kw: Any) -> Fault:
         f = Fault(action, **kw)
         with self._lock:
             self.faults.append(f)
         return f
 
+    def remove(self, fault: Fault) -> None:
+        """Take ``fault`` out (a ``hang`` ends: its held requests go on)."""
+        with self._lock:
+            if fault in self.faults:
+                self.faults.remove(fault)
+        with self._changed:
+            self._changed.notify_all()
+
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
             self.hits.clear()
             self.stamps.clear()
+            self.exchanges.clear()
             self._rng = None
+        with self._changed:
+            self._changed.notify_all()
+
+    def hold(self) -> threading.Event:
+        """Hold every ranged response, once its bytes are in from upstream, until :meth:`release`."""
+        gate = threading.Event()
+        self._gate = gate
+        return gate
+
+    def release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    def blob_requests(self, digest: str) -> list[Exchange]:
+        """The GETs of blob ``digest`` forwarded so far."""
+        with self._lock:
+            return [e for e in self.exchanges if e.method == "GET" and e.path.endswith("/blobs/" + digest)]
+
+    def served_bytes(self, digest: str) -> int:
+        return sum(e.nbytes for e in self.blob_requests(digest))
+
+    def _hang(self, fault: Fault) -> None:
+        """Wait while ``fault`` is in place (the injected stall itself; bounded so a test that forgets it
+        cannot keep a thread forever)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._stopping or fault not in self.faults, timeout=300)
 
     def _take(self, method: str, path: str, range_header: str | None = None) -> Fault | None:
         with self._lock:
@@ -247,6 +320,11 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and fault.action == "drop":
             p._record(self.command, path, "drop")
             return self._reset()
+        if fault and fault.action == "hang":
+            p._record(self.command, path, "hang")
+            p._hang(fault)
+            if p._stopping:
+                return self._reset()
         if fault and fault.action == "delay":
             # one record per request: the client has usually given up on this one before it is answered
             p._record(self.command, path, f"delay {fault.delay}")
@@ -303,6 +381,12 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             conn.close()
         what = f"{resp.status}"
+        with p._lock:  # logged before a held answer waits: a test sees the request while it is held
+            p.exchanges.append(Exchange(self.command, self.path, self.headers.get("Range"), resp.status,
+                                        len(data) if self.command == "GET" else 0))
+        gate = p._gate
+        if gate is not None and self.headers.get("Range"):
+            gate.wait(60)
         if fault and fault.action == "corrupt" and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
             what += " corrupted"

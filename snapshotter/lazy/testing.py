@@ -9,18 +9,13 @@ import base64
 import contextlib
 import errno
 import hashlib
-import http.client
-import http.server
 import json
 import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -150,133 +145,6 @@ def push_blob(registry_url: str, repo: str, data: bytes) -> str:
 def spec_for(registry_url: str, repo: str, data: bytes, chunk_size: int) -> BlobSpec:
     return BlobSpec(registry=registry_url, repository=repo, digest="sha256:" + hashlib.sha256(data).hexdigest(),
                     size=len(data), chunk_size=chunk_size, chunks=chunk_digests(data, chunk_size))
-
-
-# ------------------------------------------------------------------------------------------- proxy
-@dataclass
-class ProxyRequest:
-    method: str
-    path: str
-    range: str | None
-    status: int = 0
-    nbytes: int = 0
-
-    def span(self) -> tuple[int, int] | None:
-        """(first, last) byte of a ``bytes=a-b`` range."""
-        if not self.range or not self.range.startswith("bytes="):
-            return None
-        a, _, b = self.range[6:].partition("-")
-        return int(a), int(b)
-
-
-@dataclass
-class _ProxyState:
-    mode: str = "pass"  # pass | hang | close
-    gate: threading.Event | None = None  # while set to an unset Event, range responses are held
-    requests: list[ProxyRequest] = field(default_factory=list)
-    changed: threading.Condition = field(default_factory=threading.Condition)
-
-
-class CountingProxy:
-    """An HTTP proxy in front of the registry that counts what it serves and can misbehave on demand:
-    ``hang`` (accept, never answer — a registry that stalls), ``close`` (drop the connection), and a gate
-    that holds range responses until released (to make concurrent readers overlap deterministically)."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.removeprefix("http://")
-        self.state = _ProxyState()
-        state = self.state
-        up = self.upstream
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-            def do_HEAD(self) -> None:
-                self._proxy("HEAD")
-
-            def do_GET(self) -> None:
-                self._proxy("GET")
-
-            def _proxy(self, method: str) -> None:
-                rec = ProxyRequest(method, self.path, self.headers.get("Range"))
-                with state.changed:
-                    state.requests.append(rec)
-                    state.changed.notify_all()
-                    while state.mode == "hang":
-                        if not state.changed.wait(60):
-                            break
-                    mode, gate = state.mode, state.gate
-                if mode == "close":
-                    self.close_connection = True
-                    with contextlib.suppress(OSError):
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                conn = http.client.HTTPConnection(up, timeout=30)
-                try:
-                    hdrs = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                    conn.request(method, self.path, headers=hdrs)
-                    resp = conn.getresponse()
-                    body = resp.read()
-                finally:
-                    conn.close()
-                if gate is not None and rec.range:
-                    gate.wait(60)
-                rec.status = resp.status
-                rec.nbytes = len(body) if method == "GET" else 0
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if method == "GET":
-                    with contextlib.suppress(OSError):
-                        self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="proxy", daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def set_mode(self, mode: str) -> None:
-        with self.state.changed:
-            self.state.mode = mode
-            self.state.changed.notify_all()
-
-    def hold(self) -> threading.Event:
-        gate = threading.Event()
-        self.state.gate = gate
-        return gate
-
-    def release(self) -> None:
-        gate, self.state.gate = self.state.gate, None
-        if gate is not None:
-            gate.set()
-
-    def reset(self) -> None:
-        with self.state.changed:
-            self.state.requests.clear()
-
-    def blob_requests(self, digest: str) -> list[ProxyRequest]:
-        with self.state.changed:
-            return [r for r in self.state.requests if r.method == "GET" and r.path.endswith("/blobs/" + digest)]
-
-    def served_bytes(self, digest: str) -> int:
-        return sum(r.nbytes for r in self.blob_requests(digest))
-
-    def close(self) -> None:
-        self.release()
-        self.set_mode("pass")
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # ------------------------------------------------------------------------------------------ daemon

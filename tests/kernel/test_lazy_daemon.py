@@ -25,11 +25,11 @@ import pytest
 
 from bootseer.control import ControlError
 from bootseer.testkit import drop_caches, run_with_deadline, wait_until
+from integration.faultproxy import FaultProxy
 from snapshotter.lazy import loop
 from snapshotter.lazy import mount as mnt
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.lazy.testing import (
-    CountingProxy,
     LazyDaemon,
     Registry,
     build_erofs,
@@ -82,10 +82,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 @pytest.fixture
-def proxy(world: World) -> Iterator[CountingProxy]:
-    p = CountingProxy(world.registry.url)
-    yield p
-    p.close()
+def proxy(world: World) -> Iterator[FaultProxy]:
+    with FaultProxy(world.registry.url.removeprefix("http://")) as p:
+        yield p
 
 
 @pytest.fixture
@@ -131,7 +130,7 @@ def _assert_clean(d: LazyDaemon, root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-def test_lazy_mount_reads_the_tree_fetching_only_what_is_read(world: World, proxy: CountingProxy,
+def test_lazy_mount_reads_the_tree_fetching_only_what_is_read(world: World, proxy: FaultProxy,
                                                               start: Callable[..., LazyDaemon],
                                                               daemon_root: Path) -> None:
     d = start(NO_FILL)
@@ -160,7 +159,7 @@ def test_lazy_mount_reads_the_tree_fetching_only_what_is_read(world: World, prox
     _assert_clean(d, daemon_root)
 
 
-def test_concurrent_readers_of_a_missing_chunk_cause_one_fetch(world: World, proxy: CountingProxy,
+def test_concurrent_readers_of_a_missing_chunk_cause_one_fetch(world: World, proxy: FaultProxy,
                                                                start: Callable[..., LazyDaemon]) -> None:
     d = start(NO_FILL)
     spec = world.spec(proxy.url)
@@ -192,7 +191,7 @@ def test_concurrent_readers_of_a_missing_chunk_cause_one_fetch(world: World, pro
     assert len(covering) == 1
 
 
-def test_corrupt_chunk_in_registry_storage_is_eio_for_that_file_only(world: World, proxy: CountingProxy,
+def test_corrupt_chunk_in_registry_storage_is_eio_for_that_file_only(world: World, proxy: FaultProxy,
                                                                      start: Callable[..., LazyDaemon]) -> None:
     k = world.chunk_inside("rand.bin")
     blob = world.registry.blob_data(world.digest)
@@ -216,7 +215,7 @@ def test_corrupt_chunk_in_registry_storage_is_eio_for_that_file_only(world: Worl
             f.write(original)
 
 
-def test_fill_swaps_off_fuse_and_survives_sigkill(world: World, proxy: CountingProxy,
+def test_fill_swaps_off_fuse_and_survives_sigkill(world: World, proxy: FaultProxy,
                                                   start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     d = start({"fill_rate": 64 << 20})
     spec = world.spec(proxy.url)
@@ -243,7 +242,7 @@ def test_fill_swaps_off_fuse_and_survives_sigkill(world: World, proxy: CountingP
     wait_until(lambda: loops_below(daemon_root) == [], 10, "loop device autoclear")
 
 
-def test_restart_before_swap_resumes_reads(world: World, proxy: CountingProxy, start: Callable[..., LazyDaemon],
+def test_restart_before_swap_resumes_reads(world: World, proxy: FaultProxy, start: Callable[..., LazyDaemon],
                                           daemon_root: Path) -> None:
     d = start(NO_FILL)
     mp = _acquire(d, world.spec(proxy.url))
@@ -262,13 +261,13 @@ def test_restart_before_swap_resumes_reads(world: World, proxy: CountingProxy, s
     _assert_clean(d2, daemon_root)
 
 
-def test_registry_down_is_eio_within_the_timeout_and_works_when_back(world: World, proxy: CountingProxy,
+def test_registry_down_is_eio_within_the_timeout_and_works_when_back(world: World, proxy: FaultProxy,
                                                                      start: Callable[..., LazyDaemon]) -> None:
     timeout = 2.0
     d = start({"fill": {"enabled": False}, "fetch": {"read_timeout": timeout, "io_timeout": 1.0,
                                                       "connect_timeout": 1.0, "failure_memo": 1.0}})
     mp = _acquire(d, world.spec(proxy.url))
-    proxy.set_mode("hang")
+    hang = proxy.add("hang", rate=1.0)
     t0 = time.monotonic()
     assert run_with_deadline(lambda: read_eio(mp / "b64.txt"), 30, "read with the registry hanging")
     took = time.monotonic() - t0
@@ -276,9 +275,10 @@ def test_registry_down_is_eio_within_the_timeout_and_works_when_back(world: Worl
     # one deadline for the whole read(2), not one per read-ahead request (those ran 4x the timeout); the
     # slack is for a loaded machine
     assert took < 3 * timeout
-    proxy.set_mode("close")  # connections dropped: also EIO, no hang
+    proxy.remove(hang)
+    drop = proxy.add("drop", rate=1.0)  # connections dropped: also EIO, no hang
     assert run_with_deadline(lambda: read_eio(mp / "seq.txt"), 30, "read with the registry dropping connections")
-    proxy.set_mode("pass")
+    proxy.remove(drop)
 
     def works() -> bool:
         try:
@@ -290,7 +290,7 @@ def test_registry_down_is_eio_within_the_timeout_and_works_when_back(world: Worl
     assert run_with_deadline(lambda: tree_digest(mp), 60, "reading the tree") == world.tree
 
 
-def test_shared_layer_refcount_and_complete_cache_mounts_without_fuse(world: World, proxy: CountingProxy,
+def test_shared_layer_refcount_and_complete_cache_mounts_without_fuse(world: World, proxy: FaultProxy,
                                                                       start: Callable[..., LazyDaemon],
                                                                       daemon_root: Path) -> None:
     d = start()
@@ -312,7 +312,7 @@ def test_shared_layer_refcount_and_complete_cache_mounts_without_fuse(world: Wor
     _assert_clean(d, daemon_root)
 
 
-def test_cache_budget_evicts_released_layers_only(world: World, proxy: CountingProxy,
+def test_cache_budget_evicts_released_layers_only(world: World, proxy: FaultProxy,
                                                   start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     d = start({"cache_cap_bytes": 1 << 20, "housekeeping_interval": 3600})
     spec = world.spec(proxy.url)
@@ -329,7 +329,7 @@ def test_cache_budget_evicts_released_layers_only(world: World, proxy: CountingP
     _assert_clean(d, daemon_root)
 
 
-def test_bad_blob_fails_acquire_and_leaves_nothing(world: World, proxy: CountingProxy,
+def test_bad_blob_fails_acquire_and_leaves_nothing(world: World, proxy: FaultProxy,
                                                    start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     d = start({"fill": {"enabled": False}, "fetch": {"retries": 0, "read_timeout": 5}})
     good = world.spec(proxy.url)
@@ -347,7 +347,7 @@ def test_bad_blob_fails_acquire_and_leaves_nothing(world: World, proxy: Counting
     _assert_clean(d, daemon_root)
 
 
-def test_recording_logs_every_fuse_read_and_holds_the_swap(world: World, proxy: CountingProxy,
+def test_recording_logs_every_fuse_read_and_holds_the_swap(world: World, proxy: FaultProxy,
                                                            start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     """What the recorder relies on: while a recording runs, every read reaching FUSE for the blob is logged
     (blob digest, offset, length, monotonic ns) and the layer stays behind FUSE even once it is complete."""
@@ -378,7 +378,7 @@ def test_recording_logs_every_fuse_read_and_holds_the_swap(world: World, proxy: 
 
 
 @pytest.mark.parametrize("page_cache", [True, False])
-def test_prefetched_chunks_are_read_from_the_page_cache_without_fuse(world: World, proxy: CountingProxy,
+def test_prefetched_chunks_are_read_from_the_page_cache_without_fuse(world: World, proxy: FaultProxy,
                                                                       start: Callable[..., LazyDaemon],
                                                                       daemon_root: Path, page_cache: bool) -> None:
     """What saves a prefetched start-up its FUSE round trips: prefetch pushes the chunks it made local into
@@ -402,13 +402,13 @@ def test_prefetched_chunks_are_read_from_the_page_cache_without_fuse(world: Worl
     _assert_clean(d, daemon_root)
 
 
-def test_prefetch_runs_go_out_as_one_multi_range_request(world: World, proxy: CountingProxy,
+def test_prefetch_runs_go_out_as_one_multi_range_request(world: World, proxy: FaultProxy,
                                                          start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     """docker-registry serves ``multipart/byteranges``: the next runs of a prefetch share one request (the
     registry spends ~4 ms of CPU per request, whatever its size), and every chunk still verifies."""
     d = start(NO_FILL)
     mp = _acquire(d, world.spec(proxy.url))
-    proxy.reset()
+    proxy.clear()
     ranges = [[20 * CHUNK, 2 * CHUNK], [10 * CHUNK, 1], [30 * CHUNK + 5, 100]]  # first-access order
     job = d.call("prefetch", digest=world.digest, ranges=ranges, wait=60)
     assert job["done"] and job["failed"] == 0 and job["fetched"] == 4
@@ -421,13 +421,13 @@ def test_prefetch_runs_go_out_as_one_multi_range_request(world: World, proxy: Co
 
 
 def test_only_runs_due_close_together_share_a_multi_range_request(
-        world: World, proxy: CountingProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+        world: World, proxy: FaultProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     """With recorded first-access times, a request carries only runs due within ``prefetch_batch_window``
     (0.05 s) of its first: a batch admitted for its earliest run must not carry bytes due much later (at
     200 Mbit/s that took link share from the runs due next)."""
     d = start(NO_FILL)
     _acquire(d, world.spec(proxy.url))
-    proxy.reset()
+    proxy.clear()
     ms = 1_000_000
     ranges = [[20 * CHUNK, 2 * CHUNK, 0], [10 * CHUNK, 1, 30 * ms], [30 * CHUNK + 5, 100, 400 * ms],
               [40 * CHUNK, 1, 420 * ms]]
@@ -440,7 +440,7 @@ def test_only_runs_due_close_together_share_a_multi_range_request(
 
 
 def test_a_hold_taken_over_keeps_the_layer_mounted_and_is_recorded_in_one_write(
-        world: World, proxy: CountingProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+        world: World, proxy: FaultProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     """A Prepare taking over a layer set up ahead of it: the new owner replaces the provisional one in one step
     (the layer is never unheld, so never unmounted in between), and the record on disk names the new owner
     — which is what a restarted daemon re-mounts the layer for."""
@@ -458,7 +458,7 @@ def test_a_hold_taken_over_keeps_the_layer_mounted_and_is_recorded_in_one_write(
 
 
 def test_specs_sharing_a_blob_digest_from_another_source_do_not_share_a_mount(
-        world: World, proxy: CountingProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
+        world: World, proxy: FaultProxy, start: Callable[..., LazyDaemon], daemon_root: Path) -> None:
     """The layer an index from one registry set up is not handed to a spec from another registry (or with
     another chunk table) that claims the same blob digest: each gets its own mount and cache."""
     d = start(NO_FILL)
