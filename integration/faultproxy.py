@@ -14,6 +14,10 @@ matches takes one draw, and the rate faults split that draw in the order they we
 5 % cut are 20 % and 5 % of the requests, never both on one).  ``ranged=True`` matches only requests with a
 ``Range`` header (lazy blob reads, not whole-blob or manifest GETs), ``range`` those whose ``Range`` a regex finds.
 
+With ``origin`` (digest → bytes) it is the registry itself for those blobs — ``GET``/``HEAD`` of
+``/v2/<repo>/blobs/<digest>``, one range per request (a multi-range request gets the whole blob, as an object
+store answers it) — for unit tests that run without a registry process; every fault works the same way there.
+
 For tests that need to see what reached the registry, ``exchanges`` logs each forwarded request with its
 ``Range`` and the bytes served (:meth:`FaultProxy.blob_requests`, :meth:`FaultProxy.served_bytes`);
 :meth:`FaultProxy.hold` holds ranged responses until :meth:`FaultProxy.release` (concurrent readers made to
@@ -46,15 +50,17 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade"}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a test removes the fault it added, not one equal to it
 class Fault:
     """Inject ``action`` into the next ``times`` requests matching ``method`` and the ``path`` regex.
 
     Actions: ``status`` (answer ``status``, with ``Retry-After: retry_after`` when set), ``drop`` (reset the
     connection), ``cut`` (send half the upstream body then reset), ``delay`` (wait ``delay`` s, then forward),
-    ``corrupt`` (flip a byte of the body), ``hang`` (answer nothing while the fault is in place). ``rate``: fire on
-    that fraction of the matching requests (seeded, see the module doc) instead of the next ``times``; ``ranged``:
-    match only requests with a ``Range`` header.
+    ``corrupt`` (flip the first byte of the body, or the byte at blob offset ``at`` where the answer covers it),
+    ``hang`` (answer nothing while the fault is in place), ``stall`` (send ``after`` bytes of the body, then
+    nothing more while the fault is in place), ``ignore_range`` (answer the whole blob, 200, as a server
+    without range support).  ``rate``: fire on that fraction of the matching requests (seeded, see the module
+    doc) instead of the next ``times``; ``ranged``: match only requests with a ``Range`` header.
     """
 
     action: str
@@ -68,7 +74,10 @@ class Fault:
     rate: float | None = None  # fire on this fraction of matching requests (``times`` is then ignored)
     ranged: bool = False  # only requests carrying a Range header
     range: str | None = None  # only requests whose Range header this regex finds (e.g. "^bytes=0-")
+    at: int | None = None  # corrupt: the blob offset whose byte is flipped (when the answer covers it)
+    after: int = 0  # stall: bytes of the body sent before the answer stops (until the fault is removed)
     hits: int = 0
+    fired: threading.Event = field(default_factory=threading.Event)  # set when the fault first fires
 
     def matches(self, method: str, path: str, range_header: str | None = None) -> bool:
         if self.rate is None and self.hits >= self.times:
@@ -100,8 +109,10 @@ class Exchange:
 
 @dataclass
 class FaultProxy:
-    upstream: str  # host:port of the real registry (plain HTTP)
-    auth: str | None = None  # None | "bearer" | "basic"
+    upstream: str = ""  # host:port of the real registry (plain HTTP); unused for ``origin`` blobs
+    origin: dict[str, bytes] | None = None  # blobs served by the proxy itself (digest → bytes)
+    auth: str | None = None  # None | "bearer" | "basic" | "static" (only ``Authorization: Bearer static_token``)
+    static_token: str = ""
     username: str = ""
     password: str = ""
     faults: list[Fault] = field(default_factory=list)
@@ -214,6 +225,7 @@ class FaultProxy:
             counted = [f for f in self.faults if f.rate is None and f.matches(method, path, range_header)]
             if counted:
                 counted[0].hits += 1
+                counted[0].fired.set()
                 return counted[0]
             rated = [f for f in self.faults if f.rate is not None and f.matches(method, path, range_header)]
             if not rated:
@@ -225,6 +237,7 @@ class FaultProxy:
                 draw -= f.rate or 0.0
                 if draw < 0:
                     f.hits += 1
+                    f.fired.set()
                     return f
         return None
 
@@ -335,6 +348,13 @@ class _Handler(BaseHTTPRequestHandler):
         p = self.owner
         got = self.headers.get("Authorization", "")
         host = self.headers.get("Host", p.address)
+        if p.auth == "static":
+            if got == f"Bearer {p.static_token}":
+                return True
+            p._record(self.command, self.path, "401 static")
+            self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                       {"Content-Type": "application/json"})
+            return False
         if p.auth == "basic":
             if p._basic_ok(got):
                 return True
@@ -364,11 +384,14 @@ class _Handler(BaseHTTPRequestHandler):
         p._record(self.command, "/token", "token")
         self._send(200, json.dumps({"token": tok, "expires_in": 300}).encode(), {"Content-Type": "application/json"})
 
-    def _forward(self, body: bytes, fault: Fault | None) -> None:
+    def _upstream(self, body: bytes, fault: Fault | None) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """The upstream's answer (status, headers, body), or None once a 502 went back."""
         p = self.owner
         conn = http.client.HTTPConnection(p.upstream, timeout=60)
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("authorization", "content-length")}
+        skip = HOP_BY_HOP | {"authorization", "content-length"}
+        if fault is not None and fault.action == "ignore_range":
+            skip = skip | {"range"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
         if body or self.command in ("PUT", "POST", "PATCH"):
             headers["Content-Length"] = str(len(body))
         try:
@@ -377,19 +400,59 @@ class _Handler(BaseHTTPRequestHandler):
             data = resp.read()
         except OSError:
             p._record(self.command, self.path, "upstream error")
-            return self._send(502, b"upstream unreachable")
+            self._send(502, b"upstream unreachable")
+            return None
         finally:
             conn.close()
-        what = f"{resp.status}"
+        out = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP | {"content-length"}]
+        if self.command == "HEAD":
+            out.append(("Content-Length", resp.getheader("Content-Length") or "0"))
+        return resp.status, out, data
+
+    def _own(self, blobs: dict[str, bytes], fault: Fault | None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The answer for a blob of ``origin``: one range (206), or the whole blob (200) when there is no
+        range, more than one, or ``ignore_range``."""
+        m = re.fullmatch(r"/v2/.+/blobs/(sha256:[0-9a-f]{64})", urlsplit(self.path).path)
+        data = blobs.get(m.group(1)) if m and self.command in ("GET", "HEAD") else None
+        if data is None:
+            return 404, [("Content-Type", "application/json")], b'{"errors":[{"code":"BLOB_UNKNOWN"}]}'
+        rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        status, headers, body = 200, [("Content-Type", "application/octet-stream")], data
+        if rng and not (fault is not None and fault.action == "ignore_range"):
+            start = int(rng.group(1))
+            end = min(len(data), int(rng.group(2)) + 1 if rng.group(2) else len(data))
+            if start >= end:
+                return 416, [("Content-Range", f"bytes */{len(data)}")], b""
+            status, body = 206, data[start:end]
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{len(data)}"))
+        if self.command == "HEAD":
+            headers.append(("Content-Length", str(len(body))))
+        return status, headers, body
+
+    def _forward(self, body: bytes, fault: Fault | None) -> None:
+        p = self.owner
+        if p.origin is not None:
+            status, out_headers, data = self._own(p.origin, fault)
+        else:
+            got = self._upstream(body, fault)
+            if got is None:
+                return
+            status, out_headers, data = got
+        what = f"{status}"
         with p._lock:  # logged before a held answer waits: a test sees the request while it is held
-            p.exchanges.append(Exchange(self.command, self.path, self.headers.get("Range"), resp.status,
+            p.exchanges.append(Exchange(self.command, self.path, self.headers.get("Range"), status,
                                         len(data) if self.command == "GET" else 0))
         gate = p._gate
         if gate is not None and self.headers.get("Range"):
             gate.wait(60)
         if fault and fault.action == "corrupt" and data:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-            what += " corrupted"
+            flip = 0
+            if fault.at is not None:
+                crange = dict((k.lower(), v) for k, v in out_headers).get("content-range", "bytes 0-")
+                flip = fault.at - int(re.findall(r"\d+", crange)[0])
+            if 0 <= flip < len(data):
+                data = data[:flip] + bytes([data[flip] ^ 0xFF]) + data[flip + 1:]
+                what += " corrupted"
         cut = fault is not None and fault.action == "cut" and len(data) > 1 and self.command != "HEAD"
         if cut:
             what += " cut"
@@ -397,14 +460,11 @@ class _Handler(BaseHTTPRequestHandler):
         # request was recorded when its delay began.
         if not (fault and fault.action == "delay"):
             p._record(self.command, self.path, what)
-        out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP | {"content-length"}]
-        declared = len(data)
-        if self.command == "HEAD":
-            declared = int(resp.getheader("Content-Length") or 0)
-        self.send_response(resp.status)
+        self.send_response(status)
         for k, v in out_headers:
             self.send_header(k, v)
-        self.send_header("Content-Length", str(declared))
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command == "HEAD":
             return
@@ -412,6 +472,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             return self._reset()
+        if fault is not None and fault.action == "stall" and 0 < fault.after < len(data):
+            self.wfile.write(data[: fault.after])
+            self.wfile.flush()
+            p._hang(fault)  # the rest goes once the fault is removed
+            if p._stopping:
+                return self._reset()
+            data = data[fault.after:]
         self.wfile.write(data)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle

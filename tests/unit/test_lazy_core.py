@@ -4,10 +4,8 @@ auth, mirrors), the scheduler's priorities, and the FUSE operations driven by tr
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import http.server
 import json
 import logging
 import os
@@ -24,6 +22,7 @@ import trio
 
 from bootseer.index import chunk_digests
 from bootseer.testkit import free_port, run_with_deadline, wait_until
+from integration.faultproxy import FaultProxy
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.errors import FetchError
 from snapshotter.lazy.fetcher import FetchConfig, Fetcher
@@ -190,115 +189,22 @@ def test_cache_complete_means_the_data_file_is_the_blob(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- a blob server
-class BlobServer:
-    """A registry-shaped HTTP server for one blob: Range support, request log, and faults."""
-
-    def __init__(self, data: bytes, digest: str) -> None:
-        self.data = data
-        self.digest = digest
-        self.requests: list[tuple[int, int]] = []
-        self.multi: list[str] = []  # Range headers of multi-range requests
-        self.lock = threading.Lock()
-        self.gate: threading.Event | None = None
-        self.hanging = False  # accept, then never answer (until set_hang(False))
-        self.cond = threading.Condition()
-        self.fail_next = 0  # answer 503 to this many requests
-        self.corrupt: set[int] = set()  # chunk indices served with a flipped byte
-        self.token: str | None = None  # require "Authorization: Bearer <token>"
-        self.ignore_range = False
-        self.stall_after: int | None = None  # send this many bytes of a body, then wait for ``resume``
-        self.stalled = threading.Event()
-        self.resume = threading.Event()
-        srv = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                return
-
-            def do_GET(self) -> None:
-                if not self.path.endswith("/blobs/" + srv.digest):
-                    self._reply(404, b"")
-                    return
-                if srv.token is not None and self.headers.get("Authorization") != f"Bearer {srv.token}":
-                    self._reply(401, b"")
-                    return
-                rng = self.headers.get("Range", "")
-                if "," in rng:  # a multi-range request: answered like an object store, with the whole blob
-                    with srv.lock:
-                        srv.multi.append(rng)
-                    self._reply(200, srv.data)
-                    return
-                a, _, b = rng.removeprefix("bytes=").partition("-")
-                start, end = int(a), int(b) + 1
-                with srv.lock:
-                    srv.requests.append((start, end))
-                    failing = srv.fail_next > 0
-                    srv.fail_next -= 1 if failing else 0
-                with srv.cond:
-                    srv.cond.wait_for(lambda: not srv.hanging or srv.closing, timeout=60)
-                if srv.closing:
-                    return
-                if failing:
-                    self._reply(503, b"try later")
-                    return
-                if srv.gate is not None:
-                    srv.gate.wait(30)
-                body = bytearray(srv.data[start:end])
-                for i in srv.corrupt:
-                    if start <= i * CS < end:
-                        body[i * CS - start] ^= 0xFF
-                if srv.ignore_range:
-                    self._reply(200, srv.data)
-                    return
-                self._reply(206, bytes(body), {"Content-Range": f"bytes {start}-{end - 1}/{len(srv.data)}"},
-                            stall_after=srv.stall_after)
-
-            def _reply(self, code: int, body: bytes, headers: dict[str, str] | None = None,
-                       stall_after: int | None = None) -> None:
-                self.send_response(code)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(OSError):
-                    if stall_after is not None and stall_after < len(body):
-                        self.wfile.write(body[:stall_after])
-                        self.wfile.flush()
-                        srv.stalled.set()
-                        srv.resume.wait(30)
-                        body = body[stall_after:]
-                    self.wfile.write(body)
-
-        self.closing = False
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def set_hang(self, on: bool) -> None:
-        with self.cond:
-            self.hanging = on
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
-        if self.gate is not None:
-            self.gate.set()
-        self.resume.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def served() -> Iterator[tuple[bytes, BlobServer]]:
+def served() -> Iterator[tuple[bytes, FaultProxy]]:
+    """One blob served by the fault-injecting proxy itself (no registry process: these tests run without root)."""
     data = _blob()
-    srv = BlobServer(data, "sha256:" + hashlib.sha256(data).hexdigest())
-    yield data, srv
-    srv.close()
+    with FaultProxy(origin={"sha256:" + hashlib.sha256(data).hexdigest(): data}) as srv:
+        yield data, srv
+
+
+def _spans(srv: FaultProxy) -> list[tuple[int, int]]:
+    """The single-range GETs the server answered, as [start, end) byte spans, in order."""
+    return [(s[0], s[1] + 1) for e in list(srv.exchanges) if e.method == "GET" and (s := e.span()) is not None]
+
+
+def _multi(srv: FaultProxy) -> list[str]:
+    """The Range headers of the multi-range GETs it answered."""
+    return [e.range for e in list(srv.exchanges) if e.method == "GET" and e.range and "," in e.range]
 
 
 def _fetcher(tmp_path: Path, spec: BlobSpec, *, auth: Any = None, sched: Scheduler | None = None,
@@ -309,24 +215,24 @@ def _fetcher(tmp_path: Path, spec: BlobSpec, *, auth: Any = None, sched: Schedul
 
 
 # -------------------------------------------------------------------------------------------- fetcher
-def test_fetch_reads_correct_bytes_coalesced_and_capped(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+def test_fetch_reads_correct_bytes_coalesced_and_capped(tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
     data, srv = served
     f = _fetcher(tmp_path, _spec(data, srv.url), max_range_bytes=3 * CS)
     assert f.read(CS + 5, 10) == data[CS + 5 : CS + 15]
-    assert srv.requests == [(CS, 2 * CS)]  # chunk granularity: the whole chunk, once
-    assert f.read(CS + 100, 50) == data[CS + 100 : CS + 150] and len(srv.requests) == 1  # local now
-    srv.requests.clear()
+    assert _spans(srv) == [(CS, 2 * CS)]  # chunk granularity: the whole chunk, once
+    assert f.read(CS + 100, 50) == data[CS + 100 : CS + 150] and len(_spans(srv)) == 1  # local now
+    srv.exchanges.clear()
     f.ensure(range(0, 8), BACKGROUND)  # chunk 1 is local: 0 | 2..7 in runs of at most 3 chunks
-    assert srv.requests == [(0, CS), (2 * CS, 5 * CS), (5 * CS, 8 * CS)]
+    assert _spans(srv) == [(0, CS), (2 * CS, 5 * CS), (5 * CS, 8 * CS)]
     assert f.read(len(data) - 3000, 5000) == data[-3000:]  # clamped at the end of the blob
     assert f.stats.bytes[BACKGROUND] == 7 * CS and f.stats.requests[BACKGROUND] == 3
 
 
 def test_concurrent_readers_of_one_missing_chunk_cause_one_fetch(tmp_path: Path,
-                                                                  served: tuple[bytes, BlobServer]) -> None:
+                                                                  served: tuple[bytes, FaultProxy]) -> None:
     data, srv = served
     f = _fetcher(tmp_path, _spec(data, srv.url))
-    srv.gate = threading.Event()
+    srv.hold()
     results: list[bytes] = []
 
     def reader(k: int) -> None:
@@ -335,44 +241,44 @@ def test_concurrent_readers_of_one_missing_chunk_cause_one_fetch(tmp_path: Path,
     threads = [threading.Thread(target=reader, args=(k,)) for k in range(5)]
     for t in threads:
         t.start()
-    wait_until(lambda: f.stats.dedup_waits == 4 and len(srv.requests) == 1, 10, "4 readers waiting on 1 fetch")
-    srv.gate.set()
+    wait_until(lambda: f.stats.dedup_waits == 4 and len(_spans(srv)) == 1, 10, "4 readers waiting on 1 fetch")
+    srv.release()
     for t in threads:
         t.join(10)
     assert sorted(results) == sorted(data[4 * CS + k * 1000 : 4 * CS + k * 1000 + 500] for k in range(5))
-    assert srv.requests == [(4 * CS, 5 * CS)]
+    assert _spans(srv) == [(4 * CS, 5 * CS)]
 
 
-def test_chunks_of_a_run_are_usable_as_they_arrive(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+def test_chunks_of_a_run_are_usable_as_they_arrive(tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
     """A prefetch run of 8 chunks is one request; a reader of its first chunk goes on once that chunk is in,
     not when the whole run is (with 8 MiB runs sharing the link, that was most of a second)."""
     data, srv = served
     f = _fetcher(tmp_path, _spec(data, srv.url))
-    srv.stall_after = 4 * CS
+    stall = srv.add("stall", after=4 * CS)
     t = threading.Thread(target=f.ensure, args=(range(0, 8), PREFETCH))
     t.start()
     try:
-        assert srv.stalled.wait(10), "the server never sent the first part"
+        assert stall.fired.wait(10), "the server never sent the first part"
         f.config.read_timeout = 5.0
         assert f.read(CS + 3, 100) == data[CS + 3 : CS + 103]  # while the rest of the run is still missing
-        assert not srv.resume.is_set() and not any(f.cache.has(i) for i in range(4, 8))
+        assert stall in srv.faults and not any(f.cache.has(i) for i in range(4, 8))
     finally:
-        srv.resume.set()
+        srv.remove(stall)
         t.join(10)
-    assert [f.cache.has(i) for i in range(8)] == [True] * 8 and srv.requests == [(0, 8 * CS)]
+    assert [f.cache.has(i) for i in range(8)] == [True] * 8 and _spans(srv) == [(0, 8 * CS)]
 
 
 def test_runs_fall_back_to_one_range_per_request_where_multi_range_is_not_served(
-        tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+        tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
     """A server answering a multi-range request with the whole blob (an object store behind a redirect) is
     asked one range per request, then and from then on; the bytes are right either way."""
     data, srv = served
     f = _fetcher(tmp_path, _spec(data, srv.url))
     f.ensure_runs([[7, 8], [2], [12]], PREFETCH)
-    assert srv.multi == [f"bytes={7 * CS}-{9 * CS - 1},{2 * CS}-{3 * CS - 1},{12 * CS}-{13 * CS - 1}"]
-    assert srv.requests == [(7 * CS, 9 * CS), (2 * CS, 3 * CS), (12 * CS, 13 * CS)]  # in the order given
+    assert _multi(srv) == [f"bytes={7 * CS}-{9 * CS - 1},{2 * CS}-{3 * CS - 1},{12 * CS}-{13 * CS - 1}"]
+    assert _spans(srv) == [(7 * CS, 9 * CS), (2 * CS, 3 * CS), (12 * CS, 13 * CS)]  # in the order given
     f.ensure_runs([[4], [15]], PREFETCH)
-    assert len(srv.multi) == 1 and srv.requests[3:] == [(4 * CS, 5 * CS), (15 * CS, 16 * CS)]
+    assert len(_multi(srv)) == 1 and _spans(srv)[3:] == [(4 * CS, 5 * CS), (15 * CS, 16 * CS)]
     for i in (2, 4, 7, 8, 12, 15):
         assert f.read(i * CS, CS) == data[i * CS : (i + 1) * CS]
     assert f.stats.bytes[PREFETCH] == 6 * CS
@@ -416,9 +322,9 @@ def test_multipart_byteranges_bodies_are_read_strictly() -> None:
 
 
 def test_corrupt_chunk_is_eio_and_never_cached_neighbours_are_fine(
-        tmp_path: Path, served: tuple[bytes, BlobServer], caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, served: tuple[bytes, FaultProxy], caplog: pytest.LogCaptureFixture) -> None:
     data, srv = served
-    srv.corrupt = {3}
+    bad = srv.add("corrupt", at=3 * CS, rate=1.0)
     f = _fetcher(tmp_path, _spec(data, srv.url), retries=1, backoff=0.01)
     with caplog.at_level(logging.ERROR, "bootseer.lazy.fetch"), pytest.raises(FetchError) as ei:
         f.read(2 * CS, 3 * CS)  # chunks 2, 3, 4 in one range request
@@ -429,25 +335,24 @@ def test_corrupt_chunk_is_eio_and_never_cached_neighbours_are_fine(
     assert f.read(2 * CS, 10) == data[2 * CS : 2 * CS + 10]
     with pytest.raises(FetchError):  # still corrupt upstream: still an error, fast (failure memo)
         f.read(3 * CS, 10)
-    srv.corrupt.clear()
+    srv.remove(bad)
     f.config.failure_memo = 0
     assert f.read(3 * CS, 10) == data[3 * CS : 3 * CS + 10]
 
 
 def test_hanging_registry_is_eio_within_the_deadline_then_recovers(tmp_path: Path,
-                                                                    served: tuple[bytes, BlobServer]) -> None:
+                                                                    served: tuple[bytes, FaultProxy]) -> None:
     data, srv = served
     f = _fetcher(tmp_path, _spec(data, srv.url), read_timeout=1.5, io_timeout=0.5, connect_timeout=0.5,
                  backoff=0.05, failure_memo=30)  # a window that outlasts any load on the machine
-    srv.set_hang(True)
+    hang = srv.add("hang", rate=1.0)
     t0 = time.monotonic()
     with pytest.raises(FetchError) as ei:
         run_with_deadline(lambda: f.read(0, 10), 10, "read from a hanging registry")
     took = time.monotonic() - t0
     assert ei.value.errno == errno.EIO
     assert took < 10, took  # bounded by the deadline, not hung (the exact figure is the daemon test's)
-    with srv.lock:
-        sent = len(srv.requests)
+    sent = len(srv.hits)  # every request that reached the server, hanging ones included
     with pytest.raises(FetchError):  # the same chunk again at once: fails without asking the registry
         f.read(0, 10)
     # Another chunk, even of another blob behind the same registry: one outage costs one deadline, not
@@ -456,11 +361,10 @@ def test_hanging_registry_is_eio_within_the_deadline_then_recovers(tmp_path: Pat
                     config=f.config)
     with pytest.raises(FetchError, match="unreachable"):
         other.read(5 * CS, 10)
-    with srv.lock:
-        assert len(srv.requests) == sent
+    assert len(srv.hits) == sent
     f.client.mark_up(f.spec.endpoints())  # what the end of the window does
     f.config.failure_memo = 0
-    srv.set_hang(False)
+    srv.remove(hang)
     assert wait_until(lambda: _try_read(f, 0, 10), 5, "read after the registry is back") == data[:10]
 
 
@@ -472,13 +376,13 @@ def _try_read(f: Fetcher, off: int, n: int) -> bytes | None:
 
 
 def test_retries_auth_refresh_mirrors_and_servers_ignoring_range(tmp_path: Path,
-                                                                 served: tuple[bytes, BlobServer]) -> None:
+                                                                 served: tuple[bytes, FaultProxy]) -> None:
     data, srv = served
-    srv.fail_next = 2
+    srv.add("status", status=503, times=2)
     f = _fetcher(tmp_path / "a", _spec(data, srv.url), retries=3, backoff=0.01)
     assert f.read(0, 100) == data[:100] and f.stats.retries == 2
 
-    srv.token = "fresh"
+    srv.auth, srv.static_token = "static", "fresh"
     calls: list[bool] = []
 
     def auth(spec: BlobSpec, base: str, *, refresh: bool) -> dict[str, str]:
@@ -488,18 +392,18 @@ def test_retries_auth_refresh_mirrors_and_servers_ignoring_range(tmp_path: Path,
     f = _fetcher(tmp_path / "b", _spec(data, srv.url), auth=auth)
     assert f.read(CS, 100) == data[CS : CS + 100]
     assert calls == [False, True]
-    srv.token = None
+    srv.auth = None
 
     dead = f"http://127.0.0.1:{free_port()}"  # a mirror that is down: the registry answers
     f = _fetcher(tmp_path / "c", _spec(data, srv.url, mirrors=(dead,)), retries=2, backoff=0.01)
     assert f.read(2 * CS, 100) == data[2 * CS : 2 * CS + 100]
 
-    srv.ignore_range = True
+    srv.add("ignore_range", rate=1.0)
     f = _fetcher(tmp_path / "d", _spec(data, srv.url))
     assert f.read(5 * CS + 7, 100) == data[5 * CS + 7 : 5 * CS + 107]
 
 
-def test_http_error_is_eio_not_retried_forever(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+def test_http_error_is_eio_not_retried_forever(tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
     data, srv = served
     spec = _spec(data, srv.url)
     wrong = BlobSpec(registry=srv.url, repository="t/other", digest="sha256:" + "0" * 64, size=spec.size,
@@ -615,7 +519,7 @@ def test_mount_holds_background_back_for_the_idle_window() -> None:
 
 
 def test_queued_background_fetch_claims_nothing_a_demand_read_needs(tmp_path: Path,
-                                                                   served: tuple[bytes, BlobServer]) -> None:
+                                                                   served: tuple[bytes, FaultProxy]) -> None:
     """A background fetch waiting for its slot must not hold the chunks it will fetch: a demand read of them
     would otherwise wait for the background fetch, which waits for the demand read to end (inversion)."""
     data, srv = served
@@ -638,7 +542,7 @@ def test_queued_background_fetch_claims_nothing_a_demand_read_needs(tmp_path: Pa
         # within the demand deadline (1 s) even though the queued fill "covers" chunk 3
         f.config.read_timeout = 1.0
         assert f.read(3 * CS + 7, 100) == data[3 * CS + 7 : 3 * CS + 107]
-        assert srv.requests == [(3 * CS, 4 * CS)] and f.stats.bytes[BACKGROUND] == 0
+        assert _spans(srv) == [(3 * CS, 4 * CS)] and f.stats.bytes[BACKGROUND] == 0
     finally:
         cancel.set()
         t.join(10)
@@ -738,7 +642,7 @@ class _Hooks:
         return True
 
 
-def test_layer_tells_its_demand_observer_about_every_read(tmp_path: Path, served: tuple[bytes, BlobServer]) -> None:
+def test_layer_tells_its_demand_observer_about_every_read(tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
     """What the hot-block prefetcher counts: each read reaching FUSE, and whether its chunks were local."""
     from snapshotter.lazy.layer import LayerPaths, LazyLayer
 
