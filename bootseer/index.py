@@ -19,11 +19,12 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
 * **index blob** — canonical JSON (sorted keys, no whitespace), so converting the same image twice yields
   the same bytes, hence the same digests all the way up::
 
-      {"schemaVersion": 1,
+      {"schemaVersion": 2,
        "mediaType": "application/vnd.bootseer.index.v1+json",
        "subject": "sha256:<image manifest digest>",
-       "converter": {"format": "erofs", "compression": "lz4hc", "version": 1},
+       "converter": {"format": "erofs", "compression": "lz4hc", "version": 2},
        "layers": [{"digest": "sha256:<original layer>", "mediaType": "<its media type>", "size": <its size>,
+                   "diffID": "sha256:<sha256 of its uncompressed tar>",
                    "blob": {"mediaType": "application/vnd.bootseer.layer.v1.erofs",
                             "digest": "sha256:<erofs blob>", "size": <bytes>},
                    "chunkSize": 1048576,
@@ -34,6 +35,18 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
   short.  Every lazily fetched range is checked against these digests before it is served or cached.
   ``skipped`` lists layers that have no EROFS blob (unknown media type, refused as hostile, …), with the
   reason; nodes pull those the ordinary way.
+
+  ``diffID`` (new in schema version 2) is the sha256 of the tar stream the converter unpacked: it binds the
+  EROFS blob to what the image's config says the layer is.  A node uses an entry only if its (``digest``,
+  ``diffID``) equal the pulled manifest's layer digest and the pulled config's diffID at that position
+  (docs/security.md); a node refuses a schema version it does not know and pulls the ordinary way.
+
+  Bounds, checked before anything is materialised: the blob at most :data:`MAX_INDEX_BYTES`, at most
+  :data:`MAX_LAYERS` layers, a chunk size of at most :data:`MAX_CHUNK_SIZE`, exactly as many chunk digests as
+  the blob size needs, each 64 hex digits.
+
+* **signature** — the artifact manifest is signed by the converter in cosign's key-based format
+  (:mod:`bootseer.trust`); nodes take the newest index that carries a signature their policy trusts.
 
 Chunk arithmetic — which bytes chunk *i* covers, which chunks a byte range touches, the digests of a blob's
 chunks — is defined here once (:func:`n_chunks`, :func:`chunk_span`, :func:`chunks_covering`,
@@ -67,6 +80,7 @@ from bootseer.registry import (
     RegistryError,
     sha256_digest,
 )
+from bootseer.trust import Signer, TrustPolicy, sign_artifact
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +92,12 @@ LAYER_ANNOTATION = "io.bootseer.layer.digest"
 # but cost more per-chunk hashing and bookkeeping in Python; 128 KiB is also the largest read FUSE and erofs
 # read-ahead send (figures: docs/bench/design-measurements.md).
 DEFAULT_CHUNK_SIZE = 128 << 10
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer diffID (a node refuses any other version and pulls the ordinary way)
+MAX_CHUNK_SIZE = 4 << 20  # a chunk is one bytearray on the node: a registry must not choose its size
+MAX_INDEX_BYTES = 16 << 20  # ~250k chunk digests: 32 GB of blobs at the default chunk size
+MAX_CANDIDATES = 64  # referrers of one image looked at, newest first: a registry writer cannot make a node
+# check thousands (unsigned answers are cached too, see TrustPolicy.signature)
+MAX_LAYERS = 1024  # images have at most a few hundred layers (containerd's overlay caps lowerdirs at 500)
 CONVERTER = {"format": "erofs", "compression": "lz4hc", "version": FORMAT_VERSION}
 
 
@@ -130,6 +149,17 @@ class BadIndex(RegistryError):
     """The index artifact exists but is malformed."""
 
 
+class UnsupportedIndex(BadIndex):
+    """An index of a schema version this code does not read (a newer converter's, or an old v1 one)."""
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_sha256(digest: str) -> bool:
+    return digest.startswith("sha256:") and len(digest) == 71 and _HEX.issuperset(digest[7:])
+
+
 @dataclass(frozen=True)
 class LayerBlob:
     """The EROFS stand-in of one original layer."""
@@ -140,6 +170,7 @@ class LayerBlob:
     blob: Descriptor
     chunk_size: int
     chunks: tuple[str, ...]  # sha256 hex per chunk
+    diff_id: str = ""  # sha256 of the uncompressed tar the blob was built from ("" only in a v1 index)
     source: str = ""  # "registry/repository" to fetch the blob from (set by the reader)
 
     @property
@@ -157,6 +188,7 @@ class LayerBlob:
 
     def to_dict(self) -> dict[str, Any]:
         return {"digest": self.layer_digest, "mediaType": self.layer_media_type, "size": self.layer_size,
+                "diffID": self.diff_id,
                 "blob": {"mediaType": self.blob.media_type, "digest": self.blob.digest, "size": self.blob.size},
                 "chunkSize": self.chunk_size, "chunks": list(self.chunks)}
 
@@ -164,12 +196,19 @@ class LayerBlob:
     def from_dict(cls, d: dict[str, Any], source: str = "") -> LayerBlob:
         blob = Descriptor.from_dict(d["blob"])
         chunk_size = int(d["chunkSize"])
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise BadIndex(f"layer {d.get('digest')}: chunk size {chunk_size} not in 1..{MAX_CHUNK_SIZE}")
+        if blob.size < 0 or not isinstance(d["chunks"], list) or len(d["chunks"]) != n_chunks(blob.size, chunk_size):
+            raise BadIndex(f"layer {d.get('digest')}: {len(d['chunks'])} chunk digests for {blob.size} bytes "
+                           f"in chunks of {chunk_size}")
         chunks = tuple(str(c) for c in d["chunks"])
-        if chunk_size <= 0 or len(chunks) != n_chunks(blob.size, chunk_size):
-            raise BadIndex(f"layer {d.get('digest')}: {len(chunks)} chunk digests for {blob.size} bytes "
-                              f"in chunks of {chunk_size}")
+        if not all(len(c) == 64 and _HEX.issuperset(c) for c in chunks):
+            raise BadIndex(f"layer {d.get('digest')}: a chunk digest is not 64 hex digits")
+        diff_id = str(d["diffID"])
+        if not _is_sha256(diff_id) or not _is_sha256(str(d["digest"])) or not _is_sha256(blob.digest):
+            raise BadIndex(f"layer {d.get('digest')}: digests must be sha256:<64 hex>")
         return cls(str(d["digest"]), str(d.get("mediaType", "")), int(d.get("size", 0)), blob, chunk_size, chunks,
-                   source)
+                   diff_id, source)
 
 
 @dataclass
@@ -179,17 +218,24 @@ class ImageIndex:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> bytes:
-        doc = {"schemaVersion": 1, "mediaType": INDEX_MEDIA_TYPE, "subject": self.subject,
+        doc = {"schemaVersion": FORMAT_VERSION, "mediaType": INDEX_MEDIA_TYPE, "subject": self.subject,
                "converter": CONVERTER, "layers": [lb.to_dict() for lb in self.layers.values()],
                "skipped": self.skipped}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, source: str = "") -> ImageIndex:
+        if len(raw) > MAX_INDEX_BYTES:
+            raise BadIndex(f"index of {len(raw)} bytes, more than {MAX_INDEX_BYTES}")
         try:
             doc = json.loads(raw)
-            if doc.get("mediaType") != INDEX_MEDIA_TYPE or int(doc.get("schemaVersion", 0)) != 1:
-                raise BadIndex(f"not a BootSeer index v1 ({doc.get('mediaType')!r})")
+            if doc.get("mediaType") != INDEX_MEDIA_TYPE:
+                raise BadIndex(f"not a BootSeer index ({doc.get('mediaType')!r})")
+            if doc.get("schemaVersion") != FORMAT_VERSION:
+                raise UnsupportedIndex(f"BootSeer index schema version {doc.get('schemaVersion')!r}; this node "
+                                       f"reads version {FORMAT_VERSION}")
+            if len(doc.get("layers") or []) > MAX_LAYERS:
+                raise BadIndex(f"index of {len(doc['layers'])} layers, more than {MAX_LAYERS}")
             layers = [LayerBlob.from_dict(d, source) for d in doc.get("layers") or []]
             return cls(str(doc["subject"]), {lb.layer_digest: lb for lb in layers}, list(doc.get("skipped") or []))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -215,10 +261,13 @@ def artifact_manifest(index_blob: Descriptor, subject: Descriptor, layers: list[
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def push_index(client: RegistryClient, repo: Reference | str, index: ImageIndex, subject: Descriptor) -> str:
-    """Push the index blob, the empty config and the artifact manifest (as a referrer); return its digest.
+def push_index(client: RegistryClient, repo: Reference | str, index: ImageIndex, subject: Descriptor,
+               signer: Signer | None = None) -> str:
+    """Push the index blob, the empty config and the artifact manifest (as a referrer), signed by ``signer``
+    (cosign format, :mod:`bootseer.trust`); return the artifact's digest.
 
-    The EROFS blobs must already be in ``repo``.  Idempotent: same index, same digests, nothing new stored.
+    The EROFS blobs must already be in ``repo``.  Idempotent: same index, same digests, nothing new stored
+    but a fresh signature.
     """
     ref = repo if isinstance(repo, Reference) else Reference.parse(repo)
     raw = index.to_json()
@@ -226,26 +275,55 @@ def push_index(client: RegistryClient, repo: Reference | str, index: ImageIndex,
     client.push_blob(ref, EMPTY_JSON)
     manifest = artifact_manifest(Descriptor(INDEX_MEDIA_TYPE, desc.digest, desc.size), subject,
                                  list(index.layers.values()))
-    return client.push_referrer(ref, manifest, MT_OCI_MANIFEST)
+    digest = client.push_referrer(ref, manifest, MT_OCI_MANIFEST)
+    if signer is not None:
+        sign_artifact(client, ref, digest, signer)
+    return digest
 
 
-def find_index(client: RegistryClient, repo: Reference | str, manifest_digest: str
-               ) -> tuple[str, ImageIndex] | None:
-    """The index attached to ``manifest_digest`` in ``repo``: (artifact manifest digest, index), or None."""
+def find_index(client: RegistryClient, repo: Reference | str, manifest_digest: str,
+               policy: TrustPolicy | None = None) -> tuple[str, ImageIndex] | None:
+    """The index attached to ``manifest_digest`` in ``repo``: (artifact manifest digest, index), or None.
+
+    Without a policy (or with mode ``off`` for the repository) the newest referrer wins.  With ``require``
+    only indexes signed by a trusted key are candidates, the newest *signed* one (by its signed time, then
+    digest: deterministic) first; with ``prefer`` the same, falling back to the newest unsigned one when none
+    is signed.  Candidates that are malformed or of another schema version are passed over (logged).
+    """
     ref = repo if isinstance(repo, Reference) else Reference.parse(repo)
     ref = ref.in_repository(ref.repository)
     descs = client.referrers(ref, manifest_digest, ARTIFACT_TYPE)
-    for desc in reversed(descs):  # the newest conversion wins when several exist
+    mode = policy.rule_for(ref.name).mode if policy is not None else "off"
+    ordered = list(reversed(descs))  # the newest referrer first (unsigned order: the registry's)
+    if mode != "off":
+        assert policy is not None
+        signed: list[tuple[str, str, Descriptor]] = []
+        for desc in ordered[:MAX_CANDIDATES]:
+            v = policy.signature(client, ref, desc.digest)
+            if v is not None:
+                signed.append((v.signed_at, desc.digest, desc))
+            else:
+                log.info("index %s of %s@%s carries no signature by a trusted key; ignored", desc.digest[:19],
+                         ref.name, manifest_digest[:19])
+        signed.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        ordered = [d for _, _, d in signed] + (ordered if mode == "prefer" else [])
+    for desc in ordered[:MAX_CANDIDATES]:
         try:
             man = client.get_manifest(ref.with_digest(desc.digest))
         except NotFound:
             continue  # a stale entry of the tag schema
         blob = next((d for d in man.layers if d.media_type == INDEX_MEDIA_TYPE), None)
-        if blob is None or (man.subject and man.subject.digest != manifest_digest):
+        if blob is None or (man.subject and man.subject.digest != manifest_digest) or blob.size > MAX_INDEX_BYTES:
             continue
-        index = ImageIndex.from_json(client.get_blob(ref, blob.digest), source=ref.name)
+        try:
+            index = ImageIndex.from_json(client.get_blob(ref, blob.digest, max_size=MAX_INDEX_BYTES),
+                                         source=ref.name)
+        except BadIndex as e:
+            log.warning("index %s of %s@%s not used: %s", desc.digest[:19], ref.name, manifest_digest[:19], e)
+            continue
         if index.subject != manifest_digest:
-            raise BadIndex(f"index {blob.digest} is for {index.subject}, attached to {manifest_digest}")
+            log.warning("index %s is for %s, attached to %s; not used", blob.digest, index.subject, manifest_digest)
+            continue
         return desc.digest, index
     return None
 
@@ -255,5 +333,6 @@ def manifest_descriptor(man: Manifest) -> Descriptor:
 
 
 __all__ = ["ARTIFACT_TYPE", "DEFAULT_CHUNK_SIZE", "EROFS_MEDIA_TYPE", "INDEX_MEDIA_TYPE", "BadIndex", "ImageIndex",
-           "LayerBlob", "artifact_manifest", "chunk_digests", "chunk_span", "chunks_covering", "find_index",
+           "LayerBlob", "UnsupportedIndex", "artifact_manifest", "chunk_digests", "chunk_span", "chunks_covering",
+           "find_index",
            "hash_chunks", "manifest_descriptor", "n_chunks", "push_index", "sha256_digest"]

@@ -206,13 +206,24 @@ class Stack:
         token = self.root / "sidecar.token"
         token.write_text(secrets.token_hex(24) + "\n")
         token.chmod(0o600)
+        key = self._signing_keys()[0]
         conf.write_text(f"listen = {json.dumps(listen)}\nregistry = {json.dumps(self.info.registry)}\n"
-                        f"token_file = {json.dumps(str(token))}\n"
+                        f"token_file = {json.dumps(str(token))}\nsigning_key = {json.dumps(str(key))}\n"
                         f"state_dir = {json.dumps(str(self.root / 'sidecar'))}\nplain_http = true\nnice = 10\n")
         proc = self._spawn("sidecar", [sys.executable, "-m", "registry_sidecar", "serve", "--config", str(conf)])
         url = self.info.sidecar_url + "/healthz"
         wait_for("sidecar", lambda: requests.get(url, timeout=1).status_code == 200, cfg.timeout, proc,
                  Path(self.info.logs["sidecar"]))
+
+    def _signing_keys(self) -> tuple[Path, Path]:
+        """The stack's own index-signing key pair (made once per stack): the sidecar signs with the private
+        key, the snapshotter trusts the public one (trust mode "require", as production configs)."""
+        from bootseer.trust import generate_keypair
+
+        priv, pub = self.root / "index-signing.key", self.root / "index-signing.pub"
+        if not (priv.exists() and pub.exists()):
+            generate_keypair(priv, pub)
+        return priv, pub
 
     def _start_snapshotter(self, cfg: StackConfig) -> None:
         """BootSeer's snapshotter, before containerd (which connects to its socket as a proxy plugin)."""
@@ -229,6 +240,8 @@ class Stack:
             text += (f"remote_snapshots = true\ncontrol_address = {json.dumps(str(control))}\nplain_http = true\n"
                      f"hosts_dir = {json.dumps(str(self.root / 'containerd' / 'certs.d'))}\n")
             text += "[lazy]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.lazy_config.items())
+            pub = self._signing_keys()[1]
+            text += f"[trust]\nmode = \"require\"\nkeys = [{json.dumps(str(pub))}]\n"
         # the start-up event log (image_mount, prefetch) for `bootseer profile`; `bootseer stack env` points
         # BOOTSEER_EVENTS of a shell at the same file, so its pulls and profiles share it
         text += f"[events]\npath = {json.dumps(str(self.root / EVENTS_FILE))}\n"

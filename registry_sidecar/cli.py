@@ -17,6 +17,7 @@ from bootseer import log as bslog
 from bootseer.index import DEFAULT_CHUNK_SIZE
 from bootseer.reference import Reference, ReferenceError
 from bootseer.registry import Platform, RegistryClient, RegistryError
+from bootseer.trust import Signer, TrustError, generate_keypair
 from registry_sidecar.convert import (
     ConvertError,
     ConvertOptions,
@@ -117,6 +118,10 @@ def convert(
                                           "env BOOTSEER_HOSTS_DIR, else the local stack's, else "
                                           "/etc/containerd/certs.d)."),
     docker_config: Path | None = typer.Option(None, help="docker config.json with credentials."),
+    signing_key: Path | None = typer.Option(None, envvar="BOOTSEER_SIGNING_KEY",
+                                            help="PKCS#8 PEM key signing the index (cosign format); nodes that "
+                                            "require signatures ignore unsigned indexes. `bootseer sidecar keygen` "
+                                            "makes one."),
     log_level: str = typer.Option("warning", help="Log level."),
 ) -> None:
     """Convert every layer of IMAGE into an EROFS blob and attach the index referrer.
@@ -141,7 +146,15 @@ def convert(
 
         layer_map = State(state_dir / "sidecar.sqlite")
     client = _client(plain_http, Path(default_hosts_dir(str(hosts_dir) if hosts_dir else None)), docker_config)
-    converter = ImageConverter(client, ConvertOptions(chunk_size=chunk_size, parallel=parallel), layer_map)
+    try:
+        signer = Signer(signing_key) if signing_key else None
+    except TrustError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from e
+    if signer is None:
+        err.print("[yellow]warning:[/yellow] no --signing-key: the index is pushed unsigned (nodes that require "
+                  "signatures will pull this image the ordinary way)")
+    converter = ImageConverter(client, ConvertOptions(chunk_size=chunk_size, parallel=parallel), layer_map, signer)
     results: list[ImageResult] = []
     try:
         for p in platforms:
@@ -174,6 +187,21 @@ def convert(
         err.print(f"[yellow]skipped[/yellow] {sk['digest']}: {escape(sk['reason'])}")
     if skipped:
         raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command("keygen")
+def keygen_cmd(
+    private_key: Path = typer.Argument(..., help="Where to write the private key (PKCS#8 PEM, mode 0600)."),
+    public_key: Path = typer.Argument(..., help="Where to write the public key (PEM; what nodes' [trust] keys "
+                                      "and `cosign verify --key` take)."),
+) -> None:
+    """Make an ECDSA P-256 key pair for signing indexes (the sidecar's signing_key, the nodes' trust keys)."""
+    if private_key.exists():
+        typer.echo(f"error: {private_key} exists; not overwriting a key", err=True)
+        raise typer.Exit(1)
+    kid = generate_keypair(private_key, public_key)
+    typer.echo(f"wrote {private_key} (private, keep it on the converter) and {public_key} (public, for nodes); "
+               f"key {kid}")
 
 
 @app.command("serve")

@@ -58,6 +58,7 @@ from bootseer.registry import (
     Platform,
     RegistryClient,
 )
+from bootseer.trust import Signer, TrustPolicy
 from registry_sidecar.unpack import (
     LayerError,
     Unpacker,
@@ -225,6 +226,25 @@ def build_erofs(root: Path, out: Path, layer_digest: str, epoch: int, opts: Conv
         raise ConvertError(f"mkfs.erofs failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
 
 
+class _Hashing:
+    """The uncompressed tar stream as the unpacker reads it, hashed on the way: the layer's diffID without a
+    second pass over the layer."""
+
+    def __init__(self, src: IO[bytes]) -> None:
+        self.src, self.sha = src, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        self.sha.update(data)
+        return data
+
+    def finish(self) -> str:
+        """Read what the unpacker left (the tar's end padding) and return ``sha256:<hex>``."""
+        while self.read(1 << 20):
+            pass
+        return "sha256:" + self.sha.hexdigest()
+
+
 class _ReadProgress:
     def __init__(self, fh: IO[bytes], cb: Callable[[int], None]) -> None:
         self.fh, self.cb = fh, cb
@@ -265,8 +285,10 @@ def convert_layer_file(blob_path: Path, media_type: str, layer_digest: str, out_
             progress("unpack", blob_path.stat().st_size)
         with open(blob_path, "rb") as fh:
             src: Any = _ReadProgress(fh, advance) if advance else fh
+            tar = _Hashing(open_layer_stream(src, media_type))
             stats = Unpacker(str(root), allow_devices=opts.allow_devices, max_bytes=opts.max_bytes,
-                             compressed_size=blob_path.stat().st_size).unpack(open_layer_stream(src, media_type))
+                             compressed_size=blob_path.stat().st_size).unpack(tar)  # type: ignore[arg-type]
+            diff_id = tar.finish()
         seconds["unpack"] = time.monotonic() - t
         t = time.monotonic()
         if progress:
@@ -285,7 +307,7 @@ def convert_layer_file(blob_path: Path, media_type: str, layer_digest: str, out_
             out.unlink()
         raise
     blob = LayerBlob(layer_digest, media_type, blob_path.stat().st_size, Descriptor(EROFS_MEDIA_TYPE, digest, size),
-                     opts.chunk_size, chunks)
+                     opts.chunk_size, chunks, diff_id)
     return LocalLayer(out, blob, stats, seconds)
 
 
@@ -294,8 +316,10 @@ class ImageConverter:
     """Converts images of one registry; holds the client, options and the layer map."""
 
     def __init__(self, client: RegistryClient, opts: ConvertOptions | None = None,
-                 layer_map: LayerMap | None = None) -> None:
+                 layer_map: LayerMap | None = None, signer: Signer | None = None) -> None:
         self.client = client
+        self.signer = signer  # signs every index pushed (cosign format); None: unsigned (nodes with
+        # ``require`` ignore such an index)
         self.opts = opts or ConvertOptions()
         self.layer_map: LayerMap = layer_map if layer_map is not None else MemoryLayerMap()
 
@@ -316,7 +340,9 @@ class ImageConverter:
         result = ImageResult(str(ref), manifest.digest)
         repo = ref.in_repository(ref.repository)
         if not force:
-            existing = find_index(self.client, repo, manifest.digest)
+            # an existing index counts only if it is of this format and, when we sign, carries our signature
+            policy = None if self.signer is None else TrustPolicy.for_signer(self.signer)
+            existing = find_index(self.client, repo, manifest.digest, policy)
             if existing:
                 result.index_digest, result.already_indexed = existing[0], True
                 result.seconds = time.monotonic() - t0
@@ -358,7 +384,7 @@ class ImageConverter:
             result.seconds = time.monotonic() - t0
             log.warning("%s@%s: no layer could be converted; no index attached", repo, manifest.digest)
             return result
-        result.index_digest = push_index(self.client, repo, index, manifest_descriptor(manifest))
+        result.index_digest = push_index(self.client, repo, index, manifest_descriptor(manifest), self.signer)
         result.seconds = time.monotonic() - t0
         log.info("indexed %s@%s: %d converted, %d reused, %d skipped in %.1fs", repo, manifest.digest,
                  sum(lr.status == "converted" for lr in unique), sum(lr.status == "reused" for lr in unique),
@@ -372,6 +398,9 @@ class ImageConverter:
             self._skip(lr, str(e), prog)
             return
         rec = self.layer_map.get_layer(lr.digest)
+        if rec is not None and not rec.blob.diff_id:  # converted by a version that did not record it
+            self.layer_map.forget_layer(lr.digest)
+            rec = None
         if rec is not None and self._reuse(repo, rec):
             lr.blob = LayerBlob(**{**rec.blob.__dict__, "layer_media_type": lr.media_type, "layer_size": lr.size,
                                    "source": ""})
@@ -441,6 +470,7 @@ class ImageConverter:
 
 def convert_image(client: RegistryClient, image: Reference | str, *, platform: Platform | str | None = None,
                   opts: ConvertOptions | None = None, layer_map: LayerMap | None = None, force: bool = False,
-                  progress: Progress | None = None) -> ImageResult:
+                  progress: Progress | None = None, signer: Signer | None = None) -> ImageResult:
     """One-shot :meth:`ImageConverter.convert`."""
-    return ImageConverter(client, opts, layer_map).convert(image, platform=platform, force=force, progress=progress)
+    return ImageConverter(client, opts, layer_map, signer).convert(image, platform=platform, force=force,
+                                                                   progress=progress)

@@ -54,6 +54,7 @@ from bootseer.registry import (
     RegistryClient,
     RegistryError,
 )
+from bootseer.trust import Signer
 from registry_sidecar.convert import ConvertOptions, ImageConverter, ImageResult
 from registry_sidecar.state import Job, QueueFull, State
 
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 USER_AGENT = f"bootseer-sidecar/{__version__}"
-_REFERRERS_TAG = re.compile(r"^[a-z0-9]+-[0-9a-f]{32,}$")
+_REFERRERS_TAG = re.compile(r"^[a-z0-9]+-[0-9a-f]{32,}(\.sig)?$")  # referrers tags and cosign signature tags
 
 
 @dataclass
@@ -90,6 +91,9 @@ class SidecarConfig:
     token_file: str | None = None
     max_queued: int = 10_000  # queued jobs beyond this answer 503: the registry retries the delivery later
     max_crashes: int = 3  # a job running while the sidecar died this many times (OOM-killed mid-conversion) fails
+    # PKCS#8 PEM ECDSA P-256 key that signs every index pushed (cosign format, see bootseer.trust); nodes with
+    # trust mode "require" (the generated configs' default) ignore unsigned indexes.  `bootseer sidecar keygen`.
+    signing_key: str | None = None
 
     @classmethod
     def load(cls, path: Path | str | None, **overrides: Any) -> SidecarConfig:
@@ -175,7 +179,11 @@ class Sidecar:
         self.client = client or RegistryClient(hosts_dir=cfg.hosts_dir, credentials=cfg.docker_config,
                                                plain_http=cfg.plain_http, insecure=cfg.insecure,
                                                user_agent=USER_AGENT)
-        self.converter = ImageConverter(self.client, cfg.convert_options(), self.state)
+        signer = Signer(cfg.signing_key) if cfg.signing_key else None
+        if signer is None:
+            log.warning("no signing_key: indexes are pushed unsigned, and nodes that require signatures "
+                        "will not use them (docs/security.md)")
+        self.converter = ImageConverter(self.client, cfg.convert_options(), self.state, signer)
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []

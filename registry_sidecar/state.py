@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootseer.index import LayerBlob
+from bootseer.index import BadIndex, LayerBlob
 from registry_sidecar.convert import ConvertedLayer
 
 SCHEMA = """
@@ -212,7 +212,10 @@ class State:
                 return None
             repos = [r[0] for r in self._db.execute("SELECT repo FROM layer_repos WHERE layer_digest=? ORDER BY repo",
                                                      (layer_digest,))]
-        return ConvertedLayer(LayerBlob.from_dict(json.loads(row[0])), repos)
+        try:
+            return ConvertedLayer(LayerBlob.from_dict(json.loads(row[0])), repos)
+        except (KeyError, ValueError, TypeError, BadIndex):  # recorded by an older format: convert again
+            return None
 
     def put_layer(self, blob: LayerBlob, repo: str) -> None:
         with self._lock:

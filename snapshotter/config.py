@@ -13,6 +13,13 @@
     access_log = ""             # JSON-lines log of every FUSE read (debugging; recordings use the socket)
     hotblock_prefetch = true    # replay an image's recorded hot blocks at Prepare (bootseer record)
 
+    [trust]                     # which indexes lazy layers may come from (docs/security.md)
+    mode = "require"            # require: only indexes signed by one of `keys` | prefer | off
+    keys = ["/etc/bootseer/index.pub"]      # PEM public keys (cosign's), of the converters' signing keys
+    [[trust.rules]]             # per registry or registry/repository prefix; the most specific wins
+    scope = "registry.internal:5000/scratch"
+    mode = "prefer"             # (keys: the table's unless the rule lists its own)
+
     [lazy]                      # the data path's knobs, see snapshotter.lazy.manager.LazyConfig
     cache_cap_bytes = 21474836480
     fetch = { read_timeout = 30.0 }
@@ -27,7 +34,10 @@ import difflib
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bootseer.trust import TrustPolicy
 
 
 @dataclass
@@ -47,12 +57,19 @@ class Config:
     access_log: str = ""
     hotblock_prefetch: bool = True
     lazy: dict[str, Any] = field(default_factory=dict)
+    trust: dict[str, Any] = field(default_factory=dict)  # bootseer.trust.TrustPolicy; default mode "require"
 
     @property
     def control_path(self) -> Path:
         """The control socket: ``control_address``, or the gRPC socket's path + ``.ctl``."""
         return Path(self.control_address) if self.control_address else self.address.with_name(
             self.address.name + ".ctl")
+
+    def trust_policy(self) -> TrustPolicy:
+        """The ``[trust]`` table as a policy (keys read now)."""
+        from bootseer.trust import TrustPolicy
+
+        return TrustPolicy.from_dict(self.trust)
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> Config:
@@ -67,10 +84,9 @@ class Config:
         # one file may configure several BootSeer daemons: other parts' tables are theirs to check, and a
         # [snapshotter] table overrides the top-level keys
         section = doc.get("snapshotter", {})
-        lazy = doc.get("lazy") if isinstance(doc.get("lazy"), dict) else None
+        tables = {k: doc[k] for k in ("lazy", "trust") if isinstance(doc.get(k), dict)}
         doc = {k: v for k, v in doc.items() if not isinstance(v, dict)}
-        if lazy is not None:
-            doc["lazy"] = lazy
+        doc.update(tables)
         if isinstance(section, dict):
             doc.update(section)
         known = {f.name for f in fields(cls)}
@@ -88,8 +104,16 @@ class Config:
             raise ValueError(f"log_format must be text or json, not {cfg.log_format!r}")
         if not isinstance(cfg.lazy, dict):
             raise ValueError("lazy must be a table")
+        if not isinstance(cfg.trust, dict):
+            raise ValueError("trust must be a table")
         if cfg.remote_snapshots:
+            from bootseer.trust import TrustError
             from snapshotter.lazy.manager import LazyConfig  # the data path's own check of its table
+
+            try:
+                cfg.trust_policy()
+            except TrustError as e:
+                raise ValueError(f"config {path}: {e}") from e
 
             try:
                 LazyConfig.from_dict(cfg.lazy)

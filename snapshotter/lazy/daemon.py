@@ -38,8 +38,13 @@ class LazyService:
     @classmethod
     def start(cls, cfg: Config) -> LazyService:
         t0 = time.monotonic()
+        policy = cfg.trust_policy()
+        if not any(r.verifier for r in policy.rules if r.mode != "off"):
+            log.warning("no [trust] keys: only repositories with trust mode 'off' or 'prefer' get lazy layers; "
+                        "with 'require' (the default) every layer is pulled the ordinary way (docs/security.md)")
         specs = RegistrySpecs.create(hosts_dir=cfg.hosts_dir or None, plain_http=cfg.plain_http,
-                                     docker_config=cfg.docker_config or None, cache_dir=cfg.root / "index-cache")
+                                     docker_config=cfg.docker_config or None, cache_dir=cfg.root / "index-cache",
+                                     policy=policy)
         access = AccessLogWriter(Path(cfg.access_log)) if cfg.access_log else None
         manager = LayerManager(cfg.root / "lazy", LazyConfig.from_dict(cfg.lazy), auth=specs.auth,
                                access_log=access)

@@ -53,6 +53,7 @@ from snapshotter.remote import (
 
 if TYPE_CHECKING:
     from bootseer.registry import RegistryClient
+    from bootseer.trust import TrustPolicy
     from snapshotter.lazy.index_reader import IndexReader
 
 log = logging.getLogger("bootseer.lazy.handler")
@@ -115,6 +116,8 @@ class LazyHandler:
             return None
         self._look_up_hot_blocks(image, manifest)  # while this layer is set up
         spec = self.specs(image, manifest, layer)
+        if spec is not None and not self._chain_matches(req, image, manifest, layer):
+            spec = None
         following = req.labels.get(LABEL_CRI_IMAGE_LAYERS, "").split(",")
         following = following[following.index(layer) + 1:] if layer in following else []
         if spec is None:
@@ -141,6 +144,21 @@ class LazyHandler:
             self._start_prefetch(image, manifest, layer, spec)
         self.ahead.queue(image, manifest, following)
         return RemoteLayer(lower=lower, name=self.name, size=spec.size, inodes=0, labels={LABEL_BLOB: spec.digest})
+
+    def _chain_matches(self, req: RemoteRequest, image: str, manifest: str, layer: str) -> bool:
+        """Whether the chain ID this Prepare commits to (``containerd.io/snapshot.ref``) is the one the image's
+        config gives the layer: the snapshot is committed under that name, and any later image whose config
+        yields that chain ID gets these bytes without containerd checking them.  A spec source that cannot
+        tell (tests' fixed specs) is not asked."""
+        chain_ids = getattr(self.specs, "chain_ids", None)
+        if chain_ids is None:
+            return True
+        want = chain_ids(image, manifest, layer)
+        if req.target in want:
+            return True
+        log.warning("%s: Prepare of layer %s of %s names chain ID %s, the image's config gives %s; ordinary "
+                    "pull", req.key, layer[:19], image, req.target[:19], ", ".join(w[:19] for w in want) or "none")
+        return False
 
     def hint(self, image: str, manifest: str, layers: list[str]) -> None:
         """A pull of ``image`` (resolved to ``manifest`` with ``layers``, bottom up) is about to send its
@@ -229,6 +247,8 @@ class RegistrySpecs:
     lookup_timeout = 30.0
 
     def __init__(self, client: RegistryClient, reader: IndexReader) -> None:
+        # (the reader's trust policy decides which index is used; :meth:`IndexReader.bound` ties its entry to
+        # the pulled manifest and config)
         self.client = client
         self.reader = reader
         self.registries: dict[str, str] = {}
@@ -236,21 +256,33 @@ class RegistrySpecs:
 
     @classmethod
     def create(cls, *, hosts_dir: str | None, plain_http: bool, docker_config: str | None,
-               cache_dir: Path) -> RegistrySpecs:
+               cache_dir: Path, policy: TrustPolicy | None = None) -> RegistrySpecs:
         from bootseer.registry import RegistryClient
         from snapshotter.lazy.index_reader import IndexReader
 
         client = RegistryClient(hosts_dir=hosts_dir, credentials=docker_config or None, plain_http=plain_http,
                                 retries=6, read_timeout=30.0)  # (the lookup's deadline bounds the retries)
-        return cls(client, IndexReader(client, cache_dir=cache_dir))
+        return cls(client, IndexReader(client, cache_dir=cache_dir, policy=policy))
+
+    def chain_ids(self, image_ref: str, manifest_digest: str, layer_digest: str) -> list[str]:
+        """The chain IDs the image's config gives ``layer_digest`` (one per position it has in the manifest)."""
+        with self.client.deadline(self.lookup_timeout):
+            img = self.reader.image_layers(image_ref, manifest_digest)
+        return [img.chain_id(i) for i in img.positions(layer_digest)]
 
     def __call__(self, image_ref: str, manifest_digest: str, layer_digest: str) -> BlobSpec | None:
         from bootseer.reference import Reference
+        from snapshotter.lazy.index_reader import ImageMismatch
 
-        with self.client.deadline(self.lookup_timeout):
-            blob = self.reader.lookup(image_ref, manifest_digest, layer_digest)
-        if blob is None:
+        try:
+            with self.client.deadline(self.lookup_timeout):
+                found = self.reader.bound(image_ref, manifest_digest, layer_digest)
+        except ImageMismatch as e:  # the ordinary pull, where containerd checks the diffID itself
+            log.warning("layer %s of %s not lazy: %s", layer_digest[:19], image_ref, e)
             return None
+        if found is None:
+            return None
+        blob = found[0]
         ref = Reference.parse(blob.source or image_ref)
         bases: list[str] = []
         for ep in self.client.hosts.endpoints(ref.registry, "pull"):

@@ -2,23 +2,80 @@
 
 Asked on every remote ``Prepare`` whether the image's index has an EROFS blob for the layer; it remembers
 answers in memory and on disk so a burst of Prepares, or a restarted daemon, does not ask the registry again.
+
+Only an index its :class:`~bootseer.trust.TrustPolicy` accepts is used (signed by a trusted key, unless the
+repository's mode says otherwise), and only for a layer it binds to the pulled image: :meth:`IndexReader.bound`
+answers a layer only if the index entry's (layer digest, diffID) equal the manifest's layer digest and the
+config's diffID at that position — the manifest fetched by its digest, the config by the manifest's, both
+verified and size-bounded, remembered per manifest.  The disk cache lives under the daemon's 0700 root and is
+keyed by the policy too, so a changed policy (a rotated key) does not serve an index the new one would refuse.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
-from bootseer.index import BadIndex, ImageIndex, LayerBlob, find_index
+from bootseer.index import MAX_LAYERS, BadIndex, ImageIndex, LayerBlob, find_index
 from bootseer.reference import Reference
-from bootseer.registry import RegistryClient
+from bootseer.registry import RegistryClient, RegistryError
+from bootseer.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
+
+MAX_CONFIG_BYTES = 8 << 20  # an image config is a few KiB; long histories make it tens of KiB
+
+
+class ImageMismatch(RegistryError):
+    """The pulled image and its index (or the Prepare) disagree: the ordinary pull decides."""
+
+
+@dataclass(frozen=True)
+class ImageLayers:
+    """What the pulled image says its layers are: the manifest's layer digests and the config's diffIDs, in
+    order (verified against the manifest digest and the manifest's config digest)."""
+
+    layers: tuple[str, ...]
+    diff_ids: tuple[str, ...]
+
+    def positions(self, layer_digest: str) -> list[int]:
+        return [i for i, d in enumerate(self.layers) if d == layer_digest]
+
+    def chain_id(self, position: int) -> str:
+        """containerd's chain ID of the layers up to ``position``: ChainID(L0) = DiffID(L0),
+        ChainID(L0..n) = sha256(ChainID(L0..n-1) + " " + DiffID(Ln)) (the OCI image spec)."""
+        chain = self.diff_ids[0]
+        for d in self.diff_ids[1 : position + 1]:
+            chain = "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
+        return chain
+
+
+def image_layers(client: RegistryClient, ref: Reference, manifest_digest: str) -> ImageLayers:
+    """Fetch the image manifest by digest and its config by the manifest's digest (both verified, bounded)."""
+    man = client.get_manifest(ref.with_digest(manifest_digest))
+    cfg = man.config
+    if man.is_index or cfg is None:
+        raise ImageMismatch(f"{ref.name}@{manifest_digest} is not an image manifest")
+    if cfg.size > MAX_CONFIG_BYTES:
+        raise ImageMismatch(f"image config of {cfg.size} bytes (more than {MAX_CONFIG_BYTES})")
+    raw = client.get_blob(ref.in_repository(ref.repository), cfg.digest, max_size=MAX_CONFIG_BYTES)
+    try:
+        diff_ids = json.loads(raw)["rootfs"]["diff_ids"]
+        if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+            raise TypeError("rootfs.diff_ids is not a list of strings")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ImageMismatch(f"image config {cfg.digest}: {e}") from e
+    layers = tuple(d.digest for d in man.layers)
+    if len(layers) != len(diff_ids) or len(layers) > MAX_LAYERS:
+        raise ImageMismatch(f"image {manifest_digest}: {len(layers)} layers, {len(diff_ids)} diffIDs")
+    return ImageLayers(layers, tuple(diff_ids))
 
 
 class IndexReader:
@@ -30,8 +87,10 @@ class IndexReader:
     """
 
     def __init__(self, client: RegistryClient | None = None, *, cache_dir: Path | str | None = None,
-                 negative_ttl: float = 30.0, max_images: int = 256) -> None:
+                 negative_ttl: float = 30.0, max_images: int = 256, policy: TrustPolicy | None = None) -> None:
         self.client = client or RegistryClient()
+        self.policy = policy  # None: signatures not looked at (tools reading an index; not the snapshotter)
+        self._images: OrderedDict[tuple[str, str], ImageLayers] = OrderedDict()
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +105,39 @@ class IndexReader:
         """The EROFS blob of ``layer_digest`` in image ``image_ref`` (manifest ``manifest_digest``), or None."""
         idx = self.image_index(image_ref, manifest_digest)
         return idx.layers.get(layer_digest) if idx else None
+
+    def bound(self, image_ref: str, manifest_digest: str, layer_digest: str) -> tuple[LayerBlob, ImageLayers] | None:
+        """The layer's EROFS blob, only if the index binds it to the pulled image (layer digest and diffID at
+        every position the layer has in the manifest), with the image's layers; None if there is no blob.
+        Raises :class:`ImageMismatch` when index and image disagree."""
+        blob = self.lookup(image_ref, manifest_digest, layer_digest)
+        if blob is None:
+            return None
+        img = self.image_layers(image_ref, manifest_digest)
+        where = img.positions(layer_digest)
+        if not where:
+            raise ImageMismatch(f"layer {layer_digest} is not in image {manifest_digest}")
+        for i in where:
+            if blob.diff_id != img.diff_ids[i]:
+                raise ImageMismatch(f"layer {layer_digest}: the index's diffID {blob.diff_id[:19]} is not the "
+                                    f"config's {img.diff_ids[i][:19]} at position {i}")
+        return blob, img
+
+    def image_layers(self, image_ref: str, manifest_digest: str) -> ImageLayers:
+        """The pulled image's layers and diffIDs (cached per image)."""
+        ref = Reference.parse(image_ref)
+        key = (ref.name, manifest_digest)
+        with self._lock:
+            hit = self._images.get(key)
+            if hit is not None:
+                self._images.move_to_end(key)
+                return hit
+        img = image_layers(self.client, ref, manifest_digest)
+        with self._lock:
+            self._images[key] = img
+            while len(self._images) > self.max_images:
+                self._images.popitem(last=False)
+        return img
 
     def image_index(self, image_ref: str, manifest_digest: str) -> ImageIndex | None:
         """The whole index of an image, or None if it has none (yet).  Registry errors propagate."""
@@ -67,7 +159,7 @@ class IndexReader:
             try:
                 idx = self._from_disk(ref, manifest_digest)
                 if idx is None:
-                    found = find_index(self.client, ref, manifest_digest)
+                    found = find_index(self.client, ref, manifest_digest, self.policy)
                     idx = found[1] if found else None
                     if idx is not None:
                         self._to_disk(ref, manifest_digest, idx)
@@ -100,7 +192,8 @@ class IndexReader:
     def _disk_path(self, ref: Reference, manifest_digest: str) -> Path | None:
         if not self.cache_dir:
             return None
-        name = hashlib.sha256(f"{ref.name}@{manifest_digest}".encode()).hexdigest()
+        policy = self.policy.fingerprint if self.policy is not None else "none"
+        name = hashlib.sha256(f"{ref.name}@{manifest_digest}#{policy}".encode()).hexdigest()
         return self.cache_dir / f"{name}.json"
 
     def _from_disk(self, ref: Reference, manifest_digest: str) -> ImageIndex | None:
