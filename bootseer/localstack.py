@@ -33,6 +33,7 @@ class StackInfo:
     snapshotter_control: str | None = None  # lazy layers' control socket (bootseer status, recorder)
     snapshotter_metrics: str | None = None  # host:port of its Prometheus /metrics
     sidecar_url: str | None = None
+    signing_key: str | None = None  # the stack's index-signing private key (its snapshotter trusts the public one)
     netns: str | None = None
     netns_id: str | None = None
     rate_bps: int | None = None

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -34,6 +34,9 @@ from bootseer.localstack import DEFAULT_ROOT, STATE_FILE, StackInfo, read_info
 from bootseer.testkit import free_port
 from integration import containerd_config, images
 from integration.netns import ShapedLink, parse_rate
+
+if TYPE_CHECKING:
+    from bootseer.trust import Signer
 
 
 class StackError(RuntimeError):
@@ -223,7 +226,14 @@ class Stack:
         priv, pub = self.root / "index-signing.key", self.root / "index-signing.pub"
         if not (priv.exists() and pub.exists()):
             generate_keypair(priv, pub)
+        self.info.signing_key = str(priv)  # `bootseer convert` signs with it by default while the stack is up
         return priv, pub
+
+    def index_signer(self) -> Signer:
+        """A signer with the stack's key: what tests that push their own indexes sign them with."""
+        from bootseer.trust import Signer
+
+        return Signer(self._signing_keys()[0])
 
     def _start_snapshotter(self, cfg: StackConfig) -> None:
         """BootSeer's snapshotter, before containerd (which connects to its socket as a proxy plugin)."""

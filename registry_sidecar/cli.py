@@ -121,7 +121,8 @@ def convert(
     signing_key: Path | None = typer.Option(None, envvar="BOOTSEER_SIGNING_KEY",
                                             help="PKCS#8 PEM key signing the index (cosign format); nodes that "
                                             "require signatures ignore unsigned indexes. `bootseer sidecar keygen` "
-                                            "makes one."),
+                                            "makes one. Default: env BOOTSEER_SIGNING_KEY, else the local "
+                                            "stack's key when one is up."),
     log_level: str = typer.Option("warning", help="Log level."),
 ) -> None:
     """Convert every layer of IMAGE into an EROFS blob and attach the index referrer.
@@ -146,6 +147,11 @@ def convert(
 
         layer_map = State(state_dir / "sidecar.sqlite")
     client = _client(plain_http, Path(default_hosts_dir(str(hosts_dir) if hosts_dir else None)), docker_config)
+    if signing_key is None:  # the local stack's key while one is up (its snapshotter trusts only that key)
+        from bootseer.localstack import local_stack_value
+
+        stack_key = local_stack_value("signing_key")
+        signing_key = Path(stack_key) if stack_key and Path(stack_key).is_file() else None
     try:
         signer = Signer(signing_key) if signing_key else None
     except TrustError as e:

@@ -54,11 +54,12 @@ def test_reader_caches_hits_misses_and_survives_restart(stack: Stack, tmp_path: 
 
 def test_malformed_index_is_refused() -> None:
     good = LayerBlob("sha256:" + "1" * 64, "application/vnd.oci.image.layer.v1.tar+gzip", 10,
-                     Descriptor(EROFS_MEDIA_TYPE, "sha256:" + "2" * 64, 3 << 20), 1 << 20, ("a", "b", "c"))
+                     Descriptor(EROFS_MEDIA_TYPE, "sha256:" + "2" * 64, 3 << 20), 1 << 20,
+                     ("a" * 64, "b" * 64, "c" * 64), diff_id="sha256:" + "4" * 64)
     idx = ImageIndex("sha256:" + "3" * 64, {good.layer_digest: good})
     assert ImageIndex.from_json(idx.to_json()) == idx
     doc = json.loads(idx.to_json())
-    doc["layers"][0]["chunks"] = ["a", "b"]  # too few chunk digests for the blob size
+    doc["layers"][0]["chunks"] = ["a" * 64, "b" * 64]  # too few chunk digests for the blob size
     with pytest.raises(BadIndex, match="2 chunk digests"):
         ImageIndex.from_json(json.dumps(doc).encode())
     with pytest.raises(BadIndex, match="not a BootSeer index"):
