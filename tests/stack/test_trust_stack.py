@@ -1,0 +1,150 @@
+"""Hostile tenants and registry writers against a node (issue 18, items 1 and 2), on the local stack: containerd
+1.6 with BootSeer's snapshotter, the registry, indexes signed with the stack's key (trust mode "require").
+
+* **Chain-ID poisoning.**  A tenant's image whose config claims the small image's first diffID over its own
+  layer (contents differ: ``/data/keep.txt`` says "poisoned"), converted and signed like any pushed image, is
+  pulled first into a shared namespace; a later pull of the real image in that namespace must read the real
+  bytes.  Before the diffID binding its layer went lazy and was committed under the real layer's chain ID.
+* **Index substitution.**  A newer referrer for the real image whose entry points the first layer at the
+  tenant's EROFS blob — unsigned, or signed by a key the node does not trust — is ignored: the node still
+  serves the real bytes.  Before signatures, the newest referrer won.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from bootseer.index import INDEX_MEDIA_TYPE, ImageIndex, manifest_descriptor, push_index
+from bootseer.reference import Reference
+from bootseer.registry import RegistryClient
+from bootseer.trust import Signer, generate_keypair
+from integration import images
+from integration.oci import Layout, entry, push
+from integration.stack import Stack, StackConfig, running
+from registry_sidecar.convert import convert_image
+from snapshotter.lazy.index_reader import image_layers
+from tests.conftest import scratch_root
+
+READ_KEEP = ["/bin/sh", "-c", "cat /data/keep.txt"]
+
+
+@dataclass
+class World:
+    st: Stack
+    client: RegistryClient
+    signer: Signer
+    evil: str  # the tenant's image (its config lies about its diffID)
+
+    @property
+    def certs(self) -> str:
+        return str(Path(self.st.info.containerd_config).parent / "certs.d")
+
+
+def _push_evil(st: Stack, claimed_diff_id: str) -> str:
+    """A one-layer image of busybox and a poisoned /data/keep.txt whose config claims ``claimed_diff_id``."""
+    ref = f"{st.info.registry}/tenant/evil:v1"
+    with tempfile.TemporaryDirectory(prefix="bs-evil-") as tmp:
+        lay = Layout(Path(tmp))
+        lay.add_entries([*images._busybox_entries(), entry("data/", kind=tarfile.DIRTYPE, mode=0o755),
+                         entry("data/keep.txt", b"poisoned\n")], "the tenant's own layer")
+        lay.layers[0] = replace(lay.layers[0], diff_id=claimed_diff_id)  # the lie
+        lay.finish("v1", {"Cmd": READ_KEEP, "Env": ["PATH=/bin"]})
+        push(Path(tmp), "v1", ref)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with running(StackConfig(root=scratch_root("tr"), cri_snapshotter="bootseer", sidecar=False)) as st:
+        client = RegistryClient(hosts_dir=str(Path(st.info.containerd_config).parent / "certs.d"), plain_http=True)
+        real = images.push_small(st.info.registry, repo="bootseer/base")
+        man, _ = client.resolve_image(real)
+        first = image_layers(client, Reference.parse(real), man.digest).diff_ids[0]
+        evil = _push_evil(st, first)
+        signer = st.index_signer()
+        for ref in (real, evil):  # what the sidecar does for every push: convert, sign
+            convert_image(client, ref, signer=signer)
+        yield World(st, client, signer, evil)
+
+
+@pytest.fixture
+def ns(world: World) -> Iterator[str]:
+    name = "bs-tr-" + secrets.token_hex(3)
+    yield name
+    for item in world.st.ctr("images", "ls", "-q", namespace=name, check=False).stdout.split():
+        world.st.ctr("images", "rm", "--sync", item, namespace=name, check=False)
+    world.st.ctr("namespaces", "rm", name, check=False)
+
+
+def _pull(w: World, ns: str, ref: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bootseer.cli", "pull", "--json", "-a", w.st.info.containerd_socket,
+                           "-n", ns, "--hosts-dir", w.certs, ref], capture_output=True, text=True, timeout=300)
+
+
+def _run(w: World, ns: str, ref: str) -> str:
+    return w.st.ctr("run", "--rm", "--snapshotter", "bootseer", ref, "t-" + secrets.token_hex(3), *READ_KEEP,
+                    namespace=ns).stdout
+
+
+def _modes(out: subprocess.CompletedProcess[str]) -> list[str]:
+    assert out.returncode == 0, out.stderr
+    return [lo["mode"] for lo in json.loads(out.stdout)["layers"]]
+
+
+def test_an_image_lying_about_diff_ids_cannot_poison_a_later_pull(world: World, ns: str) -> None:
+    bad = _pull(world, ns, world.evil)
+    # its layer is not served lazily: containerd's ordinary pull checks the diffID and refuses the image
+    assert bad.returncode != 0 or _modes(bad) == ["pulled"], bad.stdout
+    real = f"{world.st.info.registry}/bootseer/base:v1"
+    modes = _modes(_pull(world, ns, real))
+    assert modes[0] == "lazy", modes  # the real image's own layers are still lazy
+    assert _run(world, ns, real) == "kept\n"
+
+
+def _forge(world: World, repo: str, signer: Signer | None) -> None:
+    """Attach a newer index to ``repo``'s image whose first layer is the tenant's EROFS blob."""
+    ref = f"{world.st.info.registry}/{repo}:v1"
+    man, _ = world.client.resolve_image(ref)
+    real = _index_of(world.client, ref, man.digest)
+    evil_man, _ = world.client.resolve_image(world.evil)
+    evil_blob = next(iter(_index_of(world.client, world.evil, evil_man.digest).layers.values()))
+    first = man.layers[0].digest
+    layers = dict(real.layers)
+    layers[first] = replace(evil_blob, layer_digest=first, diff_id=real.layers[first].diff_id, source="")
+    # the EROFS blob must be in the repository the index is read from (a registry writer can mount it there)
+    world.client.push_blob(Reference.parse(ref), world.client.get_blob(Reference.parse(world.evil),
+                                                                        evil_blob.blob.digest))
+    push_index(world.client, ref, ImageIndex(man.digest, layers), manifest_descriptor(man), signer=signer)
+
+
+def _index_of(client: RegistryClient, ref: str, manifest_digest: str) -> ImageIndex:
+    r = Reference.parse(ref)
+    descs = client.referrers(r, manifest_digest)
+    art = client.get_manifest(r.with_digest(descs[-1].digest))
+    blob = next(d for d in art.layers if d.media_type == INDEX_MEDIA_TYPE)
+    return ImageIndex.from_json(client.get_blob(r, blob.digest))
+
+
+@pytest.mark.parametrize("forger", ["unsigned", "untrusted-key"])
+def test_a_newer_forged_index_is_ignored(world: World, ns: str, forger: str, tmp_path: Path) -> None:
+    repo = f"bootseer/pinned-{forger}"
+    real = images.push_small(world.st.info.registry, repo=repo)
+    convert_image(world.client, real, signer=world.signer)
+    signer: Signer | None = None
+    if forger == "untrusted-key":
+        generate_keypair(tmp_path / "k", tmp_path / "k.pub")
+        signer = Signer(tmp_path / "k")
+    _forge(world, repo, signer)
+    modes = _modes(_pull(world, ns, real))
+    assert modes[0] == "lazy", modes
+    assert _run(world, ns, real) == "kept\n"  # the signed index's blob, not the forged one's
