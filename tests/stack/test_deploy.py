@@ -83,8 +83,17 @@ def test_daemonset_gives_the_snapshotter_what_lazy_layers_need(tmp_path: Path) -
         assert host[mounts[path]["name"]] == path
     # the ConfigMap is a config the daemon accepts, serving where the unit, probe and containerd snippet expect
     cfg_file = tmp_path / "config.toml"
-    cfg_file.write_text(docs["ConfigMap"]["data"]["config.toml"])
+    text = docs["ConfigMap"]["data"]["config.toml"]
+    # production requires signed indexes, with the key mounted from the bootseer-index-trust ConfigMap
+    from bootseer.trust import generate_keypair
+
+    key = mounts["/etc/bootseer-trust"]
+    assert {v["name"]: v for v in pod["volumes"]}[key["name"]]["configMap"]["name"] == "bootseer-index-trust"
+    generate_keypair(tmp_path / "index.key", tmp_path / "index.pub")
+    assert "/etc/bootseer-trust/index.pub" in text
+    cfg_file.write_text(text.replace("/etc/bootseer-trust/index.pub", str(tmp_path / "index.pub")))
     cfg = Config.load(cfg_file)
+    assert cfg.trust_policy().rule_for("any.registry/any/repo").mode == "require"
     assert str(cfg.address) == containerd_config.DEFAULT_SOCKET and str(cfg.root) == containerd_config.DEFAULT_ROOT
     assert cfg.remote_snapshots and cfg.metrics_address.endswith(f":{c['ports'][0]['containerPort']}")
     assert tomllib.loads(cfg_file.read_text())["events"]["path"].startswith("/var/lib/bootseer/")
@@ -101,6 +110,12 @@ def test_registry_pod_wires_notifications_to_the_sidecar(tmp_path: Path) -> None
     side_file = tmp_path / "sidecar.toml"
     side_file.write_text(data["sidecar.toml"])
     side = SidecarConfig.load(side_file)
+    # the sidecar signs every index with a key from a Secret (nodes require the signature)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for c in pod["containers"] if c["name"] == "sidecar" for m in c["volumeMounts"]}
+    assert side.signing_key is not None
+    vol = {v["name"]: v for v in pod["volumes"]}[mounts[str(Path(side.signing_key).parent)]]
+    assert vol["secret"]["secretName"] == "bootseer-index-signing"
     port = side.listen.rpartition(":")[2]
     assert registry["notifications"] == notifications_config(f"http://127.0.0.1:{port}")
     assert side.registry.rpartition(":")[2] == registry["http"]["addr"].rpartition(":")[2]
