@@ -1,9 +1,10 @@
 """Run the snapshotter: open the core, repair crash leftovers, serve gRPC on a root-only unix socket.
 
 Order at start matters: the crash repair (:meth:`Snapshotter.recover`) runs before the socket exists, so
-containerd can never observe a half-created snapshot, and the socket is created under a 0177 umask so
-there is no window in which anyone but root could connect (whoever can talk to this socket can make the
-daemon mount and delete directories as root).
+containerd can never observe a half-created snapshot; the state root is made 0700 before anything is created
+below it; and the socket is born 0600 (bound in a private directory, then renamed into place:
+:mod:`snapshotter.sockets`), so there is no window in which anyone but root could connect (whoever can talk to
+this socket can make the daemon mount and delete directories as root).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from snapshotter.config import Config
 from snapshotter.overlay import Snapshotter
 from snapshotter.remote import RemoteHandler
 from snapshotter.service import SnapshotsService
+from snapshotter.sockets import bind_private, private_root
 
 log = logging.getLogger("bootseer.snapshotter")
 
@@ -61,14 +63,13 @@ def build(cfg: Config, remote: RemoteHandler | None = None) -> tuple[grpc.Server
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="snapshots"),
                          options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
     pbg.add_SnapshotsServicer_to_server(SnapshotsService(core), server)
-    old_umask = os.umask(0o177)  # the socket is born 0600
-    try:
-        if server.add_insecure_port(f"unix://{cfg.address}") == 0:
+
+    def bind(path: str) -> None:
+        if server.add_insecure_port(f"unix://{path}") == 0:
             raise SystemExit(f"cannot listen on {cfg.address}")
-        server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(cfg.address, 0o600)
+
+    bind_private(cfg.address, bind)  # born 0600 (whoever connects can mount any layer), no umask change
+    server.start()
     return server, core
 
 
@@ -80,6 +81,7 @@ def _recorded(core: Snapshotter, ns: str, name: str) -> bool:
 def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
     """Serve until SIGTERM/SIGINT."""
     bslog.setup(cfg.log_level, cfg.log_format)
+    private_root(cfg.root)  # 0700 before the lazy path creates its caches and mounts below it
     faults.arm_from_env()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

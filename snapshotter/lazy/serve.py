@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from snapshotter.lazy.manager import LayerManager, LazyConfig
 from snapshotter.lazy.spec import BlobSpec
+from snapshotter.sockets import bind_private, private_root
 
 log = logging.getLogger("bootseer.lazy.serve")
 
@@ -55,11 +56,14 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, manager: LayerManager, stop: threading.Event) -> None:
+    def __init__(self, path: str, manager: LayerManager, stop: threading.Event, *, bind: bool = True) -> None:
         self.manager = manager
         self.stop = stop
         self.teardown = False
-        super().__init__(path, _Handler)
+        super().__init__(path, _Handler, bind_and_activate=bind)
+
+    def _bind_at(self, path: str) -> None:
+        self.socket.bind(path)
 
     def dispatch(self, req: dict[str, Any]) -> Any:
         m = self.manager
@@ -114,11 +118,10 @@ class ControlServer(_Server):
         path = Path(path)
         if path.exists() or path.is_symlink():
             path.unlink()
-        old = os.umask(0o177)  # born 0600: whoever talks to it can mount and read any layer
-        try:
-            super().__init__(str(path), manager, threading.Event())
-        finally:
-            os.umask(old)
+        super().__init__(str(path), manager, threading.Event(), bind=False)
+        # born 0600 (whoever talks to it can mount and read any layer), without a process-wide umask change
+        bind_private(path, self._bind_at)
+        self.server_activate()
         self.path = path
         self._thread = threading.Thread(target=self.serve_forever, name="lazy-control", daemon=True)
         self._thread.start()
@@ -153,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
     config = LazyConfig.from_dict(json.loads(args.config))
+    private_root(args.root)
     manager = LayerManager(args.root, config, registry=CollectorRegistry())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     outcomes = manager.start()
-    if os.path.exists(args.control):
-        os.unlink(args.control)
-    server = _Server(args.control, manager, stop)
+    server = _Server(args.control, manager, stop, bind=False)
+    bind_private(Path(args.control), server._bind_at)
+    server.server_activate()
     threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
     log.info("lazy layer daemon ready (pid %d, root %s, restored %s)", os.getpid(), args.root, outcomes)
     stop.wait()

@@ -148,3 +148,21 @@ def test_a_newer_forged_index_is_ignored(world: World, ns: str, forger: str, tmp
     modes = _modes(_pull(world, ns, real))
     assert modes[0] == "lazy", modes
     assert _run(world, ns, real) == "kept\n"  # the signed index's blob, not the forged one's
+
+
+def test_an_unprivileged_user_cannot_reach_lazy_mounts_or_the_state(world: World, ns: str) -> None:
+    """Lazy mounts are erofs with setuid files and device nodes; the root's 0700 must hold from the start
+    (before the fix the lazy path created the root 0755 and `lazy/mnt/*` was listable by anyone)."""
+    real = f"{world.st.info.registry}/bootseer/base:v1"
+    assert _modes(_pull(world, ns, real))[0] == "lazy"
+    sroot = Path(world.st.info.snapshotter_root or "")
+    mounts = [Path(line.split()[1]) for line in Path("/proc/self/mounts").read_text().splitlines()
+              if line.split()[2] == "erofs" and line.split()[1].startswith(str(sroot))]
+    assert mounts, "no lazy mount below the snapshotter root"
+    assert oct(sroot.stat().st_mode & 0o777) == oct(0o700)
+    for sock in (world.st.info.snapshotter_socket, world.st.info.snapshotter_control):
+        assert sock and oct(Path(sock).stat().st_mode & 0o777) == oct(0o600), sock
+    for path in (sroot, sroot / "lazy", mounts[0], mounts[0] / "data"):
+        r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "ls", str(path)],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r.stdout, r.stderr)
