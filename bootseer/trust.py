@@ -134,6 +134,18 @@ class Signer:
         return base64.b64encode(self._key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
 
 
+def default_signer(explicit: Path | str | None) -> Signer | None:
+    """The signer a converting command uses: ``explicit`` (its ``--signing-key``, or env
+    ``BOOTSEER_SIGNING_KEY`` through the option), else the local stack's key while one is up (that stack's
+    snapshotter trusts only its own key), else None (unsigned).  A key that cannot be read raises TrustError."""
+    if explicit is None:
+        from bootseer.localstack import local_stack_value
+
+        stack_key = local_stack_value("signing_key")
+        explicit = stack_key if stack_key and Path(stack_key).is_file() else None
+    return Signer(explicit) if explicit is not None else None
+
+
 def sign_artifact(client: RegistryClient, repo: Reference | str, digest: str, signer: Signer,
                   signed_at: float | None = None) -> str:
     """Sign the artifact ``digest`` in ``repo``: push the payload and add a layer to the ``sha256-<hex>.sig``

@@ -157,6 +157,12 @@ INDEX = typer.Option("auto", "--index", help="Make the image lazily loadable: au
                      "convert here), wait (for the registry sidecar), none.")
 
 
+SIGNING_KEY = typer.Option(None, "--signing-key", envvar="BOOTSEER_SIGNING_KEY",
+                           help="PKCS#8 PEM key signing an index converted here (as `bootseer convert`; nodes that "
+                           "require signatures ignore unsigned indexes). Default: env BOOTSEER_SIGNING_KEY, else "
+                           "the local stack's key when one is up.")
+
+
 def _check_index_mode(mode: str) -> None:
     from depsnap.index import MODES
 
@@ -165,10 +171,18 @@ def _check_index_mode(mode: str) -> None:
         raise typer.Exit(2)
 
 
-def _indexed(res: build.Result, base: str, plain_http: bool, mode: str) -> build.Result:
+def _indexed(res: build.Result, base: str, plain_http: bool, mode: str, signing_key: Path | None) -> build.Result:
+    from bootseer.trust import TrustError, default_signer
     from depsnap import index
 
-    res.index = index.ensure_indexed(res.image, res.digest, base, plain_http, mode)
+    try:
+        signer = default_signer(signing_key) if mode == "auto" else None
+    except TrustError as e:
+        raise SpecError(str(e)) from e
+    if mode == "auto" and signer is None:
+        typer.echo("warning: no --signing-key: an index converted here is pushed unsigned (nodes that require "
+                   "signatures will pull this image the ordinary way)", err=True)
+    res.index = index.ensure_indexed(res.image, res.digest, base, plain_http, mode, signer=signer)
     return res
 
 
@@ -199,6 +213,7 @@ def build_cmd(
     docker_host: str = DOCKER_HOST,
     network: str = NETWORK,
     index_mode: str = INDEX,
+    signing_key: Path | None = SIGNING_KEY,
     platform: str = PLATFORM,
     plain_http: bool = PLAIN_HTTP,
     as_json: bool = JSON,
@@ -209,7 +224,7 @@ def build_cmd(
         spec = _spec(base, requirements, apt, file, run, platform, plain_http, context)
         res = _engine_build(engine, base, spec, push, spec.context_dir(), wheels, plain_http, address,
                             namespace, snapshotter, docker_host, network)
-        res = _indexed(res, base, plain_http, index_mode)
+        res = _indexed(res, base, plain_http, index_mode, signing_key)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
@@ -233,6 +248,7 @@ def run_cmd(
     docker_host: str = DOCKER_HOST,
     network: str = NETWORK,
     index_mode: str = INDEX,
+    signing_key: Path | None = SIGNING_KEY,
     platform: str = PLATFORM,
     plain_http: bool = PLAIN_HTTP,
     as_json: bool = JSON,
@@ -248,7 +264,7 @@ def run_cmd(
             attrs["hit"] = found is not None
             res = found or _engine_build(engine, base, spec, repo, spec.context_dir(), wheels,
                                          plain_http, address, namespace, snapshotter, docker_host, network)
-            res = _indexed(res, base, plain_http, index_mode)
+            res = _indexed(res, base, plain_http, index_mode, signing_key)
             attrs.update(image=res.image, digest=res.digest, built=res.built, indexed=res.index is not None)
     except (SpecError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)

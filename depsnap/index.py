@@ -19,6 +19,7 @@ import time
 from bootseer.index import find_index
 from bootseer.reference import Reference
 from bootseer.registry import RegistryClient, RegistryError
+from bootseer.trust import Signer, TrustPolicy
 from depsnap import image
 from registry_sidecar.convert import MemoryLayerMap, convert_image
 
@@ -30,22 +31,26 @@ class NotIndexed(RuntimeError):
     pass
 
 
-def find(client: RegistryClient, ref: str, digest: str) -> str | None:
-    """The digest of the index artifact attached to manifest ``digest`` in ``ref``'s repository, or None."""
-    found = find_index(client, Reference.parse(ref), digest)
+def find(client: RegistryClient, ref: str, digest: str, signer: Signer | None = None) -> str | None:
+    """The digest of the index artifact attached to manifest ``digest`` in ``ref``'s repository, or None.
+    With ``signer``, only an index carrying its signature counts (an unsigned one is what nodes that require
+    signatures ignore: it would be converted again, and signed)."""
+    policy = TrustPolicy.for_signer(signer) if signer is not None else None
+    found = find_index(client, Reference.parse(ref), digest, policy)
     return found[0] if found else None
 
 
 def ensure_indexed(ref: str, digest: str, base: str | None, plain_http: bool = False, mode: str = "auto",
-                   timeout: float = 1800) -> str | None:
-    """Index of the image ``ref`` (manifest ``digest``) per ``mode``; returns the index artifact's digest."""
+                   timeout: float = 1800, signer: Signer | None = None) -> str | None:
+    """Index of the image ``ref`` (manifest ``digest``) per ``mode``; returns the index artifact's digest.
+    ``signer`` signs an index converted here (and, in ``auto``, makes an unsigned existing one not count)."""
     if mode not in MODES:
         raise ValueError(f"index mode {mode!r}: one of {', '.join(MODES)}")
     if mode == "none":
         return None
     client = image.client(plain_http)
     try:
-        existing = find(client, ref, digest)
+        existing = find(client, ref, digest, signer)
         if existing:
             return existing
         if mode == "wait":
@@ -54,16 +59,16 @@ def ensure_indexed(ref: str, digest: str, base: str | None, plain_http: bool = F
             while time.monotonic() < deadline:
                 time.sleep(delay)  # polling the registry for the sidecar's result, with a deadline
                 delay = min(delay * 1.5, 5.0)
-                found = find(client, ref, digest)
+                found = find(client, ref, digest, signer)
                 if found:
                     return found
             raise NotIndexed(f"{ref}: no index after {timeout:.0f} s; is the registry sidecar running?")
-        return convert(client, ref, base)
+        return convert(client, ref, base, signer)
     except RegistryError as e:
         raise NotIndexed(f"{ref}: indexing failed: {e}") from e
 
 
-def convert(client: RegistryClient, ref: str, base: str | None) -> str | None:
+def convert(client: RegistryClient, ref: str, base: str | None, signer: Signer | None = None) -> str | None:
     """Convert ``ref`` here, reusing the EROFS blobs of ``base``'s index for the layers they share."""
     layer_map = MemoryLayerMap()
     if base:
@@ -78,7 +83,7 @@ def convert(client: RegistryClient, ref: str, base: str | None) -> str | None:
             for blob in found[1].layers.values():
                 layer_map.put_layer(blob, base_ref.repository)
     t0 = time.monotonic()
-    result = convert_image(client, ref, layer_map=layer_map)
+    result = convert_image(client, ref, layer_map=layer_map, signer=signer)
     summary = result.summary()
     log.info("indexed %s in %.1f s: %s converted, %s reused", ref, time.monotonic() - t0, summary["converted"],
              summary["reused"])

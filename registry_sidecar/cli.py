@@ -17,7 +17,7 @@ from bootseer import log as bslog
 from bootseer.index import DEFAULT_CHUNK_SIZE
 from bootseer.reference import Reference, ReferenceError
 from bootseer.registry import Platform, RegistryClient, RegistryError
-from bootseer.trust import Signer, TrustError, generate_keypair
+from bootseer.trust import TrustError, default_signer, generate_keypair
 from registry_sidecar.convert import (
     ConvertError,
     ConvertOptions,
@@ -147,13 +147,8 @@ def convert(
 
         layer_map = State(state_dir / "sidecar.sqlite")
     client = _client(plain_http, Path(default_hosts_dir(str(hosts_dir) if hosts_dir else None)), docker_config)
-    if signing_key is None:  # the local stack's key while one is up (its snapshotter trusts only that key)
-        from bootseer.localstack import local_stack_value
-
-        stack_key = local_stack_value("signing_key")
-        signing_key = Path(stack_key) if stack_key and Path(stack_key).is_file() else None
     try:
-        signer = Signer(signing_key) if signing_key else None
+        signer = default_signer(signing_key)
     except TrustError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e

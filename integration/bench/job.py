@@ -471,11 +471,11 @@ def setup(env: Env, args: argparse.Namespace, sizes: Sizes) -> None:
     b, root = env.bench, env.root
     reg = b.st.info.registry
     env.base = images.push_realistic(reg)
+    # the indexes convert and depsnap push are signed with the stack's key: its snapshotter requires that
+    hosts = {"BOOTSEER_HOSTS_DIR": str(b.cdir / "certs.d"), "BOOTSEER_SIGNING_KEY": str(b.st.info.signing_key)}
     _log(f"indexing the base {env.base} (bootseer convert) ...")
-    _cli("convert", "--plain-http", "--state-dir", str(root / "convert-state"), env.base,
-         env={"BOOTSEER_HOSTS_DIR": str(b.cdir / "certs.d")})
+    _cli("convert", "--plain-http", "--state-dir", str(root / "convert-state"), env.base, env=hosts)
     modes = set(args.modes_list)
-    hosts = {"BOOTSEER_HOSTS_DIR": str(b.cdir / "certs.d")}
     if "bootseer-unrecorded" in modes:
         _log("recording the base's hot blocks (bootseer record, fresh node) ...")
         b.reset()

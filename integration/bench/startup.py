@@ -444,7 +444,10 @@ class Bench:
 
     def bootseer(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([sys.executable, "-m", "bootseer.cli", *args], capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "BOOTSEER_HOSTS_DIR": str(self.cdir / "certs.d")})
+                              timeout=timeout, env={**os.environ, "BOOTSEER_HOSTS_DIR": str(self.cdir / "certs.d"),
+                                                    # convert signs with the stack's key (its snapshotter
+                                                    # requires signed indexes)
+                                                    "BOOTSEER_SIGNING_KEY": str(self.st.info.signing_key)})
         if proc.returncode != 0:
             raise RuntimeError(f"bootseer {' '.join(args)} (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         return proc
@@ -538,8 +541,10 @@ class Bench:
                             namespace=NS)
         else:
             ctl = ["--control", self.st.info.snapshotter_control] if self.st.info.snapshotter_control else []
-            self.bootseer("pull", "--address", self.st.info.containerd_socket, "--namespace", NS, "--plain-http",
-                          *ctl, ref)
+            out = self.bootseer("pull", "--address", self.st.info.containerd_socket, "--namespace", NS,
+                                "--plain-http", "--json", *ctl, ref).stdout
+            if not json.loads(out).get("lazy_layers"):  # a fallback to an ordinary pull is not what is measured
+                raise RuntimeError(f"{mode}: bootseer pull served no layer lazily: {out.strip()[-1500:]}")
 
     def snapshotter_of(self, mode: str) -> str:
         return {"overlayfs": "overlayfs", "floor": "overlayfs", "stargz": "stargz",

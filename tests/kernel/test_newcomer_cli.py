@@ -72,8 +72,16 @@ def test_the_operator_guide_lists_every_config_key_and_a_typo_is_named(tmp_path:
 
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operator-guide.md").read_text()
     block = next(b for b in re.findall(r"```toml\n(.*?)```", guide, re.S) if "remote_snapshots" in b)
+    from bootseer.trust import generate_keypair
+
+    # the documented file is a valid one, given the key files it names (made here: keys are read at load)
+    paths = set(re.findall(r'"(/etc/bootseer/[^"]+\.pub)"', block))
+    assert paths, "the documented [trust] section names its key files"
+    for i, p in enumerate(sorted(paths)):
+        generate_keypair(tmp_path / f"k{i}.key", tmp_path / f"k{i}.pub")
+        block = block.replace(f'"{p}"', f'"{tmp_path / f"k{i}.pub"}"')
     (tmp_path / "config.toml").write_text(block)
-    Config.load(tmp_path / "config.toml")  # the documented file is a valid one
+    Config.load(tmp_path / "config.toml")
     documented = set(re.findall(r"^(\w+) =", block, re.M)) | set(re.findall(r"^\[(\w+)", block, re.M))
     missing = {f.name for f in dataclasses.fields(Config)} - documented
     assert not missing, f"keys the snapshotter reads but the operator guide does not list: {sorted(missing)}"

@@ -24,6 +24,7 @@ import requests
 
 from bootseer.index import find_index
 from bootseer.registry import RegistryClient
+from bootseer.trust import TrustPolicy
 from depsnap import engine_containerd as ec
 from depsnap import image
 from depsnap.build import BuildError, resolve
@@ -136,28 +137,39 @@ def test_two_builders_one_key_one_image(stack: Stack, small_image: str, scratch:
 
 
 def test_run_makes_the_snapshot_lazily_loadable(stack: Stack, small_image: str, scratch: Path) -> None:
-    """`depsnap run` answers with an image that has a BootSeer index covering its new layer."""
+    """`depsnap run` answers with an image that has a BootSeer index covering its new layer; with a signing
+    key, one signed by it (an unsigned index left by an earlier run does not count: nodes that require
+    signatures would ignore it)."""
     repo = repo_of(stack, "idx")
     n = f"bs-depsnap-idx-{secrets.token_hex(3)}"
     cli = [sys.executable, "-m", "bootseer.cli", "depsnap", "run", "--base", small_image, "--repo", repo,
            "--run", BUSYBOX_CHANGES, "--address", stack.info.containerd_socket, "--namespace", n,
            "--context", str(scratch), "--plain-http", "--index", "auto", "--json"]
+    signer = stack.index_signer()
+    # no key: no env key, no local stack at the default root to take one from
+    env = {k: v for k, v in os.environ.items() if k != "BOOTSEER_SIGNING_KEY"}
+    unsigned_env = {**env, "BOOTSEER_STACK_DIR": str(scratch / "no-stack")}
+    client = RegistryClient(plain_http=True)
     try:
-        doc = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
-        # asking again finds the image and its index; nothing is built or converted twice
-        again = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
+        doc = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True, env=unsigned_env).stdout)
+        assert find_index(client, repo, doc["digest"], TrustPolicy.for_signer(signer)) is None
+        # asking again finds the image; nothing is built twice, the index is signed this time
+        again = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True,
+                                          env={**env, "BOOTSEER_SIGNING_KEY": str(stack.info.signing_key)}).stdout)
     finally:
         for item in stack.ctr("images", "ls", "-q", namespace=n, check=False).stdout.split():
             stack.ctr("images", "rm", "--sync", item, namespace=n, check=False)
         stack.ctr("namespaces", "rm", n, check=False)
     assert doc["built"] and doc["index"]
-    found = find_index(RegistryClient(plain_http=True), repo, doc["digest"])
+    found = find_index(client, repo, doc["digest"])
     assert found is not None and found[0] == doc["index"]
     raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{doc['image']}"],
                          capture_output=True, check=True).stdout
     new_layer = json.loads(raw)["layers"][-1]["digest"]
     assert new_layer in found[1].layers
-    assert (again["built"], again["index"]) == (False, doc["index"])
+    assert (again["built"], again["index"]) == (False, doc["index"])  # conversion is deterministic
+    signed = find_index(client, repo, doc["digest"], TrustPolicy.for_signer(signer))
+    assert signed is not None and signed[0] == doc["index"]
 
 
 def test_failed_install_pushes_nothing(stack: Stack, small_image: str, ns: str, scratch: Path) -> None:
