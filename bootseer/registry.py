@@ -45,6 +45,7 @@ from typing import IO, Any
 from urllib.parse import urlencode, urljoin
 
 import requests
+import urllib3
 
 from bootseer import __version__
 from bootseer.auth import Authenticator, AuthError, Credentials, DockerConfig
@@ -461,7 +462,7 @@ class RegistryClient:
         while True:
             _, resp = self._request(ref, "GET", path, capability=capability, headers=headers, stream=True)
             try:
-                return resp, _read_limited(resp, limit, what)
+                return resp, _read_limited(resp, limit, what, self._left)
             except TransientError as e:
                 if attempt >= self.retries:
                     raise
@@ -840,14 +841,24 @@ def _retry_after(value: str | None) -> float | None:
     return None if when is None else max(0.0, when.timestamp() - time.time())
 
 
-def _read_limited(resp: requests.Response, limit: int, what: str) -> bytes:
+def _read_limited(resp: requests.Response, limit: int, what: str,
+                  left: Callable[[], float | None] = lambda: None) -> bytes:
+    """The whole body, at most ``limit`` bytes, read before the call's deadline (``left()``: seconds left, or
+    None).  ``read1`` returns what one socket read brings, so the deadline is checked as bytes arrive: a
+    registry dripping a byte at a time keeps each read under its timeout, but not the body past the deadline."""
     buf = bytearray()
     try:
-        for chunk in resp.iter_content(64 << 10):
+        while True:
+            chunk = resp.raw.read1(64 << 10, decode_content=True)
+            if not chunk:
+                break
             buf += chunk
             if len(buf) > limit:
                 raise RegistryError(f"{what} larger than {limit} bytes")
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout) as e:
+            remaining = left()
+            if remaining is not None and remaining <= 0:
+                raise TransientError(f"{what}: deadline passed after {len(buf)} bytes of the body")
+    except (urllib3.exceptions.HTTPError, OSError, requests.RequestException) as e:
         raise TransientError(f"{what}: connection lost while reading: {e}") from e
     finally:
         resp.close()

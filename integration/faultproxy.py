@@ -58,9 +58,11 @@ class Fault:
     connection), ``cut`` (send half the upstream body then reset), ``delay`` (wait ``delay`` s, then forward),
     ``corrupt`` (flip the first byte of the body, or the byte at blob offset ``at`` where the answer covers it),
     ``hang`` (answer nothing while the fault is in place), ``stall`` (send ``after`` bytes of the body, then
-    nothing more while the fault is in place), ``ignore_range`` (answer the whole blob, 200, as a server
-    without range support).  ``rate``: fire on that fraction of the matching requests (seeded, see the module
-    doc) instead of the next ``times``; ``ranged``: match only requests with a ``Range`` header.
+    nothing more while the fault is in place), ``drip`` (a tarpit: send the body one byte every ``delay`` s
+    while the fault is in place, the rest at once when it is removed), ``ignore_range`` (answer the whole blob,
+    200, as a server without range support).  ``rate``: fire on that fraction of the matching requests
+    (seeded, see the module doc) instead of the next ``times``; ``ranged``: match only requests with a
+    ``Range`` header.
     """
 
     action: str
@@ -219,6 +221,12 @@ class FaultProxy:
         cannot keep a thread forever)."""
         with self._changed:
             self._changed.wait_for(lambda: self._stopping or fault not in self.faults, timeout=300)
+
+    def _drip_wait(self, fault: Fault) -> bool:
+        """Wait ``fault.delay`` s between two dripped bytes; True as soon as the fault is removed (or the proxy
+        stops)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._stopping or fault not in self.faults, timeout=fault.delay)
 
     def _take(self, method: str, path: str, range_header: str | None = None) -> Fault | None:
         with self._lock:
@@ -479,6 +487,17 @@ class _Handler(BaseHTTPRequestHandler):
             if p._stopping:
                 return self._reset()
             data = data[fault.after:]
+        if fault is not None and fault.action == "drip":
+            for i in range(len(data)):  # a tarpit: one byte, then ``delay`` s, each read stays under its timeout
+                if p._drip_wait(fault):
+                    data = data[i:]  # the fault was removed: the rest at once
+                    break
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+            else:
+                return
+            if p._stopping:
+                return self._reset()
         self.wfile.write(data)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle

@@ -61,6 +61,7 @@ class StackConfig:
     sidecar: bool = True  # start the registry sidecar when the package provides it
     lazy: bool = True  # the snapshotter serves indexed images' layers lazily (remote snapshots)
     lazy_config: dict[str, Any] = field(default_factory=dict)  # its [lazy] table (LazyConfig knobs)
+    snapshotter_config: dict[str, Any] = field(default_factory=dict)  # its top-level keys (lookup_timeout, ...)
     timeout: float = 60.0
 
 
@@ -241,6 +242,7 @@ class Stack:
         self.info.snapshotter_socket, self.info.snapshotter_root = str(sock), str(sroot)
         conf = self.root / "snapshotter.toml"
         text = f"root = {json.dumps(str(sroot))}\naddress = {json.dumps(str(sock))}\n"
+        text += "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.snapshotter_config.items())
         metrics = f"127.0.0.1:{free_port()}"
         self.info.snapshotter_metrics = metrics
         text += f"metrics_address = {json.dumps(metrics)}\n"

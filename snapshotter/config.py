@@ -12,6 +12,8 @@
     docker_config = ""          # credentials file; "" = ~/.docker/config.json
     access_log = ""             # JSON-lines log of every FUSE read (debugging; recordings use the socket)
     hotblock_prefetch = true    # replay an image's recorded hot blocks at Prepare (bootseer record)
+    lookup_timeout = 30.0       # seconds a Prepare waits for the index lookup before the ordinary pull
+    lookup_concurrency = 4      # index lookups at once per registry; beyond, Prepares fall back at once
 
     [trust]                     # which indexes lazy layers may come from (docs/security.md)
     mode = "require"            # require: only indexes signed by one of `keys` | prefer | off
@@ -56,6 +58,8 @@ class Config:
     docker_config: str = ""
     access_log: str = ""
     hotblock_prefetch: bool = True
+    lookup_timeout: float = 30.0  # a Prepare waits this long for its registry lookup (snapshotter.lazy.lookups)
+    lookup_concurrency: int = 4  # lookups at once per registry: what a slow registry can hold
     lazy: dict[str, Any] = field(default_factory=dict)
     trust: dict[str, Any] = field(default_factory=dict)  # bootseer.trust.TrustPolicy; default mode "require"
 
@@ -102,6 +106,10 @@ class Config:
             raise ValueError(f"metrics_address must be host:port, not {cfg.metrics_address!r}")
         if cfg.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {cfg.log_format!r}")
+        if not (isinstance(cfg.lookup_timeout, (int, float)) and cfg.lookup_timeout > 0):
+            raise ValueError(f"lookup_timeout must be a positive number of seconds, not {cfg.lookup_timeout!r}")
+        if not (isinstance(cfg.lookup_concurrency, int) and cfg.lookup_concurrency >= 1):
+            raise ValueError(f"lookup_concurrency must be a positive integer, not {cfg.lookup_concurrency!r}")
         if not isinstance(cfg.lazy, dict):
             raise ValueError("lazy must be a table")
         if not isinstance(cfg.trust, dict):

@@ -44,7 +44,8 @@ class LazyService:
                         "with 'require' (the default) every layer is pulled the ordinary way (docs/security.md)")
         specs = RegistrySpecs.create(hosts_dir=cfg.hosts_dir or None, plain_http=cfg.plain_http,
                                      docker_config=cfg.docker_config or None, cache_dir=cfg.root / "index-cache",
-                                     policy=policy)
+                                     policy=policy, lookup_timeout=cfg.lookup_timeout,
+                                     lookup_concurrency=cfg.lookup_concurrency)
         access = AccessLogWriter(Path(cfg.access_log)) if cfg.access_log else None
         manager = LayerManager(cfg.root / "lazy", LazyConfig.from_dict(cfg.lazy), auth=specs.auth,
                                access_log=access)

@@ -34,11 +34,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from bootseer import events
 from snapshotter.lazy.ahead import SetUpAhead, ahead_owner
+from snapshotter.lazy.lookups import Lookups, LookupUnavailable
 from snapshotter.lazy.manager import LayerManager
 from snapshotter.lazy.spec import BlobSpec
 from snapshotter.metastore import Record
@@ -60,6 +61,7 @@ log = logging.getLogger("bootseer.lazy.handler")
 
 LABEL_BLOB = "containerd.io/snapshot/bootseer.blob"  # on remote snapshots: the EROFS blob digest
 REMOTE_NAME = "bootseer"
+T = TypeVar("T")
 
 
 class SpecSource(Protocol):
@@ -153,7 +155,12 @@ class LazyHandler:
         chain_ids = getattr(self.specs, "chain_ids", None)
         if chain_ids is None:
             return True
-        want = chain_ids(image, manifest, layer)
+        try:
+            want = chain_ids(image, manifest, layer)
+        except LookupUnavailable as e:
+            log.warning("%s: layer %s of %s not lazy: config lookup: %s; ordinary pull", req.key, layer[:19],
+                        image, e)
+            return False
         if req.target in want:
             return True
         log.warning("%s: Prepare of layer %s of %s names chain ID %s, the image's config gives %s; ordinary "
@@ -241,33 +248,47 @@ class RegistryAuthHook:
 class RegistrySpecs:
     """:class:`SpecSource` reading BootSeer indexes from the image's registry (with a disk cache).
 
-    A lookup's requests (referrers, index manifest and blob) retry transient errors within one deadline,
-    ``lookup_timeout``: containerd's Prepare waits on it, and past it the layer is pulled the ordinary way."""
+    A lookup's requests (referrers, index manifest and blob, config) retry transient errors within one
+    deadline, ``lookup_timeout``, and run through :class:`~snapshotter.lazy.lookups.Lookups`: off the gRPC
+    worker that waits for them, at most ``lookup_concurrency`` at once per registry.  Past the deadline, or
+    with its registry's slots taken by slow lookups, the layer is pulled the ordinary way."""
 
-    lookup_timeout = 30.0
-
-    def __init__(self, client: RegistryClient, reader: IndexReader) -> None:
+    def __init__(self, client: RegistryClient, reader: IndexReader, *, lookup_timeout: float = 30.0,
+                 lookup_concurrency: int = 4) -> None:
         # (the reader's trust policy decides which index is used; :meth:`IndexReader.bound` ties its entry to
         # the pulled manifest and config)
         self.client = client
         self.reader = reader
         self.registries: dict[str, str] = {}
         self.auth = RegistryAuthHook(client, self.registries)
+        self.lookup_timeout = lookup_timeout
+        self.lookups = Lookups(lookup_timeout, lookup_concurrency)
 
     @classmethod
     def create(cls, *, hosts_dir: str | None, plain_http: bool, docker_config: str | None,
-               cache_dir: Path, policy: TrustPolicy | None = None) -> RegistrySpecs:
+               cache_dir: Path, policy: TrustPolicy | None = None, lookup_timeout: float = 30.0,
+               lookup_concurrency: int = 4) -> RegistrySpecs:
         from bootseer.registry import RegistryClient
         from snapshotter.lazy.index_reader import IndexReader
 
         client = RegistryClient(hosts_dir=hosts_dir, credentials=docker_config or None, plain_http=plain_http,
                                 retries=6, read_timeout=30.0)  # (the lookup's deadline bounds the retries)
-        return cls(client, IndexReader(client, cache_dir=cache_dir, policy=policy))
+        return cls(client, IndexReader(client, cache_dir=cache_dir, policy=policy), lookup_timeout=lookup_timeout,
+                   lookup_concurrency=lookup_concurrency)
+
+    def _lookup(self, image_ref: str, key: tuple[str, ...], fn: Callable[[], T]) -> T:
+        from bootseer.reference import Reference
+
+        def bounded() -> T:
+            with self.client.deadline(self.lookup_timeout):  # the thread's own requests end too
+                return fn()
+
+        return self.lookups.run(Reference.parse(image_ref).registry, key, bounded)
 
     def chain_ids(self, image_ref: str, manifest_digest: str, layer_digest: str) -> list[str]:
         """The chain IDs the image's config gives ``layer_digest`` (one per position it has in the manifest)."""
-        with self.client.deadline(self.lookup_timeout):
-            img = self.reader.image_layers(image_ref, manifest_digest)
+        img = self._lookup(image_ref, ("image", image_ref, manifest_digest),
+                           lambda: self.reader.image_layers(image_ref, manifest_digest))
         return [img.chain_id(i) for i in img.positions(layer_digest)]
 
     def __call__(self, image_ref: str, manifest_digest: str, layer_digest: str) -> BlobSpec | None:
@@ -275,10 +296,13 @@ class RegistrySpecs:
         from snapshotter.lazy.index_reader import ImageMismatch
 
         try:
-            with self.client.deadline(self.lookup_timeout):
-                found = self.reader.bound(image_ref, manifest_digest, layer_digest)
+            found = self._lookup(image_ref, ("layer", image_ref, manifest_digest, layer_digest),
+                                 lambda: self.reader.bound(image_ref, manifest_digest, layer_digest))
         except ImageMismatch as e:  # the ordinary pull, where containerd checks the diffID itself
             log.warning("layer %s of %s not lazy: %s", layer_digest[:19], image_ref, e)
+            return None
+        except LookupUnavailable as e:
+            log.warning("layer %s of %s not lazy: index lookup: %s; ordinary pull", layer_digest[:19], image_ref, e)
             return None
         if found is None:
             return None

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bootseer.lazy.prefetcher")
 
+LOOKUP_DEADLINE = 60.0  # seconds for a hot-block manifest lookup's requests, retries included
 OUTCOMES = ("done", "cancelled", "partial", "no_manifest", "not_recorded", "ignored", "error")
 
 
@@ -266,7 +267,9 @@ class HotBlockPrefetcher:
                 self._cache.move_to_end(key)
                 return hit[2]
             gate = self._gates.setdefault(key, threading.Lock())
-        with gate:
+        # a deadline on the lookup's requests: a registry dripping its answer must not keep this image's
+        # gate (and the prefetch waiting on it) for longer
+        with gate, self.client.deadline(LOOKUP_DEADLINE):
             with self._lock:
                 hit = self._cache.get(key)
                 if hit is not None and hit[0] > time.monotonic():

@@ -8,6 +8,9 @@
 * **Index substitution.**  A newer referrer for the real image whose entry points the first layer at the
   tenant's EROFS blob — unsigned, or signed by a key the node does not trust — is ignored: the node still
   serves the real bytes.  Before signatures, the newest referrer won.
+* **Tarpit** (item 4).  A registry front that drips its index answers one byte a second: its image's Prepares
+  give up the lookup at ``lookup_timeout`` and pull the ordinary way, while an image of a healthy registry,
+  pulled meanwhile, goes lazy.  Before, each lookup read the dripping body to its end (minutes per request).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from bootseer.reference import Reference
 from bootseer.registry import RegistryClient
 from bootseer.trust import Signer, generate_keypair
 from integration import images
+from integration.faultproxy import FaultProxy
 from integration.oci import Layout, entry, push
 from integration.stack import Stack, StackConfig, running
 from registry_sidecar.convert import convert_image
@@ -65,7 +69,8 @@ def _push_evil(st: Stack, claimed_diff_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    with running(StackConfig(root=scratch_root("tr"), cri_snapshotter="bootseer", sidecar=False)) as st:
+    with running(StackConfig(root=scratch_root("tr"), cri_snapshotter="bootseer", sidecar=False,
+                             snapshotter_config={"lookup_timeout": 4.0})) as st:
         client = RegistryClient(hosts_dir=str(Path(st.info.containerd_config).parent / "certs.d"), plain_http=True)
         real = images.push_small(st.info.registry, repo="bootseer/base")
         man, _ = client.resolve_image(real)
@@ -166,3 +171,30 @@ def test_an_unprivileged_user_cannot_reach_lazy_mounts_or_the_state(world: World
         r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "ls", str(path)],
                            capture_output=True, text=True)
         assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r.stdout, r.stderr)
+
+
+def test_a_tarpit_registry_delays_only_its_own_images(world: World, ns: str) -> None:
+    real = f"{world.st.info.registry}/bootseer/base:v1"
+    with FaultProxy(world.st.info.registry) as proxy:
+        # the index lookup's requests (referrers, the tag-schema fallback, signatures): one byte a second,
+        # so no socket read ever times out; blobs and the image's own manifests pass
+        drip = proxy.add("drip", method="GET", path=r"/referrers/|/manifests/sha256-", delay=1.0, times=10**6)
+        via = real.replace(world.st.info.registry, proxy.address, 1)
+        slow = subprocess.Popen([sys.executable, "-m", "bootseer.cli", "pull", "--json", "-a",
+                                 world.st.info.containerd_socket, "-n", ns + "-tarpit", "--hosts-dir", world.certs,
+                                 via], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert drip.fired.wait(120), "the tarpit was never asked"
+            # while the tarpit's lookups drip, an image of the healthy registry pulls lazily
+            assert _modes(_pull(world, ns, real))[0] == "lazy"
+            out, err = slow.communicate(timeout=180)  # each of its Prepares waits at most lookup_timeout
+        finally:
+            if slow.poll() is None:
+                slow.kill()
+                slow.wait()
+            for item in world.st.ctr("images", "ls", "-q", namespace=ns + "-tarpit", check=False).stdout.split():
+                world.st.ctr("images", "rm", "--sync", item, namespace=ns + "-tarpit", check=False)
+            world.st.ctr("namespaces", "rm", ns + "-tarpit", check=False)
+    assert slow.returncode == 0, err
+    assert {lo["mode"] for lo in json.loads(out)["layers"]} == {"pulled"}  # the ordinary pull, and it works
+    assert _run(world, ns, real) == "kept\n"
