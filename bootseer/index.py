@@ -88,6 +88,10 @@ ARTIFACT_TYPE = "application/vnd.bootseer.index.v1+json"
 INDEX_MEDIA_TYPE = ARTIFACT_TYPE
 EROFS_MEDIA_TYPE = "application/vnd.bootseer.layer.v1.erofs"
 LAYER_ANNOTATION = "io.bootseer.layer.digest"
+# on a *bound* image manifest (``bootseer convert --bind``): the digest of its index artifact, so that the
+# digest a user pins names the index too (SOCI's index manifest v2 idea)
+BOUND_INDEX_ANNOTATION = "io.bootseer.index.digest"
+BOUND_FROM_ANNOTATION = "io.bootseer.index.subject"  # ... and the manifest it was bound from (the index's subject)
 # 128 KiB: the unit of every lazy fetch, verification and cache bit.  Smaller chunks fetch a smaller hot set
 # but cost more per-chunk hashing and bookkeeping in Python; 128 KiB is also the largest read FUSE and erofs
 # read-ahead send (figures: docs/bench/design-measurements.md).
@@ -308,31 +312,102 @@ def find_index(client: RegistryClient, repo: Reference | str, manifest_digest: s
         signed.sort(key=lambda t: (t[0], t[1]), reverse=True)
         ordered = [d for _, _, d in signed] + (ordered if mode == "prefer" else [])
     for desc in ordered[:MAX_CANDIDATES]:
-        try:
-            man = client.get_manifest(ref.with_digest(desc.digest))
-        except NotFound:
-            continue  # a stale entry of the tag schema
-        blob = next((d for d in man.layers if d.media_type == INDEX_MEDIA_TYPE), None)
-        if blob is None or (man.subject and man.subject.digest != manifest_digest) or blob.size > MAX_INDEX_BYTES:
-            continue
-        try:
-            index = ImageIndex.from_json(client.get_blob(ref, blob.digest, max_size=MAX_INDEX_BYTES),
-                                         source=ref.name)
-        except BadIndex as e:
-            log.warning("index %s of %s@%s not used: %s", desc.digest[:19], ref.name, manifest_digest[:19], e)
-            continue
-        if index.subject != manifest_digest:
-            log.warning("index %s is for %s, attached to %s; not used", blob.digest, index.subject, manifest_digest)
-            continue
-        return desc.digest, index
+        index = _load(client, ref, desc.digest, manifest_digest)
+        if index is not None:
+            return desc.digest, index
     return None
+
+
+def _load(client: RegistryClient, ref: Reference, artifact: str, subject: str) -> ImageIndex | None:
+    """The index in artifact manifest ``artifact`` made for image manifest ``subject``, or None (gone,
+    malformed, another schema version, made for another image: logged)."""
+    try:
+        man = client.get_manifest(ref.with_digest(artifact))
+    except NotFound:
+        return None  # a stale entry of the tag schema
+    blob = next((d for d in man.layers if d.media_type == INDEX_MEDIA_TYPE), None)
+    if blob is None or (man.subject and man.subject.digest != subject) or blob.size > MAX_INDEX_BYTES:
+        return None
+    try:
+        index = ImageIndex.from_json(client.get_blob(ref, blob.digest, max_size=MAX_INDEX_BYTES), source=ref.name)
+    except BadIndex as e:
+        log.warning("index %s of %s@%s not used: %s", artifact[:19], ref.name, subject[:19], e)
+        return None
+    if index.subject != subject:
+        log.warning("index %s is for %s, attached to %s; not used", blob.digest, index.subject, subject)
+        return None
+    return index
+
+
+def bound_index(client: RegistryClient, repo: Reference | str, manifest: Manifest,
+                policy: TrustPolicy | None = None) -> tuple[str, ImageIndex] | None:
+    """The index a *bound* image manifest names (annotation :data:`BOUND_INDEX_ANNOTATION`), or None if it
+    names none.  The digest pins exactly one index — no referrer lookup, no newer index can replace it — but
+    the policy still decides whether its converter is trusted (an image author could otherwise bind its own
+    EROFS blobs to another image's diffIDs, see docs/security.md).  Raises :class:`BadIndex` when the
+    manifest names an index that cannot be used: the caller pulls the ordinary way, not some other index.
+
+    The bound manifest is the original one plus two annotations (same config, same layers): the index's
+    artifact digest and the original manifest's digest, the index's subject.  Neither is taken on trust: the
+    signature vouches for the index, and the node still binds each entry to the pulled manifest's layer
+    digest and the pulled config's diffID (:meth:`IndexReader.bound`)."""
+    artifact = (manifest.doc.get("annotations") or {}).get(BOUND_INDEX_ANNOTATION)
+    if artifact is None:
+        return None
+    if not (isinstance(artifact, str) and artifact.startswith("sha256:") and len(artifact) == 71):
+        raise BadIndex(f"manifest {manifest.digest[:19]}: {BOUND_INDEX_ANNOTATION} is not a sha256 digest")
+    ref = repo if isinstance(repo, Reference) else Reference.parse(repo)
+    ref = ref.in_repository(ref.repository)
+    if policy is not None and policy.rule_for(ref.name).mode == "require" and policy.signature(
+            client, ref, artifact) is None:
+        raise BadIndex(f"bound index {artifact[:19]} of {ref.name} carries no signature by a trusted key")
+    index = _load(client, ref, artifact, unbound_digest(manifest))
+    if index is None:
+        raise BadIndex(f"bound index {artifact[:19]} of {ref.name}@{manifest.digest[:19]} is missing or not "
+                       "for this image")
+    return artifact, index
+
+
+def bind_manifest(manifest: Manifest, artifact: str) -> bytes:
+    """The bound form of ``manifest``: the same document plus the annotation naming index ``artifact``
+    (serialised canonically, so binding the same pair twice gives the same digest)."""
+    doc = dict(manifest.doc)
+    doc["annotations"] = {**(doc.get("annotations") or {}), BOUND_INDEX_ANNOTATION: artifact,
+                          BOUND_FROM_ANNOTATION: manifest.digest}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def unbound_digest(manifest: Manifest) -> str:
+    """The digest of the manifest a bound one was made from (its annotation; the manifest itself otherwise)."""
+    original = (manifest.doc.get("annotations") or {}).get(BOUND_FROM_ANNOTATION)
+    return original if isinstance(original, str) else manifest.digest
 
 
 def manifest_descriptor(man: Manifest) -> Descriptor:
     return Descriptor(man.media_type, man.digest, len(man.raw))
 
 
-__all__ = ["ARTIFACT_TYPE", "DEFAULT_CHUNK_SIZE", "EROFS_MEDIA_TYPE", "INDEX_MEDIA_TYPE", "BadIndex", "ImageIndex",
-           "LayerBlob", "UnsupportedIndex", "artifact_manifest", "chunk_digests", "chunk_span", "chunks_covering",
-           "find_index",
-           "hash_chunks", "manifest_descriptor", "n_chunks", "push_index", "sha256_digest"]
+__all__ = [
+    "ARTIFACT_TYPE",
+    "BOUND_INDEX_ANNOTATION",
+    "DEFAULT_CHUNK_SIZE",
+    "EROFS_MEDIA_TYPE",
+    "INDEX_MEDIA_TYPE",
+    "BadIndex",
+    "ImageIndex",
+    "LayerBlob",
+    "UnsupportedIndex",
+    "artifact_manifest",
+    "bind_manifest",
+    "bound_index",
+    "chunk_digests",
+    "chunk_span",
+    "chunks_covering",
+    "find_index",
+    "hash_chunks",
+    "manifest_descriptor",
+    "n_chunks",
+    "push_index",
+    "sha256_digest",
+    "unbound_digest",
+]

@@ -26,6 +26,7 @@ from registry_sidecar.convert import (
     LayerMap,
     LayerResult,
     MemoryLayerMap,
+    bind_image,
 )
 
 app = typer.Typer(help="The registry sidecar: converts pushed images into lazily loadable EROFS layers.",
@@ -123,6 +124,10 @@ def convert(
                                             "require signatures ignore unsigned indexes. `bootseer sidecar keygen` "
                                             "makes one. Default: env BOOTSEER_SIGNING_KEY, else the local "
                                             "stack's key when one is up."),
+    bind: str | None = typer.Option(None, "--bind", metavar="TAG",
+                                    help="Also push the bound image as TAG: IMAGE's manifest plus an annotation "
+                                    "naming its index, so that pinning its digest pins the index (no later "
+                                    "referrer replaces it). A new digest: roll that one out. One platform only."),
     log_level: str = typer.Option("warning", help="Log level."),
 ) -> None:
     """Convert every layer of IMAGE into an EROFS blob and attach the index referrer.
@@ -167,6 +172,10 @@ def convert(
                     results.append(converter.convert(ref, platform=p, force=force, progress=bars))
             else:
                 results.append(converter.convert(ref, platform=p, force=force, progress=_LineProgress(err)))
+        if bind is not None:
+            if len(results) != 1:
+                raise ConvertError("--bind: one platform at a time (a bound image is one manifest)")
+            bind_image(client, ref, results[0], bind)
     except (RegistryError, ConvertError, OSError) as e:
         err.print(f"[red]error:[/red] {escape(bslog.error_text(e))}")
         raise typer.Exit(1) from e
@@ -183,6 +192,9 @@ def convert(
                        f"{s['bytes_in'] / 1e6:.1f} MB in, {s['bytes_out'] / 1e6:.1f} MB out, {s['seconds']:.1f}s "
                        f"({s['mb_per_s']:.1f} MB/s); "
                        + (f"index {s['index']}" if s["index"] else "no layer convertible, no index attached"))
+        for s in summaries:
+            if s["bound"]:
+                typer.echo(f"bound image: {s['bound']} (pin this digest)")
     skipped = [sk for s in summaries for sk in s["skipped"]]
     for sk in skipped:
         err.print(f"[yellow]skipped[/yellow] {sk['digest']}: {escape(sk['reason'])}")

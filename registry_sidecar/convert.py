@@ -41,10 +41,12 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from bootseer.index import (
+    BOUND_INDEX_ANNOTATION,
     DEFAULT_CHUNK_SIZE,
     EROFS_MEDIA_TYPE,
     ImageIndex,
     LayerBlob,
+    bind_manifest,
     find_index,
     hash_chunks,
     manifest_descriptor,
@@ -186,6 +188,7 @@ class ImageResult:
     manifest_digest: str
     index_digest: str | None = None
     already_indexed: bool = False
+    bound: str | None = None  # ``repo@digest`` of the bound image (:func:`bind_image`), when one was pushed
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -195,7 +198,7 @@ class ImageResult:
         bytes_out = sum(lr.blob.blob.size for lr in conv if lr.blob)
         return {
             "ref": self.ref, "manifest": self.manifest_digest, "index": self.index_digest,
-            "already_indexed": self.already_indexed,
+            "already_indexed": self.already_indexed, "bound": self.bound,
             "layers": len(self.layers), "converted": len(conv),
             "reused": sum(lr.status == "reused" for lr in self.layers),
             "skipped": [{"digest": lr.digest, "reason": lr.reason} for lr in self.layers if lr.status == "skipped"],
@@ -466,6 +469,27 @@ class ImageConverter:
         lr.status, lr.reason = "skipped", reason
         log.warning("layer %s skipped: %s", lr.digest, reason)
         prog.done(lr)
+
+
+def bind_image(client: RegistryClient, image: Reference | str, result: ImageResult, tag: str) -> str:
+    """Push the *bound* form of the converted image — its manifest plus annotations naming the index — as
+    ``tag`` in the image's repository; return ``repo@digest`` of it (and set ``result.bound``).
+
+    The bound image has the same config and layers, hence the same content, under a new digest: users who
+    pin by digest pin the index too, and no later referrer can change which index a node uses for it
+    (docs/security.md, "Pinned indexes").  The trade-off: a new digest to roll out, and a re-conversion
+    (a new converter version) means binding, and rolling out, again."""
+    ref = image if isinstance(image, Reference) else Reference.parse(image)
+    if result.index_digest is None:
+        raise ConvertError(f"{ref}: no index to bind (no layer could be converted)")
+    repo = ref.in_repository(ref.repository)
+    manifest = client.get_manifest(repo.with_digest(result.manifest_digest))
+    if BOUND_INDEX_ANNOTATION in (manifest.doc.get("annotations") or {}):
+        raise ConvertError(f"{ref}: already a bound image; bind the image it was made from")
+    digest = client.put_manifest(repo, bind_manifest(manifest, result.index_digest), manifest.media_type,
+                                 reference=tag)
+    result.bound = f"{repo.name}@{digest}"
+    return result.bound
 
 
 def convert_image(client: RegistryClient, image: Reference | str, *, platform: Platform | str | None = None,

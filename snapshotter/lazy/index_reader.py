@@ -9,6 +9,7 @@ answers a layer only if the index entry's (layer digest, diffID) equal the manif
 config's diffID at that position — the manifest fetched by its digest, the config by the manifest's, both
 verified and size-bounded, remembered per manifest.  The disk cache lives under the daemon's 0700 root and is
 keyed by the policy too, so a changed policy (a rotated key) does not serve an index the new one would refuse.
+A *bound* image (``bootseer convert --bind``: its manifest names its index) uses that index or none.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bootseer.index import MAX_LAYERS, BadIndex, ImageIndex, LayerBlob, find_index
+from bootseer.index import MAX_LAYERS, BadIndex, ImageIndex, LayerBlob, bound_index, find_index
 from bootseer.reference import Reference
-from bootseer.registry import RegistryClient, RegistryError
+from bootseer.registry import Manifest, RegistryClient, RegistryError
 from bootseer.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ImageLayers:
 
     layers: tuple[str, ...]
     diff_ids: tuple[str, ...]
+    manifest: Manifest | None = field(default=None, compare=False, repr=False)  # as pulled (its annotations)
 
     def positions(self, layer_digest: str) -> list[int]:
         return [i for i, d in enumerate(self.layers) if d == layer_digest]
@@ -75,7 +77,7 @@ def image_layers(client: RegistryClient, ref: Reference, manifest_digest: str) -
     layers = tuple(d.digest for d in man.layers)
     if len(layers) != len(diff_ids) or len(layers) > MAX_LAYERS:
         raise ImageMismatch(f"image {manifest_digest}: {len(layers)} layers, {len(diff_ids)} diffIDs")
-    return ImageLayers(layers, tuple(diff_ids))
+    return ImageLayers(layers, tuple(diff_ids), man)
 
 
 class IndexReader:
@@ -159,7 +161,7 @@ class IndexReader:
             try:
                 idx = self._from_disk(ref, manifest_digest)
                 if idx is None:
-                    found = find_index(self.client, ref, manifest_digest, self.policy)
+                    found = self._find(image_ref, ref, manifest_digest)
                     idx = found[1] if found else None
                     if idx is not None:
                         self._to_disk(ref, manifest_digest, idx)
@@ -177,6 +179,21 @@ class IndexReader:
                 while len(self._mem) > self.max_images:
                     self._mem.popitem(last=False)
             return idx
+
+    def _find(self, image_ref: str, ref: Reference, manifest_digest: str) -> tuple[str, ImageIndex] | None:
+        """A bound image's own index (its manifest names it: ``bootseer convert --bind``), else the newest
+        trusted referrer.  A bound image whose index cannot be used gets none (the ordinary pull), never a
+        referrer in its place: its author pinned that one."""
+        man = self.image_layers(image_ref, manifest_digest).manifest
+        if man is not None:
+            try:
+                found = bound_index(self.client, ref, man, self.policy)
+            except BadIndex as e:
+                log.warning("%s@%s: %s; ordinary pull", ref.name, manifest_digest[:19], e)
+                return None
+            if found is not None:
+                return found
+        return find_index(self.client, ref, manifest_digest, self.policy)
 
     def invalidate(self, image_ref: str | None = None, manifest_digest: str | None = None) -> None:
         """Forget cached answers (all, or one image's) — e.g. after a conversion finished."""

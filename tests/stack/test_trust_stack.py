@@ -8,6 +8,9 @@
 * **Index substitution.**  A newer referrer for the real image whose entry points the first layer at the
   tenant's EROFS blob — unsigned, or signed by a key the node does not trust — is ignored: the node still
   serves the real bytes.  Before signatures, the newest referrer won.
+* **Pinned indexes** (``bootseer convert --bind``).  The bound image's manifest names its index: the node uses
+  that one even when a newer referrer signed by a trusted key (a converter's key in the wrong hands) is attached
+  to the bound digest, and a bound index without a trusted signature is not used (ordinary pull).
 * **Tarpit** (item 4).  A registry front that drips its index answers one byte a second: its image's Prepares
   give up the lookup at ``lookup_timeout`` and pull the ordinary way, while an image of a healthy registry,
   pulled meanwhile, goes lazy.  Before, each lookup read the dripping body to its end (minutes per request).
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -198,3 +202,64 @@ def test_a_tarpit_registry_delays_only_its_own_images(world: World, ns: str) -> 
     assert slow.returncode == 0, err
     assert {lo["mode"] for lo in json.loads(out)["layers"]} == {"pulled"}  # the ordinary pull, and it works
     assert _run(world, ns, real) == "kept\n"
+
+
+def _push_own(st: Stack, repo: str) -> str:
+    """A one-layer image of busybox and /data/keep.txt = "kept", with bytes of its own (``repo`` inside): no
+    other test's signature or lazy layer can stand for it (content-addressed, they would, rightly)."""
+    ref = f"{st.info.registry}/{repo}:v1"
+    with tempfile.TemporaryDirectory(prefix="bs-own-") as tmp:
+        lay = Layout(Path(tmp))
+        lay.add_entries([*images._busybox_entries(), entry("data/", kind=tarfile.DIRTYPE, mode=0o755),
+                         entry("data/keep.txt", b"kept\n"), entry("data/repo", repo.encode())], repo)
+        lay.finish("v1", {"Cmd": READ_KEEP, "Env": ["PATH=/bin"]})
+        push(Path(tmp), "v1", ref)
+    return ref
+
+
+def _bound(world: World, repo: str, signed: bool, tmp: Path) -> str:
+    """`bootseer convert --bind` of a fresh image, signed with the stack's key or not signed at all."""
+    real = _push_own(world.st, repo)
+    env = {k: v for k, v in os.environ.items() if k != "BOOTSEER_SIGNING_KEY"}
+    env["BOOTSEER_STACK_DIR"] = str(tmp / "no-stack")  # no default key from a local stack either
+    if signed:
+        env["BOOTSEER_SIGNING_KEY"] = str(world.st.info.signing_key)
+    out = subprocess.run([sys.executable, "-m", "bootseer.cli", "convert", "--json", "--plain-http", "--hosts-dir",
+                          world.certs, "--bind", "v1-bound", real], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    bound = json.loads(out.stdout)["bound"]
+    assert bound.startswith(f"{world.st.info.registry}/{repo}@sha256:")
+    assert world.client.resolve_image(f"{world.st.info.registry}/{repo}:v1-bound")[0].digest == bound.split("@")[1]
+    return str(bound)
+
+
+def test_a_bound_image_keeps_its_own_index(world: World, ns: str, tmp_path: Path) -> None:
+    bound = _bound(world, "bootseer/bound", True, tmp_path)
+    man = world.client.get_manifest(bound)
+    # a newer index attached to the bound digest, signed with the trusted key, pointing at the tenant's blob
+    evil_man, _ = world.client.resolve_image(world.evil)
+    evil_blob = next(iter(_index_of(world.client, world.evil, evil_man.digest).layers.values()))
+    first = man.layers[0].digest
+    pinned = _index_of_bound(world, bound)
+    layers = dict(pinned.layers)
+    layers[first] = replace(evil_blob, layer_digest=first, diff_id=pinned.layers[first].diff_id, source="")
+    repo = Reference.parse(bound)
+    world.client.push_blob(repo, world.client.get_blob(Reference.parse(world.evil), evil_blob.blob.digest))
+    push_index(world.client, repo, ImageIndex(man.digest, layers), manifest_descriptor(man), signer=world.signer)
+    modes = _modes(_pull(world, ns, bound))
+    assert modes[0] == "lazy", modes
+    assert _run(world, ns, bound) == "kept\n"  # the pinned index's blob, not the newer referrer's
+
+
+def _index_of_bound(world: World, bound: str) -> ImageIndex:
+    from bootseer.index import bound_index
+
+    found = bound_index(world.client, Reference.parse(bound), world.client.get_manifest(bound))
+    assert found is not None
+    return found[1]
+
+
+def test_a_bound_index_still_needs_a_trusted_signature(world: World, ns: str, tmp_path: Path) -> None:
+    bound = _bound(world, "bootseer/bound-unsigned", False, tmp_path)
+    assert set(_modes(_pull(world, ns, bound))) == {"pulled"}
+    assert _run(world, ns, bound) == "kept\n"
