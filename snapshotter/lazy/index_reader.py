@@ -184,7 +184,10 @@ class IndexReader:
         """A bound image's own index (its manifest names it: ``bootseer convert --bind``), else the newest
         trusted referrer.  A bound image whose index cannot be used gets none (the ordinary pull), never a
         referrer in its place: its author pinned that one."""
-        man = self.image_layers(image_ref, manifest_digest).manifest
+        try:
+            man = self.image_layers(image_ref, manifest_digest).manifest  # cached: bound() needs it next
+        except ImageMismatch:  # a config that cannot bind layers: still look for the index (tools read it)
+            man = self.client.get_manifest(ref.with_digest(manifest_digest))
         if man is not None:
             try:
                 found = bound_index(self.client, ref, man, self.policy)
