@@ -79,7 +79,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bootseer.accesslog import Access
-from bootseer.index import DEFAULT_CHUNK_SIZE, chunks_covering
+from bootseer.index import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, chunks_covering
 from bootseer.reference import Reference
 from bootseer.registry import (
     EMPTY_DIGEST,
@@ -105,6 +105,12 @@ ARTIFACT_TYPE = "application/vnd.bootseer.hotblocks.v1"
 PARQUET_MEDIA_TYPE = "application/vnd.bootseer.hotblocks.v1.parquet"
 ANN_PREFIX = "io.bootseer.hotblocks."
 MAX_MANIFEST_BLOB = 64 << 20
+# Bounds checked on the Parquet footer, before any column is decoded: a registry writer must not make a node
+# materialise 10^7 rows or gigabytes of strings.  A start-up that reads 1 GB in 4 KiB pieces scattered over
+# every chunk gives ~8k ranges per GB at the default chunk size; 2^20 rows is far beyond any real recording.
+MAX_ROWS = 1 << 20
+MAX_DECODED_BYTES = 256 << 20  # the columns' uncompressed size (row groups' total_byte_size)
+MAX_META_BYTES = 1 << 20  # the JSON metadata (blobs, commands, read_bytes)
 
 SCHEMA = pa.schema([
     pa.field("layer_digest", pa.dictionary(pa.int32(), pa.string()), nullable=False),
@@ -129,7 +135,7 @@ class BlobInfo:
     chunk_size: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:
-        if self.size <= 0 or self.chunk_size <= 0:
+        if self.size <= 0 or not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"blob of layer {self.layer}: bad size {self.size} / chunk size {self.chunk_size}")
 
 
@@ -253,12 +259,18 @@ class HotBlockManifest:
             # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first import holds
             # the snapshotter's GIL at the first Prepare of a pull, while its layers are set up
             # (figures: docs/bench/design-measurements.md)
-            table = pq.ParquetFile(io.BytesIO(data)).read(use_threads=False)
+            pf = pq.ParquetFile(io.BytesIO(data))
+            _check_footer(pf.metadata)
+            table = pf.read(use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as e:
+            if isinstance(e, BadManifest):
+                raise
             raise BadManifest(f"not a readable Parquet file: {e}") from e
         raw_meta = (table.schema.metadata or {}).get(META_KEY)
         if raw_meta is None:
             raise BadManifest("no bootseer.hotblocks metadata in the Parquet schema")
+        if len(raw_meta) > MAX_META_BYTES:
+            raise BadManifest(f"metadata of {len(raw_meta)} bytes, more than {MAX_META_BYTES}")
         try:
             meta = json.loads(raw_meta)
             if int(meta["version"]) != FORMAT_VERSION:
@@ -299,6 +311,17 @@ class HotBlockManifest:
         if [r.seq for r in ranges] != list(range(len(ranges))):
             raise BadManifest("seq is not 0..n-1")
         return cls(subject, blobs, ranges, recordings, commands, created, read_bytes)
+
+
+def _check_footer(meta: pq.FileMetaData) -> None:
+    """Refuse, from the footer alone, a manifest too large to decode (see :data:`MAX_ROWS`)."""
+    if meta.num_rows > MAX_ROWS:
+        raise BadManifest(f"{meta.num_rows} rows, more than {MAX_ROWS}")
+    decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if decoded > MAX_DECODED_BYTES:
+        raise BadManifest(f"{decoded} bytes of columns once decoded, more than {MAX_DECODED_BYTES}")
+    if meta.num_columns != len(SCHEMA):
+        raise BadManifest(f"{meta.num_columns} columns, not {len(SCHEMA)}")
 
 
 # ------------------------------------------------------------------------------------------- building

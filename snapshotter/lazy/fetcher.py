@@ -60,7 +60,7 @@ from snapshotter.lazy.errors import Cancelled, CorruptChunk, FetchError, status_
 from snapshotter.lazy.multipart import BodyReader, read_parts
 from snapshotter.lazy.scheduling import DEMAND, KINDS, PREFETCH, Scheduler
 from snapshotter.lazy.spec import BlobSpec, coalesce
-from snapshotter.lazy.transport import HttpClient, drain
+from snapshotter.lazy.transport import HttpClient, body_pieces, drain
 
 _T = TypeVar("_T")
 
@@ -90,6 +90,7 @@ class FetchConfig:
     connect_timeout: float = 5.0
     io_timeout: float = 10.0  # longest silence of the server inside one request
     read_timeout: float = 30.0  # whole budget of a demand read, retries of transient errors included
+    request_timeout: float = 120.0  # prefetch / background: longest one request may take, body included
     retry_window: float = 30.0  # prefetch / background: retry transient errors this long after the first
     retries: int = 3  # extra attempts after a chunk failed verification (transient errors: see above)
     backoff: float = 0.005  # first retry delay (jittered: 50-100 %); doubles, capped by backoff_max
@@ -443,7 +444,8 @@ class Fetcher:
         t0 = time.monotonic()
 
         def get(base: str) -> int | None:
-            url, resp = self._request(base, ",".join(f"{a}-{b - 1}" for a, b in spans), deadline)
+            until = self._request_deadline(deadline)
+            url, resp = self._request(base, ",".join(f"{a}-{b - 1}" for a, b in spans), until)
             try:
                 ctype = resp.headers.get("Content-Type", "")
                 boundary = re.search(r'boundary="?([^";]+)"?', ctype)
@@ -458,7 +460,7 @@ class Fetcher:
                     drain(resp)
                     raise status_error(url, f"({len(spans)} ranges)", resp)
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
-                return read_parts(BodyReader(resp, url, deadline), boundary.group(1).encode(), url, wanted)
+                return read_parts(BodyReader(resp, url, until), boundary.group(1).encode(), url, wanted)
             finally:
                 resp.close()
 
@@ -531,6 +533,11 @@ class Fetcher:
         assert err is not None
         raise err
 
+    def _request_deadline(self, deadline: float | None) -> float:
+        """One request's deadline: the demand read's, or — prefetch and background fill have none of their
+        own — ``request_timeout`` from now, so that a registry dripping its answer cannot hold the worker."""
+        return deadline if deadline is not None else time.monotonic() + self.config.request_timeout
+
     def _request(self, base: str, ranges: str, deadline: float | None,
                  refresh: bool = False) -> tuple[str, requests.Response]:
         """(url, streamed response) of ``GET`` with ``Range: bytes=<ranges>`` at endpoint ``base``, within
@@ -553,12 +560,13 @@ class Fetcher:
                   arrived: Callable[[bytearray, int], None] | None = None) -> bytearray:
         refreshed = False
         while True:
-            url, resp = self._request(base, f"{start}-{end - 1}", deadline, refresh=refreshed)
+            until = self._request_deadline(deadline)
+            url, resp = self._request(base, f"{start}-{end - 1}", until, refresh=refreshed)
             try:
                 if resp.status_code == 401 and not refreshed:
                     refreshed = True
                     continue
-                return self._body(resp, url, start, end, deadline, arrived)
+                return self._body(resp, url, start, end, until, arrived)
             finally:
                 resp.close()
 
@@ -581,7 +589,7 @@ class Fetcher:
         buf = bytearray(want)
         got = 0
         try:
-            for piece in resp.iter_content(chunk_size=256 << 10):
+            for piece in body_pieces(resp):
                 if skip:
                     if len(piece) <= skip:
                         skip -= len(piece)

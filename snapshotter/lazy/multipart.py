@@ -1,8 +1,10 @@
 """Reading a ``multipart/byteranges`` answer to a multi-range request (RFC 9110, section 14.6).
 
 The parser accepts exactly the parts that were asked for and nothing else: a part we did not ask for, a missing
-one, a malformed or over-long header line, a body that ends early — each is a :class:`FetchError`, and what was
-settled before stays (each chunk was verified as it arrived).
+one, a malformed or over-long header line, too many header or empty lines, a body that ends early — each is a
+:class:`FetchError`, and what was settled before stays (each chunk was verified as it arrived).  It always
+ends: every part is one asked for (at most one each), lines are bounded in length and number, payload sizes
+come from the ranges asked for (never from the server), and the deadline is checked as each piece arrives.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from collections.abc import Callable
 import requests
 
 from snapshotter.lazy.errors import FetchError, transport_error
+from snapshotter.lazy.transport import body_pieces
+
+MAX_PART_HEADERS = 32  # header lines of one part (a registry sends two or three)
+MAX_BLANK_LINES = 16  # empty lines between parts (RFC 9110: one CRLF before each delimiter)
 
 
 class BodyReader:
@@ -23,7 +29,7 @@ class BodyReader:
     buffer (no slicing of the remainder per part: a hot set is ~130 MiB through here)."""
 
     def __init__(self, resp: requests.Response, url: str, deadline: float | None) -> None:
-        self._it = resp.iter_content(chunk_size=256 << 10)
+        self._it = body_pieces(resp)
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self.url = url
@@ -75,17 +81,28 @@ def read_parts(body: BodyReader, boundary: bytes, url: str,
     a malformed header — is a :class:`FetchError` (what was settled before stays: it was verified)."""
     total = 0
     delimiter, close = b"--" + boundary, b"--" + boundary + b"--"
+    blank = 0
     while wanted:
         line = body.readline().strip()
         if not line:
+            blank += 1
+            if blank > MAX_BLANK_LINES:
+                raise FetchError(f"GET {url}: more than {MAX_BLANK_LINES} empty lines between multipart parts",
+                                 "protocol", transient=False)
             continue
+        blank = 0
         if line == close:
             break
         if line != delimiter:
             raise FetchError(f"GET {url}: unexpected line in the multipart body: {line[:80]!r}", "protocol",
                              transient=False)
         crange = ""
+        headers = 0
         while header := body.readline().strip():
+            headers += 1
+            if headers > MAX_PART_HEADERS:
+                raise FetchError(f"GET {url}: a multipart part with more than {MAX_PART_HEADERS} header lines",
+                                 "protocol", transient=False)
             name, _, value = header.decode("latin-1").partition(":")
             if name.strip().lower() == "content-range":
                 crange = value.strip()

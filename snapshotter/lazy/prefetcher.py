@@ -87,14 +87,22 @@ class PrefetchTarget(Protocol):
     def observe_demand(self, digest: str, observer: DemandObserver | None) -> bool: ...
 
 
-def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str) -> list[tuple[int, int, int]] | None:
+def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str,
+         size: int | None = None) -> list[tuple[int, int, int]] | None:
     """The ranges to prefetch for one layer, in first-access order, as ``(offset, length, first_access_ns)``;
     None when the manifest was recorded on another blob of that layer (a re-conversion: its offsets mean
-    nothing in this blob)."""
+    nothing in this blob), or when it says the blob has another ``size`` than the layer's index does: the
+    manifest checked its ranges against the size it claims itself, and only the (signed) index's size bounds
+    what a range may ask for (a 2^62-byte range would become 2^45 chunk numbers)."""
     recorded = hb.blob_of(layer_digest)
     if recorded is None:
         return []
     if recorded != blob_digest:
+        return None
+    info = hb.blobs[recorded]
+    if size is not None and info.size != size:
+        log.warning("hot-block manifest: blob %s of %d bytes, its index says %d; ignored", recorded[:19], info.size,
+                    size)
         return None
     return hb.ranges_for(layer_digest)
 
@@ -138,6 +146,7 @@ class LayerPrefetch:
     blob: str
     chunk_size: int
     prepared: float  # time.monotonic() of the Prepare
+    size: int | None = None  # the blob's size as its index says (None: not known here, e.g. tests)
     started: float | None = None  # time.monotonic() of the image's first Prepare: the recording's time zero
     state: str = "looking up"
     ranges: int = 0
@@ -196,13 +205,13 @@ class HotBlockPrefetcher:
     # ------------------------------------------------------------------------------------------ API
     def on_prepare(self, image_ref: str, manifest_digest: str, layer_digest: str, blob_digest: str,
                    chunk_size: int, *, index_blobs: Mapping[str, str] | None = None,
-                   wait: bool = False) -> LayerPrefetch | None:
+                   wait: bool = False, size: int | None = None) -> LayerPrefetch | None:
         """A lazy layer of ``image_ref`` was just set up: prefetch its recorded ranges (in a worker thread
         unless ``wait``).  ``index_blobs`` (layer → blob of the image's index) lets a manifest recorded on
         other blobs be rejected as a whole.  Never raises."""
         if not self.enabled or self._closed.is_set():
             return None
-        lp = LayerPrefetch(image_ref, layer_digest, blob_digest, chunk_size, time.monotonic())
+        lp = LayerPrefetch(image_ref, layer_digest, blob_digest, chunk_size, time.monotonic(), size=size)
         with self._lock:
             self._layers[blob_digest] = lp
             lp.started = self._start_of(manifest_digest, lp.prepared)
@@ -219,7 +228,7 @@ class HotBlockPrefetcher:
     def on_mount(self, image_ref: str, manifest_digest: str, layer_digest: str, spec: BlobSpec) -> None:
         """The handler's :class:`~snapshotter.lazy.handler.PrefetchHook`: a lazy layer was just mounted.
         Starts its prefetch in a worker thread."""
-        self.on_prepare(image_ref, manifest_digest, layer_digest, spec.digest, spec.chunk_size)
+        self.on_prepare(image_ref, manifest_digest, layer_digest, spec.digest, spec.chunk_size, size=spec.size)
 
     def lookup(self, image_ref: str, manifest_digest: str) -> None:
         """Start looking up the image's hot-block manifest now, in a worker thread, so that it is at hand
@@ -347,10 +356,10 @@ class HotBlockPrefetcher:
             if hb is None:
                 self._finish(lp, "no manifest", "no_manifest")
                 return
-            ranges = plan(hb, lp.layer, lp.blob)
+            ranges = plan(hb, lp.layer, lp.blob, lp.size)
             if ranges is None:
-                log.warning("hot-block manifest of %s was recorded on another blob of layer %s; ignored",
-                            lp.image, lp.layer[:19])
+                log.warning("hot-block manifest of %s was recorded on another blob of layer %s, or does not "
+                            "fit it; ignored", lp.image, lp.layer[:19])
                 self._finish(lp, "ignored (other blob)", "ignored")
                 return
             if not ranges:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from snapshotter.lazy.spec import AuthHook, no_auth
@@ -164,3 +165,25 @@ def drain(resp: requests.Response, limit: int = 64 << 10) -> None:
             resp.content  # noqa: B018 - reading it is the point
     except (ValueError, requests.RequestException):
         pass
+
+
+def body_pieces(resp: requests.Response, size: int = 256 << 10) -> Iterator[bytes]:
+    """A streamed body as it arrives: each piece is what one socket read brought (at most ``size`` bytes).
+
+    Not ``iter_content(size)``: that waits for ``size`` bytes (or the end), so a server dripping a byte at a
+    time, each inside the socket timeout, would hold the reader far past its deadline; the caller checks its
+    deadline between pieces.  urllib3's errors are raised as ``requests``' (what ``iter_content`` does), so
+    :func:`~snapshotter.lazy.errors.transport_error` classifies them."""
+    raw = resp.raw
+    while True:
+        try:
+            piece = raw.read1(size, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.exceptions.ConnectionError(f"Read timed out: {e}") from e
+        except urllib3.exceptions.ProtocolError as e:  # includes a body shorter than its Content-Length
+            raise requests.exceptions.ChunkedEncodingError(e) from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise requests.exceptions.ConnectionError(e) from e
+        if not piece:
+            return
+        yield piece

@@ -288,13 +288,18 @@ def test_multipart_byteranges_bodies_are_read_strictly() -> None:
     """Parts may come in any order; a part we did not ask for, a missing or a truncated one is an error."""
     from snapshotter.lazy.multipart import BodyReader, read_parts
 
+    class Raw:
+        def __init__(self, data: bytes) -> None:
+            self.data, self.pos = data, 0
+
+        def read1(self, size: int, decode_content: bool = True) -> bytes:
+            piece = self.data[self.pos : self.pos + min(size, 7)]  # small pieces: lines and parts split anywhere
+            self.pos += len(piece)
+            return piece
+
     class Resp:
         def __init__(self, raw: bytes) -> None:
-            self.raw = raw
-
-        def iter_content(self, chunk_size: int) -> Iterator[bytes]:
-            for k in range(0, len(self.raw), 7):  # small pieces: lines and parts split anywhere
-                yield self.raw[k : k + 7]
+            self.raw = Raw(raw)
 
     def body(*parts: tuple[int, bytes]) -> bytes:
         out = b"\r\n"
