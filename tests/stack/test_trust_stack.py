@@ -8,6 +8,9 @@
 * **Index substitution.**  A newer referrer for the real image whose entry points the first layer at the
   tenant's EROFS blob — unsigned, or signed by a key the node does not trust — is ignored: the node still
   serves the real bytes.  Before signatures, the newest referrer won.
+* **Hostile hot-block manifest** (item 4).  A recording whose blob claims 2^63-1 bytes and asks to prefetch
+  2^62 of them is ignored for the layer (the index says the blob is far smaller); the daemon stays up and the
+  container starts.
 * **Pinned indexes** (``bootseer convert --bind``).  The bound image's manifest names its index: the node uses
   that one even when a newer referrer signed by a trusted key (a converter's key in the wrong hands) is attached
   to the bound digest, and a bound index without a trusted signature is not used (ordinary pull).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -30,10 +34,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import requests
 
 from bootseer.index import INDEX_MEDIA_TYPE, ImageIndex, manifest_descriptor, push_index
 from bootseer.reference import Reference
 from bootseer.registry import RegistryClient
+from bootseer.testkit import wait_until
 from bootseer.trust import Signer, generate_keypair
 from integration import images
 from integration.faultproxy import FaultProxy
@@ -263,3 +269,34 @@ def test_a_bound_index_still_needs_a_trusted_signature(world: World, ns: str, tm
     bound = _bound(world, "bootseer/bound-unsigned", False, tmp_path)
     assert set(_modes(_pull(world, ns, bound))) == {"pulled"}
     assert _run(world, ns, bound) == "kept\n"
+
+
+def test_a_hostile_hot_block_manifest_is_ignored_and_the_daemon_stays_up(world: World, ns: str) -> None:
+    from bootseer import hotblocks
+    from bootseer.hotblocks import BlobInfo, HotBlockManifest, HotRange
+
+    real = _push_own(world.st, "bootseer/hot-hostile")
+    convert_image(world.client, real, signer=world.signer)
+    man, _ = world.client.resolve_image(real)
+    layer = man.layers[0].digest
+    blob = _index_of(world.client, real, man.digest).layers[layer].blob.digest
+    hb = HotBlockManifest(man.digest, {blob: BlobInfo(layer, (1 << 63) - 1, 1 << 17)},
+                          [HotRange(layer, blob, 0, 1 << 62, 0, 0)])
+    hotblocks.push(world.client, real, manifest_descriptor(man), hb)
+    ignored_before = _ignored(world)
+    assert _modes(_pull(world, ns, real)) == ["lazy"]
+    assert _run(world, ns, real) == "kept\n"
+    # the layer's prefetch looked at the manifest and ignored it (not "no manifest": it was found and read)
+    wait_until(lambda: _ignored(world) > ignored_before, 60, "the prefetch outcome 'ignored'")
+    status = subprocess.run([sys.executable, "-m", "bootseer.cli", "status", "--json", "--control",
+                             str(world.st.info.snapshotter_control)], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr  # the daemon answers: it is up
+    mine = [lo for lo in json.loads(status.stdout)["layers"] if lo["digest"] == blob]
+    assert mine and mine[0]["fetched"]["prefetch"] == 0, mine
+
+
+def _ignored(world: World) -> float:
+    text = requests.get(f"http://{world.st.info.snapshotter_metrics}/metrics", timeout=10).text
+    m = re.search(r'^bootseer_hotblocks_prefetches_total\{outcome="ignored"\} (\S+)$', text, re.M)
+    assert m, "no prefetch outcome metric"
+    return float(m.group(1))
