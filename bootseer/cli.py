@@ -10,8 +10,6 @@ short command on this kind of machine — and ``pull`` sits on the start-up path
 from __future__ import annotations
 
 import importlib
-import inspect
-import re
 import sys
 from typing import Any
 
@@ -19,6 +17,7 @@ import typer
 import typer.models
 
 from bootseer import __version__
+from bootseer.clihelp import tidy_help
 
 # name → (module, attribute, is a sub-command group)
 PARTS: dict[str, tuple[str, str, bool]] = {
@@ -75,42 +74,11 @@ def build(only: str | None = None) -> typer.Typer:
             app.add_typer(obj, name=name)
         else:
             app.command(name)(obj)
-    _tidy_help(app)
+    tidy_help(app)
     return app
 
 
 _full: typer.Typer | None = None
-
-# What rich would take for a markup tag in help text (``[events]``, ``[proxy_plugins.bootseer]``) and drop; help
-# text here is plain prose, so every such bracket is escaped.  Idempotent: an escaped bracket stays as it is.
-_MARKUP = re.compile(r"(?<!\\)\[(?=[a-zA-Z#/@])")
-
-
-def _plain(text: str | None) -> str | None:
-    return None if text is None else _MARKUP.sub(r"\\[", text)
-
-
-def _tidy_help(app: typer.Typer) -> None:
-    """Make the help of ``app``'s commands read as written, in a terminal, a pipe or a CI log: docstrings
-    dedented (an appended paragraph must not keep the rest indented), the one-line summary in command lists
-    one line (typer keeps the docstring's line breaks there), and brackets shown, not read as rich markup."""
-    for info in app.registered_commands:
-        text = info.help if info.help is not None else (info.callback.__doc__ if info.callback else None)
-        if text is not None:
-            plain = _MARKUP.sub(r"\\[", inspect.cleandoc(text))
-            info.help = plain
-            if info.short_help is None:
-                info.short_help = " ".join(plain.split("\n\n")[0].split())
-        if info.callback is not None:
-            for param in inspect.signature(info.callback).parameters.values():
-                if isinstance(param.default, typer.models.ParameterInfo):
-                    param.default.help = _plain(param.default.help)
-    for group in app.registered_groups:
-        if group.typer_instance is not None:
-            _tidy_help(group.typer_instance)
-    if app.info.help is not None and not isinstance(app.info.help, typer.models.DefaultPlaceholder):
-        app.info.help = _plain(inspect.cleandoc(app.info.help))
-
 
 def __getattr__(name: str) -> Any:
     """``bootseer.cli.app``: the command with every part mounted (built on first use)."""

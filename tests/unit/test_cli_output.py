@@ -107,3 +107,14 @@ def test_output_to_a_pipe_is_not_wrapped(tmp_path: Path) -> None:
     assert "…" not in prof.stdout, prof.stdout  # no column cut short
     # the example's phases overlap: the shares add up to more than 100 %, and the output says why
     assert re.search(r"^shares add up to 1\d\d%: phases overlap", prof.stdout, re.M), prof.stdout
+
+
+@pytest.mark.parametrize("argv", [["-m", "snapshotter", "--help"], ["-m", "bootseer.cli", "snapshotter", "--help"],
+                                  ["-m", "snapshotter", "serve", "--help"]])
+def test_every_entry_point_shows_the_brackets(argv: list[str]) -> None:
+    """`python -m snapshotter` (what a systemd unit may run) printed "(register it as )": rich took
+    ``[proxy_plugins.bootseer]`` for markup, since that entry point skipped the help tidying."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert out.returncode == 0, out.stderr
+    assert "[proxy_plugins.bootseer]" in out.stdout, out.stdout
