@@ -91,9 +91,15 @@ class HostsResolver:
         if registry == DEFAULT_REGISTRY and server.rstrip("/") in ("https://docker.io", "http://docker.io"):
             server = "https://" + DOCKER_HUB_API
         eps: list[Endpoint] = []
-        for url, table in (doc.get("host") or {}).items():
-            eps.append(self._endpoint(url, table, hdir, registry, mirror=True))
         server_table = {k: v for k, v in doc.items() if k not in ("server", "host")}
+        for url, table in (doc.get("host") or {}).items():
+            if _same_url(url, server):
+                # the usual way to give the registry itself a CA or a client certificate: its own [host]
+                # entry.  It is the server, not a mirror (no ?ns=), and every request to it — referrers,
+                # pushes, lazy blob reads — needs those settings, so they become the server's.
+                server_table = {**server_table, **table}
+                continue
+            eps.append(self._endpoint(url, table, hdir, registry, mirror=True))
         if not doc and not self.plain_http and self.insecure:
             server_table["skip_verify"] = True
         eps.append(self._endpoint(server, server_table, hdir, registry, mirror=False))
@@ -159,6 +165,15 @@ def default_hosts_dir(given: str | None = None) -> str:
     config = local_stack_value("containerd_config")
     d = Path(config).parent / "certs.d" if config else None
     return str(d) if d is not None and d.is_dir() else str(DEFAULT_HOSTS_DIR)
+
+
+def _same_url(a: str, b: str) -> bool:
+    """Whether two ``hosts.toml`` URLs name the same endpoint (scheme defaulting to https, ``/v2`` optional)."""
+    def norm(u: str) -> str:
+        u = (u if "://" in u else "https://" + u).rstrip("/")
+        return u.removesuffix("/v2")
+
+    return norm(a) == norm(b)
 
 
 def _resolve(p: str, hdir: Path | None) -> str:

@@ -159,13 +159,16 @@ def entry(
     return info, data
 
 
-def push(layout_dir: Path, tag: str, dest: str, plain_http: bool = True) -> None:
-    """Push ``layout_dir:tag`` to ``dest`` (``host:port/repo:tag``) with skopeo."""
+def push(layout_dir: Path, tag: str, dest: str, plain_http: bool = True, cert_dir: Path | None = None) -> None:
+    """Push ``layout_dir:tag`` to ``dest`` (``host:port/repo:tag``) with skopeo; over TLS when not
+    ``plain_http``, trusting the ``*.crt`` CAs in ``cert_dir``."""
     import subprocess
 
     args = ["skopeo", "copy", "--quiet", "--retry-times", "3"]
     if plain_http:
         args.append("--dest-tls-verify=false")
+    elif cert_dir is not None:
+        args.append(f"--dest-cert-dir={cert_dir}")
     with tempfile.TemporaryDirectory() as tmp:  # no ~/.config writes: skopeo's own state in scratch
         env = dict(os.environ, XDG_RUNTIME_DIR=tmp, HOME=os.environ.get("HOME", tmp))
         args += [f"oci:{layout_dir}:{tag}", f"docker://{dest}"]

@@ -48,7 +48,7 @@ class LazyService:
                                      lookup_concurrency=cfg.lookup_concurrency)
         access = AccessLogWriter(Path(cfg.access_log)) if cfg.access_log else None
         manager = LayerManager(cfg.root / "lazy", LazyConfig.from_dict(cfg.lazy), auth=specs.auth,
-                               access_log=access)
+                               access_log=access, tls=specs.auth.tls)
         outcomes = manager.start()
         control = ControlServer(cfg.control_path, manager)
         log.info("lazy layers ready in %.2fs (%d restored, control socket %s)", time.monotonic() - t0,

@@ -552,7 +552,8 @@ class Fetcher:
         headers = {**self.spec.headers, **self.client.auth(self.spec, base, refresh=refresh),
                    "Range": f"bytes={ranges}", "Accept-Encoding": "identity"}
         try:
-            return url, self.client.session().get(url, headers=headers, stream=True, timeout=timeout)
+            return url, self.client.session().get(url, headers=headers, stream=True, timeout=timeout,
+                                                  **self.client.tls_args(self.spec, base))
         except requests.RequestException as e:
             raise transport_error(url, f"bytes {ranges}", e) from e
 

@@ -41,7 +41,7 @@ from bootseer import events
 from snapshotter.lazy.ahead import SetUpAhead, ahead_owner
 from snapshotter.lazy.lookups import Lookups, LookupUnavailable
 from snapshotter.lazy.manager import LayerManager
-from snapshotter.lazy.spec import BlobSpec
+from snapshotter.lazy.spec import BlobSpec, TlsSettings
 from snapshotter.metastore import Record
 from snapshotter.remote import (
     LABEL_CRI_IMAGE_LAYERS,
@@ -243,6 +243,21 @@ class RegistryAuthHook:
                 log.warning("token refresh for %s/%s failed: %s", host, spec.repository, e)
         header = self.client.auth.cached_header(host, scopes)
         return {"Authorization": header} if header else {}
+
+    def tls(self, spec: BlobSpec, base: str) -> TlsSettings | None:
+        """The :class:`~snapshotter.lazy.spec.TlsHook`: the CA and client certificate ``hosts.toml`` gives the
+        endpoint ``base`` (a layer restored after a restart has no lookup behind it: its registry is found from
+        the spec's upstream URL, as for auth)."""
+        registry = self.registries.get(spec.registry, urlparse(spec.registry).netloc)
+        try:
+            endpoints = self.client.hosts.endpoints(registry)
+        except ValueError as e:  # a broken hosts.toml: the defaults, and the read fails loudly if they are wrong
+            log.warning("hosts.toml of %s: %s", registry, e)
+            return None
+        for ep in endpoints:
+            if ep.base.removesuffix("/v2") == base:
+                return ep.verify, ep.client_cert
+        return None
 
 
 class RegistrySpecs:

@@ -63,7 +63,7 @@ from snapshotter.lazy.metrics import LazyMetrics
 from snapshotter.lazy.prefetchjob import Prefetch
 from snapshotter.lazy.recording import Recording, Recordings
 from snapshotter.lazy.scheduling import PREFETCH, Scheduler
-from snapshotter.lazy.spec import AuthHook, BlobSpec, no_auth
+from snapshotter.lazy.spec import AuthHook, BlobSpec, TlsHook, no_auth
 from snapshotter.lazy.transport import HttpClient
 
 log = logging.getLogger("bootseer.lazy")
@@ -100,11 +100,12 @@ class LazyConfig:
 
 class LayerManager:
     def __init__(self, root: Path, config: LazyConfig | None = None, *, auth: AuthHook = no_auth,
-                 registry: CollectorRegistry | None = None, access_log: AccessLogWriter | None = None) -> None:
+                 registry: CollectorRegistry | None = None, access_log: AccessLogWriter | None = None,
+                 tls: TlsHook | None = None) -> None:
         self.root = Path(root)
         self.config = config or LazyConfig()
         self.metrics = LazyMetrics(registry)
-        self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests)
+        self.client = HttpClient(auth, self.config.fetch.tls_verify, pool=self.config.max_requests, tls=tls)
         self.scheduler = Scheduler(self.config.max_requests, self.config.background_requests, self.config.fill_rate,
                                    self.config.fill_idle, self.config.fill_max_wait)
         self.fs = BlobFS(threads=self.config.fuse_threads, page_cache=self.config.page_cache)

@@ -132,6 +132,18 @@ def no_auth(spec: BlobSpec, base: str, *, refresh: bool) -> Mapping[str, str]:
     return {}
 
 
+TlsSettings = tuple["bool | str", "tuple[str, str] | str | None"]  # requests' (verify, cert)
+
+
+class TlsHook(Protocol):
+    """The TLS settings for requests about ``spec`` to endpoint ``base``: ``(verify, cert)`` as ``requests``
+    takes them (a CA bundle path, or True/False; a client certificate), or None for the defaults.  They come
+    from the endpoint's ``hosts.toml`` entry, as containerd's do: a private CA or a client certificate given
+    for the registry must reach the lazy blob reads too, not only the index lookups."""
+
+    def __call__(self, spec: BlobSpec, base: str) -> TlsSettings | None: ...
+
+
 def coalesce(indices: Iterable[int], cap: int | None = None) -> list[list[int]]:
     """Runs of consecutive chunk indices (each at most ``cap`` chunks), in the order given: one range
     request per run.  Sort first for blob order; keep the order for first-access order (prefetch)."""

@@ -77,21 +77,27 @@ def tree_digest(root: Path) -> dict[str, str]:
 class Registry:
     """Debian's docker-registry (distribution 2.8) on a loopback port, storage in ``root``."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, *, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (server certificate, its key, the CA that signed it): serve HTTPS, as a registry with a
+        private CA does."""
         self.root = Path(root)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "storage").mkdir(exist_ok=True)
+        http: dict[str, object] = {"addr": f"127.0.0.1:{self.port}", "secret": secrets.token_hex(16)}
+        if tls is not None:
+            http["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
         cfg = {"version": 0.1, "log": {"level": "warn", "accesslog": {"disabled": True}},
                "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")},
                            "maintenance": {"uploadpurging": {"enabled": False}}},
-               "http": {"addr": f"127.0.0.1:{self.port}", "secret": secrets.token_hex(16)}}
+               "http": http}
         (self.root / "config.yml").write_text(json.dumps(cfg))
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> Registry:
         log = open(self.root / "registry.log", "ab")  # noqa: SIM115 - handed to the child
@@ -104,7 +110,8 @@ class Registry:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {(self.root / 'registry.log').read_text()[-2000:]}")
             try:
-                return requests.get(self.url + "/v2/", timeout=1).status_code == 200
+                verify = str(self.tls[2]) if self.tls else True
+                return requests.get(self.url + "/v2/", timeout=1, verify=verify).status_code == 200
             except requests.RequestException:
                 return False
 

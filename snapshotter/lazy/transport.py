@@ -22,12 +22,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from snapshotter.lazy.spec import AuthHook, no_auth
+from snapshotter.lazy.spec import AuthHook, BlobSpec, TlsHook, no_auth
 
 
 @dataclass
@@ -46,9 +47,11 @@ class HttpClient:
     """One ``requests.Session`` per thread (sessions are not documented thread-safe) plus the auth hook, and
     what all blobs share about their endpoints: which are down, which asked us to come back later."""
 
-    def __init__(self, auth: AuthHook = no_auth, tls_verify: bool | str = True, pool: int = 4) -> None:
+    def __init__(self, auth: AuthHook = no_auth, tls_verify: bool | str = True, pool: int = 4,
+                 tls: TlsHook | None = None) -> None:
         self.auth = auth
         self.tls_verify = tls_verify
+        self.tls = tls
         self._pool = pool
         self._local = threading.local()
         self._health: dict[tuple[str, ...], _Health] = {}  # endpoint set → recent outcomes
@@ -142,6 +145,15 @@ class HttpClient:
                 del self._not_before[endpoint]
                 return 0.0
             return left
+
+    def tls_args(self, spec: BlobSpec, base: str) -> dict[str, Any]:
+        """``verify``/``cert`` keyword arguments for a request about ``spec`` to ``base`` (the endpoint's own
+        TLS settings, see :class:`~snapshotter.lazy.spec.TlsHook`); none: the session's default."""
+        settings = self.tls(spec, base) if self.tls is not None else None
+        if settings is None:
+            return {}
+        verify, cert = settings
+        return {"verify": verify, "cert": cert}
 
     def session(self) -> requests.Session:
         s: requests.Session | None = getattr(self._local, "session", None)
