@@ -169,6 +169,50 @@ def test_sigterm_unmounts_cleanly(ckpt: tuple[Path, dict[str, dict[str, object]]
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
 
 
+def test_mount_of_an_http_store_with_allow_other(ckpt: tuple[Path, dict[str, dict[str, object]]],
+                                                tmp_path: Path) -> None:
+    """The store served over HTTP by nginx (as an object store's HTTP endpoint is), mounted with
+    ``--allow-other``: another user (uid 65534, as a training container's user may be) reads the exact bytes
+    (without the option FUSE refuses every user but the one that mounted)."""
+    import hashlib
+    import tempfile
+
+    from integration.bench.ckpt import nginx
+
+    store, _ = ckpt
+    scratch = Path(tempfile.mkdtemp(prefix="bs-ckpt-ao-", dir="/tmp"))  # traversable by the other user
+    scratch.chmod(0o755)
+    (scratch / "src").mkdir(mode=0o755)  # the checkpoint keeps its files' modes: readable by others
+    original = Path(shutil.copy(store.parent / "src" / "model.safetensors", scratch / "src"))
+    original.chmod(0o644)
+    served = scratch / "store"  # where nginx's unprivileged workers can read it
+    ckptfs.put(scratch / "src", str(served), chunk_size=CHUNK, stripes=4)
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    proc = None
+    try:
+        with nginx(served, tmp_path / "nginx", rate=1 << 30) as (_, port):
+            proc = subprocess.Popen([sys.executable, "-m", "ckptfs.cli", "mount", "--allow-other",
+                                     f"http://127.0.0.1:{port}", str(mnt)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            wait_until(lambda: os.path.ismount(mnt) or proc.poll() is not None, 60, "mount")
+            assert os.path.ismount(mnt), proc.stderr.read().decode() if proc.stderr else ""
+            other = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                                    "sha256sum", str(mnt / "model.safetensors")], capture_output=True, text=True,
+                                   timeout=120)
+            assert other.returncode == 0, other.stderr
+            assert other.stdout.split()[0] == hashlib.sha256(original.read_bytes()).hexdigest()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def test_mount_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "mnt").mkdir()

@@ -7,6 +7,7 @@ calls below would fail or decode garbage, because containerd speaks upstream's w
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -161,3 +162,20 @@ def test_cli_run(stack: Stack, small_image: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "bootseer.cli", "cri", "run", small_image, "--", "echo", "found"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert (proc.returncode, proc.stdout) == (0, "found\n"), proc.stderr
+
+
+def test_cli_version_pull_and_env(stack: Stack, small_image: str) -> None:
+    """`bootseer cri version`, `cri pull` and `cri run --env`: what an operator types to check a node."""
+    def cri(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bootseer.cli", "cri", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    version = cri("version", "-a", stack.info.containerd_socket)
+    assert version.returncode == 0, version.stderr
+    assert re.fullmatch(r"containerd v?\d+\.\d+\.\d+\S* \(CRI v1\S*\)\n", version.stdout), version.stdout
+    pulled = cri("pull", "-a", stack.info.containerd_socket, small_image)
+    assert pulled.returncode == 0, pulled.stderr
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}\n", pulled.stdout), pulled.stdout
+    ran = cri("run", "-a", stack.info.containerd_socket, "--env", "BS_MARK=seen", small_image, "--",
+              "/bin/sh", "-c", "echo $BS_MARK")
+    assert (ran.returncode, ran.stdout) == (0, "seen\n"), ran.stderr

@@ -219,3 +219,34 @@ def test_pull_command_failures_keep_their_exit_codes_and_reasons() -> None:
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2, usage
     assert "No such option" in usage.stderr
+
+
+def test_pull_of_a_multi_platform_index_takes_the_platform_asked_for(mixed: tuple[Stack, str, str, list[str]],
+                                                                      ns: str) -> None:
+    """``bootseer pull --platform``: an OCI index with linux/amd64 (the small image, its layers lazy) and no
+    arm64: asking for linux/amd64 pulls that manifest lazily; linux/arm64 is a clear error naming what the
+    index has."""
+    from bootseer.registry import MT_OCI_INDEX
+
+    st, ref, _, lazy = mixed
+    client = RegistryClient(hosts_dir=str(Path(st.info.containerd_config).parent / "certs.d"), plain_http=True)
+    man, _ = client.resolve_image(ref)
+    doc = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX,
+           "manifests": [{"mediaType": man.media_type, "digest": man.digest, "size": len(man.raw),
+                          "platform": {"os": "linux", "architecture": "amd64"}}]}
+    multi = f"{st.info.registry}/bootseer/small-mixed:multi"
+    client.put_manifest(multi, json.dumps(doc).encode(), MT_OCI_INDEX)
+
+    def pull(platform: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bootseer.cli", "pull", "--json", "-a", st.info.containerd_socket,
+                               "-n", ns, "--hosts-dir", str(Path(st.info.containerd_config).parent / "certs.d"),
+                               "--platform", platform, multi], capture_output=True, text=True, timeout=300)
+
+    missing = pull("linux/arm64")
+    assert missing.returncode != 0 and "linux/arm64" in missing.stderr and "linux/amd64" in missing.stderr, \
+        missing.stderr
+    got = pull("linux/amd64")
+    assert got.returncode == 0, got.stderr
+    res = json.loads(got.stdout)
+    assert res["manifest"] == man.digest
+    assert [lo["mode"] == "lazy" for lo in res["layers"]] == [d.digest in lazy for d in man.layers]

@@ -242,6 +242,23 @@ def test_record_exit_codes_and_ready_line(world: World) -> None:
     assert world.namespaces() == before
 
 
+def test_record_env_and_output_file_that_show_reads(world: World, tmp_path: Path) -> None:
+    """``--env`` reaches the recorded command (it fails without it), ``--output`` writes the manifest to a file
+    (``--no-push``: nothing is attached to the image), and ``hotblocks show --file`` reads that file."""
+    cmd = ["/bin/sh", "-c", '[ "$BS_MARK" = seen ] || exit 7; cat /data/keep.txt']
+    assert world.record(world.small, cmd, "--no-push").returncode == 5  # exit 7: the variable is not set
+    out_file = tmp_path / "hot.parquet"
+    out = world.record(world.small, cmd, "--env", "BS_MARK=seen", "--no-push", "--output", str(out_file))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["exit_code"] == 0 and res["artifact"] is None and out_file.stat().st_size > 0
+    show = world.cli("hotblocks", "show", "--json", "--file", str(out_file))
+    assert show.returncode == 0, show.stderr
+    doc = json.loads(show.stdout)
+    assert doc["hot_bytes"] == res["summary"]["hot_bytes"] > 0
+    assert doc["commands"] == [cmd]
+
+
 # ------------------------------------------------------------------------------------------- prefetch
 def test_other_command_still_works_with_a_manifest_that_did_not_record_its_files(world: World, ns: str) -> None:
     rec = world.record(world.small, ["/bin/sh", "-c", "cat /data/keep.txt"])
