@@ -77,9 +77,10 @@ def tree_digest(root: Path) -> dict[str, str]:
 class Registry:
     """Debian's docker-registry (distribution 2.8) on a loopback port, storage in ``root``."""
 
-    def __init__(self, root: Path, port: int | None = None, *, tls: tuple[Path, Path, Path] | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, *, tls: tuple[Path, Path, Path] | None = None,
+                 htpasswd: Path | None = None) -> None:
         """``tls``: (server certificate, its key, the CA that signed it): serve HTTPS, as a registry with a
-        private CA does."""
+        private CA does.  ``htpasswd``: require basic auth against that file (bcrypt entries)."""
         self.root = Path(root)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -89,10 +90,13 @@ class Registry:
         http: dict[str, object] = {"addr": f"127.0.0.1:{self.port}", "secret": secrets.token_hex(16)}
         if tls is not None:
             http["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
-        cfg = {"version": 0.1, "log": {"level": "warn", "accesslog": {"disabled": True}},
-               "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")},
-                           "maintenance": {"uploadpurging": {"enabled": False}}},
-               "http": http}
+        cfg: dict[str, object] = {"version": 0.1, "log": {"level": "warn", "accesslog": {"disabled": True}},
+                                  "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")},
+                                              "maintenance": {"uploadpurging": {"enabled": False}}},
+                                  "http": http}
+        self.auth = htpasswd is not None
+        if htpasswd is not None:
+            cfg["auth"] = {"htpasswd": {"realm": "bootseer-test", "path": str(htpasswd)}}
         (self.root / "config.yml").write_text(json.dumps(cfg))
 
     @property
@@ -111,7 +115,8 @@ class Registry:
                 raise RuntimeError(f"docker-registry exited: {(self.root / 'registry.log').read_text()[-2000:]}")
             try:
                 verify = str(self.tls[2]) if self.tls else True
-                return requests.get(self.url + "/v2/", timeout=1, verify=verify).status_code == 200
+                code = requests.get(self.url + "/v2/", timeout=1, verify=verify).status_code
+                return code == (401 if self.auth else 200)
             except requests.RequestException:
                 return False
 
