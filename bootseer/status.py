@@ -4,7 +4,9 @@
 and prints, per layer, the blob, the repository it comes from, its size, how much of it is local, how much
 was fetched by whom (demand reads, prefetch of recorded hot blocks, background fill) and whether the layer
 left FUSE (swapped to its local file).  ``--json`` prints the same for scripts: ``{"layers": [{"digest",
-"size", "bytes_local", "fetched": {"demand", "prefetch", "background"}, "swapped", "mounted", "repository", ...}]}``;
+"size", "bytes_local", "fetched": {"demand", "prefetch", "background"}, "swapped", "mounted", "repository",
+"needs_registry", "registry_down", ...}]}`` (``needs_registry``: not all of the layer is local, so its reads
+still go to the registry; ``registry_down``: why its endpoints are marked down, or null);
 with ``--image IMAGE`` only that image's layers, each also with ``image``, ``layer`` (the image's layer digest, as
 ``bootseer pull`` prints it) and ``position``.
 """
@@ -38,6 +40,9 @@ def layer_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "mounted": bool(doc.get("mounted")),
             "owners": list(doc.get("owners", [])),
             "repository": doc.get("repository"),  # host/path the blob is served from
+            # reads of this layer still go to the registry (not all of it is local): what an outage breaks
+            "needs_registry": bool(doc.get("needs_registry", int(doc.get("bytes_local", 0)) < int(doc.get("size", 0)))),
+            "registry_down": doc.get("registry_down"),  # why its endpoints are marked down now, or None
             "detail": doc,
         })
     return rows
@@ -113,15 +118,16 @@ def status(control: str | None = typer.Option(None, "--control", help="The snaps
     table.add_column("blob", no_wrap=True, min_width=19)
     if image is None:
         table.add_column("repository", no_wrap=True)
-    for col in ("size", "local", "demand", "prefetch", "backgr.", "state", "users"):
-        table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
+    for col in ("size", "local", "demand", "prefetch", "backgr.", "state", "registry", "users"):
+        table.add_column(col, justify="left" if col in ("state", "registry") else "right", no_wrap=True)
     for r in rows:
         state = "swapped" if r["swapped"] else ("FUSE" if r["mounted"] else "cached")
+        registry = ("DOWN" if r["registry_down"] else "needed") if r["needs_registry"] else "not needed"
         f = r["fetched"]
         head = [str(r["position"]), r["layer"][:19]] if image is not None else []
         repo = [] if image is not None else [r["repository"] or "?"]
         table.add_row(*head, r["digest"][:19], *repo, _n(r["size"]), _n(r["bytes_local"]), _n(f["demand"]),
-                      _n(f["prefetch"]), _n(f["background"]), state, str(len(r["owners"])))
+                      _n(f["prefetch"]), _n(f["background"]), state, registry, str(len(r["owners"])))
     log.console().print(table)
 
 

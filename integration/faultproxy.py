@@ -324,6 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         p = self.owner
+        if p._stopping:  # stopped: a kept-alive connection must not go on serving (an outage is total)
+            return self._reset()
         path = self.path
         body = self._body()
         if urlsplit(path).path == "/token":

@@ -148,6 +148,23 @@ def push_small(registry: str, repo: str = "bootseer/small", tag: str = "v1") -> 
     return f"{registry}/{repo}:{tag}"
 
 
+TINY_CMD = ["/bin/sh", "-c", "cat /data/keep.txt"]
+
+
+def push_tiny(registry: str, repo: str, tag: str = "v1") -> str:
+    """A one-layer image of busybox and ``/data/keep.txt`` ("kept"), with bytes of its own (``/data/repo``
+    holds ``repo``): no other test's signature, index or lazy layer can stand for it — content-addressed, they
+    would, rightly.  ``TINY_CMD`` prints "kept"."""
+    ref = f"{registry}/{repo}:{tag}"
+    with tempfile.TemporaryDirectory(prefix="bs-tiny-") as tmp:
+        lay = Layout(Path(tmp))
+        lay.add_entries([*_busybox_entries(), entry("data/", kind=tarfile.DIRTYPE, mode=0o755),
+                         entry("data/keep.txt", b"kept\n"), entry("data/repo", repo.encode())], repo)
+        lay.finish(tag, {"Cmd": TINY_CMD, "Env": ["PATH=/bin"]})
+        push(Path(tmp), tag, ref)
+    return ref
+
+
 def push_pause(registry: str, repo: str = "bootseer/pause", tag: str = "v1", workdir: Path | None = None) -> str:
     """Build and push the sandbox image; its layout is built in ``workdir`` (a stack's root, so that a killed
     ``stack up`` leaves it where ``stack down`` removes it) or in the system's temp dir."""

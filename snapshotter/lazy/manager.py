@@ -368,6 +368,12 @@ class LayerManager:
             doc["owners"] = owners
             doc["last_used"] = last_used  # where the blob comes from, so `bootseer status` can be matched to images
             doc["repository"] = f"{spec.registry.split('://', 1)[-1].rstrip('/')}/{spec.repository}"
+            # what an operator asks during a registry outage: which layers still read from it, and is it down
+            chunks, local = doc.get("chunks"), doc.get("chunks_local")
+            complete = (local >= chunks) if isinstance(chunks, int) and isinstance(local, int) \
+                else int(str(doc.get("bytes_local", 0))) >= spec.size
+            doc["needs_registry"] = not (complete or doc.get("swapped"))
+            doc["registry_down"] = self.client.down(spec.endpoints())
             out.append(doc)
         return out
 

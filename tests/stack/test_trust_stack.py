@@ -210,22 +210,9 @@ def test_a_tarpit_registry_delays_only_its_own_images(world: World, ns: str) -> 
     assert _run(world, ns, real) == "kept\n"
 
 
-def _push_own(st: Stack, repo: str) -> str:
-    """A one-layer image of busybox and /data/keep.txt = "kept", with bytes of its own (``repo`` inside): no
-    other test's signature or lazy layer can stand for it (content-addressed, they would, rightly)."""
-    ref = f"{st.info.registry}/{repo}:v1"
-    with tempfile.TemporaryDirectory(prefix="bs-own-") as tmp:
-        lay = Layout(Path(tmp))
-        lay.add_entries([*images._busybox_entries(), entry("data/", kind=tarfile.DIRTYPE, mode=0o755),
-                         entry("data/keep.txt", b"kept\n"), entry("data/repo", repo.encode())], repo)
-        lay.finish("v1", {"Cmd": READ_KEEP, "Env": ["PATH=/bin"]})
-        push(Path(tmp), "v1", ref)
-    return ref
-
-
 def _bound(world: World, repo: str, signed: bool, tmp: Path) -> str:
     """`bootseer convert --bind` of a fresh image, signed with the stack's key or not signed at all."""
-    real = _push_own(world.st, repo)
+    real = images.push_tiny(world.st.info.registry, repo)
     env = {k: v for k, v in os.environ.items() if k != "BOOTSEER_SIGNING_KEY"}
     env["BOOTSEER_STACK_DIR"] = str(tmp / "no-stack")  # no default key from a local stack either
     if signed:
@@ -275,7 +262,7 @@ def test_a_hostile_hot_block_manifest_is_ignored_and_the_daemon_stays_up(world: 
     from bootseer import hotblocks
     from bootseer.hotblocks import BlobInfo, HotBlockManifest, HotRange
 
-    real = _push_own(world.st, "bootseer/hot-hostile")
+    real = images.push_tiny(world.st.info.registry, "bootseer/hot-hostile")
     convert_image(world.client, real, signer=world.signer)
     man, _ = world.client.resolve_image(real)
     layer = man.layers[0].digest

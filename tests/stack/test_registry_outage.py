@@ -1,0 +1,105 @@
+"""A registry outage on a node (issue 23, item 5), on the local stack: two images pulled lazily through a front
+(:class:`~integration.faultproxy.FaultProxy`) that then goes away (connection refused).
+
+* the image whose layers are complete locally keeps starting containers;
+* ``bootseer status`` says which layers still need the registry (the other image's: background fill was
+  paused, so only what its first run read is local) and, once a read failed, that the registry is down;
+* a read of a part that is not local fails with EIO instead of hanging, and the daemon stays up;
+* a new pull from the registry fails at once with a clear error."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from bootseer.control import Control
+from bootseer.registry import RegistryClient
+from integration import images
+from integration.faultproxy import FaultProxy
+from integration.stack import Stack, StackConfig, running
+from registry_sidecar.convert import convert_image
+from tests.conftest import scratch_root
+
+BIG = ["/bin/sh", "-c", "cat /data/keep.txt; sha256sum /data/big.bin"]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with running(StackConfig(root=scratch_root("out"), cri_snapshotter="bootseer", sidecar=False)) as st:
+        yield st
+
+
+def _cli(st: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bootseer.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _pull(st: Stack, ns: str, ref: str) -> subprocess.CompletedProcess[str]:
+    return _cli(st, "pull", "--json", "-a", st.info.containerd_socket, "-n", ns, "--control",
+                str(st.info.snapshotter_control), ref)
+
+
+def test_an_outage_leaves_complete_layers_working_and_says_which_need_the_registry(stack: Stack) -> None:
+    reg = stack.info.registry
+    client = RegistryClient(plain_http=True)
+    complete_ref = images.push_tiny(reg, "outage/complete")
+    partial_ref = images.push_small(reg, repo="outage/partial")  # 32 MiB /data/big.bin: not read by its first run
+    for ref in (complete_ref, partial_ref):
+        convert_image(client, ref, signer=stack.index_signer())
+    ctl = Control(str(stack.info.snapshotter_control), timeout=120)
+    ns = "bs-out-" + secrets.token_hex(3)
+    proxy = FaultProxy(reg).start()
+    try:
+        via = {ref: ref.replace(reg, proxy.address, 1) for ref in (complete_ref, partial_ref)}
+        pulled = _pull(stack, ns, via[complete_ref])
+        assert pulled.returncode == 0, pulled.stderr
+        blobs = [lo for lo in json.loads(pulled.stdout)["layers"]]
+        assert {lo["mode"] for lo in blobs} == {"lazy"}
+        status = {r["digest"]: r for r in json.loads(_cli(stack, "status", "--json", "--control",
+                                                          str(stack.info.snapshotter_control)).stdout)["layers"]}
+        for digest in [d for d, r in status.items() if r["repository"].endswith("outage/complete")]:
+            assert ctl.call("wait_swapped", digest=digest, timeout=120), digest  # background fill completed it
+        ctl.call("set_fill", enabled=False)  # the other image keeps only what its run reads
+        try:
+            assert _pull(stack, ns, via[partial_ref]).returncode == 0
+            run = stack.ctr("run", "--rm", "--snapshotter", "bootseer", via[partial_ref], "t-" + secrets.token_hex(3),
+                            "/bin/sh", "-c", "cat /data/keep.txt", namespace=ns)
+            assert run.stdout == "kept\n"
+
+            proxy.stop()  # the outage: connection refused from now on
+
+            again = stack.ctr("run", "--rm", "--snapshotter", "bootseer", via[complete_ref],
+                              "t-" + secrets.token_hex(3), *images.TINY_CMD, namespace=ns)
+            assert again.stdout == "kept\n"  # complete locally: starts as if nothing happened
+            rows = json.loads(_cli(stack, "status", "--json", "--control", str(stack.info.snapshotter_control)).stdout)
+            by_repo: dict[bool, set[bool]] = {}
+            for r in rows["layers"]:
+                if "outage/" in (r["repository"] or ""):
+                    by_repo.setdefault(r["repository"].endswith("outage/complete"), set()).add(r["needs_registry"])
+            assert by_repo[True] == {False}  # the complete image needs no registry
+            assert True in by_repo[False]  # the partial one does (its big file was never read)
+
+            broken = stack.ctr("run", "--rm", "--snapshotter", "bootseer", via[partial_ref],
+                               "t-" + secrets.token_hex(3), *BIG, namespace=ns, check=False)
+            assert broken.returncode != 0 and "kept" in broken.stdout  # what is local reads; the rest is EIO
+            assert "Input/output error" in broken.stderr, broken.stderr
+            rows = json.loads(_cli(stack, "status", "--json", "--control", str(stack.info.snapshotter_control)).stdout)
+            down = [r for r in rows["layers"] if r["needs_registry"] and "outage/partial" in (r["repository"] or "")]
+            assert any(r["registry_down"] for r in down), down  # the failed reads marked it down
+            assert ctl.call("ping") is not None  # the daemon is up
+
+            new = _pull(stack, ns + "-new", via[partial_ref].replace(":v1", ":v2"))
+            assert new.returncode != 0 and "connection refused" in new.stderr, new.stderr
+        finally:
+            ctl.call("set_fill", enabled=True)
+    finally:
+        proxy.stop()
+        for n in (ns, ns + "-new"):
+            for item in stack.ctr("images", "ls", "-q", namespace=n, check=False).stdout.split():
+                stack.ctr("images", "rm", "--sync", item, namespace=n, check=False)
+            stack.ctr("namespaces", "rm", n, check=False)
