@@ -530,3 +530,56 @@ def test_bad_input_changes_nothing(client: Client, daemon: Daemon) -> None:
     for fn, args, code in cases:
         assert code_of(fn, *args) == code, (fn.__name__, args)
     assert state() == before
+
+
+def test_list_streams_past_one_batch(client: Client) -> None:
+    """List answers in batches of LIST_BATCH records per message (a gRPC message has a size limit): a node with
+    hundreds of snapshots must get every one, across several messages."""
+    from snapshotter.service import LIST_BATCH
+
+    n = LIST_BATCH * 2 + 7
+    for i in range(n):
+        client.prepare(f"a{i}")
+    messages = list(client.stub.List(pb.ListSnapshotsRequest(snapshotter="bootseer"), metadata=client.md, timeout=60))
+    assert len(messages) >= 3
+    assert sorted(info.name for m in messages for info in m.info) == sorted(f"a{i}" for i in range(n))
+
+
+def test_cleanup_removes_crash_leftovers_and_nothing_else(client: Client, scratch: Path, daemon: Daemon) -> None:
+    """containerd calls Cleanup after its garbage collection: directories no record refers to (a crash between
+    creating a snapshot's directory and recording it, or during a removal) go; live snapshots stay."""
+    with mounted(client.prepare("live"), scratch / "m") as mp:
+        (mp / "kept").write_text("kept")
+    client.commit("c", "live")
+    snaps = daemon.root / "snapshots"
+    (snaps / "9999" / "fs").mkdir(parents=True)  # created, never recorded
+    (snaps / "9999" / "fs" / "junk").write_bytes(b"x" * 4096)
+    (snaps / "rm-7-deadbeef" / "fs").mkdir(parents=True)  # a removal that did not finish
+    before = set(daemon.dirs())
+    client.cleanup()
+    after = set(daemon.dirs())
+    assert before - after == {"9999", "rm-7-deadbeef"}
+    client.view("v", "c")
+    with mounted(client.stub.Mounts(pb.MountsRequest(snapshotter="bootseer", key="v"), metadata=client.md,
+                                    timeout=60).mounts, scratch / "v") as vp:
+        assert (vp / "kept").read_text() == "kept"
+
+
+def test_an_unexpected_failure_is_unknown_and_the_daemon_goes_on(client: Client, daemon: Daemon) -> None:
+    """A failure the core does not expect (here: a file squatting where the next snapshot's directory goes)
+    answers UNKNOWN naming the call — not a hung call or a dead daemon — records nothing, and other calls
+    still work."""
+    client.prepare("k")
+    next_id = max(i for i, _, _ in daemon.records()) + 1
+    squat = daemon.root / "snapshots" / str(next_id)
+    squat.write_text("not a directory")
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            client.prepare("k2", "")
+        assert ei.value.code() == grpc.StatusCode.UNKNOWN, ei.value.details()  # type: ignore[attr-defined]
+        assert "Prepare" in ei.value.details()  # type: ignore[attr-defined]
+        assert code_of(client.stat, "k2") == grpc.StatusCode.NOT_FOUND  # nothing half-recorded
+    finally:
+        squat.unlink()
+    client.prepare("k3")
+    assert client.stat("k3").name == "k3" and client.stat("k").name == "k"
