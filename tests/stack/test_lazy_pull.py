@@ -104,26 +104,7 @@ class Lazy:
         return int(self.control.call("ping")["pid"])
 
     def restart_snapshotter(self) -> None:
-        """Start the snapshotter again with the stack's config (after a kill); wait until it serves."""
-        conf = self.st.root / "snapshotter.toml"
-        proc = self.st._spawn("snapshotter", [sys.executable, "-m", "bootseer.cli", "snapshotter", "serve",
-                                              "--config", str(conf)])
-        ctl = self.st.info.snapshotter_control
-
-        def ready() -> bool:
-            return bool(ctl) and Control(str(ctl), timeout=5).call("ping")["pid"] == proc.pid
-
-        wait_for("snapshotter (restarted)", ready, 60, proc, Path(self.st.info.logs["snapshotter"]))
-        # containerd's proxy connection backs off after the refusals while we were down: wait until it is back,
-        # or its garbage collector's Removes would fail (and not be retried) in the next test
-        probe = "probe-" + secrets.token_hex(3)
-
-        def reconnected() -> bool:  # a Prepare reaches the backend (a List only reads containerd's metadata)
-            return self.st.ctr("snapshots", "--snapshotter", "bootseer", "prepare", probe, check=False,
-                               timeout=30).returncode == 0
-
-        wait_for("containerd reconnecting to the snapshotter", reconnected, 60)
-        self.st.ctr("snapshots", "--snapshotter", "bootseer", "rm", probe)
+        self.st.restart_snapshotter()
 
     def cold(self, *namespaces: str) -> None:
         """Forget the image everywhere: images removed (containerd's GC removes the remote snapshots, which

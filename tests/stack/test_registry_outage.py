@@ -10,15 +10,22 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bootseer.control import Control
 from bootseer.registry import RegistryClient
+from bootseer.testkit import drop_caches
 from integration import images
 from integration.faultproxy import FaultProxy
 from integration.stack import Stack, StackConfig, running
@@ -103,3 +110,71 @@ def test_an_outage_leaves_complete_layers_working_and_says_which_need_the_regist
             for item in stack.ctr("images", "ls", "-q", namespace=n, check=False).stdout.split():
                 stack.ctr("images", "rm", "--sync", item, namespace=n, check=False)
             stack.ctr("namespaces", "rm", n, check=False)
+
+
+def _kill_snapshotter(stack: Stack) -> None:
+    ctl = Control(str(stack.info.snapshotter_control), timeout=30)
+    os.kill(int(ctl.call("ping")["pid"]), signal.SIGKILL)
+
+
+def _layers_of(stack: Stack, repo: str) -> list[dict[str, Any]]:
+    rows = json.loads(_cli(stack, "status", "--json", "--control", str(stack.info.snapshotter_control)).stdout)
+    return [r for r in rows["layers"] if (r["repository"] or "").endswith(repo)]
+
+
+def test_a_snapshot_removed_while_the_daemon_was_down_releases_its_layer(stack: Stack) -> None:
+    """The daemon's metadata lost the snapshot while it was down (containerd cannot reach a dead proxy, but a
+    node's state can be repaired or restored by hand): at start the lazy layer nobody uses any more is
+    released — unmounted, no owner — instead of staying mounted for ever."""
+    ref = images.push_tiny(stack.info.registry, "reconcile/removed")
+    convert_image(RegistryClient(plain_http=True), ref, signer=stack.index_signer())
+    ns = "bs-rc-" + secrets.token_hex(3)
+    try:
+        pulled = _pull(stack, ns, ref)
+        assert pulled.returncode == 0, pulled.stderr
+        [chain] = [lo["chain_id"] for lo in json.loads(pulled.stdout)["layers"]]
+        [before] = _layers_of(stack, "reconcile/removed")
+        assert before["mounted"] and before["owners"]
+        _kill_snapshotter(stack)
+        db = sqlite3.connect(Path(stack.info.snapshotter_root or "") / "metadata.db")
+        with db:
+            assert db.execute("DELETE FROM snapshots WHERE key = ?", (chain,)).rowcount == 1
+        db.close()
+        stack.restart_snapshotter()
+        [after] = _layers_of(stack, "reconcile/removed")
+        assert not after["mounted"] and after["owners"] == [], after
+    finally:
+        for item in stack.ctr("images", "ls", "-q", namespace=ns, check=False).stdout.split():
+            stack.ctr("images", "rm", "--sync", item, namespace=ns, check=False)
+        stack.ctr("namespaces", "rm", ns, check=False)
+
+
+def test_a_lazy_layer_whose_cache_is_gone_is_served_again_from_the_registry(stack: Stack) -> None:
+    """The chunk cache of a mounted lazy layer disappeared while the daemon was down (a wiped disk, an
+    operator's rm): at start the layer is set up again and its reads go to the registry — the container still
+    starts — instead of failing until the image is pulled again."""
+    ref = images.push_tiny(stack.info.registry, "reconcile/cache-gone")
+    convert_image(RegistryClient(plain_http=True), ref, signer=stack.index_signer())
+    ctl = Control(str(stack.info.snapshotter_control), timeout=120)
+    ctl.call("set_fill", enabled=False)  # stays on FUSE: its reads come from the cache or the registry
+    ns = "bs-rc-" + secrets.token_hex(3)
+    try:
+        assert _pull(stack, ns, ref).returncode == 0
+        run = stack.ctr("run", "--rm", "--snapshotter", "bootseer", ref, "t-" + secrets.token_hex(3),
+                        *images.TINY_CMD, namespace=ns)
+        assert run.stdout == "kept\n"
+        [layer] = _layers_of(stack, "reconcile/cache-gone")
+        assert layer["mounted"] and not layer["swapped"]
+        name = Path(layer["detail"]["mountpoint"]).name
+        _kill_snapshotter(stack)
+        shutil.rmtree(Path(stack.info.snapshotter_root or "") / "lazy" / "cache" / name)
+        drop_caches()  # no page-cache copy of the layer left either
+        stack.restart_snapshotter()
+        again = stack.ctr("run", "--rm", "--snapshotter", "bootseer", ref, "t-" + secrets.token_hex(3),
+                          *images.TINY_CMD, namespace=ns, check=False)
+        assert (again.returncode, again.stdout) == (0, "kept\n"), again.stderr
+    finally:
+        Control(str(stack.info.snapshotter_control), timeout=120).call("set_fill", enabled=True)
+        for item in stack.ctr("images", "ls", "-q", namespace=ns, check=False).stdout.split():
+            stack.ctr("images", "rm", "--sync", item, namespace=ns, check=False)
+        stack.ctr("namespaces", "rm", ns, check=False)
