@@ -147,6 +147,11 @@ def compose(base: BaseImage, layer: Layer, created_by: str, epoch: int) -> tuple
                      "size": len(config_raw)}
     layer_type = MT_DOCKER_LAYER if media_type == MT_DOCKER_MANIFEST else MT_OCI_LAYER_GZIP
     doc["layers"] = [*doc["layers"], {"mediaType": layer_type, "digest": layer.digest, "size": layer.size}]
+    # OCI's base-image annotations: a node prefetches the base's recorded hot blocks for the layers the two
+    # share before this image has a recording of its own (snapshotter.lazy.prefetcher)
+    name = base.ref.name + (f":{base.ref.tag}" if base.ref.tag else "")  # the digest has its own annotation
+    doc["annotations"] = {**(doc.get("annotations") or {}), "org.opencontainers.image.base.name": name,
+                          "org.opencontainers.image.base.digest": base.digest}
     return json.dumps(doc, separators=(",", ":")).encode(), config_raw, media_type
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -50,6 +51,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from bootseer import events, hotblocks
 from bootseer.hotblocks import BadManifest, HotBlockManifest
+from bootseer.registry import RegistryError
 
 if TYPE_CHECKING:
     from bootseer.registry import RegistryClient
@@ -85,6 +87,18 @@ class PrefetchTarget(Protocol):
     def prefetched_bytes(self, digest: str) -> int: ...
 
     def observe_demand(self, digest: str, observer: DemandObserver | None) -> bool: ...
+
+
+BASE_NAME = "org.opencontainers.image.base.name"  # OCI's pre-defined annotations: what an image is built on
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+
+
+def base_of(annotations: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(base image reference, its manifest digest) from an image manifest's OCI base annotations, or None."""
+    name, digest = (annotations or {}).get(BASE_NAME), (annotations or {}).get(BASE_DIGEST)
+    if isinstance(name, str) and isinstance(digest, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        return name, digest
+    return None
 
 
 def plan(hb: HotBlockManifest, layer_digest: str, blob_digest: str,
@@ -193,7 +207,8 @@ class HotBlockPrefetcher:
         self._lock = threading.Lock()
         # (repository, manifest digest) → (reuse until, newest artifact digest, its manifest or None if unusable)
         self._cache: OrderedDict[tuple[str, str], tuple[float, str | None, HotBlockManifest | None]] = OrderedDict()
-        self._layers_of: dict[tuple[str, str], list[str]] = {}  # image manifests are immutable
+        # image manifests are immutable: their layers and the base image they name (a depsnap image's)
+        self._layers_of: dict[tuple[str, str], tuple[list[str], tuple[str, str] | None]] = {}
         self._gates: dict[tuple[str, str], threading.Lock] = {}
         self._looking: set[tuple[str, str]] = set()  # early lookups (lookup()) under way
         self._layers: dict[str, LayerPrefetch] = {}  # by blob digest: the latest prefetch of each blob
@@ -283,9 +298,11 @@ class HotBlockPrefetcher:
                 hit = self._cache.get(key)
                 if hit is not None and hit[0] > time.monotonic():
                     return hit[2]
-                layers = self._layers_of.get(key)
-            if layers is None:
-                layers = [d.digest for d in self.client.get_manifest(ref.with_digest(manifest_digest)).layers]
+                known = self._layers_of.get(key)
+            if known is None:
+                man = self.client.get_manifest(ref.with_digest(manifest_digest))
+                known = ([d.digest for d in man.layers], base_of(man.doc.get("annotations")))
+            layers, base = known
             descs = hotblocks.candidates(self.client, ref, manifest_digest)
             newest = descs[0].digest if descs else None
             if hit is not None and hit[1] == newest:
@@ -300,18 +317,40 @@ class HotBlockPrefetcher:
             else:
                 found = hotblocks.fetch(self.client, ref, manifest_digest, image_layers=layers,
                                        index_blobs=index_blobs, descs=descs)
+                if found is None and base is not None:
+                    found = self._base_manifest(ref.name, base, layers, index_blobs)
                 parsed = hb = found.manifest if found is not None else None
                 if found is not None:
                     log.info("hot-block manifest %s of %s: %d ranges, %.1f MiB", found.digest[:19], ref.name,
                              len(found.manifest.ranges), found.manifest.hot_bytes() / (1 << 20))
             with self._lock:
                 self._cache[key] = (time.monotonic() + self.reuse_for, newest, parsed)
-                self._layers_of[key] = layers
+                self._layers_of[key] = known
                 while len(self._cache) > self.max_images:
                     old, _ = self._cache.popitem(last=False)
                     self._layers_of.pop(old, None)
                 self._gates.pop(key, None)
             return hb
+
+    def _base_manifest(self, name: str, base: tuple[str, str], layers: list[str],
+                       index_blobs: Mapping[str, str] | None) -> hotblocks.Found | None:
+        """The hot-block manifest of the image this one is built on (its manifest names it: depsnap's images
+        do), for an image not recorded itself.  Hot ranges are recorded per layer and blob, so the base's serve
+        the layers the two share — every base layer, when the index reused the base's EROFS blobs — and
+        :func:`plan` skips a layer whose blob differs.  The base's manifest must fit this image's layers."""
+        from bootseer.reference import Reference
+
+        base_name, base_digest = base
+        try:
+            base_ref = Reference.parse(base_name)
+            found = hotblocks.fetch(self.client, base_ref, base_digest, image_layers=layers, index_blobs=index_blobs)
+        except (ValueError, RegistryError) as e:  # the base is gone or unreadable: no prefetch, as before
+            log.info("hot-block manifest of %s's base %s not used: %s", name, base_name, e)
+            return None
+        if found is not None:
+            log.info("%s has no hot-block manifest of its own: using its base %s@%s's", name, base_ref.name,
+                     base_digest[:19])
+        return found
 
     def _start_of(self, manifest_digest: str, now: float) -> float:
         """When this start-up of the image began: its first Prepare, unless that was ``start_window``

@@ -167,6 +167,10 @@ def test_run_makes_the_snapshot_lazily_loadable(stack: Stack, small_image: str, 
                          capture_output=True, check=True).stdout
     new_layer = json.loads(raw)["layers"][-1]["digest"]
     assert new_layer in found[1].layers
+    # it names its base (OCI's annotations): nodes prefetch the base's recorded hot blocks until it has its own
+    base_digest = client.resolve_image(small_image)[0].digest
+    assert json.loads(raw)["annotations"] == {"org.opencontainers.image.base.name": small_image,
+                                             "org.opencontainers.image.base.digest": base_digest}
     assert (again["built"], again["index"]) == (False, doc["index"])  # conversion is deterministic
     signed = find_index(client, repo, doc["digest"], TrustPolicy.for_signer(signer))
     assert signed is not None and signed[0] == doc["index"]

@@ -25,7 +25,7 @@ from bootseer.hotblocks import (
     merge,
 )
 from bootseer.reference import Reference
-from bootseer.registry import MT_OCI_MANIFEST, Descriptor, RegistryClient
+from bootseer.registry import MT_OCI_MANIFEST, Descriptor, RegistryClient, sha256_digest
 from snapshotter.lazy.testing import Registry
 
 MiB = 1 << 20
@@ -308,3 +308,48 @@ def test_early_lookup_has_the_manifest_at_hand_for_the_first_layer(registry: Reg
     assert hot.manifest(ref, subject.digest) is cached  # the layer's lookup: from the cache, no new fetch
     hot.lookup("Not A Reference", subject.digest)  # a bad reference: nothing started, nothing raised
     assert len([t for t in hot._threads if t.is_alive()]) == 0
+
+
+def test_an_image_without_a_recording_uses_its_bases_for_the_layers_they_share(registry: Registry) -> None:
+    """A depsnap image (the base's layers + the install's) names its base in OCI's base annotations; until it is
+    recorded itself, the base's hot ranges are prefetched for the shared layers (same layer, same blob) and
+    none for its own layer.  An image naming a base that has no recording gets none."""
+    from prometheus_client import CollectorRegistry
+
+    from snapshotter.lazy.prefetcher import BASE_DIGEST, BASE_NAME, HotBlockPrefetcher, plan
+
+    client = RegistryClient(plain_http=True)
+    host = registry.url.removeprefix("http://")
+    base_ref = f"{host}/hb/base{secrets.token_hex(3)}:v1"
+    base = _image(client, base_ref, [L0, L1])
+    hb = build(base.digest, BLOBS, [acc(B1, 9 * MiB, 10, 0), acc(B0, 0, 10, 1)])
+    hotblocks.push(client, base_ref, base, hb)
+
+    def derived(repo: str, base_name: str, base_digest: str) -> tuple[str, str]:
+        ref = f"{host}/hb/{repo}{secrets.token_hex(3)}:v1"
+        own = b"the install's own layer"
+        client.push_blob(ref, own)
+        for d in LAYER_DATA:
+            client.push_blob(ref, d)
+        cfg = client.push_blob(ref, b'{"rootfs":{"type":"layers","diff_ids":[]}}')
+        layers = [(L0, len(LAYER_DATA[0])), (L1, len(LAYER_DATA[1])), (sha256_digest(own), len(own))]
+        doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+               "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg.digest,
+                          "size": cfg.size},
+               "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n}
+                          for d, n in layers],
+               "annotations": {BASE_NAME: base_name, BASE_DIGEST: base_digest}}
+        return ref, client.put_manifest(ref, json.dumps(doc).encode(), MT_OCI_MANIFEST)
+
+    ref, digest = derived("deps", base_ref, base.digest)
+    hot = HotBlockPrefetcher(None, client, registry=CollectorRegistry(), reuse_for=0)  # type: ignore[arg-type]
+    got = hot.manifest(ref, digest)
+    assert got is not None and got.subject == base.digest
+    assert plan(got, L1, B1) == [(9 * MiB, MiB, 0)] and plan(got, L0, B0) == [(0, MiB, 1_000_000)]
+    assert plan(got, "sha256:" + "9" * 64, B1) == []  # its own layer: nothing recorded
+    assert hot.manifest(ref, digest, {L0: "sha256:" + "f" * 64}) is None  # its index re-converted L0: not used
+
+    bare = f"{host}/hb/bare{secrets.token_hex(3)}:v1"
+    other = _image(client, bare, [L0, L1])  # a base never recorded
+    ref2, digest2 = derived("deps2", bare, other.digest)
+    assert hot.manifest(ref2, digest2) is None
