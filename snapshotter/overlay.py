@@ -148,7 +148,7 @@ class Snapshotter:
     # --------------------------------------------------------------------------------------------- start
     def recover(self) -> list[str]:
         """At daemon start: remove crash leftovers, then let the remote handler re-attach its layers."""
-        removed = self.cleanup()
+        removed = self._remove_orphans()
         if self.remote is not None:
             with self.store.read() as tx:
                 remote = [r for r in tx.all(None) if r.lower]
@@ -284,6 +284,22 @@ class Snapshotter:
             return tx.update_labels(ns, key, labels, paths)
 
     def cleanup(self) -> list[str]:
+        """containerd's Cleanup: remove every directory no record refers to (crash leftovers) and let the remote
+        handler release the lazy layers no snapshot uses; return the directory names removed."""
+        removed = self._remove_orphans()
+        if self.remote is not None:
+            with self.store.read() as tx:
+                remote = [r for r in tx.all(None) if r.lower]
+            try:
+                released = self.remote.collect(remote)
+            except Exception:
+                log.exception("remote handler failed to collect unused lazy layers")
+            else:
+                if released:
+                    log.info("cleanup released %d lazy layers no snapshot uses", len(released))
+        return removed
+
+    def _remove_orphans(self) -> list[str]:
         """Remove every directory no record refers to (crash leftovers); return the names removed."""
         doomed: list[Path] = []
         names: list[str] = []

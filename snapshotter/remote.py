@@ -80,3 +80,9 @@ class RemoteHandler(Protocol):
         """At daemon start: the remote snapshots the metadata still holds.  Re-establish their ``lower``
         mounts (or check they survived) and drop anything not listed — it belongs to no snapshot."""
         ...
+
+    def collect(self, records: list[Record]) -> list[str]:
+        """containerd's Cleanup (after its garbage collection): the remote snapshots the metadata holds now.
+        Release what no snapshot uses (holds a Prepare took a moment ago are spared: its snapshot is being
+        recorded) and bring the caches back under their budget; return what was released or evicted."""
+        ...

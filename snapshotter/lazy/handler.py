@@ -206,6 +206,15 @@ class LazyHandler:
             return
         self.manager.release(owner_of(req.namespace, req.target), layer.labels.get(LABEL_BLOB))
 
+    def collect(self, records: list[Record]) -> list[str]:
+        owners = {owner_of(r.ns, r.key) for r in records if r.labels.get(LABEL_BLOB)}
+        # set-ups ahead hold their layers provisionally until their Prepare (or their timer) takes over
+        gone = self.manager.retain(owners, spare=lambda o: o.startswith("ahead/"),
+                                   grace=self.manager.config.collect_grace)
+        if gone:
+            log.info("cleanup: released %d lazy layers no snapshot uses", len(gone))
+        return gone + self.manager.evict()
+
     def restore(self, records: list[Record]) -> None:
         owners = {owner_of(r.ns, r.key) for r in records if r.labels.get(LABEL_BLOB)}
         gone = self.manager.retain(owners)

@@ -32,6 +32,11 @@ mount whose loop device still points at the old FUSE file is re-attached to the 
 once; when the caches together exceed ``cache_cap_bytes``, the least recently used caches of layers nobody
 owns are deleted.  Layers in use are never evicted (the budget can be exceeded by what is in use).
 
+**Garbage collection.**  containerd's Cleanup (after its own garbage collection) hands the remote snapshots
+the metadata holds to :meth:`LayerManager.retain`: holds no snapshot has are dropped — except provisional
+set-ups ahead and holds younger than ``collect_grace`` (a Prepare's, whose snapshot is being recorded) — and
+the caches are brought under the budget at once, not at the next housekeeping.
+
 Beside it, by concern: the persisted layer states (:mod:`~snapshotter.lazy.layerstate`), access recording
 (:mod:`~snapshotter.lazy.recording`), metrics (:mod:`~snapshotter.lazy.metrics`); one layer's own lifecycle
 is :mod:`~snapshotter.lazy.layer`.  The manager keeps the layer table, the owners, eviction and restart.
@@ -85,6 +90,9 @@ class LazyConfig:
     housekeeping_interval: float = 1.0  # flush bitmaps, swap complete layers, enforce the budget
     fuse_threads: int = 16  # worker threads for FUSE reads that wait on the network
     page_cache: bool = True  # FUSE files through the page cache, prefetched chunks pushed into it (fusefs)
+    # containerd's Cleanup releases holds no snapshot has, except those younger than this: a Prepare holds its
+    # layer a moment before the core records the snapshot
+    collect_grace: float = 60.0
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LazyConfig:
@@ -115,6 +123,7 @@ class LayerManager:
         self._write_lock = threading.Lock()  # state files (taken before _lock, never inside it)
         self._digest_locks: dict[str, threading.Lock] = {}
         self._states: dict[str, LayerState] = {}  # persisted per layer (self.state_files)
+        self._held_since: dict[tuple[str, str], float] = {}  # (key, owner) → monotonic time of its acquire
         self._layers: dict[str, LazyLayer] = {}  # layers with live objects (mounted, or going away)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
@@ -236,6 +245,7 @@ class LayerManager:
                 had = owner in rec.owners
                 dropped = replaces if replaces is not None and replaces != owner and replaces in rec.owners else None
                 rec.owners.add(owner)
+                self._held_since[(key, owner)] = time.monotonic()
                 if dropped is not None:
                     rec.owners.discard(dropped)
                 rec.last_used = time.time()
@@ -287,11 +297,17 @@ class LayerManager:
                     gone.append(rec.spec.digest)
         return gone
 
-    def retain(self, owners: Iterable[str]) -> list[str]:
-        """Drop every owner not in ``owners`` (at start, with the snapshots the metadata still holds)."""
+    def retain(self, owners: Iterable[str], *, spare: Callable[[str], bool] | None = None,
+               grace: float = 0.0) -> list[str]:
+        """Drop every owner not in ``owners`` (the snapshots the metadata holds: at start, and on containerd's
+        Cleanup), except those ``spare`` says to keep and holds taken less than ``grace`` seconds ago — a
+        Prepare holds its layer a moment before the core records its snapshot."""
         keep = set(owners)
+        now = time.monotonic()
         with self._lock:
-            stale = {o for r in self._states.values() for o in r.owners if o not in keep}
+            stale = {o for k, r in self._states.items() for o in r.owners
+                     if o not in keep and not (spare is not None and spare(o))
+                     and now - self._held_since.get((k, o), float("-inf")) >= grace}
         gone: list[str] = []
         for o in sorted(stale):
             gone += self.release(o)

@@ -25,6 +25,7 @@ class FakeRemote:
         self.requests: list[RemoteRequest] = []
         self.released: list[Path] = []
         self.restored: list[list[Record]] = []
+        self.collected: list[list[Record]] = []
         self.fail = False
 
     def prepare(self, req: RemoteRequest) -> RemoteLayer | None:
@@ -42,6 +43,10 @@ class FakeRemote:
 
     def restore(self, records: list[Record]) -> None:
         self.restored.append(records)
+
+    def collect(self, records: list[Record]) -> list[str]:
+        self.collected.append(records)
+        return []
 
 
 @pytest.fixture
@@ -153,4 +158,22 @@ def test_restart_hands_remote_snapshots_back_to_the_handler(tmp_path: Path, laye
         assert (rec.key, rec.lower) == ("sha256:L1", str(layers["sha256:L1"]))
     finally:
         sn2.close()
+    shutil.rmtree(tmp_path / "root")
+
+
+def test_cleanup_hands_the_remote_snapshots_to_the_handler(tmp_path: Path, layers: dict[str, Path]) -> None:
+    """containerd's Cleanup reaches the remote handler with the remote snapshots the metadata holds now, so
+    it can release lazy layers no snapshot uses (and the daemon's start does not: restore does that)."""
+    remote = FakeRemote(layers)
+    sn = Snapshotter(tmp_path / "root", remote)
+    try:
+        with pytest.raises(AlreadyExists):
+            sn.prepare("", "extract", "", _ref("sha256:L1"))
+        sn.prepare("", "ordinary", "", {})
+        assert sn.recover() == [] and remote.collected == []
+        sn.cleanup()
+        [[rec]] = remote.collected
+        assert (rec.key, rec.lower) == ("sha256:L1", str(layers["sha256:L1"]))
+    finally:
+        sn.close()
     shutil.rmtree(tmp_path / "root")

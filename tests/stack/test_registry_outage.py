@@ -178,3 +178,52 @@ def test_a_lazy_layer_whose_cache_is_gone_is_served_again_from_the_registry(stac
         for item in stack.ctr("images", "ls", "-q", namespace=ns, check=False).stdout.split():
             stack.ctr("images", "rm", "--sync", item, namespace=ns, check=False)
         stack.ctr("namespaces", "rm", ns, check=False)
+
+
+def test_cleanup_releases_lazy_layers_no_snapshot_uses(tmp_path: Path) -> None:
+    """containerd's Cleanup (it calls it after its garbage collection) releases a lazy layer held by an owner
+    with no snapshot — here a hold left by a Prepare whose snapshot was never recorded — while the layers of
+    recorded snapshots stay mounted, and brings the unused caches under their budget.  Before, only a daemon
+    restart did either."""
+    from bootseer.index import find_index
+    from snapshotter.lazy.spec import BlobSpec
+    from tests.snapshotter_fixtures import Client
+
+    cfg = StackConfig(root=scratch_root("gc"), cri_snapshotter="bootseer", sidecar=False,
+                      lazy_config={"collect_grace": 0.0, "cache_cap_bytes": 0, "housekeeping_interval": 3600.0})
+    with running(cfg) as st:
+        client = RegistryClient(plain_http=True)
+        kept, leaked = (images.push_tiny(st.info.registry, f"gc/{n}") for n in ("kept", "leaked"))
+        for ref in (kept, leaked):
+            convert_image(client, ref, signer=st.index_signer())
+        ns = "bs-gc-" + secrets.token_hex(3)
+        assert _pull(st, ns, kept).returncode == 0  # a recorded snapshot holds this one
+        man, _ = client.resolve_image(leaked)
+        found = find_index(client, leaked, man.digest)
+        assert found is not None
+        blob = next(iter(found[1].layers.values()))
+        spec = BlobSpec(registry=f"http://{st.info.registry}", repository="gc/leaked", digest=blob.blob.digest,
+                        size=blob.blob.size, chunk_size=blob.chunk_size, chunks=tuple(blob.chunks))
+        ctl = Control(str(st.info.snapshotter_control), timeout=120)
+        ctl.call("acquire", spec=spec.to_json(), owner=f"{ns}/sha256:never-recorded")  # the abandoned hold
+        [leaked_before], [kept_before] = _layers_of(st, "gc/leaked"), _layers_of(st, "gc/kept")
+        assert leaked_before["mounted"] and kept_before["mounted"]
+
+        grpc_client = Client(Path(st.info.snapshotter_socket or ""), None)
+        try:
+            grpc_client.cleanup()
+        finally:
+            grpc_client.close()
+        [leaked_after] = _layers_of(st, "gc/leaked")
+        [kept_after] = _layers_of(st, "gc/kept")
+        assert leaked_after["owners"] == [] and not leaked_after["mounted"], leaked_after
+        assert kept_after["mounted"] and kept_after["owners"], kept_after
+        # its cache went too: the budget is 0 and nothing uses it (housekeeping would take an hour here)
+        assert leaked_after["bytes_local"] == 0, leaked_after
+        assert stack_ctr_rm(st, ns)
+
+
+def stack_ctr_rm(st: Stack, ns: str) -> bool:
+    for item in st.ctr("images", "ls", "-q", namespace=ns, check=False).stdout.split():
+        st.ctr("images", "rm", "--sync", item, namespace=ns, check=False)
+    return st.ctr("namespaces", "rm", ns, check=False).returncode == 0
