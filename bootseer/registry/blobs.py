@@ -27,14 +27,14 @@ from bootseer.registry.oci import (
     sha256_digest,
     verify_bytes,
 )
-from bootseer.registry.transport import Transport, _ref
+from bootseer.registry.transport import Transport, as_reference
 
 log = logging.getLogger("bootseer.registry")
 
 class Blobs(Transport):
     def blob_exists(self, ref: Reference | str, digest: str) -> int | None:
         """The blob's size if the repository has it, else None."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         try:
             _, resp = self._request(ref, "HEAD", f"/{ref.repository}/blobs/{digest}", capability="pull")
         except NotFound:
@@ -43,7 +43,7 @@ class Blobs(Transport):
 
     def get_blob(self, ref: Reference | str, digest: str, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, index) in memory, verified."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         _, data = self._get_small(ref, f"/{ref.repository}/blobs/{digest}", max_size, f"blob {digest}",
                                   capability="pull")
         verify_bytes(data, digest)
@@ -54,7 +54,7 @@ class Blobs(Transport):
         """Stream a blob into ``dest`` (a seekable binary file at position 0), resuming with ``Range`` after a
         dropped connection; verify size and digest.  Returns the byte count.  On :class:`DigestMismatch` the
         caller must discard ``dest``."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         h = _hasher(digest)
         written = 0
         attempt = 0
@@ -93,7 +93,7 @@ class Blobs(Transport):
 
     def get_blob_range(self, ref: Reference | str, digest: str, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (the caller verifies them against its chunk digests)."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         end = offset + length - 1
         attempt = 0
         while True:
@@ -133,7 +133,7 @@ class Blobs(Transport):
 
     def mount_blob(self, ref: Reference | str, digest: str, from_repo: str) -> bool:
         """Link ``digest`` from ``from_repo`` into ``ref``'s repository without sending it; True if mounted."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         q = urlencode({"mount": digest, "from": from_repo})
         ep, resp = self._request(ref, "POST", f"/{ref.repository}/blobs/uploads/?{q}", capability="push",
                                  push=True, ok=(201, 202), extra_scopes=(f"repository:{from_repo}:pull",),
@@ -154,7 +154,7 @@ class Blobs(Transport):
 
         ``chunk_size`` None: one ``PUT``; otherwise ``PATCH`` chunks of that size, then the closing ``PUT``.
         """
-        ref = _ref(ref)
+        ref = as_reference(ref)
         if isinstance(source, (str, Path)):
             body: bytes | Path = Path(source)
             size = Path(source).stat().st_size

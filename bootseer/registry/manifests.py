@@ -21,14 +21,14 @@ from bootseer.registry.oci import (
     sha256_digest,
     verify_bytes,
 )
-from bootseer.registry.transport import Transport, _ref
+from bootseer.registry.transport import Transport, as_reference
 
 log = logging.getLogger("bootseer.registry")
 
 class Manifests(Transport):
     def get_manifest(self, ref: Reference | str, accept: Iterable[str] = MANIFEST_TYPES) -> Manifest:
         """Fetch a manifest or index by tag or digest, verified against the digest asked for or announced."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         resp, raw = self._get_small(ref, f"/{ref.repository}/manifests/{ref.reference}", MAX_MANIFEST_BYTES,
                                     "manifest", capability="pull" if ref.digest else "resolve",
                                     headers={"Accept": ", ".join(accept)})
@@ -42,7 +42,7 @@ class Manifests(Transport):
 
     def head_manifest(self, ref: Reference | str, accept: Iterable[str] = MANIFEST_TYPES) -> Descriptor | None:
         """The descriptor of a tag or digest, or None if absent (cheap existence check)."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         try:
             _, resp = self._request(ref, "HEAD", f"/{ref.repository}/manifests/{ref.reference}",
                                     capability="pull" if ref.digest else "resolve",
@@ -56,7 +56,7 @@ class Manifests(Transport):
     def resolve_image(self, ref: Reference | str, platform: Platform | str | None = None
                       ) -> tuple[Manifest, Manifest | None]:
         """(image manifest, index it was selected from or None) for ``ref`` on ``platform`` (default: host)."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         top = self.get_manifest(ref)
         if not top.is_index:
             return top, None
@@ -66,7 +66,7 @@ class Manifests(Transport):
 
     def put_manifest(self, ref: Reference | str, raw: bytes, media_type: str, reference: str | None = None) -> str:
         """Upload a manifest under ``reference`` (a tag, or by default its own digest); return its digest."""
-        digest, _ = self._put_manifest(_ref(ref), raw, media_type, reference)
+        digest, _ = self._put_manifest(as_reference(ref), raw, media_type, reference)
         return digest
 
     def _put_manifest(self, ref: Reference, raw: bytes, media_type: str,
@@ -81,7 +81,7 @@ class Manifests(Transport):
         return digest, resp
 
     def list_tags(self, ref: Reference | str) -> list[str]:
-        ref = _ref(ref)
+        ref = as_reference(ref)
         tags: list[str] = []
         path: str | None = f"/{ref.repository}/tags/list?n=1000"
         while path:
@@ -95,6 +95,6 @@ class Manifests(Transport):
         return tags
 
     def delete_manifest(self, ref: Reference | str, digest: str) -> None:
-        ref = _ref(ref)
+        ref = as_reference(ref)
         self._request(ref, "DELETE", f"/{ref.repository}/manifests/{digest}", capability="push", push=True,
                       ok=(200, 202))

@@ -26,7 +26,7 @@ from bootseer.registry.oci import (
     Manifest,
     referrers_tag,
 )
-from bootseer.registry.transport import _ref
+from bootseer.registry.transport import as_reference
 
 log = logging.getLogger("bootseer.registry")
 
@@ -36,7 +36,7 @@ REFERRERS_API_RECHECK = 600.0  # seconds a registry without the referrers API is
 class Referrers(Manifests):
     def referrers(self, ref: Reference | str, subject: str, artifact_type: str | None = None) -> list[Descriptor]:
         """Artifacts whose ``subject`` is ``subject``: referrers API, else the ``sha256-<hex>`` tag schema."""
-        ref = _ref(ref)
+        ref = as_reference(ref)
         path = f"/{ref.repository}/referrers/{subject}"
         if artifact_type:
             path += "?" + urlencode({"artifactType": artifact_type})
@@ -76,7 +76,7 @@ class Referrers(Manifests):
         again if another writer's update replaced ours.  That narrows the race to a writer whose read-back
         falls between its own write and the other's; one sidecar per registry keeps index writes serial.
         """
-        ref = _ref(ref)
+        ref = as_reference(ref)
         man = Manifest.from_bytes(raw, media_type)
         subject = man.subject
         if subject is None:

@@ -247,7 +247,8 @@ class Transport:
                 attempt += 1
 
 
-def _ref(ref: Reference | str) -> Reference:
+def as_reference(ref: Reference | str) -> Reference:
+    """Every operation takes a reference or its string form; the modules of the package share this one coercion."""
     return ref if isinstance(ref, Reference) else Reference.parse(ref)
 
 
