@@ -100,8 +100,8 @@ def test_output_to_a_pipe_is_not_wrapped(tmp_path: Path) -> None:
     head = ls.stdout.splitlines()[0]
     assert head.startswith(uri + ": 1 files,") and head.rstrip().endswith("stripes"), ls.stdout
     assert re.search(r"│ 0644 │ +65536 │ model-with-a-long-file-name-for-the-table\.pt │", ls.stdout), ls.stdout
-    prof = _run("profile", "--events", str(ROOT / "docs/examples/startup-events.jsonl"), "--job", "train-42",
-                cwd=tmp_path)
+    prof = _run("profile", "--events", str(ROOT / "docs/examples/job-start-events.jsonl"), "--job",
+                "job-bootseer-1g-2-c25d", cwd=tmp_path)
     assert prof.returncode == 0, prof.stderr
     assert re.search(r"^start-up span [\d.]+s, of which [\d.]+s inside a logged phase.*$", prof.stdout, re.M)
     assert "…" not in prof.stdout, prof.stdout  # no column cut short
