@@ -121,19 +121,20 @@ class Reconciler:
                 c.lease = probe
                 c.prepare(self.snapshotter, probe, "", {})
                 c.lease = None
-                if not self._recorded(probe):
-                    raise NotThisDaemon(f"containerd's snapshotter {self.snapshotter!r} is not this daemon (a probe "
-                                        f"prepared through it did not arrive here); check containerd_snapshotter")
+                arrived = self._recorded(probe)
             finally:
                 c.lease = None
                 # synchronous: returns once the collector removed the probe, walked this snapshotter and called
                 # its Cleanup
                 c.leases.Delete(lpb.DeleteRequest(id=probe, sync=True), metadata=c.md(), timeout=self.timeout)
-            if self._recorded(probe):
-                return False
-            with contextlib.suppress(grpc.RpcError):  # empty now, unless another daemon's probe is in it
-                ngrpc.NamespacesStub(c.channel).Delete(npb.DeleteNamespaceRequest(name=NAMESPACE),
-                                                       timeout=self.timeout)
+                with contextlib.suppress(grpc.RpcError):  # empty now, unless another daemon's probe is in it
+                    ngrpc.NamespacesStub(c.channel).Delete(npb.DeleteNamespaceRequest(name=NAMESPACE),
+                                                           timeout=self.timeout)
+        if not arrived:
+            raise NotThisDaemon(f"containerd's snapshotter {self.snapshotter!r} is not this daemon (a probe "
+                                f"prepared through it did not arrive here); check containerd_snapshotter")
+        if self._recorded(probe):
+            return False
         gone = len(before - self._ids())
         log.info("start-up reconciliation with containerd: it collected %d snapshots of this daemon%s", gone,
                  " (removed while the daemon was down, or left by a crash)" if gone else "")

@@ -30,12 +30,15 @@ mount whose loop device still points at the old FUSE file is re-attached to the 
 
 **Cache budget.**  Released layers are unmounted but their caches stay, so a layer pulled again is local at
 once; when the caches together exceed ``cache_cap_bytes``, the least recently used caches of layers nobody
-owns are deleted.  Layers in use are never evicted (the budget can be exceeded by what is in use).
+owns are deleted.  Layers in use are never evicted (the budget can be exceeded by what is in use).  The
+budget sees the caches the layer states name, so none may outlive its state: a set-up that fails takes a
+new layer's cache with it, and the start deletes caches whose state went first (a kill mid-eviction).
 
 **Garbage collection.**  containerd's Cleanup (after its own garbage collection) hands the remote snapshots
 the metadata holds to :meth:`LayerManager.retain`: holds no snapshot has are dropped — except provisional
 set-ups ahead and holds younger than ``collect_grace`` (a Prepare's, whose snapshot is being recorded) — and
-the caches are brought under the budget at once, not at the next housekeeping.
+the caches are brought under the budget at once, not at the next housekeeping.  What containerd removed
+while the daemon was down it collects when the daemon starts again (:mod:`snapshotter.reconcile`).
 
 Beside it, by concern: the persisted layer states (:mod:`~snapshotter.lazy.layerstate`), access recording
 (:mod:`~snapshotter.lazy.recording`), metrics (:mod:`~snapshotter.lazy.metrics`); one layer's own lifecycle

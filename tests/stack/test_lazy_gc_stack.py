@@ -168,3 +168,20 @@ def test_an_image_removed_while_the_daemon_was_down_is_collected_at_its_start(st
         assert _run(stack, ns, refs[kept]).stdout == "kept\n"
     finally:
         _remove_all(stack, ns)
+
+
+def test_a_containerd_plugin_served_by_another_daemon_is_named_and_left_clean(stack: Stack, tmp_path: Path) -> None:
+    """A daemon whose ``containerd_snapshotter`` names another daemon's plugin finds out from its probe (it
+    never arrives) and says so instead of reporting a collection that did not happen; the probe is gone
+    from containerd and from the daemon it went to, and so is the probe's namespace."""
+    from snapshotter.overlay import Snapshotter
+    from snapshotter.reconcile import NAMESPACE, NotThisDaemon, Reconciler
+
+    core = Snapshotter(tmp_path / "another")
+    try:
+        with pytest.raises(NotThisDaemon, match="'bootseer' is not this daemon"):
+            Reconciler(core, stack.info.containerd_socket, "bootseer").run_once()
+    finally:
+        core.close()
+    assert not [k for k in _records(stack) if k.startswith(NAMESPACE + "/")]
+    assert NAMESPACE not in stack.ctr("namespaces", "ls", "-q").stdout.split()
