@@ -14,6 +14,9 @@
     hotblock_prefetch = true    # replay an image's recorded hot blocks at Prepare (bootseer record)
     lookup_timeout = 30.0       # seconds a Prepare waits for the index lookup before the ordinary pull
     lookup_concurrency = 4      # index lookups at once per registry; beyond, Prepares fall back at once
+    containerd_address = ""     # containerd's socket: at start, have it collect what it removed while we were
+                                # down (snapshotter.reconcile); "" = off
+    containerd_snapshotter = "bootseer"     # this daemon's proxy plugin name in containerd's config
 
     [trust]                     # which indexes lazy layers may come from (docs/security.md)
     mode = "require"            # require: only indexes signed by one of `keys` | prefer | off
@@ -60,6 +63,8 @@ class Config:
     hotblock_prefetch: bool = True
     lookup_timeout: float = 30.0  # a Prepare waits this long for its registry lookup (snapshotter.lazy.lookups)
     lookup_concurrency: int = 4  # lookups at once per registry: what a slow registry can hold
+    containerd_address: str = ""  # containerd's socket, for the start-up reconciliation ("" = off)
+    containerd_snapshotter: str = "bootseer"  # the proxy plugin's name there
     lazy: dict[str, Any] = field(default_factory=dict)
     trust: dict[str, Any] = field(default_factory=dict)  # bootseer.trust.TrustPolicy; default mode "require"
 
@@ -110,6 +115,8 @@ class Config:
             raise ValueError(f"lookup_timeout must be a positive number of seconds, not {cfg.lookup_timeout!r}")
         if not (isinstance(cfg.lookup_concurrency, int) and cfg.lookup_concurrency >= 1):
             raise ValueError(f"lookup_concurrency must be a positive integer, not {cfg.lookup_concurrency!r}")
+        if not (isinstance(cfg.containerd_snapshotter, str) and cfg.containerd_snapshotter):
+            raise ValueError("containerd_snapshotter must name the proxy plugin (as in containerd's config)")
         if not isinstance(cfg.lazy, dict):
             raise ValueError("lazy must be a table")
         if not isinstance(cfg.trust, dict):

@@ -99,11 +99,20 @@ def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
         server, core = build(cfg, remote)
         if lazy is not None:
             lazy.handler.bind(lambda ns, name: _recorded(core, ns, name))
+        reconciler = None
+        if cfg.containerd_address:  # serving now: containerd's collection can reach us (snapshotter.reconcile)
+            from snapshotter.reconcile import Reconciler
+
+            reconciler = rec = Reconciler(core, cfg.containerd_address, cfg.containerd_snapshotter).start()
+            if lazy is not None:
+                lazy.control.ping_info = lambda: {"reconcile": rec.state}
         if cfg.metrics_address:
             _start_metrics(cfg.metrics_address)
         log.info("serving containerd snapshots API on %s (root %s)", cfg.address, cfg.root)
         stop.wait()
         log.info("stopping")
+        if reconciler is not None:
+            reconciler.stop()
         server.stop(grace=5).wait()
         core.close()
     finally:

@@ -77,6 +77,11 @@ class LayerStateFiles:
             except (OSError, ValueError, KeyError) as e:
                 log.error("ignoring unreadable layer state %s: %s", path, e)
 
+    def names(self) -> set[str]:
+        """The names that have a state file, readable or not (a layer whose state cannot be read now is still
+        not anyone else's to delete)."""
+        return {path.name[: -len(".json")] for path in self.directory.glob("*.json")}
+
     def encode(self, state: LayerState) -> bytes:
         return json.dumps(state.to_json(), indent=1).encode()
 

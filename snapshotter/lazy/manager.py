@@ -30,12 +30,15 @@ mount whose loop device still points at the old FUSE file is re-attached to the 
 
 **Cache budget.**  Released layers are unmounted but their caches stay, so a layer pulled again is local at
 once; when the caches together exceed ``cache_cap_bytes``, the least recently used caches of layers nobody
-owns are deleted.  Layers in use are never evicted (the budget can be exceeded by what is in use).
+owns are deleted.  Layers in use are never evicted (the budget can be exceeded by what is in use).  The
+budget sees the caches the layer states name, so none may outlive its state: a set-up that fails takes a
+new layer's cache with it, and the start deletes caches whose state went first (a kill mid-eviction).
 
 **Garbage collection.**  containerd's Cleanup (after its own garbage collection) hands the remote snapshots
 the metadata holds to :meth:`LayerManager.retain`: holds no snapshot has are dropped — except provisional
 set-ups ahead and holds younger than ``collect_grace`` (a Prepare's, whose snapshot is being recorded) — and
-the caches are brought under the budget at once, not at the next housekeeping.
+the caches are brought under the budget at once, not at the next housekeeping.  What containerd removed
+while the daemon was down it collects when the daemon starts again (:mod:`snapshotter.reconcile`).
 
 Beside it, by concern: the persisted layer states (:mod:`~snapshotter.lazy.layerstate`), access recording
 (:mod:`~snapshotter.lazy.recording`), metrics (:mod:`~snapshotter.lazy.metrics`); one layer's own lifecycle
@@ -158,6 +161,7 @@ class LayerManager:
                     continue
                 self._states[rec.key] = rec
             outcomes[rec.key] = self._restore(rec)
+        self._remove_strays()
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="lazy-housekeeping", daemon=True)
         self._housekeeper.start()
         if outcomes:
@@ -188,6 +192,37 @@ class LayerManager:
                 self._teardown(layer, force=False)
                 return f"{outcome}, released"
             return outcome
+
+    def _remove_strays(self) -> list[str]:
+        """Delete caches and empty mount directories no layer state names.  A state is deleted before its cache
+        (eviction), so a daemon killed in between — or a set-up that failed and left what it fetched — leaves
+        a cache nobody counts against ``cache_cap_bytes`` and nothing would ever evict.  A mount point still
+        mounted is left alone (and said): only a state could tell what it serves."""
+        with self._lock:
+            named = {r.name for r in self._states.values()}
+        named |= self.state_files.names()
+        removed: list[str] = []
+        for d in ("cache", "mnt"):
+            for entry in sorted((self.root / d).iterdir()):
+                if entry.name in named:
+                    continue
+                if d == "mnt":
+                    if os.path.ismount(entry):
+                        log.warning("%s is mounted but no layer state names it; left alone", entry)
+                        continue
+                    with contextlib.suppress(OSError):
+                        entry.rmdir()
+                else:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            entry.unlink()
+                    removed.append(entry.name)
+        if removed:
+            log.info("deleted %d caches no layer state names (an eviction or set-up cut short): %s",
+                     len(removed), ", ".join(n[:19] for n in removed))
+        return removed
 
     def close(self, *, teardown: bool = False) -> None:
         """Stop the daemon's side.  ``teardown=True`` also unmounts every layer (stack down); otherwise mounts
@@ -261,8 +296,12 @@ class LayerManager:
                     unheld = not rec.owners
                 with contextlib.suppress(Exception):
                     layer.teardown(force=True)
-                if unheld:
-                    self._forget(rec, keep_cache=True)
+                if unheld and known is None:  # nothing of it was here before: leave nothing behind
+                    self._forget(rec, keep_cache=False)
+                elif unheld:  # a cached layer nobody holds, as before: counted against the budget, evictable
+                    with self._lock:
+                        rec.mounted, rec.swapped, rec.loop = False, False, None
+                    self._write_state(rec)
                 raise
             if not fresh:
                 self._save(layer)

@@ -56,6 +56,9 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
+    # set by the owner: more to say in ``ping`` (the snapshotter daemon: its start-up reconciliation's state)
+    ping_info: Callable[[], dict[str, Any]] | None = None
+
     def __init__(self, path: str, manager: LayerManager, stop: threading.Event, *, bind: bool = True) -> None:
         self.manager = manager
         self.stop = stop
@@ -69,7 +72,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         m = self.manager
         op = req.get("op")
         if op == "ping":
-            return {"pid": os.getpid(), "fuse": str(m.fuse_dir)}
+            return {"pid": os.getpid(), "fuse": str(m.fuse_dir), **(self.ping_info() if self.ping_info else {})}
         if op == "acquire":
             return {"mountpoint": str(m.acquire(BlobSpec.from_json(req["spec"]), req["owner"],
                                                 replaces=req.get("replaces")))}
