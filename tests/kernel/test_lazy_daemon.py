@@ -180,7 +180,10 @@ def test_concurrent_readers_of_a_missing_chunk_cause_one_fetch(world: World, pro
     threads = [threading.Thread(target=reader, args=(j,), daemon=True) for j in range(4)]
     for t in threads:
         t.start()
-    wait_until(lambda: d.status(world.digest)["fetched"]["dedup_waits"] >= 3, 20, "3 readers waiting on 1 fetch")
+    # the proxy logs a request once upstream has answered it (then holds the answer): the readers may be
+    # waiting on the fetch before its request shows in the log
+    wait_until(lambda: d.status(world.digest)["fetched"]["dedup_waits"] >= 3
+               and len(proxy.blob_requests(world.digest)) > before, 20, "3 readers waiting on 1 fetch")
     assert len(proxy.blob_requests(world.digest)) == before + 1
     gate.set()
     for t in threads:
