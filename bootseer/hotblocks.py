@@ -117,8 +117,8 @@ MAX_MANIFEST_BLOB = 64 << 20
 # millions of rows or gigabytes of strings.  What a real start-up records: ranges are disjoint runs of whole
 # chunks, coalesced up to DEFAULT_MAX_RANGE; the torch start-up read ~135 MB, about a thousand 128 KiB
 # chunks (docs/bench/startup.md).  2^18 ranges is 32 GiB read as scattered single chunks at the default chunk
-# size, beyond what any start-up reads before the workload itself begins; parsing that many takes tens of
-# MB of Python objects (HotRange has slots), 2^20 took several hundred.
+# size, beyond what any start-up reads before the workload itself begins, and parsed in about a hundred MB
+# (HotRange has slots; docs/bench/design-measurements.md).
 MAX_ROWS = 1 << 18
 MAX_DECODED_BYTES = 32 << 20  # every page once unpacked; a real manifest needs ~40 bytes a row
 MAX_PAGES = 1 << 14  # pyarrow writes a page per 20k rows of a column (and one dictionary page per chunk)

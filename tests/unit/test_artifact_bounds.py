@@ -129,7 +129,7 @@ def test_a_manifest_at_the_row_cap_parses_in_bounded_memory(tmp_path: Path) -> N
     assert rss < 160 << 20, f"parsing {MAX_ROWS} rows grew the process by {rss} bytes"
 
 
-def _lying_footer(batches: int, unpacked: int) -> bytes:
+def lying_footer(batches: int, unpacked: int) -> bytes:
     """``batches`` row groups of 4 rows whose layer dictionary is one string of ``unpacked`` bytes (zstd
     makes each a few KiB); each row group's footer ``total_byte_size`` is rewritten to claim 2 MiB."""
     big = pa.array(["x" * unpacked])
@@ -160,7 +160,7 @@ def _varint(v: int, width: int = 0) -> bytes:
 def test_a_footer_that_lies_cannot_make_the_pages_unpack_to_gigabytes(tmp_path: Path) -> None:
     """The footer says each row group decodes to 2 MiB; its dictionary page unpacks to 64 MiB.  The page
     headers are what the reader allocates by: refused from them, before a page is unpacked."""
-    data = _lying_footer(4, 64 << 20)
+    data = lying_footer(4, 64 << 20)
     assert len(data) < 1 << 20
     meta = pq.ParquetFile(io.BytesIO(data)).metadata
     assert sum(meta.row_group(g).total_byte_size for g in range(4)) < MAX_DECODED_BYTES  # the lie holds
