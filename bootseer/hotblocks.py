@@ -36,9 +36,13 @@ column             type      meaning
 The schema's metadata key ``bootseer.hotblocks`` holds JSON: ``{"version": 1, "subject": "<image manifest
 digest>", "blobs": [{"digest": "<blob digest>", "layer": "<layer digest>", "size": N, "chunk_size": N}, …]
 (in image layer order), "recordings": N, "commands": [[argv...], ...], "created": "<RFC 3339>"}``.
-A file that does not follow all of this (or whose ranges fall outside their blob) is rejected as
-:class:`BadManifest` — the prefetcher then ignores it with a warning, it never fetches from a manifest it
-cannot trust.
+A file that does not follow all of this (or whose ranges fall outside their blob, overlap, or exceed
+:data:`MAX_RANGE`) is rejected as :class:`BadManifest` — the prefetcher then ignores it with a warning, it
+never fetches from a manifest it cannot trust.  The file is a registry writer's: before any column is decoded
+its footer and every page header are held to :data:`MAX_ROWS` rows and :data:`MAX_DECODED_BYTES` unpacked
+(:mod:`bootseer.parquetbounds`), the metadata to :data:`MAX_META_BYTES` with every field typed and capped, and
+a blob's size must be the one its index states (:meth:`HotBlockManifest.check`): only that size bounds what a
+range may ask for.
 
 Where the ranges come from: the access log (:mod:`bootseer.accesslog`), one line per read that reached FUSE.
 
@@ -68,8 +72,10 @@ Only the newest is ever used: an older one that is corrupt is not looked at, a n
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,7 +85,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bootseer.accesslog import Access
-from bootseer.index import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, chunks_covering
+from bootseer.index import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_INDEX_BYTES, MAX_LAYERS, chunks_covering
+from bootseer.parquetbounds import BadParquet, decoded_bytes
 from bootseer.reference import Reference
 from bootseer.registry import (
     EMPTY_DIGEST,
@@ -105,12 +112,26 @@ ARTIFACT_TYPE = "application/vnd.bootseer.hotblocks.v1"
 PARQUET_MEDIA_TYPE = "application/vnd.bootseer.hotblocks.v1.parquet"
 ANN_PREFIX = "io.bootseer.hotblocks."
 MAX_MANIFEST_BLOB = 64 << 20
-# Bounds checked on the Parquet footer, before any column is decoded: a registry writer must not make a node
-# materialise 10^7 rows or gigabytes of strings.  A start-up that reads 1 GB in 4 KiB pieces scattered over
-# every chunk gives ~8k ranges per GB at the default chunk size; 2^20 rows is far beyond any real recording.
-MAX_ROWS = 1 << 20
-MAX_DECODED_BYTES = 256 << 20  # the columns' uncompressed size (row groups' total_byte_size)
-MAX_META_BYTES = 1 << 20  # the JSON metadata (blobs, commands, read_bytes)
+# Bounds, checked before a column is decoded (the footer's claims, then every page header: see
+# bootseer.parquetbounds), then on every value, so that a registry writer cannot make a node materialise
+# millions of rows or gigabytes of strings.  What a real start-up records: ranges are disjoint runs of whole
+# chunks, coalesced up to DEFAULT_MAX_RANGE; the torch start-up read ~135 MB, about a thousand 128 KiB
+# chunks (docs/bench/startup.md).  2^18 ranges is 32 GiB read as scattered single chunks at the default chunk
+# size, beyond what any start-up reads before the workload itself begins, and parsed in about a hundred MB
+# (HotRange has slots; docs/bench/design-measurements.md).
+MAX_ROWS = 1 << 18
+MAX_DECODED_BYTES = 32 << 20  # every page once unpacked; a real manifest needs ~40 bytes a row
+MAX_PAGES = 1 << 14  # pyarrow writes a page per 20k rows of a column (and one dictionary page per chunk)
+MAX_ROW_GROUPS = 1024  # pyarrow writes one per write_table call
+MAX_META_BYTES = 1 << 20  # the JSON metadata (blobs, commands, read_bytes): what the caps below need
+MAX_RANGE = 64 << 20  # one range's length: the recorder cuts at max_range (default 8 MiB) or one chunk
+MAX_BLOB_SIZE = (MAX_INDEX_BYTES // 64) * MAX_CHUNK_SIZE  # the largest blob an index can describe (64-hex digests)
+# commands kept in the metadata (for `bootseer hotblocks show`): the newest, each argv cut; UTF-8, these fit in
+# MAX_META_BYTES beside MAX_LAYERS blobs
+MAX_COMMANDS = 16
+MAX_ARGS = 32
+MAX_ARG_CHARS = 256
+_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]{32,128}")
 
 SCHEMA = pa.schema([
     pa.field("layer_digest", pa.dictionary(pa.int32(), pa.string()), nullable=False),
@@ -139,7 +160,7 @@ class BlobInfo:
             raise ValueError(f"blob of layer {self.layer}: bad size {self.size} / chunk size {self.chunk_size}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HotRange:
     layer_digest: str
     blob_digest: str
@@ -217,10 +238,14 @@ class HotBlockManifest:
                 "duration_s": round(span / 1e9, 3), "layers": layers, "spread": spread}
 
     # -- validation ---------------------------------------------------------------------------------
-    def check(self, image_layers: Sequence[str], index_blobs: Mapping[str, str] | None = None) -> None:
+    def check(self, image_layers: Sequence[str], index_blobs: Mapping[str, str] | None = None,
+              index_sizes: Mapping[str, int] | None = None) -> None:
         """Raise :class:`BadManifest` unless this manifest fits the image: every layer it names is one of the
-        image's ``image_layers``, and (with ``index_blobs``, layer → EROFS blob digest from the image's index)
-        its blob is the one the index names now — offsets into another blob would prefetch the wrong bytes."""
+        image's ``image_layers``; (with ``index_blobs``, layer → EROFS blob digest from the image's index)
+        its blob is the one the index names now — offsets into another blob would prefetch the wrong bytes;
+        and (with ``index_sizes``, blob digest → size from the index) the blob has the size the index says.
+        The parser checked every range against the size the manifest claims; only the (signed) index's size
+        may bound what a range asks for, so a claim that differs from it refuses the whole manifest."""
         known = set(image_layers)
         for blob, info in self.blobs.items():
             if info.layer not in known:
@@ -229,6 +254,10 @@ class HotBlockManifest:
                 now = index_blobs.get(info.layer)
                 if now is not None and now != blob:
                     raise BadManifest(f"layer {info.layer}: recorded on blob {blob}, the index now says {now}")
+            if index_sizes is not None:
+                size = index_sizes.get(blob)
+                if size is not None and size != info.size:
+                    raise BadManifest(f"blob {blob}: {info.size} bytes in the manifest, {size} in the index")
 
     # -- Parquet ------------------------------------------------------------------------------------
     def to_parquet(self) -> bytes:
@@ -241,10 +270,11 @@ class HotBlockManifest:
             cols["first_access_ns"].append(r.first_access_ns)
             cols["seq"].append(r.seq)
         meta = {"version": FORMAT_VERSION, "subject": self.subject, "recordings": self.recordings,
-                "commands": self.commands, "created": self.created, "read_bytes": self.read_bytes,
+                "commands": _bounded_commands(self.commands), "created": self.created, "read_bytes": self.read_bytes,
                 "blobs": [{"digest": d, "layer": b.layer, "size": b.size, "chunk_size": b.chunk_size}
                           for d, b in self.blobs.items()]}
-        schema = SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+        raw = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+        schema = SCHEMA.with_metadata({META_KEY: raw})
         table = pa.table(cols, schema=schema)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
@@ -252,77 +282,176 @@ class HotBlockManifest:
 
     @classmethod
     def from_parquet(cls, data: bytes) -> HotBlockManifest:
-        """Parse and check a manifest; anything malformed is :class:`BadManifest` (never a partial result)."""
+        """Parse and check a manifest; anything malformed or beyond the bounds (see :data:`MAX_ROWS`) is
+        :class:`BadManifest`, never another exception and never a partial result: the bytes come from
+        whoever can push to the repository."""
         try:
-            # no reader threads: a manifest is small, and pyarrow's thread pool still running at interpreter
-            # exit aborted short CLI runs ("terminate called without an active exception").
-            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first import holds
-            # the snapshotter's GIL at the first Prepare of a pull, while its layers are set up
-            # (figures: docs/bench/design-measurements.md)
-            pf = pq.ParquetFile(io.BytesIO(data))
-            _check_footer(pf.metadata)
-            table = pf.read(use_threads=False)
-        except (pa.ArrowException, OSError, ValueError) as e:
-            if isinstance(e, BadManifest):
-                raise
-            raise BadManifest(f"not a readable Parquet file: {e}") from e
-        raw_meta = (table.schema.metadata or {}).get(META_KEY)
-        if raw_meta is None:
-            raise BadManifest("no bootseer.hotblocks metadata in the Parquet schema")
-        if len(raw_meta) > MAX_META_BYTES:
-            raise BadManifest(f"metadata of {len(raw_meta)} bytes, more than {MAX_META_BYTES}")
-        try:
-            meta = json.loads(raw_meta)
-            if int(meta["version"]) != FORMAT_VERSION:
-                raise BadManifest(f"unsupported hot-block manifest version {meta['version']}")
-            blobs = {str(b["digest"]): BlobInfo(str(b["layer"]), int(b["size"]), int(b["chunk_size"]))
-                     for b in meta["blobs"]}
-            subject = str(meta["subject"])
-            recordings = int(meta.get("recordings", 1))
-            commands = [[str(a) for a in c] for c in meta.get("commands") or []]
-            created = str(meta.get("created", ""))
-            read_bytes = {str(d): int(n) for d, n in (meta.get("read_bytes") or {}).items()}
+            return cls._from_parquet(data)
         except BadManifest:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BadManifest(f"bad bootseer.hotblocks metadata: {e}") from e
-        missing = [f.name for f in SCHEMA if f.name not in table.column_names]
-        if missing:
-            raise BadManifest(f"missing columns: {', '.join(missing)}")
-        try:
-            rows = {name: table.column(name).to_pylist() for name in (f.name for f in SCHEMA)}
-        except pa.ArrowException as e:
-            raise BadManifest(f"unreadable columns: {e}") from e
-        ranges: list[HotRange] = []
-        for i in range(table.num_rows):
-            try:
-                r = HotRange(str(rows["layer_digest"][i]), str(rows["blob_digest"][i]), int(rows["offset"][i]),
-                             int(rows["length"][i]), int(rows["first_access_ns"][i]), int(rows["seq"][i]))
-            except (TypeError, ValueError) as e:
-                raise BadManifest(f"row {i}: {e}") from e
-            info = blobs.get(r.blob_digest)
-            if info is None or info.layer != r.layer_digest:
-                raise BadManifest(f"row {i}: blob {r.blob_digest} of layer {r.layer_digest} is not in the metadata")
-            if r.offset < 0 or r.length <= 0 or r.end > info.size or r.first_access_ns < 0:
-                raise BadManifest(f"row {i}: range {r.offset}+{r.length} outside blob {r.blob_digest} "
-                                  f"({info.size} bytes) or bad time {r.first_access_ns}")
-            ranges.append(r)
-        ranges.sort(key=lambda r: r.seq)
-        if [r.seq for r in ranges] != list(range(len(ranges))):
-            raise BadManifest("seq is not 0..n-1")
+        except BadParquet as e:
+            raise BadManifest(str(e)) from e
+        except (pa.ArrowException, OSError) as e:
+            raise BadManifest(f"not a readable Parquet file: {e}") from e
+        except Exception as e:  # any failure on untrusted bytes (JSON nested too deep, Infinity, …)
+            raise BadManifest(f"malformed: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_parquet(cls, data: bytes) -> HotBlockManifest:
+        if len(data) > MAX_MANIFEST_BLOB:
+            raise BadManifest(f"{len(data)} bytes, more than {MAX_MANIFEST_BLOB}")
+        # no reader threads: a manifest is small, and pyarrow's thread pool still running at interpreter
+        # exit aborted short CLI runs ("terminate called without an active exception").
+        # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first import holds
+        # the snapshotter's GIL at the first Prepare of a pull, while its layers are set up
+        # (figures: docs/bench/design-measurements.md)
+        pf = pq.ParquetFile(io.BytesIO(data), thrift_string_size_limit=4 * MAX_META_BYTES,
+                            thrift_container_size_limit=1 << 16)
+        _check_footer(pf)
+        decoded_bytes(data, pf.metadata, limit=MAX_DECODED_BYTES, max_pages=MAX_PAGES)
+        subject, blobs, recordings, commands, created, read_bytes = _parse_meta(pf.schema_arrow.metadata or {})
+        table = pf.read(use_threads=False)  # bounded now: rows, pages and what they unpack to
+        if table.num_rows != pf.metadata.num_rows:
+            raise BadManifest(f"{table.num_rows} rows read, the footer says {pf.metadata.num_rows}")
+        ranges = _ranges(table, blobs)
         return cls(subject, blobs, ranges, recordings, commands, created, read_bytes)
 
 
-def _check_footer(meta: pq.FileMetaData) -> None:
-    """Refuse, from the footer alone, a manifest too large to decode (see :data:`MAX_ROWS`)."""
+def _check_footer(pf: pq.ParquetFile) -> None:
+    """Refuse, from the footer alone, a manifest too large to decode or not of this schema (see
+    :data:`MAX_ROWS`); the page headers are checked next (:func:`bootseer.parquetbounds.decoded_bytes`)."""
+    meta = pf.metadata
     if meta.num_rows > MAX_ROWS:
         raise BadManifest(f"{meta.num_rows} rows, more than {MAX_ROWS}")
+    if meta.num_row_groups > MAX_ROW_GROUPS:
+        raise BadManifest(f"{meta.num_row_groups} row groups, more than {MAX_ROW_GROUPS}")
     decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if decoded > MAX_DECODED_BYTES:
         raise BadManifest(f"{decoded} bytes of columns once decoded, more than {MAX_DECODED_BYTES}")
-    if meta.num_columns != len(SCHEMA):
-        raise BadManifest(f"{meta.num_columns} columns, not {len(SCHEMA)}")
+    if meta.num_columns != len(SCHEMA) or not pf.schema_arrow.remove_metadata().equals(SCHEMA):
+        raise BadManifest(f"not the hot-block schema: {pf.schema_arrow.remove_metadata()}")
 
+
+def _int(value: object, what: str, lo: int, hi: int) -> int:
+    """``value`` if it is an int in ``[lo, hi]`` (not a bool, float or string), else :class:`BadManifest`."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise BadManifest(f"{what}: {str(value)[:40]!r} is not an integer in {lo}..{hi}")
+    return value
+
+
+def _str(value: object, what: str, limit: int = 256) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadManifest(f"{what}: not a string of at most {limit} characters")
+    return value
+
+
+def _digest(value: object, what: str) -> str:
+    s = _str(value, what)
+    if not _DIGEST.fullmatch(s):
+        raise BadManifest(f"{what}: {s[:80]!r} is not a digest")
+    return s
+
+
+def _parse_meta(schema_meta: Mapping[bytes, bytes]) -> tuple[str, dict[str, BlobInfo], int, list[list[str]], str,
+                                                             dict[str, int]]:
+    """The ``bootseer.hotblocks`` JSON, every field typed and bounded (see the module doc)."""
+    raw = schema_meta.get(META_KEY)
+    if raw is None:
+        raise BadManifest("no bootseer.hotblocks metadata in the Parquet schema")
+    if len(raw) > MAX_META_BYTES:
+        raise BadManifest(f"metadata of {len(raw)} bytes, more than {MAX_META_BYTES}")
+    meta = json.loads(raw)  # (nesting too deep is a RecursionError: BadManifest, see from_parquet)
+    if not isinstance(meta, dict):
+        raise BadManifest("the metadata is not a JSON object")
+    if meta.get("version") != FORMAT_VERSION:
+        raise BadManifest(f"unsupported hot-block manifest version {str(meta.get('version'))[:40]}")
+    entries = meta.get("blobs")
+    if not isinstance(entries, list) or len(entries) > MAX_LAYERS:
+        raise BadManifest(f"blobs: not a list of at most {MAX_LAYERS}")
+    blobs: dict[str, BlobInfo] = {}
+    for b in entries:
+        if not isinstance(b, dict):
+            raise BadManifest("blobs: an entry is not an object")
+        digest = _digest(b.get("digest"), "blob digest")
+        if digest in blobs:
+            raise BadManifest(f"blob {digest} listed twice")
+        blobs[digest] = BlobInfo(_digest(b.get("layer"), "layer digest"),
+                                 _int(b.get("size"), "blob size", 1, MAX_BLOB_SIZE),
+                                 _int(b.get("chunk_size"), "chunk size", 1, MAX_CHUNK_SIZE))
+    subject = _digest(meta.get("subject"), "subject")
+    recordings = _int(meta.get("recordings", 1), "recordings", 1, 1 << 31)
+    commands = meta.get("commands") or []
+    if not isinstance(commands, list) or len(commands) > MAX_COMMANDS:
+        raise BadManifest(f"commands: not a list of at most {MAX_COMMANDS}")
+    argvs: list[list[str]] = []
+    for c in commands:
+        if not isinstance(c, list) or len(c) > MAX_ARGS:
+            raise BadManifest(f"commands: an entry is not a list of at most {MAX_ARGS} arguments")
+        argvs.append([_str(a, "command argument", MAX_ARG_CHARS) for a in c])
+    created = _str(meta.get("created", ""), "created", 64)
+    read = meta.get("read_bytes") or {}
+    if not isinstance(read, dict):
+        raise BadManifest("read_bytes: not an object")
+    read_bytes: dict[str, int] = {}
+    for d, n in read.items():
+        if d not in blobs:
+            raise BadManifest(f"read_bytes: {str(d)[:80]!r} is not a blob of the manifest")
+        read_bytes[d] = _int(n, f"read_bytes of {d}", 0, blobs[d].size)
+    return subject, blobs, recordings, argvs, created, read_bytes
+
+
+def _strings(column: pa.ChunkedArray, known: Mapping[str, str], what: str) -> list[str]:
+    """A dictionary-encoded column as one str per row, each the metadata's own object (``known``'s value):
+    never a string per row decoded from the file, and only values the metadata names."""
+    out: list[str] = []
+    for chunk in column.chunks:
+        if len(chunk.dictionary) > MAX_LAYERS:
+            raise BadManifest(f"{what}: a dictionary of {len(chunk.dictionary)} values")
+        values = [known.get(v) if isinstance(v, str) else None for v in chunk.dictionary.to_pylist()]
+        for k in chunk.indices.to_pylist():
+            s = values[k] if k is not None and 0 <= k < len(values) else None
+            if s is None:
+                raise BadManifest(f"row {len(out)}: {what} is not one of the metadata's blobs")
+            out.append(s)
+    return out
+
+
+def _ranges(table: pa.Table, blobs: Mapping[str, BlobInfo]) -> list[HotRange]:
+    """Every row, checked: a blob (and its layer) of the metadata, ``0 <= offset``, ``0 < length <=
+    MAX_RANGE``, inside the blob as the metadata says (:meth:`HotBlockManifest.check` holds that size to the
+    index's), disjoint from the blob's other ranges, ``first_access_ns >= 0``, ``seq`` numbering 0..n-1."""
+    blob_col = _strings(table.column("blob_digest"), {d: d for d in blobs}, "blob_digest")
+    layer_col = _strings(table.column("layer_digest"), {b.layer: b.layer for b in blobs.values()}, "layer_digest")
+    offsets, lengths, times, seqs = (table.column(n).to_pylist() for n in ("offset", "length", "first_access_ns",
+                                                                            "seq"))
+    ranges: list[HotRange] = []
+    for i, (blob, layer, off, length, t, seq) in enumerate(zip(blob_col, layer_col, offsets, lengths, times, seqs,
+                                                              strict=True)):
+        info = blobs[blob]
+        if info.layer != layer:
+            raise BadManifest(f"row {i}: blob {blob} is not of layer {layer}")
+        if not (isinstance(off, int) and isinstance(length, int) and isinstance(t, int) and isinstance(seq, int)):
+            raise BadManifest(f"row {i}: a null value")
+        if off < 0 or not 0 < length <= MAX_RANGE or off + length > info.size or t < 0:
+            raise BadManifest(f"row {i}: range {off}+{length} outside blob {blob} ({info.size} bytes), longer "
+                              f"than {MAX_RANGE}, or bad time {t}")
+        ranges.append(HotRange(layer, blob, off, length, t, seq))
+    del offsets, lengths, times, seqs, blob_col, layer_col
+    ranges.sort(key=lambda r: r.seq)
+    if any(r.seq != k for k, r in enumerate(ranges)):
+        raise BadManifest("seq is not 0..n-1")
+    by_place = sorted(ranges, key=lambda r: (r.blob_digest, r.offset))
+    for a, b in itertools.pairwise(by_place):
+        if a.blob_digest == b.blob_digest and b.offset < a.end:
+            raise BadManifest(f"ranges {a.offset}+{a.length} and {b.offset}+{b.length} of blob {a.blob_digest} "
+                              "overlap")
+    return ranges
+
+
+def _bounded_commands(commands: Sequence[Sequence[str]]) -> list[list[str]]:
+    """What the metadata keeps of the recordings' commands: the newest :data:`MAX_COMMANDS`, each argv cut to
+    :data:`MAX_ARGS` arguments of :data:`MAX_ARG_CHARS` characters (they are for people to read)."""
+    return [[str(a)[:MAX_ARG_CHARS] for a in c[:MAX_ARGS]] for c in commands[-MAX_COMMANDS:]]
 
 # ------------------------------------------------------------------------------------------- building
 def _units(blob: BlobInfo, offset: int, length: int) -> range:
@@ -379,6 +508,7 @@ def build(subject: str, blobs: Mapping[str, BlobInfo], accesses: Iterable[Access
 
     ``blobs`` maps each lazily served blob of the image to its layer (in image order); accesses of other
     blobs are ignored.  Times become relative to ``start_ns`` (default: the first access)."""
+    _check_max_range(max_range)
     acc = [a for a in accesses if a.blob in blobs]
     base = start_ns if start_ns is not None else min((a.t_ns for a in acc), default=0)
     firsts: dict[str, dict[int, int]] = {}
@@ -396,7 +526,8 @@ def build(subject: str, blobs: Mapping[str, BlobInfo], accesses: Iterable[Access
                 first[u] = t
     ranges = _assemble(subject, blobs, firsts, gap=gap, max_range=max_range, window_ns=window_ns)
     read = {b: min(blobs[b].size, len(p) * PAGE) for b, p in pages.items()}
-    return HotBlockManifest(subject, dict(blobs), ranges, 1, [list(command)] if command else [], _now(), read)
+    return HotBlockManifest(subject, dict(blobs), ranges, 1, _bounded_commands([command] if command else []), _now(),
+                            read)
 
 
 def merge(*manifests: HotBlockManifest, gap: int = 0, max_range: int = DEFAULT_MAX_RANGE,
@@ -407,6 +538,7 @@ def merge(*manifests: HotBlockManifest, gap: int = 0, max_range: int = DEFAULT_M
     merged — the caller should drop the older manifest then (:class:`BadManifest`)."""
     if not manifests:
         raise ValueError("nothing to merge")
+    _check_max_range(max_range)
     subject = manifests[0].subject
     blobs: dict[str, BlobInfo] = {}
     firsts: dict[str, dict[int, int]] = {}
@@ -424,9 +556,14 @@ def merge(*manifests: HotBlockManifest, gap: int = 0, max_range: int = DEFAULT_M
                 if old is None or r.first_access_ns < old:
                     first[u] = r.first_access_ns
     ranges = _assemble(subject, blobs, firsts, gap=gap, max_range=max_range, window_ns=window_ns)
-    commands = [c for m in manifests for c in m.commands]
+    commands = _bounded_commands([c for m in manifests for c in m.commands])
     read = {b: max(m.read_bytes.get(b, 0) for m in manifests) for b in blobs}
     return HotBlockManifest(subject, blobs, ranges, sum(m.recordings for m in manifests), commands, _now(), read)
+
+
+def _check_max_range(max_range: int) -> None:
+    if not 0 < max_range <= MAX_RANGE:
+        raise ValueError(f"max_range {max_range} not in 1..{MAX_RANGE}: readers refuse longer ranges")
 
 
 def _now() -> str:
@@ -483,11 +620,12 @@ def candidates(client: RegistryClient, image: Reference | str, manifest_digest: 
 
 def fetch(client: RegistryClient, image: Reference | str, manifest_digest: str, *,
           image_layers: Sequence[str] | None = None, index_blobs: Mapping[str, str] | None = None,
-          descs: Sequence[Descriptor] | None = None) -> Found | None:
+          index_sizes: Mapping[str, int] | None = None, descs: Sequence[Descriptor] | None = None) -> Found | None:
     """The newest hot-block manifest of the image, or None (none, or the newest is unusable: warned).
 
-    With ``image_layers`` (the image's layer digests) and ``index_blobs`` (layer → EROFS blob of the index),
-    a manifest that does not fit the image is ignored too.  ``descs``: :func:`candidates` if already listed.
+    With ``image_layers`` (the image's layer digests), ``index_blobs`` (layer → EROFS blob of the index) and
+    ``index_sizes`` (blob → its size in the index), a manifest that does not fit the image is ignored too
+    (:meth:`HotBlockManifest.check`).  ``descs``: :func:`candidates` if already listed.
     Registry errors other than "not found" propagate."""
     ref = _repo(image)
     for desc in descs if descs is not None else candidates(client, ref, manifest_digest):
@@ -506,7 +644,7 @@ def fetch(client: RegistryClient, image: Reference | str, manifest_digest: str, 
             if hb.subject != manifest_digest:
                 raise BadManifest(f"recorded for image {hb.subject}")
             if image_layers is not None:
-                hb.check(image_layers, index_blobs)
+                hb.check(image_layers, index_blobs, index_sizes)
         except (BadManifest, DigestMismatch, NotFound) as e:  # a blob gone or not what it claims: corrupt too
             log.warning("hot-block manifest %s of %s ignored: %s", desc.digest, manifest_digest, e)
             return None

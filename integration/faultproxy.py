@@ -59,7 +59,8 @@ class Fault:
     ``corrupt`` (flip the first byte of the body, or the byte at blob offset ``at`` where the answer covers it),
     ``hang`` (answer nothing while the fault is in place), ``stall`` (send ``after`` bytes of the body, then
     nothing more while the fault is in place), ``drip`` (a tarpit: send the body one byte every ``delay`` s
-    while the fault is in place, the rest at once when it is removed), ``ignore_range`` (answer the whole blob,
+    while the fault is in place, the rest at once when it is removed; ``hits`` then says ``dripped``),
+    ``drip_head`` (the same with the status line and headers), ``ignore_range`` (answer the whole blob,
     200, as a server without range support).  ``rate``: fire on that fraction of the matching requests
     (seeded, see the module doc) instead of the next ``times``; ``ranged``: match only requests with a
     ``Range`` header.
@@ -475,7 +476,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if self.command != "HEAD":
             self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        if fault is not None and fault.action == "drip_head":
+            buffered: list[bytes] = getattr(self, "_headers_buffer", [])  # what end_headers() would send
+            head = b"".join(buffered) + b"\r\n"
+            buffered.clear()
+            if not self._drip(fault, head):
+                return
+        else:
+            self.end_headers()
         if self.command == "HEAD":
             return
         if cut:
@@ -489,17 +497,29 @@ class _Handler(BaseHTTPRequestHandler):
             if p._stopping:
                 return self._reset()
             data = data[fault.after:]
-        if fault is not None and fault.action == "drip":
-            for i in range(len(data)):  # a tarpit: one byte, then ``delay`` s, each read stays under its timeout
+        if fault is not None and fault.action == "drip" and not self._drip(fault, data):
+            return
+        if fault is None or fault.action != "drip":
+            self.wfile.write(data)
+
+    def _drip(self, fault: Fault, data: bytes) -> bool:
+        """Send ``data`` one byte every ``fault.delay`` s (each read stays under its timeout) while the fault
+        is in place, the rest at once when it is removed; False if the answer ends here (stopping, or the
+        client went away)."""
+        p = self.owner
+        try:
+            for i in range(len(data)):
                 if p._drip_wait(fault):
-                    data = data[i:]  # the fault was removed: the rest at once
+                    if p._stopping:
+                        self._reset()
+                        return False
+                    self.wfile.write(data[i:])  # the fault was removed
                     break
                 self.wfile.write(data[i:i + 1])
                 self.wfile.flush()
-            else:
-                return
-            if p._stopping:
-                return self._reset()
-        self.wfile.write(data)
+        except OSError:  # the client gave up on the tarpit
+            return False
+        p._record(self.command, self.path, "dripped")
+        return True
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle

@@ -178,8 +178,9 @@ def _fetch(image: str, hosts_dir: str, plain_http: bool, platform: str | None) -
         except BadIndex:
             idx = None
         index_blobs = {d: lb.blob.digest for d, lb in idx[1].layers.items()} if idx else None
+        index_sizes = {lb.blob.digest: lb.blob.size for lb in idx[1].layers.values()} if idx else None
         found = hotblocks.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
-                               index_blobs=index_blobs)
+                               index_blobs=index_blobs, index_sizes=index_sizes)
     except (ValueError, RegistryError) as e:
         typer.echo(f"error: {image}: {log.error_text(e)}", err=True)
         raise typer.Exit(EXIT_IMAGE) from None

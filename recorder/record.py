@@ -330,7 +330,7 @@ class Recorder:
                hb: HotBlockManifest) -> tuple[HotBlockManifest, bool]:
         index_blobs = {b.layer: d for d, b in blobs.items()}
         found = hotblocks.fetch(client, ref, manifest.digest, image_layers=[d.digest for d in manifest.layers],
-                               index_blobs=index_blobs)
+                               index_blobs=index_blobs, index_sizes={d: b.size for d, b in blobs.items()})
         if found is None:
             self.progress("--merge: no usable hot-block manifest yet; pushing this recording alone")
             return hb, False

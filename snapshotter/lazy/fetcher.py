@@ -18,11 +18,13 @@ any HTTP server.  The rules, and why:
   the registry's CPU per start-up falls by a third at the same start-up time (docs/bench/design-measurements.md).
 * **Chunks as they arrive.**  Each chunk of a response is verified, stored and handed to its waiters as
   soon as its bytes are in, not when the whole response is.
-* **Bounded time.**  A demand read has a deadline (``read_timeout``); connect and socket-read timeouts are
-  clipped to it and the body is read against it, so a registry that hangs costs the reader EIO after the
-  deadline, not a hung process.  A chunk whose demand read just failed fails again at once for
-  ``failure_memo`` seconds: the kernel retries a failed read-ahead page with a synchronous read, which would
-  otherwise wait out a second deadline.
+* **Bounded time.**  A demand read has a deadline (``read_timeout``), every prefetch or background request
+  one of its own (``request_timeout``); connect and socket-read timeouts are clipped to it, the body is read
+  against it, and the client's watchdog shuts the request's socket down when it passes (a registry dripping
+  its headers or an error body keeps every socket read under its timeout), so a registry that hangs costs the
+  reader EIO after the deadline, not a hung process or worker.  A chunk whose demand read just failed fails
+  again at once for ``failure_memo`` seconds: the kernel retries a failed read-ahead page with a synchronous
+  read, which would otherwise wait out a second deadline.
 * **Transient errors are retried, within the deadline.**  Registries under a fleet's load answer 429 and
   5xx, reset connections and cut bodies off; a start-up makes hundreds of range requests, so with 20 % of
   them failing a fixed handful of attempts still loses some read, and one lost read is an import that dies.
@@ -42,13 +44,14 @@ any HTTP server.  The rules, and why:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 from urllib.parse import urlparse
@@ -445,6 +448,10 @@ class Fetcher:
 
         def get(base: str) -> int | None:
             until = self._request_deadline(deadline)
+            with self._guarded(until):
+                return read(base, until)
+
+        def read(base: str, until: float) -> int | None:
             url, resp = self._request(base, ",".join(f"{a}-{b - 1}" for a, b in spans), until)
             try:
                 ctype = resp.headers.get("Content-Type", "")
@@ -460,7 +467,7 @@ class Fetcher:
                     drain(resp)
                     raise status_error(url, f"({len(spans)} ranges)", resp)
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
-                return read_parts(BodyReader(resp, url, until), boundary.group(1).encode(), url, wanted)
+                return read_parts(BodyReader(resp, url, until), boundary.group(1).encode(), url, wanted, self.spec.size)
             finally:
                 resp.close()
 
@@ -562,14 +569,28 @@ class Fetcher:
         refreshed = False
         while True:
             until = self._request_deadline(deadline)
-            url, resp = self._request(base, f"{start}-{end - 1}", until, refresh=refreshed)
+            with self._guarded(until):
+                url, resp = self._request(base, f"{start}-{end - 1}", until, refresh=refreshed)
+                try:
+                    if resp.status_code == 401 and not refreshed:
+                        refreshed = True
+                        continue
+                    return self._body(resp, url, start, end, until, arrived)
+                finally:
+                    resp.close()
+
+    @contextlib.contextmanager
+    def _guarded(self, until: float) -> Iterator[None]:
+        """The request inside ends by ``until`` whatever the server does (the client's watchdog shuts its
+        socket down then, see :mod:`snapshotter.lazy.transport`): what that breaks is reported as a timeout.
+        An HTTP status that arrived in time stays what it is."""
+        with self.client.guard(until) as guard:
             try:
-                if resp.status_code == 401 and not refreshed:
-                    refreshed = True
-                    continue
-                return self._body(resp, url, start, end, until, arrived)
-            finally:
-                resp.close()
+                yield
+            except FetchError as e:
+                if not guard.fired or e.reason == "timeout" or e.reason.startswith("http_"):
+                    raise
+                raise FetchError(f"timed out: {e.strerror}", "timeout") from e
 
     @staticmethod
     def _body(resp: requests.Response, url: str, start: int, end: int, deadline: float | None,

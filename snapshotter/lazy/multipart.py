@@ -75,10 +75,11 @@ class BodyReader:
 
 
 def read_parts(body: BodyReader, boundary: bytes, url: str,
-                wanted: dict[int, tuple[int, Callable[[bytearray, int], None]]]) -> int:
+               wanted: dict[int, tuple[int, Callable[[bytearray, int], None]]], size: int | None = None) -> int:
     """Read a ``multipart/byteranges`` body whose parts must be exactly the ranges ``wanted`` (start →
-    (end, arrived)); returns the payload bytes.  Anything else — a part we did not ask for, a missing one,
-    a malformed header — is a :class:`FetchError` (what was settled before stays: it was verified)."""
+    (end, arrived)) of a blob of ``size`` bytes; returns the payload bytes.  Anything else — a part we did not
+    ask for (or asked for already), a missing one, another blob size, a malformed header — is a
+    :class:`FetchError` (what was settled before stays: it was verified)."""
     total = 0
     delimiter, close = b"--" + boundary, b"--" + boundary + b"--"
     blank = 0
@@ -106,10 +107,14 @@ def read_parts(body: BodyReader, boundary: bytes, url: str,
             name, _, value = header.decode("latin-1").partition(":")
             if name.strip().lower() == "content-range":
                 crange = value.strip()
-        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", crange)
+        # (at most 19 digits: int() refuses over 4300, with a ValueError no caller expects)
+        m = re.fullmatch(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)", crange)
         part = wanted.pop(int(m.group(1)), None) if m else None
         if m is None or part is None or part[0] != int(m.group(2)) + 1:
-            raise FetchError(f"GET {url}: a multipart part we did not ask for (Content-Range {crange!r})",
+            raise FetchError(f"GET {url}: a multipart part we did not ask for (Content-Range {crange[:80]!r})",
+                             "protocol", transient=False)
+        if size is not None and m.group(3) != "*" and int(m.group(3)) != size:
+            raise FetchError(f"GET {url}: a multipart part of a blob of {m.group(3)} bytes, not {size}",
                              "protocol", transient=False)
         buf = bytearray(part[0] - int(m.group(1)))
         body.read_into(buf, part[1])

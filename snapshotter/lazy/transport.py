@@ -14,10 +14,23 @@ requests: one read retrying through a run of bad luck is no outage (at 25 % erro
 row come once in a thousand requests, and a start-up makes more; marking the registry down on that, or
 on one read giving up, cost a start-up every read for a second).  A corrupt chunk does not count: the
 registry answered.
+
+**Every request ends by its deadline.**  Socket timeouts bound each wait for a byte, not the request: a
+registry (or anything in between) that drips its status line, headers or body a byte every few seconds keeps
+each read under the timeout for as long as it likes.  So every request of a blob goes out inside
+:meth:`HttpClient.guard`, and a watchdog thread shuts the request's socket down when its deadline passes —
+whichever phase it is in (headers, body, or the error body :func:`drain` reads) — and the fetcher reports it
+as a timeout.  The socket is known from the moment the response is awaited (the pool's connection class arms
+the thread's guard); sessions are per thread, so a connection the guard still names is never in another
+request's hands.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +40,8 @@ from typing import Any
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from snapshotter.lazy.spec import AuthHook, BlobSpec, TlsHook, no_auth
 
@@ -41,6 +56,114 @@ class _Health:
     until: float = 0.0  # marked down until then (0: not marked)
     marked: float = 0.0  # when it was marked down
     why: str = ""
+
+
+class Guard:
+    """The deadline of one request (see the module doc, "Every request ends by its deadline"): once it has
+    passed, the request's socket is shut down and ``fired`` is set."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.fired = False
+        self.active = True
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def arm(self, sock: socket.socket | None) -> None:
+        """The request's socket, as its response is awaited (a connection of this thread's session)."""
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                self._shut()
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.active:
+                self.fired = True
+                self._shut()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self.active = False
+            self._sock = None
+
+    def _shut(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # already closed: nothing left to interrupt
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One thread for the process: fires each armed :class:`Guard` whose deadline has passed."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Guard]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, guard: Guard) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (guard.deadline, next(self._seq), guard))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lazy-request-deadlines", daemon=True)
+                self._thread.start()
+            if self._heap[0][2] is guard:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and not self._heap[0][2].active:
+                    heapq.heappop(self._heap)  # ended in time
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, _, guard = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+            guard.fire()
+
+
+_watchdog = _Watchdog()
+_armed = threading.local()  # .guard: the Guard of the request this thread is making, if any
+
+
+def _arm(sock: socket.socket | None) -> None:
+    guard: Guard | None = getattr(_armed, "guard", None)
+    if guard is not None:
+        guard.arm(sock)
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    def getresponse(self) -> Any:
+        _arm(self.sock)
+        return super().getresponse()
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def getresponse(self) -> Any:
+        _arm(self.sock)
+        return super().getresponse()
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedAdapter(HTTPAdapter):
+    """An adapter whose connections arm the thread's :class:`Guard` when they await a response."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
 
 
 class HttpClient:
@@ -155,11 +278,25 @@ class HttpClient:
         verify, cert = settings
         return {"verify": verify, "cert": cert}
 
+    @contextlib.contextmanager
+    def guard(self, deadline: float) -> Iterator[Guard]:
+        """Requests this thread makes through :meth:`session` inside the block end by ``deadline``
+        (time.monotonic()): past it their socket is shut down, and the guard's ``fired`` says so."""
+        g = Guard(deadline)
+        outer = getattr(_armed, "guard", None)
+        _armed.guard = g
+        _watchdog.watch(g)
+        try:
+            yield g
+        finally:
+            g.disarm()
+            _armed.guard = outer
+
     def session(self) -> requests.Session:
         s: requests.Session | None = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool, max_retries=0)
+            adapter = _GuardedAdapter(pool_connections=4, pool_maxsize=self._pool, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             s.verify = self.tls_verify
