@@ -62,6 +62,7 @@ log = logging.getLogger("bootseer.lazy.handler")
 LABEL_BLOB = "containerd.io/snapshot/bootseer.blob"  # on remote snapshots: the EROFS blob digest
 REMOTE_NAME = "bootseer"
 T = TypeVar("T")
+REFRESH_DEADLINE = 30.0  # seconds for a token refresh after a 401 on a lazy read, retries included
 
 
 class SpecSource(Protocol):
@@ -247,7 +248,9 @@ class RegistryAuthHook:
         if refresh:
             registry = self.registries.get(spec.registry, urlparse(spec.registry).netloc)
             try:
-                self.client.blob_exists(Reference(registry, spec.repository), spec.digest)
+                # a deadline of its own: the fetch that asked waits on it (a tarpit realm must not hold it)
+                with self.client.deadline(REFRESH_DEADLINE):
+                    self.client.blob_exists(Reference(registry, spec.repository), spec.digest)
             except Exception as e:  # the fetch then fails with the registry's own answer
                 log.warning("token refresh for %s/%s failed: %s", host, spec.repository, e)
         header = self.client.auth.cached_header(host, scopes)
