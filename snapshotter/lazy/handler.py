@@ -303,8 +303,11 @@ class RegistrySpecs:
         return cls(client, IndexReader(client, cache_dir=cache_dir, policy=policy), lookup_timeout=lookup_timeout,
                    lookup_concurrency=lookup_concurrency)
 
-    def _lookup(self, image_ref: str, key: tuple[str, ...], fn: Callable[[], T]) -> T:
+    def _lookup(self, image_ref: str, manifest_digest: str, key: tuple[str, ...], fn: Callable[[], T]) -> T:
         from bootseer.reference import Reference
+
+        if self.reader.answered(image_ref, manifest_digest):  # from memory: no request, no thread needed
+            return fn()
 
         def bounded() -> T:
             with self.client.deadline(self.lookup_timeout):  # the thread's own requests end too
@@ -314,7 +317,7 @@ class RegistrySpecs:
 
     def chain_ids(self, image_ref: str, manifest_digest: str, layer_digest: str) -> list[str]:
         """The chain IDs the image's config gives ``layer_digest`` (one per position it has in the manifest)."""
-        img = self._lookup(image_ref, ("image", image_ref, manifest_digest),
+        img = self._lookup(image_ref, manifest_digest, ("image", image_ref, manifest_digest),
                            lambda: self.reader.image_layers(image_ref, manifest_digest))
         return [img.chain_id(i) for i in img.positions(layer_digest)]
 
@@ -323,7 +326,7 @@ class RegistrySpecs:
         from snapshotter.lazy.index_reader import ImageMismatch
 
         try:
-            found = self._lookup(image_ref, ("layer", image_ref, manifest_digest, layer_digest),
+            found = self._lookup(image_ref, manifest_digest, ("layer", image_ref, manifest_digest, layer_digest),
                                  lambda: self.reader.bound(image_ref, manifest_digest, layer_digest))
         except ImageMismatch as e:  # the ordinary pull, where containerd checks the diffID itself
             log.warning("layer %s of %s not lazy: %s", layer_digest[:19], image_ref, e)

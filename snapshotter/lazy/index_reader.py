@@ -103,6 +103,14 @@ class IndexReader:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], threading.Lock] = {}
 
+    def answered(self, image_ref: str, manifest_digest: str) -> bool:
+        """Whether :meth:`bound` and :meth:`image_layers` for this image would answer from memory, without a
+        request (the image's layers are known, and its index or a fresh "none")."""
+        key = (Reference.parse(image_ref).name, manifest_digest)
+        with self._lock:
+            miss = self._misses.get(key)
+            return key in self._images and (key in self._mem or (miss is not None and miss > time.monotonic()))
+
     def lookup(self, image_ref: str, manifest_digest: str, layer_digest: str) -> LayerBlob | None:
         """The EROFS blob of ``layer_digest`` in image ``image_ref`` (manifest ``manifest_digest``), or None."""
         idx = self.image_index(image_ref, manifest_digest)

@@ -283,6 +283,7 @@ class LayerManager:
                 self._held_since[(key, owner)] = time.monotonic()
                 if dropped is not None:
                     rec.owners.discard(dropped)
+                    self._held_since.pop((key, dropped), None)
                 rec.last_used = time.time()
             try:
                 layer.setup()  # a fresh set-up writes the state (hooks.changed), owners included
@@ -291,6 +292,7 @@ class LayerManager:
                     self._layers.pop(key, None)
                     if not had:
                         rec.owners.discard(owner)
+                        self._held_since.pop((key, owner), None)
                     if dropped is not None:
                         rec.owners.add(dropped)
                     unheld = not rec.owners
@@ -325,6 +327,7 @@ class LayerManager:
                     if rec is None:
                         continue
                     rec.owners.discard(owner)
+                    self._held_since.pop((d, owner), None)
                     rec.last_used = time.time()
                     unused = not rec.owners
                     layer = self._layers.get(d)

@@ -176,16 +176,23 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         reg.stop()
 
 
-def _image(client: RegistryClient, ref: str, layers: list[str]) -> Descriptor:
-    """A stand-in image manifest with the layers of ``LAYER_DATA``."""
-    for d in LAYER_DATA:
+def _image(client: RegistryClient, ref: str, layers: list[str], *, own: bytes | None = None,
+           annotations: dict[str, str] | None = None) -> Descriptor:
+    """A stand-in image manifest with ``layers`` (digests of ``LAYER_DATA``), then ``own``'s layer if given."""
+    data = {sha256_digest(d): d for d in LAYER_DATA}
+    if own is not None:
+        data[sha256_digest(own)] = own
+        layers = [*layers, sha256_digest(own)]
+    for d in data.values():
         client.push_blob(ref, d)
     cfg = client.push_blob(ref, b'{"rootfs":{"type":"layers","diff_ids":[]}}')
-    doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg.digest,
-                      "size": cfg.size},
-           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d,
-                       "size": len(LAYER_DATA[i])} for i, d in enumerate(layers)]}
+    doc: dict[str, object] = {
+        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg.digest, "size": cfg.size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": len(data[d])}
+                   for d in layers]}
+    if annotations:
+        doc["annotations"] = annotations
     raw = json.dumps(doc).encode()
     digest = client.put_manifest(ref, raw, MT_OCI_MANIFEST)
     return Descriptor(MT_OCI_MANIFEST, digest, len(raw))
@@ -327,19 +334,9 @@ def test_an_image_without_a_recording_uses_its_bases_for_the_layers_they_share(r
 
     def derived(repo: str, base_name: str, base_digest: str) -> tuple[str, str]:
         ref = f"{host}/hb/{repo}{secrets.token_hex(3)}:v1"
-        own = b"the install's own layer"
-        client.push_blob(ref, own)
-        for d in LAYER_DATA:
-            client.push_blob(ref, d)
-        cfg = client.push_blob(ref, b'{"rootfs":{"type":"layers","diff_ids":[]}}')
-        layers = [(L0, len(LAYER_DATA[0])), (L1, len(LAYER_DATA[1])), (sha256_digest(own), len(own))]
-        doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-               "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg.digest,
-                          "size": cfg.size},
-               "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n}
-                          for d, n in layers],
-               "annotations": {BASE_NAME: base_name, BASE_DIGEST: base_digest}}
-        return ref, client.put_manifest(ref, json.dumps(doc).encode(), MT_OCI_MANIFEST)
+        man = _image(client, ref, [L0, L1], own=b"the install's own layer",
+                     annotations={BASE_NAME: base_name, BASE_DIGEST: base_digest})
+        return ref, man.digest
 
     ref, digest = derived("deps", base_ref, base.digest)
     hot = HotBlockPrefetcher(None, client, registry=CollectorRegistry(), reuse_for=0)  # type: ignore[arg-type]
