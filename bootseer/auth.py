@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import requests
@@ -36,6 +36,9 @@ from bootseer.reference import DEFAULT_REGISTRY, is_loopback
 log = logging.getLogger(__name__)
 
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
+# how long a registry token (CRI's AuthConfig.registry_token) is sent before its source is asked again: it
+# comes without an expiry, and a newer one may have replaced it there
+REGISTRY_TOKEN_TTL = 300.0
 
 
 class AuthError(RuntimeError):
@@ -47,15 +50,32 @@ class Credentials:
     username: str = ""
     password: str = field(default="", repr=False)
     identity_token: str = field(default="", repr=False)
+    # a bearer token for the registry itself, as CRI's AuthConfig.registry_token carries it: sent as is,
+    # no token realm is asked
+    registry_token: str = field(default="", repr=False)
 
     def __repr__(self) -> str:  # dataclass repr would already hide them; be explicit about why
         token = "***" if self.identity_token else ""
-        return f"Credentials(username={self.username!r}, password=***, identity_token={token})"
+        registry = ", registry_token=***" if self.registry_token else ""
+        return f"Credentials(username={self.username!r}, password=***, identity_token={token}{registry})"
 
     @property
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+
+class CredentialSource(Protocol):
+    """Where an :class:`Authenticator` finds credentials: ``get(host, repository)``.  ``repository`` (from the
+    request's scope; "" when there is none) lets a source keep credentials per repository, as the CRI pull
+    secrets of :mod:`bootseer.pullsecrets` are; a docker config ignores it."""
+
+    def get(self, host: str, repository: str = "") -> Credentials | None: ...
+
+
+def normalize_host(key: str) -> str:
+    """A registry's name as credentials are keyed: ``https://index.docker.io/v1/`` → ``docker.io``."""
+    return _normalize_host(key)
 
 
 def _normalize_host(key: str) -> str:
@@ -89,8 +109,9 @@ class DockerConfig:
                 raise AuthError(f"cannot read docker config {self.path}: {e.__class__.__name__}") from e
         return self._doc
 
-    def get(self, host: str) -> Credentials | None:
-        """Credentials for ``host`` (a registry name like ``docker.io`` or ``h:5000``), or None."""
+    def get(self, host: str, repository: str = "") -> Credentials | None:
+        """Credentials for ``host`` (a registry name like ``docker.io`` or ``h:5000``), or None (a docker config
+        is per host: ``repository`` is not used)."""
         doc = self._load()
         want = _normalize_host(host)
         helper = (doc.get("credHelpers") or {}).get(want) or (doc.get("credHelpers") or {}).get(host)
@@ -192,6 +213,15 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
     return out
 
 
+def _repository(scopes: tuple[str, ...]) -> str:
+    """The repository of the first ``repository:<name>:<actions>`` scope, or ""."""
+    for scope in scopes:
+        kind, _, rest = scope.partition(":")
+        if kind == "repository" and ":" in rest:
+            return rest.rpartition(":")[0]
+    return ""
+
+
 # ---------------------------------------------------------------------------------------- authenticator
 @dataclass
 class _Token:
@@ -205,7 +235,7 @@ class Authenticator:
     Thread-safe: the fetcher and the sidecar's workers share one.
     """
 
-    def __init__(self, credentials: DockerConfig | dict[str, Credentials] | None = None,
+    def __init__(self, credentials: CredentialSource | dict[str, Credentials] | None = None,
                  session: requests.Session | None = None, timeout: float = 30.0) -> None:
         self._creds = credentials if credentials is not None else DockerConfig()
         if session is None:
@@ -217,10 +247,11 @@ class Authenticator:
         self._basic_hosts: set[str] = set()
         self._lock = threading.Lock()
 
-    def credentials(self, host: str) -> Credentials | None:
+    def credentials(self, host: str, scopes: tuple[str, ...] = ()) -> Credentials | None:
+        """What the source has for ``host`` and the repository of the first ``repository:<name>:…`` scope."""
         if isinstance(self._creds, dict):
             return self._creds.get(_normalize_host(host)) or self._creds.get(host)
-        return self._creds.get(host)
+        return self._creds.get(host, _repository(scopes))
 
     def cached_header(self, host: str, scopes: tuple[str, ...], cred_host: str | None = None) -> str | None:
         """An ``Authorization`` value to send up front, if an earlier challenge told us what works."""
@@ -229,7 +260,7 @@ class Authenticator:
             if tok and tok.expires > time.monotonic():
                 return "Bearer " + tok.value
             if host in self._basic_hosts:
-                creds = self.credentials(cred_host or host)
+                creds = self.credentials(cred_host or host, scopes)
                 return creds.basic if creds else None
         return None
 
@@ -237,9 +268,14 @@ class Authenticator:
                cred_host: str | None = None) -> str:
         """Return the ``Authorization`` value that answers the challenge; raise :class:`AuthError` if none can."""
         challenges = parse_www_authenticate(www_authenticate)
-        creds = self.credentials(cred_host or host)
+        creds = self.credentials(cred_host or host, scopes)
         for ch in challenges:
             if ch.scheme == "bearer" and "realm" in ch.params:
+                if creds and creds.registry_token:  # a token for this registry already: no realm to ask
+                    with self._lock:
+                        self._tokens[(host, " ".join(scopes))] = _Token(creds.registry_token,
+                                                                         time.monotonic() + REGISTRY_TOKEN_TTL)
+                    return "Bearer " + creds.registry_token
                 token = self._fetch_token(host, ch.params, scopes, creds)
                 return "Bearer " + token
         for ch in challenges:
@@ -255,6 +291,15 @@ class Authenticator:
     def forget(self, host: str, scopes: tuple[str, ...]) -> None:
         with self._lock:
             self._tokens.pop((host, " ".join(scopes)), None)
+
+    def forget_repository(self, host: str, repository: str) -> None:
+        """Drop the tokens earned for ``repository`` on ``host`` (its credentials changed: a token from the old
+        ones must not outlive them here)."""
+        want = _normalize_host(host)
+        with self._lock:
+            for key in [k for k in self._tokens if _normalize_host(k[0]) == want
+                        and repository in (_repository((s,)) for s in k[1].split())]:
+                del self._tokens[key]
 
     def _fetch_token(self, host: str, params: dict[str, str], scopes: tuple[str, ...],
                      creds: Credentials | None) -> str:

@@ -25,6 +25,10 @@
     scope = "registry.internal:5000/scratch"
     mode = "prefer"             # (keys: the table's unless the rule lists its own)
 
+    [cri]                       # Kubernetes pull secrets for lazy reads (snapshotter.criproxy)
+    image_service_socket = ""   # kubelet's --image-service-endpoint: serve the CRI image service here; "" = off
+    containerd_cri_socket = "/run/containerd/containerd.sock"   # where every image-service call is forwarded
+
     [lazy]                      # the data path's knobs, see snapshotter.lazy.manager.LazyConfig
     cache_cap_bytes = 21474836480
     fetch = { read_timeout = 30.0 }
@@ -43,6 +47,36 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bootseer.trust import TrustPolicy
+
+
+@dataclass
+class CriConfig:
+    """The ``[cri]`` table: the CRI image-service proxy that keeps kubelet's pull secrets for lazy reads."""
+
+    image_service_socket: str = ""  # "" = no proxy: lazy reads use the docker config only
+    containerd_cri_socket: str = "/run/containerd/containerd.sock"
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> CriConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ValueError(f"[cri]: unknown keys {', '.join(_with_guess(k, known) for k in unknown)}")
+        cfg = cls(**doc)
+        for name in known:
+            if not isinstance(getattr(cfg, name), str):
+                raise ValueError(f"[cri] {name} must be a socket path (a string)")
+        if cfg.image_service_socket and not cfg.containerd_cri_socket:
+            raise ValueError("[cri] containerd_cri_socket must name containerd's socket when image_service_socket "
+                             "is set")
+        if cfg.image_service_socket and _socket_path(cfg.image_service_socket) == _socket_path(
+                cfg.containerd_cri_socket):
+            raise ValueError("[cri] image_service_socket must not be containerd's own socket")
+        return cfg
+
+
+def _socket_path(address: str) -> str:
+    return address.removeprefix("unix://")
 
 
 @dataclass
@@ -67,6 +101,7 @@ class Config:
     containerd_snapshotter: str = "bootseer"  # the proxy plugin's name there
     lazy: dict[str, Any] = field(default_factory=dict)
     trust: dict[str, Any] = field(default_factory=dict)  # bootseer.trust.TrustPolicy; default mode "require"
+    cri: CriConfig = field(default_factory=CriConfig)
 
     @property
     def control_path(self) -> Path:
@@ -93,7 +128,7 @@ class Config:
         # one file may configure several BootSeer daemons: other parts' tables are theirs to check, and a
         # [snapshotter] table overrides the top-level keys
         section = doc.get("snapshotter", {})
-        tables = {k: doc[k] for k in ("lazy", "trust") if isinstance(doc.get(k), dict)}
+        tables = {k: doc[k] for k in ("lazy", "trust", "cri") if isinstance(doc.get(k), dict)}
         doc = {k: v for k, v in doc.items() if not isinstance(v, dict)}
         doc.update(tables)
         if isinstance(section, dict):
@@ -103,6 +138,13 @@ class Config:
         if unknown:
             raise ValueError(f"config {path}: unknown keys {', '.join(_with_guess(k, known) for k in unknown)}")
         doc.update({k: v for k, v in overrides.items() if v is not None})
+        if "cri" in doc:
+            if not isinstance(doc["cri"], dict):
+                raise ValueError(f"config {path}: cri must be a table")
+            try:
+                doc["cri"] = CriConfig.from_dict(doc["cri"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config {path}: {e}") from e
         cfg = cls(**doc)
         cfg.root, cfg.address = Path(cfg.root), Path(cfg.address)
         if cfg.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):

@@ -16,6 +16,7 @@ import signal
 import threading
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -27,6 +28,9 @@ from snapshotter.overlay import Snapshotter
 from snapshotter.remote import RemoteHandler
 from snapshotter.service import SnapshotsService
 from snapshotter.sockets import bind_private, private_root
+
+if TYPE_CHECKING:
+    from bootseer.pullsecrets import PullCredentials
 
 log = logging.getLogger("bootseer.snapshotter")
 
@@ -78,6 +82,19 @@ def _recorded(core: Snapshotter, ns: str, name: str) -> bool:
         return tx.find(ns, name) is not None
 
 
+def _pull_secrets(cfg: Config) -> PullCredentials | None:
+    """The store of kubelet's pull secrets when the CRI image-service proxy is configured, with what an earlier
+    run kept (``<root>/cri-credentials.json``); the node's docker config is asked for anything else."""
+    if not cfg.cri.image_service_socket:
+        return None
+    from bootseer.auth import DockerConfig
+    from bootseer.pullsecrets import PullCredentials
+
+    store = PullCredentials(cfg.root / "cri-credentials.json", DockerConfig(cfg.docker_config or None))
+    store.load()
+    return store
+
+
 def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
     """Serve until SIGTERM/SIGINT."""
     bslog.setup(cfg.log_level, cfg.log_format)
@@ -87,16 +104,23 @@ def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     lazy = None
+    pull_secrets = _pull_secrets(cfg)
     if remote is None and cfg.remote_snapshots:
         from snapshotter.lazy.daemon import LazyService  # FUSE and the registry client only when used
 
-        try:
-            lazy = LazyService.start(cfg)  # before the core's recovery, which hands its remote snapshots back
+        try:  # before the core's recovery, which hands its remote snapshots back
+            lazy = LazyService.start(cfg, credentials=pull_secrets)
             remote = lazy.handler
         except Exception:  # no FUSE, a bad registry config…: serve plain overlay layers rather than nothing
             log.exception("lazy layers are unavailable; every image is pulled the ordinary way")
+    proxy = None
     try:
         server, core = build(cfg, remote)
+        if pull_secrets is not None:  # serving now: a pull it forwards can reach us; lazy layers or not
+            from snapshotter.criproxy import ImageServiceProxy
+
+            proxy = ImageServiceProxy(Path(cfg.cri.image_service_socket), cfg.cri.containerd_cri_socket,
+                                      pull_secrets).start()
         if lazy is not None:
             lazy.handler.bind(lambda ns, name: _recorded(core, ns, name))
         reconciler = None
@@ -116,6 +140,8 @@ def serve(cfg: Config, remote: RemoteHandler | None = None) -> None:
         server.stop(grace=5).wait()
         core.close()
     finally:
+        if proxy is not None:
+            proxy.stop()
         if lazy is not None:
             lazy.close()
     with contextlib.suppress(FileNotFoundError):

@@ -26,7 +26,7 @@ import requests
 import urllib3
 
 from bootseer import __version__
-from bootseer.auth import Authenticator, AuthError, Credentials, DockerConfig
+from bootseer.auth import Authenticator, AuthError, Credentials, CredentialSource, DockerConfig
 from bootseer.hosts import Endpoint, HostsResolver
 from bootseer.log import redact
 from bootseer.reference import Reference
@@ -53,7 +53,7 @@ class Transport:
         self,
         *,
         hosts_dir: Path | str | None = None,
-        credentials: DockerConfig | dict[str, Credentials] | Path | str | None = None,
+        credentials: CredentialSource | dict[str, Credentials] | Path | str | None = None,
         plain_http: bool = False,
         insecure: bool = False,
         retries: int = 4,

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bootseer.accesslog import AccessLogWriter
 from bootseer.reference import Reference
@@ -23,6 +24,9 @@ from snapshotter.lazy.handler import LazyHandler, RegistrySpecs
 from snapshotter.lazy.manager import LayerManager, LazyConfig
 from snapshotter.lazy.prefetcher import HotBlockPrefetcher
 from snapshotter.lazy.serve import ControlServer
+
+if TYPE_CHECKING:
+    from bootseer.pullsecrets import PullCredentials
 
 log = logging.getLogger("bootseer.lazy")
 
@@ -36,7 +40,8 @@ class LazyService:
     hotblocks: HotBlockPrefetcher | None = None  # replays recorded hot blocks at Prepare
 
     @classmethod
-    def start(cls, cfg: Config) -> LazyService:
+    def start(cls, cfg: Config, credentials: PullCredentials | None = None) -> LazyService:
+        """``credentials``: kubelet's pull secrets (:mod:`snapshotter.criproxy`), asked before the docker config."""
         t0 = time.monotonic()
         policy = cfg.trust_policy()
         if not any(r.verifier for r in policy.rules if r.mode != "off"):
@@ -45,7 +50,9 @@ class LazyService:
         specs = RegistrySpecs.create(hosts_dir=cfg.hosts_dir or None, plain_http=cfg.plain_http,
                                      docker_config=cfg.docker_config or None, cache_dir=cfg.root / "index-cache",
                                      policy=policy, lookup_timeout=cfg.lookup_timeout,
-                                     lookup_concurrency=cfg.lookup_concurrency)
+                                     lookup_concurrency=cfg.lookup_concurrency, credentials=credentials)
+        if credentials is not None:  # rotated credentials: tokens the old ones earned go
+            credentials.subscribe(specs.client.auth.forget_repository)
         access = AccessLogWriter(Path(cfg.access_log)) if cfg.access_log else None
         manager = LayerManager(cfg.root / "lazy", LazyConfig.from_dict(cfg.lazy), auth=specs.auth,
                                access_log=access, tls=specs.auth.tls)

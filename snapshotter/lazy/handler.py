@@ -53,6 +53,7 @@ from snapshotter.remote import (
 )
 
 if TYPE_CHECKING:
+    from bootseer.auth import CredentialSource
     from bootseer.registry import RegistryClient
     from bootseer.trust import TrustPolicy
     from snapshotter.lazy.index_reader import IndexReader
@@ -294,12 +295,15 @@ class RegistrySpecs:
     @classmethod
     def create(cls, *, hosts_dir: str | None, plain_http: bool, docker_config: str | None,
                cache_dir: Path, policy: TrustPolicy | None = None, lookup_timeout: float = 30.0,
-               lookup_concurrency: int = 4) -> RegistrySpecs:
+               lookup_concurrency: int = 4, credentials: CredentialSource | None = None) -> RegistrySpecs:
+        """``credentials``: a source asked instead of the docker config (kubelet's pull secrets, which fall
+        back to it themselves)."""
         from bootseer.registry import RegistryClient
         from snapshotter.lazy.index_reader import IndexReader
 
-        client = RegistryClient(hosts_dir=hosts_dir, credentials=docker_config or None, plain_http=plain_http,
-                                retries=6, read_timeout=30.0)  # (the lookup's deadline bounds the retries)
+        client = RegistryClient(hosts_dir=hosts_dir, credentials=credentials or docker_config or None,
+                                plain_http=plain_http, retries=6,
+                                read_timeout=30.0)  # (the lookup's deadline bounds the retries)
         return cls(client, IndexReader(client, cache_dir=cache_dir, policy=policy), lookup_timeout=lookup_timeout,
                    lookup_concurrency=lookup_concurrency)
 
