@@ -129,10 +129,6 @@ class PullCredentials:
     def __repr__(self) -> str:
         return f"PullCredentials({self.path}, {len(self._entries)} kept, {len(self._pending)} pulling)"
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
     def subscribe(self, listener: Callable[[str, str], None]) -> None:
         """``listener(host, repository)`` is called when the credentials for that pair change (a pull started
         with new ones, or one that failed handed back the old): tokens earned with the old ones go."""

@@ -41,6 +41,7 @@ IMAGE_SERVICE = "/runtime.v1.ImageService/"
 PULL_IMAGE = IMAGE_SERVICE + "PullImage"
 MAX_MESSAGE = 64 << 20  # above kubelet's own CRI limit (16 MiB): a node's ListImages must never stop here
 _HOP_HEADERS = ("user-agent", "grpc-")  # set by each gRPC hop itself
+NO_DEADLINE = 10.0**8  # seconds: a remaining time beyond this means the caller set none
 
 
 def _target(address: str) -> str:
@@ -87,7 +88,9 @@ class ImageServiceProxy:
         call = self._channel.unary_unary(method)  # no (de)serializers: bytes in, bytes out
         metadata = [(k, v) for k, v in context.invocation_metadata()
                     if not k.startswith(":") and not k.startswith(_HOP_HEADERS)]
-        future = call.future(request, timeout=context.time_remaining(), metadata=metadata)
+        left = context.time_remaining()  # no deadline: a huge number, which as a timeout would wrap round
+        future = call.future(request, timeout=left if left is not None and left < NO_DEADLINE else None,
+                             metadata=metadata)
         context.add_callback(future.cancel)  # kubelet gave up: so does containerd's pull
         try:
             response: bytes = future.result()
