@@ -301,8 +301,8 @@ class RegistrySpecs:
         from bootseer.registry import RegistryClient
         from snapshotter.lazy.index_reader import IndexReader
 
-        client = RegistryClient(hosts_dir=hosts_dir, credentials=credentials if credentials is not None else docker_config or None,
-                                plain_http=plain_http, retries=6,
+        source = credentials if credentials is not None else docker_config or None
+        client = RegistryClient(hosts_dir=hosts_dir, credentials=source, plain_http=plain_http, retries=6,
                                 read_timeout=30.0)  # (the lookup's deadline bounds the retries)
         return cls(client, IndexReader(client, cache_dir=cache_dir, policy=policy), lookup_timeout=lookup_timeout,
                    lookup_concurrency=lookup_concurrency)

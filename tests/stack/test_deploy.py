@@ -97,6 +97,10 @@ def test_daemonset_gives_the_snapshotter_what_lazy_layers_need(tmp_path: Path) -
     assert str(cfg.address) == containerd_config.DEFAULT_SOCKET and str(cfg.root) == containerd_config.DEFAULT_ROOT
     assert cfg.remote_snapshots and cfg.metrics_address.endswith(f":{c['ports'][0]['containerPort']}")
     assert tomllib.loads(cfg_file.read_text())["events"]["path"].startswith("/var/lib/bootseer/")
+    # the CRI image-service proxy (kubelet's pull secrets): its socket on the host's /run/bootseer for kubelet,
+    # containerd's CRI socket through the /run/containerd mount
+    assert Path(cfg.cri.image_service_socket).parent == Path("/run/bootseer")
+    assert Path(cfg.cri.containerd_cri_socket).parent == Path("/run/containerd")
 
 
 def test_registry_pod_wires_notifications_to_the_sidecar(tmp_path: Path) -> None:

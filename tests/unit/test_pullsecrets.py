@@ -252,3 +252,22 @@ def test_the_proxy_forwards_every_image_call_and_keeps_only_pulls_that_worked(tm
         proxy.stop()
         upstream.stop(None)
     assert not proxy.socket.exists()
+
+
+def test_the_cri_table_of_the_snapshotter_config(tmp_path: Path) -> None:
+    from snapshotter.config import Config
+
+    conf = tmp_path / "config.toml"
+    assert Config.load(None).cri.image_service_socket == ""  # off unless configured
+    conf.write_text('[cri]\nimage_service_socket = "/run/bootseer/cri-image.sock"\n')
+    cfg = Config.load(conf)
+    assert (cfg.cri.image_service_socket, cfg.cri.containerd_cri_socket) == (
+        "/run/bootseer/cri-image.sock", "/run/containerd/containerd.sock")
+    conf.write_text('[snapshotter.cri]\nimage_service_socket = "/run/b.sock"\ncontainerd_cri_socket = "/c.sock"\n')
+    assert Config.load(conf).cri.containerd_cri_socket == "/c.sock"
+    for bad, why in (('image_service_sock = "/x"', "did you mean image_service_socket"),
+                     ('image_service_socket = "/x"\ncontainerd_cri_socket = "unix:///x"', "not be containerd's own"),
+                     ("image_service_socket = 1", "must be a socket path")):
+        conf.write_text(f"[cri]\n{bad}\n")
+        with pytest.raises(ValueError, match=why):
+            Config.load(conf)
