@@ -97,10 +97,13 @@ def test_the_newest_pull_wins_and_a_failed_one_hands_back_the_old() -> None:
 
 def test_kept_in_a_root_only_file_across_restarts_and_never_shown(tmp_path: Path) -> None:
     path = tmp_path / "cri-credentials.json"
-    os.umask(0o022)
     store = PullCredentials(path)
-    store.pull_succeeded(store.pull_started(f"{HOST}/a:v1", PullAuth(username=USER, password=PW1,
-                                                                    identity_token="id-tok-" + PW2)))
+    old = os.umask(0)  # the most permissive umask: the file is 0600 all the same
+    try:
+        store.pull_succeeded(store.pull_started(f"{HOST}/a:v1", PullAuth(username=USER, password=PW1,
+                                                                        identity_token="id-tok-" + PW2)))
+    finally:
+        os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
     again = PullCredentials(path)
