@@ -27,6 +27,7 @@ import datetime
 import fnmatch
 import json
 import secrets
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class Hit:
     authorization: bool  # an Authorization header came at all
     scopes: tuple[str, ...]
     status: int
+    token: str = ""  # the token issued, if any
 
 
 def _signing_material(dest: Path, issuer: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
@@ -81,14 +83,14 @@ class TokenServer:
 
     def __init__(self, root: Path, users: dict[str, User], *, host: str = "127.0.0.1", ttl: int = 300,
                  service: str = "bootseer-test-registry", issuer: str = "bootseer-test-token-issuer",
-                 anonymous: tuple[str, ...] = ()) -> None:
-        """``anonymous``: repository globs anyone may pull without credentials (none by default)."""
+                 anonymous: tuple[str, ...] = (), tls: tuple[Path, Path] | None = None) -> None:
+        """``anonymous``: repository globs anyone may pull without credentials (none by default).  ``tls``:
+        (certificate, key) to serve HTTPS with, as an auth service on another host does."""
         self.users, self.ttl, self.service, self.issuer = users, ttl, service, issuer
         self.anonymous = anonymous
         self._key, cert, self.bundle = _signing_material(Path(root), issuer)
         self._x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
         self.hits: list[Hit] = []
-        self.issued: list[str] = []
         self._lock = threading.Lock()
         server = self
 
@@ -104,12 +106,17 @@ class TokenServer:
 
         self._httpd = ThreadingHTTPServer((host, 0), Handler)
         self._httpd.daemon_threads = True
+        self.scheme = "https" if tls else "http"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
         self.address = f"{host}:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
     def realm(self) -> str:
-        return f"http://{self.address}/token"
+        return f"{self.scheme}://{self.address}/token"
 
     def registry_auth(self) -> dict[str, Any]:
         """docker-registry's ``auth`` configuration section for this server."""
@@ -168,16 +175,15 @@ class TokenServer:
             return self._reply(req, 404, {"error": "unknown service or path"}, user, scopes)
         access = [a for a in (self.granted(user, s) for s in scopes) if a is not None]
         tok = self.token(user or "", access)
-        with self._lock:
-            self.issued.append(tok)
         doc = {"token": tok, "access_token": tok, "expires_in": self.ttl,
                "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}
-        self._reply(req, 200, doc, user, scopes)
+        self._reply(req, 200, doc, user, scopes, tok)
 
     def _reply(self, req: BaseHTTPRequestHandler, status: int, doc: dict[str, Any], user: str | None,
-               scopes: tuple[str, ...]) -> None:
+               scopes: tuple[str, ...], token: str = "") -> None:
         with self._lock:
-            self.hits.append(Hit(urlparse(req.path).path, user, "Authorization" in req.headers, scopes, status))
+            self.hits.append(Hit(urlparse(req.path).path, user, "Authorization" in req.headers, scopes, status,
+                                 token))
         body = json.dumps(doc).encode()
         req.send_response(status)
         if status == 401:

@@ -196,11 +196,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         # no sidecar: its conversions would load the CPU during the runs; depsnap indexes what it needs itself
         with running(StackConfig(root=root, sidecar=False, rate=args.rate)) as st:
             plain = True
+            signer = st.index_signer()  # the stack's snapshotter requires signed indexes, as production nodes
             base = images.push_realistic(st.info.registry)
             digest = image.exists(base, plain_http=plain) or ""
             if "hit_lazy" in modes:  # the base's EROFS blobs, once (a cluster's sidecar has them long before)
                 t0 = time.monotonic()
-                index.ensure_indexed(base, digest, None, plain_http=plain)
+                index.ensure_indexed(base, digest, None, plain_http=plain, signer=signer)
                 extra["base_index_seconds"] = round(time.monotonic() - t0, 2)
             # node state: the base unpacked in both snapshotters
             st.ctr("image", "pull", "--plain-http", base, namespace=NS, timeout=900)
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                 extra["layer_bytes"] = _last_layer_size(res.image)
                 if "hit_lazy" in modes:
                     t0 = time.monotonic()
-                    index.ensure_indexed(res.image, res.digest, base, plain_http=plain)
+                    index.ensure_indexed(res.image, res.digest, base, plain_http=plain, signer=signer)
                     extra["index_seconds"].append(round(time.monotonic() - t0, 2))
                 for pos, mode in enumerate(rotation(modes, i)):
                     secs = round(one(mode, res.image, i), 3)
