@@ -123,6 +123,9 @@ def summarize(rounds: list[dict[str, Any]], asked: int, modes: list[str]) -> dic
             if common and min(above, default=0) > 0:
                 spreads[f"prep_{m}_vs_install"] = ratio_spread(
                     [max(per_mode[m][i] - per_mode["floor"][i], 0.0) for i in common], above)
+    num, den = paired("hit_lazy", "hit")
+    if num:  # the two ways of getting the same layer onto the node, round by round
+        spreads["hit_lazy_vs_hit_full"] = ratio_spread(num, den)
     hit_mode = "hit_lazy" if "hit_lazy_vs_install" in spreads else "hit"
     head = spreads.get("hit_lazy_vs_install") or spreads.get("hit_full_vs_install")
     if head is not None:
@@ -159,9 +162,10 @@ def render_md(result: dict[str, Any]) -> str:
         rel = "1" if k is None else (fmt(ratios[k], ".3f") if k in ratios else "—")
         rows.append(f"| {LABELS[m]} | {WHAT[m]} | {fmt(sec[m], '.2f')} | {sec[m]['n']} | {rel} |")
     rows.append("")
-    for k in ("prep_hit_lazy_vs_install", "prep_hit_vs_install"):
+    for k, what in (("prep_hit_lazy_vs_install", "above the floor"), ("prep_hit_vs_install", "above the floor"),
+                    ("hit_lazy_vs_hit_full", "lazy hit against full-pull hit, same layer")):
         if k in ratios:
-            rows.append(f"- `{k}` (above the floor): {fmt(ratios[k], '.3f')}")
+            rows.append(f"- `{k}` ({what}): {fmt(ratios[k], '.3f')}")
     g = result["goal"]
     rows.append(f"- goal `{g['ratio']}` {g['op']} {g['bound']} ({result['hit_mode']}): **{g['verdict']}**")
     rows += ["", MD_END]
