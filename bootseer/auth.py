@@ -265,8 +265,13 @@ class Authenticator:
         return None
 
     def answer(self, host: str, www_authenticate: str, scopes: tuple[str, ...],
-               cred_host: str | None = None) -> str:
-        """Return the ``Authorization`` value that answers the challenge; raise :class:`AuthError` if none can."""
+               cred_host: str | None = None, *, verify: bool | str = True,
+               cert: tuple[str, str] | str | None = None) -> str:
+        """Return the ``Authorization`` value that answers the challenge; raise :class:`AuthError` if none can.
+
+        ``verify`` and ``cert`` are the registry endpoint's TLS settings (``hosts.toml``'s ``ca`` and ``client``):
+        the token realm is asked with them, as containerd's per-host client and Docker's endpoint transport ask
+        it — an operator's realm on another host has its certificate from the same private CA."""
         challenges = parse_www_authenticate(www_authenticate)
         creds = self.credentials(cred_host or host, scopes)
         for ch in challenges:
@@ -276,7 +281,7 @@ class Authenticator:
                         self._tokens[(host, " ".join(scopes))] = _Token(creds.registry_token,
                                                                          time.monotonic() + REGISTRY_TOKEN_TTL)
                     return "Bearer " + creds.registry_token
-                token = self._fetch_token(host, ch.params, scopes, creds)
+                token = self._fetch_token(host, ch.params, scopes, creds, verify, cert)
                 return "Bearer " + token
         for ch in challenges:
             if ch.scheme == "basic":
@@ -302,10 +307,13 @@ class Authenticator:
                 del self._tokens[key]
 
     def _fetch_token(self, host: str, params: dict[str, str], scopes: tuple[str, ...],
-                     creds: Credentials | None) -> str:
+                     creds: Credentials | None, verify: bool | str = True,
+                     cert: tuple[str, str] | str | None = None) -> str:
         realm = params["realm"]
         rhost = urlparse(realm).hostname or ""
-        if urlparse(realm).scheme != "https" and creds and not is_loopback(rhost) and not is_loopback(host):
+        # the credentials travel to the realm, so the realm's link is what must be safe: a loopback registry
+        # (a node-local mirror) naming a plain-HTTP realm on another host must not send them there in clear
+        if urlparse(realm).scheme != "https" and creds and not is_loopback(rhost):
             raise AuthError(f"{host}: refusing to send credentials to a non-TLS token realm ({rhost})")
         all_scopes = list(dict.fromkeys([*scopes, *params.get("scope", "").split()]))
         all_scopes = [s for s in all_scopes if s]
@@ -316,12 +324,13 @@ class Authenticator:
                         "client_id": "bootseer", "scope": " ".join(all_scopes)}
                 if service:
                     form["service"] = service
-                resp = self._session.post(realm, data=form, timeout=self._timeout)
+                resp = self._session.post(realm, data=form, timeout=self._timeout, verify=verify, cert=cert)
             else:
                 q: list[tuple[str, str]] = [("service", service)] if service else []
                 q += [("scope", s) for s in all_scopes]
                 auth = (creds.username, creds.password) if creds and (creds.username or creds.password) else None
-                resp = self._session.get(realm, params=q, auth=auth, timeout=self._timeout)
+                resp = self._session.get(realm, params=q, auth=auth, timeout=self._timeout, verify=verify,
+                                         cert=cert)
         except requests.RequestException as e:
             raise AuthError(f"{host}: token request to {rhost} failed: {redact(str(e))}") from e
         if resp.status_code in (401, 403):

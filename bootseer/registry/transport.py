@@ -187,7 +187,8 @@ class Transport:
                 try:
                     headers = dict(headers or {})
                     headers["Authorization"] = self.auth.answer(ep.auth_host, challenge, scopes,
-                                                                self._cred_host(ep))
+                                                                self._cred_host(ep), verify=ep.verify,
+                                                                cert=ep.client_cert)
                 except AuthError as e:
                     raise Unauthorized(str(e), 401) from e
                 authed = True

@@ -78,9 +78,11 @@ class Registry:
     """Debian's docker-registry (distribution 2.8) on a loopback port, storage in ``root``."""
 
     def __init__(self, root: Path, port: int | None = None, *, tls: tuple[Path, Path, Path] | None = None,
-                 htpasswd: Path | None = None) -> None:
+                 htpasswd: Path | None = None, config: dict[str, Any] | None = None) -> None:
         """``tls``: (server certificate, its key, the CA that signed it): serve HTTPS, as a registry with a
-        private CA does.  ``htpasswd``: require basic auth against that file (bcrypt entries)."""
+        private CA does.  ``htpasswd``: require basic auth against that file (bcrypt entries).  ``config``:
+        more top-level sections of distribution's configuration (``auth`` for a token server,
+        ``notifications``), as an operator's registry has them."""
         self.root = Path(root)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -94,9 +96,10 @@ class Registry:
                                   "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")},
                                               "maintenance": {"uploadpurging": {"enabled": False}}},
                                   "http": http}
-        self.auth = htpasswd is not None
         if htpasswd is not None:
             cfg["auth"] = {"htpasswd": {"realm": "bootseer-test", "path": str(htpasswd)}}
+        cfg.update(config or {})
+        self.auth = "auth" in cfg
         (self.root / "config.yml").write_text(json.dumps(cfg))
 
     @property
