@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from integration.bench.cpu import MachineCpu, cpu_table, median_split, trainer_phases
+
 MODES = ("baseline", "bootseer", "bootseer-unrecorded", "floor")
 DEFAULT_MODES = MODES
 DEFAULT_RATES = ("1gbit", "200mbit")
@@ -157,7 +159,7 @@ def summarize(runs: list[dict[str, Any]], rates: list[str], modes: list[str]) ->
             ph = {p: round(statistics.median(r["phases"][p] for r in rs), 3) for p in PHASES}
             med.setdefault(rk, {})[mode] = {"total_s": round(statistics.median(tot), 3),
                                             "min_s": round(min(tot), 3), "max_s": round(max(tot), 3),
-                                            "n": len(rs), "phases_s": ph}
+                                            "n": len(rs), "phases_s": ph, "cpu": median_split(rs)}
     ratios: dict[str, float] = {}
     for rk, m in med.items():
         job = m.get("bootseer")
@@ -217,6 +219,7 @@ def markdown(result: dict[str, Any]) -> str:
         g = goals.get(k)
         gtxt = f"≤ {g['bound']} ({'met' if g['met'] else 'not met'})" if g and g.get("met") is not None else ""
         out.append(f"| `{k}` | {v:.3f} | {gtxt} |")
+    out += cpu_table(result, MODES)
     for note in [*misses(result), *result.get("notes", [])]:
         out += ["", note]
     return "\n".join(out) + "\n"
@@ -437,15 +440,15 @@ def run_once(env: Env, mode: str, rate: str, n: int) -> dict[str, Any]:
     rx0 = b.link_rx()
     errlog = events_dir / f"{job_id}.stderr"
     t0 = time.monotonic()
-    with open(errlog, "w") as errfh:  # a file, not a pipe: pip's and torch's warnings must not fill a pipe
+    with open(errlog, "w") as errfh, MachineCpu() as cpu:  # a file, not a pipe: warnings must not fill a pipe
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errfh, text=True,
                                 env={**os.environ, "BOOTSEER_HOSTS_DIR": str(b.cdir / "certs.d")})
-    assert proc.stdout is not None
-    loss_line, t_loss = None, 0.0
-    for line in proc.stdout:
-        if line.startswith("loss="):
-            loss_line, t_loss = line.strip(), time.monotonic()
-            break
+        assert proc.stdout is not None
+        loss_line, t_loss = None, 0.0
+        for line in proc.stdout:
+            if line.startswith("loss="):
+                loss_line, t_loss = line.strip(), time.monotonic()
+                break
     rx = b.link_rx() - rx0
     rest = proc.stdout.read()
     rc = proc.wait(timeout=600)
@@ -462,7 +465,7 @@ def run_once(env: Env, mode: str, rate: str, n: int) -> dict[str, Any]:
     busy = {p["phase"]: p["busy_s"] for p in prof.get("phases", [])}
     return {"mode": mode, "rate": rate, "job": job_id, "total_s": round(total, 3), "loss": float(loss_line[5:]),
             "phases": phases, "milestones": marks, "busy_s": busy, "registry_link_bytes": rx,
-            "events": str(events)}
+            "cpu": trainer_phases(events, job_id, cpu), "events": str(events)}
 
 
 def setup(env: Env, args: argparse.Namespace, sizes: Sizes) -> None:
@@ -588,7 +591,8 @@ def result(runs: list[dict[str, Any]], rates: list[str], args: argparse.Namespac
            "expected_loss": ckpt.get("expected_loss"),
            "network": {"registry_and_index": rates, "store_per_connection": args.per_conn_rate,
                        "store_aggregate": args.store_rate, "stripes": args.stripes, "chunk_size": args.chunk_size},
-           **summarize(runs, rates, args.modes_list), "all_runs": runs, "wall_seconds": round(time.time() - t_start, 1),
+           **summarize(runs, rates, args.modes_list), "all_runs": runs,
+           "cores": os.cpu_count(), "wall_seconds": round(time.time() - t_start, 1),
            "notes": list(notes)}
     for r in runs:
         r["loss_ok"] = not check_losses([r], ckpt.get("expected_loss"))

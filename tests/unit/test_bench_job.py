@@ -148,3 +148,14 @@ def test_launcher_recipe_installs_with_one_command_today_and_in_the_depsnap_key(
     assert "--snapshotter bootseer" in lines[3] and "dst=/ckpt" in lines[3] and "--ckpt /ckpt/model.pt" in lines[3]
     assert launch.main(["bootseer", "--image", "reg/t:v1", "--print"]) == 2
     assert "missing --deps-repo, --index-url, --store" in capsys.readouterr().err
+
+
+def test_machine_cpu_interpolates_between_samples_and_splits_a_phase() -> None:
+    from integration.bench.cpu import MachineCpu, split
+
+    m = MachineCpu()
+    m.samples = [(10.0, 100.0), (11.0, 101.5), (12.0, 103.5)]
+    assert m.busy_between(10.5, 11.5) == pytest.approx(0.75 + 1.0)
+    assert m.busy_between(9.0, 20.0) == pytest.approx(3.5)  # clamped to what was sampled
+    s = split(wall=2.0, busy=3.0, own_user=1.5, own_sys=0.5, cores=2)
+    assert s == {"wall_s": 2.0, "own_user_s": 1.5, "own_sys_s": 0.5, "other_cpu_s": 1.0, "idle_core_s": 1.0}
