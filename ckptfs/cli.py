@@ -216,6 +216,12 @@ def mount_cmd(
     read_ahead_kb: int = typer.Option(8192, "--kernel-read-ahead-kb", min=0,
                                       help="Kernel read-ahead of the mount (larger FUSE reads)."),
     allow_other: bool = typer.Option(False, "--allow-other", help="Let other users read the mount."),
+    prefetch: list[str] = typer.Option([], "--prefetch", metavar="PATTERN",
+                                       help="Read files matching PATTERN (fnmatch on the path in the checkpoint; "
+                                            "'*' = all) into the page cache as soon as the mount is up, before the "
+                                            "job opens them. Repeatable."),
+    prefetch_max: str = typer.Option("", "--prefetch-max", metavar="SIZE",
+                                     help="Bytes --prefetch may read (default: half the available memory)."),
     no_verify: bool = typer.Option(False, "--no-verify", hidden=True,
                                    help="Skip sha256 checks (only to measure their cost)."),
     s3_endpoint: str = S3Endpoint, s3_scheme: str = S3Scheme, s3_region: str = S3Region, s3_anonymous: bool = S3Anon,
@@ -227,6 +233,7 @@ def mount_cmd(
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     budget = _size(memory, "--memory")
+    prefetch_max_bytes = _size(prefetch_max, "--prefetch-max") if prefetch_max else None
     if not mountpoint.is_dir():
         _fail(f"mount point {mountpoint} is not a directory", 2)
     if not nonempty and any(mountpoint.iterdir()):
@@ -249,7 +256,7 @@ def mount_cmd(
                           f"{human(ckpt.manifest.total_bytes)}); Ctrl-C to unmount")
 
             mount(ckpt, str(mountpoint), threads=threads, allow_other=allow_other, read_ahead_kb=read_ahead_kb,
-                  on_ready=ready)
+                  on_ready=ready, prefetch=prefetch, prefetch_max_bytes=prefetch_max_bytes)
     err.print(f"unmounted {mountpoint}")
 
 

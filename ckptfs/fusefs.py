@@ -33,7 +33,7 @@ import queue
 import signal
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -41,6 +41,7 @@ import trio
 
 from bootseer import events
 from bootseer.log import redact
+from ckptfs import prefetch as ahead
 from ckptfs.manifest import ChunkRef, FileEntry
 from ckptfs.reader import Checkpoint, ReadState
 
@@ -201,7 +202,9 @@ class CkptOperations(pyfuse3.Operations):
         assert node.entry is not None
         fh = next(self._fh_ids)
         self._fh[fh] = (inode, node.entry, ReadState())
-        self._loads[fh] = (events.now(), [0])
+        # FUSE names the opening *thread*; one of ours is this mount's prefetch, which reports itself
+        if not os.path.exists(f"/proc/self/task/{ctx.pid}"):
+            self._loads[fh] = (events.now(), [0])
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -374,10 +377,14 @@ def mount(
     push_pages: bool = True,
     handle_signals: bool = True,
     on_ready: Callable[[], None] | None = None,
+    prefetch: Sequence[str] = (),
+    prefetch_max_bytes: int | None = None,
 ) -> None:
     """Mount ``ckpt`` read-only at ``mountpoint`` and serve until SIGINT/SIGTERM or an external unmount.
 
     Blocks; always unmounts before returning.  ``on_ready`` runs once the mount answers requests.
+    ``prefetch``: patterns of files read into the page cache once the mount is up, at most
+    ``prefetch_max_bytes`` (default: half the available memory) — :mod:`ckptfs.prefetch`.
     """
     if not os.path.isdir(mountpoint):
         raise NotADirectoryError(f"mount point {mountpoint} is not a directory")
@@ -394,10 +401,18 @@ def mount(
                 pyfuse3.terminate()
                 return
 
+    planned = ahead.plan(((f.path, f.size) for f in ckpt.manifest.files), prefetch,
+                         ahead.default_max_bytes() if prefetch_max_bytes is None else prefetch_max_bytes)
+    if prefetch and not planned:
+        log.warning("prefetch: no file of the checkpoint matches %s (or no memory to spare)", list(prefetch))
+
     async def when_up() -> None:
         await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
         if on_ready is not None:
             on_ready()
+        if planned:  # a thread of its own: its reads are served by this loop
+            threading.Thread(target=ahead.read_into_page_cache, args=(mountpoint, planned),
+                             name="ckptfs-prefetch", daemon=True).start()
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:

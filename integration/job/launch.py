@@ -95,7 +95,8 @@ class Launcher:
                                                f"{train} --ckpt /ckpt/{a.ckpt_file}"))]
         ctl = ["--control", a.control] if a.control else []
         return [
-            ("mount", [*self.bootseer, "ckptfs", "mount", a.store, a.mountpoint, "--no-cache"]),
+            ("mount", [*self.bootseer, "ckptfs", "mount", a.store, a.mountpoint, "--no-cache",
+                       "--prefetch", a.ckpt_file]),
             ("resolve", [*self.bootseer, "depsnap", "resolve", "--base", a.image, "--repo", a.deps_repo,
                          "-r", str(Path(a.job_dir) / "requirements.txt"), "--run", install, *http, "--json"]),
             ("pull", [*self.bootseer, "pull", "--address", a.address, "--namespace", a.namespace, *http, *ctl,

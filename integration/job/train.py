@@ -33,6 +33,22 @@ except ImportError:  # in the job's container: /job/train.py, jobevents.py besid
 
 SCRIPT_START = jobevents.now()  # before torch and the dependencies are imported
 
+
+def usage() -> tuple[float, float, int]:
+    """This process's CPU so far (user s, system s) and major page faults: a phase's deltas say whether its
+    time went to work here (user), to the kernel for us (system: page faults, decompressing lazily read code,
+    copies from a mount) or to waiting (neither)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime, ru.ru_majflt
+
+
+def spent(since: tuple[float, float, int]) -> dict[str, Any]:
+    """``usage()`` deltas as event attributes."""
+    now = usage()
+    return {"user_s": round(now[0] - since[0], 3), "sys_s": round(now[1] - since[1], 3), "majflt": now[2] - since[2]}
+
 # the job's dependencies (requirements.txt): imported, as a training job's data and logging code would
 DEPENDENCIES = ("numpy", "six", "idna", "attrs", "packaging", "pyparsing", "dateutil", "pytz", "certifi",
                 "charset_normalizer", "urllib3", "requests", "jinja2", "markupsafe", "click")
@@ -131,18 +147,18 @@ def resume(src: Any) -> tuple[float, float, Any]:
     """Load ``src`` (a path or a file object), run one step: (loss, seconds of the load, the state dict)."""
     import torch
 
-    t0 = jobevents.now()
+    t0, u0 = jobevents.now(), usage()
     state = torch.load(src, map_location="cpu", weights_only=True)
     cfg = Config(**state["config"])
     model = build(cfg)
     model.load_state_dict(state["model"])
     opt = optimizer(model)
     opt.load_state_dict(state["optim"])
-    t1 = jobevents.now()
-    jobevents.emit("checkpoint_load", t0, t1, bytes=getattr(src, "nbytes", None))
+    t1, u1 = jobevents.now(), usage()
+    jobevents.emit("checkpoint_load", t0, t1, bytes=getattr(src, "nbytes", None), **spent(u0))
     torch.manual_seed(state["seed"])
     loss = step(model, opt, batch(cfg, state["seed"]))
-    jobevents.emit("first_step", t1, jobevents.now(), loss=loss)
+    jobevents.emit("first_step", t1, jobevents.now(), loss=loss, **spent(u1))
     return loss, t1[1] - t0[1], state
 
 
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for mod in ("torch", *DEPENDENCIES):
         importlib.import_module(mod)
-    jobevents.emit("imports", SCRIPT_START, jobevents.now(), modules=len(DEPENDENCIES) + 1)
+    jobevents.emit("imports", SCRIPT_START, jobevents.now(), modules=len(DEPENDENCIES) + 1, **spent((0.0, 0.0, 0)))
     if a.ckpt_url:
         t0 = jobevents.now()
         data = fetch(a.ckpt_url)

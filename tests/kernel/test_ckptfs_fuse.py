@@ -240,3 +240,52 @@ def test_multi_gb_state_dict_through_the_mount(tmp_path: Path) -> None:
     finally:  # 2.5 GB: do not leave it for pytest's tmp rotation
         shutil.rmtree(store, ignore_errors=True)
         (src / "model.pt").unlink(missing_ok=True)
+
+
+def test_prefetch_reads_the_matching_files_before_the_job_opens_them(
+        ckpt: tuple[Path, dict[str, dict[str, object]]], tmp_path: Path) -> None:
+    """``--prefetch model.pt``: once the mount is up it reads model.pt into the page cache on its own, so the
+    job's later read needs the store no more — here the store is moved away after the prefetch reported, and
+    model.pt still reads back exactly, while model.safetensors (not matched) fails with EIO.  The prefetch's
+    own read is logged as ``prefetch``, not as the job's ``checkpoint_load``."""
+    import hashlib
+    import json
+
+    store, _ = ckpt
+    mine = tmp_path / "store"
+    shutil.copytree(store, mine)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "ckptfs.cli", "mount", str(mine), str(mnt), "--prefetch",
+                             "model.pt"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "BOOTSEER_EVENTS": str(log)})
+
+    def lines() -> list[dict[str, object]]:
+        return [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+
+    try:
+        wait_until(lambda: any(e["phase"] == "prefetch" for e in lines()) or proc.poll() is not None, 120,
+                   "the prefetch event")
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        (ev,) = [e for e in lines() if e["phase"] == "prefetch"]
+        size = (store.parent / "src" / "model.pt").stat().st_size
+        assert ev["status"] == "ok" and ev["component"] == "ckptfs mount"
+        assert ev["attrs"] == {"bytes": size, "files": 1}  # type: ignore[comparison-overlap]
+        assert not any(e["phase"] == "checkpoint_load" for e in lines())
+        mine.rename(tmp_path / "gone")  # the store is unreachable from here on
+        got = hashlib.sha256((mnt / "model.pt").read_bytes()).hexdigest()
+        assert got == hashlib.sha256((store.parent / "src" / "model.pt").read_bytes()).hexdigest()
+        with pytest.raises(OSError) as ei:
+            (mnt / "model.safetensors").read_bytes()
+        assert ei.value.errno == errno.EIO
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        loads = [e for e in lines() if e["phase"] == "checkpoint_load"]
+        assert {e["attrs"]["path"] for e in loads} >= {"model.pt"}  # type: ignore[index]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)

@@ -43,9 +43,15 @@ def test_job_start_today_bootseer_and_floor_at_reduced_size(tmp_path: Path) -> N
     resolve = [ln for ln in lines if ln["phase"] == "dependency_resolve"]
     assert resolve and all(ln["attrs"]["hit"] for ln in resolve)
     assert any(ln["phase"] == "checkpoint_load" and ln["component"] == "ckptfs mount" for ln in lines)
-    # lazily pulled: less crossed the link than the whole image (what the start reads, its prefetch and whatever
-    # background fill ran until the output — the fill makes the share vary run to run, so no tighter bound)
-    assert b["registry_link_bytes"] < runs["baseline"]["registry_link_bytes"]
+    # lazily pulled: every layer mounted lazily, nothing downloaded whole.  (Not "fewer bytes over the link than
+    # today's pull": the background fill completes the layers while the job runs, and LZ4 EROFS blobs are larger
+    # than the gzip layers, so on a slow, loaded machine the fill can move more bytes before the loss line.)
+    (pull,) = [ln for ln in lines if ln["phase"] == "image_pull" and ln["component"] == "bootseer pull"]
+    assert pull["attrs"]["lazy"] == pull["attrs"]["layers"] >= 2 and pull["attrs"]["downloaded_bytes"] == 0
+    # the checkpoint mount read model.pt ahead of the trainer (--prefetch), and said so
+    assert any(ln["phase"] == "prefetch" and ln["component"] == "ckptfs mount" and ln["status"] == "ok"
+               for ln in lines)
+    assert {"first_step", "checkpoint_load"} <= set(b["cpu"]) and b["cpu"]["first_step"]["wall_s"] > 0
     # the floor fetched nothing
     assert "image_ready" not in runs["floor"]["milestones"] and runs["floor"]["registry_link_bytes"] < 1e6
     assert set(res["ratios"]) >= {"job_vs_baseline_1g", "job_vs_floor_1g"}

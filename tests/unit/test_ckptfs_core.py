@@ -315,3 +315,13 @@ def test_large_read_lands_in_the_callers_buffer_not_the_pool(tree: tuple[Path, d
         assert bytes(buf) == data[off : off + len(buf)]
         assert ck.source.pooled_bytes <= 2 * CS
         assert ck.source.stats.store_reads == 21
+
+
+def test_prefetch_plan_takes_matching_files_in_order_up_to_the_bound() -> None:
+    from ckptfs.prefetch import Planned, plan
+
+    files = [("model.pt", 100), ("optim/state.pt", 50), ("model.safetensors", 70), ("README", 5)]
+    assert plan(files, ["*.pt"], 1000) == [Planned("model.pt", 100), Planned("optim/state.pt", 50)]
+    assert plan(files, ["*"], 120) == [Planned("model.pt", 100), Planned("optim/state.pt", 20)]  # cut at the bound
+    assert plan(files, ["model.*"], 0) == []
+    assert plan(files, ["nothing"], 1000) == []
