@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -221,15 +222,24 @@ class _Newer(grpc.GenericRpcHandler):
         return None
 
 
-def test_the_proxy_forwards_every_image_call_and_keeps_only_pulls_that_worked(tmp_path: Path) -> None:
+@pytest.fixture()
+def sock_dir() -> Iterator[Path]:
+    """Sockets live in a short directory of their own: pytest's tmp_path, nested under another test's (as
+    tests/kernel/test_unprivileged.py runs this suite), passes the 107-byte limit of a unix socket path."""
+    with tempfile.TemporaryDirectory(prefix="bs-cri-", dir="/tmp") as d:
+        yield Path(d)
+
+
+def test_the_proxy_forwards_every_image_call_and_keeps_only_pulls_that_worked(tmp_path: Path,
+                                                                               sock_dir: Path) -> None:
     upstream = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[_Newer()])
     fake = _Upstream()
     pb_grpc.add_ImageServiceServicer_to_server(fake, upstream)
-    up_sock = tmp_path / "containerd.sock"
+    up_sock = sock_dir / "containerd.sock"
     upstream.add_insecure_port(f"unix://{up_sock}")
     upstream.start()
     store = PullCredentials(tmp_path / "creds.json")
-    proxy = ImageServiceProxy(tmp_path / "run" / "cri-image.sock", str(up_sock), store).start()
+    proxy = ImageServiceProxy(sock_dir / "run" / "cri-image.sock", str(up_sock), store).start()
     try:
         assert proxy.socket.stat().st_mode & 0o777 == 0o600
         with grpc.insecure_channel(f"unix://{proxy.socket}") as ch:
