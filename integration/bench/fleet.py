@@ -60,12 +60,13 @@ from typing import Any, Literal
 
 from integration.bench.stats import Spread, ratio_spread, spread, verdict
 
-MODES = ("direct", "mirror")
+MODES = ("single", "direct", "mirror")  # single: direct with one range per prefetch request (one node only)
 GOALS: dict[str, tuple[Literal["<=", ">="], float]] = {
     "origin_bytes_mirror_vs_one_node": ("<=", 1.1),
     "start_p50_fleet_vs_one_node": ("<=", 1.3),
 }
-LABELS = {"direct": "straight from the origin", "mirror": "through the pull-through mirror"}
+LABELS = {"single": "straight from the origin, no multi-range batching", "direct": "straight from the origin",
+          "mirror": "through the pull-through mirror"}
 
 
 # ----------------------------------------------------------------------------------------- pure parts
@@ -160,6 +161,8 @@ class FleetRun:
     mirror: dict[str, float] = field(default_factory=dict)  # blob_gets, hits, hit_rate, bytes_served
     settled: bool = True
     settle_seconds: float = 0.0
+    local_starts: list[float] = field(default_factory=list)  # the command again, layers local, cache dropped
+    node_fetch: dict[str, dict[str, float]] = field(default_factory=dict)  # per node (mean): bytes, requests, …
 
     @property
     def p50(self) -> float:
@@ -200,7 +203,19 @@ def compute_ratios(runs: list[FleetRun], n: int) -> dict[str, Spread]:
                                                   _per_round(runs, "direct", 1, p50)))
     put("start_p50_fleet_mirror_vs_direct", _ratio(_per_round(runs, "mirror", n, p50),
                                                    _per_round(runs, "direct", n, p50)))
-    for mode in MODES:
+    local = lambda r: statistics.median(r.local_starts) if r.local_starts else 0.0  # noqa: E731
+    put("start_local_fleet_vs_one_node", _ratio(_per_round(runs, "mirror", n, local),
+                                                _per_round(runs, "mirror", 1, local)))
+    beyond = lambda r: r.p50 - local(r) if r.local_starts else 0.0  # noqa: E731
+    put("start_beyond_local_fleet_vs_one_node", _ratio(_per_round(runs, "mirror", n, beyond),
+                                                       _per_round(runs, "mirror", 1, beyond)))
+    requests = lambda r: float(r.origin["requests"])  # noqa: E731
+    cpu = lambda r: float(r.origin["cpu_seconds"])  # noqa: E731
+    put("origin_requests_batched_vs_single_range", _ratio(_per_round(runs, "direct", 1, requests),
+                                                          _per_round(runs, "single", 1, requests)))
+    put("origin_cpu_batched_vs_single_range", _ratio(_per_round(runs, "direct", 1, cpu),
+                                                     _per_round(runs, "single", 1, cpu)))
+    for mode in ("direct", "mirror"):
         per_node = [r.origin["requests"] / r.nodes for r in runs if r.mode == mode and r.nodes == n]
         if per_node:
             key = "origin_requests_per_node_start" + ("" if mode == "mirror" else "_direct")
@@ -230,6 +245,8 @@ def summarize(runs: list[FleetRun], n: int, meta: dict[str, Any]) -> dict[str, A
                 "runs": len(rs),
                 "start_p50_seconds": spread([r.p50 for r in rs]).as_dict(3),
                 "start_max_seconds": spread([max(r.starts) for r in rs]).as_dict(3),
+                "local_start_p50_seconds": spread([statistics.median(r.local_starts) if r.local_starts else 0.0
+                                                   for r in rs]).as_dict(3),
                 "origin_bytes": spread([r.origin["bytes"] for r in rs]).as_dict(0),
                 "origin_bytes_to_output": spread([r.origin_to_output["bytes"] for r in rs]).as_dict(0),
                 "origin_requests": spread([r.origin["requests"] for r in rs]).as_dict(0),
@@ -263,8 +280,9 @@ def markdown(res: dict[str, Any]) -> str:
            f"[min–max] over {res.get('runs')} rounds.  Links: origin uplink {res.get('origin_rate')}, mirror "
            f"{res.get('mirror_rate')}, each node {res.get('node_rate')}.  Produced by "
            f"`{res.get('command_line', 'bootseer bench fleet')}`.", "",
-           "| mode | nodes | start p50 s | start max s | origin MB (to output) | origin MB (settled) | origin requests "
-           "| origin CPU s | mirror hit rate |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| mode | nodes | start p50 s | start max s | local start p50 s | origin MB (to output) "
+           "| origin MB (settled) | origin requests | origin CPU s | mirror hit rate |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(d: dict[str, Any] | None, scale: float = 1.0, fmt: str = ".2f") -> str:
         if not d:
@@ -278,8 +296,9 @@ def markdown(res: dict[str, Any]) -> str:
             if r is None:
                 continue
             hit = cell(r.get("mirror_hit_rate"), fmt=".3f") if mode == "mirror" else "–"
+            mb = [cell(r["origin_bytes_to_output"], 1e6, ".0f"), cell(r["origin_bytes"], 1e6, ".0f")]
             out.append(f"| {LABELS[mode]} | {nodes} | {cell(r['start_p50_seconds'])} | {cell(r['start_max_seconds'])} "
-                       f"| {cell(r['origin_bytes_to_output'], 1e6, '.0f')} | {cell(r['origin_bytes'], 1e6, '.0f')} "
+                       f"| {cell(r.get('local_start_p50_seconds'))} | {mb[0]} | {mb[1]} "
                        f"| {cell(r['origin_requests'], fmt='.0f')} | {cell(r['origin_cpu_seconds'])} | {hit} |")
     out += ["", "| ratio | median [min–max] | goal |", "|---|---:|---|"]
     spreads = res.get("ratio_spreads", {})
@@ -291,6 +310,8 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(f"| `{k}` | {vtxt} | {gtxt} |")
     out += ["", "Origin figures until settled: until every node's lazy layers were complete (background fill "
             "done), what the fleet's start costs the origin in all; \"to output\" stops at the last node's output. "
+            "Local start: the same nodes run the command again at once from their complete layers, page cache "
+            "dropped (no registry): what starting N containers together costs this machine.  "
             "Mirror hit rate: the share of the nodes' blob requests the mirror answered from its own storage "
             "(206).  A goal is *inconclusive* when the per-round ratios straddle its bound."]
     if not all(r.get("settled", True) for r in rows.values()):
@@ -309,12 +330,16 @@ def write_png(res: dict[str, Any], path: Path) -> None:
 
     n = res["nodes"]
     keys = [(m, k) for m in MODES for k in sorted({1, n}) if f"{m}_{k}" in res["table"]]
-    names = [f"{'mirror' if m == 'mirror' else 'origin'}\n{k} node{'s' if k > 1 else ''}" for m, k in keys]
+    short = {"single": "origin,\nno batching", "direct": "origin", "mirror": "mirror"}
+    names = [f"{short[m]}\n{k} node{'s' if k > 1 else ''}" for m, k in keys]
     rows = [res["table"][f"{m}_{k}"] for m, k in keys]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     xs = range(len(keys))
-    a.bar([x - 0.2 for x in xs], [r["start_p50_seconds"]["median"] for r in rows], 0.4, label="p50", color="#1f77b4")
-    a.bar([x + 0.2 for x in xs], [r["start_max_seconds"]["median"] for r in rows], 0.4, label="max", color="#9ecae1")
+    a.bar([x - 0.27 for x in xs], [r["start_p50_seconds"]["median"] for r in rows], 0.27, label="p50",
+          color="#1f77b4")
+    a.bar(list(xs), [r["start_max_seconds"]["median"] for r in rows], 0.27, label="max", color="#9ecae1")
+    a.bar([x + 0.27 for x in xs], [r.get("local_start_p50_seconds", {}).get("median", 0) for r in rows], 0.27,
+          label="p50, layers local (no registry)", color="#2ca02c")
     a.set_xticks(list(xs), names, fontsize=8)
     a.set_ylabel("seconds from the barrier to the output")
     a.legend(fontsize=8)
@@ -450,6 +475,7 @@ class Fleet:
         bench = Bench(node, self.cfg, ["prefetch"], None, self.log)
         bench.cmd, bench.expected = self.cmd, self.output
         bench.refs["prefetch"] = self.ref
+        bench.counter = (i + 1) * 1_000_000  # container IDs: runc's state directory is shared by all containerds
         return bench
 
     def start_mirror(self, wipe: bool = True) -> None:
@@ -524,9 +550,60 @@ class Fleet:
             if log.stat().st_size != size:
                 size, since = log.stat().st_size, time.monotonic()
 
+    def _at_once(self, benches: list[Any], fn: Callable[[Any], float]) -> list[float]:
+        """Seconds from a common barrier to the output of ``fn(bench)``'s container on each node (``fn`` calls
+        ``run_container``; it returns the time of the output line)."""
+        barrier = threading.Barrier(len(benches))
+        starts: list[float | None] = [None] * len(benches)
+        errors: list[str] = []
+
+        def one(i: int) -> None:
+            barrier.wait()
+            t0 = time.monotonic()
+            try:
+                starts[i] = fn(benches[i]) - t0
+            except Exception as e:  # reported below with the node's number
+                errors.append(f"node {i}: {e}")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(benches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return [round(s or 0.0, 3) for s in starts]
+
+    def _local_starts(self, benches: list[Any]) -> list[float]:
+        """The command once more on the same nodes at once, the image's layers complete on each and the page
+        cache dropped: what N containers starting together cost this machine without any registry."""
+        from bootseer.testkit import drop_caches
+
+        drop_caches()
+        return self._at_once(benches, lambda b: b.run_container("bootseer", self.ref)[0])
+
+    @staticmethod
+    def _fetch_counters(benches: list[Any]) -> dict[str, dict[str, float]]:
+        """Per node (mean over ``benches``): what its snapshotter fetched, by kind, and its retries by reason."""
+        from bootseer.control import Control
+
+        out: dict[str, dict[str, float]] = {"bytes": {}, "requests": {}, "retry_reasons": {}}
+        for b in benches:
+            for ly in Control(b.st.info.snapshotter_control, timeout=10).call("status")["layers"]:
+                got = ly.get("fetched") or {}
+                for what in out:
+                    for k, v in (got.get(what) or {}).items():
+                        out[what][k] = out[what].get(k, 0.0) + float(v) / len(benches)
+        return out
+
     def run_once(self, mode: str, nodes: int, rnd: int) -> FleetRun:
         """One cold start of ``nodes`` nodes at once (see the module doc)."""
+        import dataclasses
+
         benches = self.nodes[:nodes]
+        single = dataclasses.replace(self.cfg, lazy_config={"fill": {"prefetch_batch_window": 0}})
+        for b in self.nodes:  # "single": prefetch sends one run per request (no multi-range batching)
+            b.cfg = single if mode == "single" else self.cfg
         with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(lambda b: b.reset(), self.nodes))  # every node, so none is still filling
         for b in benches:
@@ -535,28 +612,12 @@ class Fleet:
             self.start_mirror()
         olog, mlog = self._origin_log(), Path(self.st.info.logs["mirror"])
         o0, m0, cpu0 = olog.stat().st_size, mlog.stat().st_size, self._origin_cpu()
-        barrier = threading.Barrier(nodes)
-        starts: list[float | None] = [None] * nodes
-        errors: list[str] = []
 
-        def one(i: int) -> None:
-            b = benches[i]
-            barrier.wait()
-            t0 = time.monotonic()
-            try:
-                b.pull("prefetch")
-                t_out, _ = b.run_container("bootseer", self.ref)
-                starts[i] = t_out - t0
-            except Exception as e:  # reported below with the node's number
-                errors.append(f"node {i}: {e}")
+        def start(b: Any) -> float:
+            b.pull("prefetch")
+            return float(b.run_container("bootseer", self.ref)[0])
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(nodes)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise RuntimeError("; ".join(errors))
+        starts = self._at_once(benches, start)
         o1, cpu1 = olog.stat().st_size, self._origin_cpu()
         t_settle = time.monotonic()
         settled = True
@@ -569,18 +630,20 @@ class Fleet:
             time.sleep(0.5)
         settle_s = time.monotonic() - t_settle
         self._quiet(olog)
-        cpu2 = self._origin_cpu()
+        cpu2, m1 = self._origin_cpu(), mlog.stat().st_size
         to_out = self._log_since(olog, o0, o1)
         total = self._log_since(olog, o0)
+        fetched = self._fetch_counters(benches)
+        local = self._local_starts(benches) if settled else []
         mirror_ip = self.mirror.rsplit(":", 1)[0]
         from_mirror = total.by_peer.get(mirror_ip, [0, 0])
-        run = FleetRun(mode, nodes, rnd, [round(s or 0.0, 3) for s in starts],
+        run = FleetRun(mode, nodes, rnd, starts,
                        {"bytes": to_out.bytes, "requests": to_out.requests, "cpu_seconds": round(cpu1 - cpu0, 3)},
                        {"bytes": total.bytes, "requests": total.requests, "cpu_seconds": round(cpu2 - cpu0, 3)},
                        {"bytes": from_mirror[1], "requests": from_mirror[0]}, settled=settled,
-                       settle_seconds=round(settle_s, 2))
+                       settle_seconds=round(settle_s, 2), local_starts=local, node_fetch=fetched)
         if mode == "mirror":
-            m = self._log_since(mlog, m0)
+            m = self._log_since(mlog, m0, m1)
             run.mirror = {"blob_gets": m.blob_gets, "hits": m.blob_partial,
                           "hit_rate": round(m.blob_partial / m.blob_gets, 4) if m.blob_gets else 0.0,
                           "bytes_served": m.bytes, "bytes_hit": m.blob_bytes_partial, "requests": m.requests}
@@ -596,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin-rate", default="1gbit", help="the origin registry's uplink, shared by all")
     p.add_argument("--mirror-rate", default="10gbit", help="the mirror's link")
     p.add_argument("--node-rate", default="1gbit", help="each node's link")
-    p.add_argument("--modes", default="direct,mirror", help="direct, mirror or both")
+    p.add_argument("--modes", default="single,direct,mirror",
+                   help="of single (one node straight from the origin without multi-range batching), direct, mirror")
     p.add_argument("--settle-timeout", type=float, default=300.0,
                    help="seconds to wait after the last output for every node's layers to be complete")
     p.add_argument("--json", dest="json_path", help="write the result as JSON here")
@@ -633,7 +697,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             fleet.setup()
             meta["command"] = fleet.cmd
-            plan = [(m, k) for k in (1, args.nodes) for m in modes]
+            meta["netns"] = [f"bs-{st.info.netns_id}", *(link.ns for link in fleet.links)]
+            plan = [(m, k) for k in (1, args.nodes) for m in modes if k == 1 or m != "single"]
             for i in range(args.runs):
                 for mode, nodes in plan[i % len(plan):] + plan[:i % len(plan)]:
                     r = fleet.run_once(mode, nodes, i)
@@ -671,11 +736,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         res = json.loads(Path(args.render).read_text())
     else:
-        if os.geteuid() != 0:
-            print("error: the fleet benchmark needs root (network namespaces, mounts)", file=sys.stderr)
-            return 2
         if args.nodes < 2 or args.runs < 1:
             print("error: --nodes must be at least 2 and --runs at least 1", file=sys.stderr)
+            return 2
+        if os.geteuid() != 0:
+            print("error: the fleet benchmark needs root (network namespaces, mounts)", file=sys.stderr)
             return 2
         args.command_line = "bootseer bench fleet " + shlex.join(argv if argv is not None else sys.argv[1:])
         res = run(args)

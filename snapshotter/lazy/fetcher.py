@@ -108,7 +108,7 @@ class FetchConfig:
     tls_verify: bool | str = True  # False, True, or a CA bundle path
     mirror_fill_wait: float = 120.0  # reads wait this long for a mirror filling a blob, then go past it
     mirror_probe: float = 0.5  # first wait before asking a filling mirror again; doubles up to mirror_probe_max
-    mirror_probe_max: float = 4.0
+    mirror_probe_max: float = 2.0
 
 
 class MetricsSink(Protocol):
@@ -310,6 +310,9 @@ class Fetcher:
         delay = self._mirrors.next_probe_in()
         if retry.until is not None and now + delay >= retry.until:
             delay = 0.0
+        with self._lock:
+            self.stats.retries += 1
+            self.stats.retry_reasons[last.reason] = self.stats.retry_reasons.get(last.reason, 0) + 1
         if self.metrics is not None:
             self.metrics.retried(kind, last.reason)
         if cancel is not None:
