@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -60,13 +61,14 @@ from typing import Any, Literal
 
 from integration.bench.stats import Spread, ratio_spread, spread, verdict
 
-MODES = ("single", "direct", "mirror")  # single: direct with one range per prefetch request (one node only)
+# single: direct, one range per prefetch request (one node only); warm: the mirror preheated (N nodes only)
+MODES = ("single", "direct", "mirror", "warm")
 GOALS: dict[str, tuple[Literal["<=", ">="], float]] = {
     "origin_bytes_mirror_vs_one_node": ("<=", 1.1),
     "start_p50_fleet_vs_one_node": ("<=", 1.3),
 }
 LABELS = {"single": "straight from the origin, no multi-range batching", "direct": "straight from the origin",
-          "mirror": "through the pull-through mirror"}
+          "mirror": "through the pull-through mirror", "warm": "through the mirror, preheated"}
 
 
 # ----------------------------------------------------------------------------------------- pure parts
@@ -193,12 +195,15 @@ def compute_ratios(runs: list[FleetRun], n: int) -> dict[str, Spread]:
     one_direct_bytes = _per_round(runs, "direct", 1, origin_bytes)
     put("origin_bytes_mirror_vs_one_node", _ratio(_per_round(runs, "mirror", n, origin_bytes), one_direct_bytes))
     put("origin_bytes_direct_vs_one_node", _ratio(_per_round(runs, "direct", n, origin_bytes), one_direct_bytes))
+    put("origin_bytes_warm_mirror_vs_one_node", _ratio(_per_round(runs, "warm", n, origin_bytes), one_direct_bytes))
     put("origin_bytes_one_node_mirror_vs_direct", _ratio(_per_round(runs, "mirror", 1, origin_bytes),
                                                          one_direct_bytes))
     p50 = lambda r: r.p50  # noqa: E731
     put("start_p50_fleet_vs_one_node", _ratio(_per_round(runs, "mirror", n, p50), _per_round(runs, "mirror", 1, p50)))
     put("start_p50_fleet_vs_one_node_direct", _ratio(_per_round(runs, "direct", n, p50),
                                                      _per_round(runs, "direct", 1, p50)))
+    put("start_p50_fleet_warm_mirror_vs_one_node_direct", _ratio(_per_round(runs, "warm", n, p50),
+                                                                 _per_round(runs, "direct", 1, p50)))
     put("start_one_node_mirror_vs_direct", _ratio(_per_round(runs, "mirror", 1, p50),
                                                   _per_round(runs, "direct", 1, p50)))
     put("start_p50_fleet_mirror_vs_direct", _ratio(_per_round(runs, "mirror", n, p50),
@@ -215,10 +220,10 @@ def compute_ratios(runs: list[FleetRun], n: int) -> dict[str, Spread]:
                                                           _per_round(runs, "single", 1, requests)))
     put("origin_cpu_batched_vs_single_range", _ratio(_per_round(runs, "direct", 1, cpu),
                                                      _per_round(runs, "single", 1, cpu)))
-    for mode in ("direct", "mirror"):
+    for mode in ("direct", "mirror", "warm"):
         per_node = [r.origin["requests"] / r.nodes for r in runs if r.mode == mode and r.nodes == n]
         if per_node:
-            key = "origin_requests_per_node_start" + ("" if mode == "mirror" else "_direct")
+            key = "origin_requests_per_node_start" + ("" if mode == "mirror" else f"_{mode}")
             out[key] = spread(per_node)
     return out
 
@@ -254,7 +259,7 @@ def summarize(runs: list[FleetRun], n: int, meta: dict[str, Any]) -> dict[str, A
                 "settled": all(r.settled for r in rs),
                 "settle_seconds": spread([r.settle_seconds for r in rs]).as_dict(2),
             }
-            if mode == "mirror":
+            if mode in ("mirror", "warm"):
                 row["mirror_hit_rate"] = spread([r.mirror.get("hit_rate", 0.0) for r in rs]).as_dict(4)
                 row["mirror_bytes_served"] = spread([r.mirror.get("bytes_served", 0) for r in rs]).as_dict(0)
                 row["origin_bytes_for_mirror"] = spread([r.origin_from_mirror["bytes"] for r in rs]).as_dict(0)
@@ -295,7 +300,7 @@ def markdown(res: dict[str, Any]) -> str:
             r = rows.get(f"{mode}_{nodes}")
             if r is None:
                 continue
-            hit = cell(r.get("mirror_hit_rate"), fmt=".3f") if mode == "mirror" else "–"
+            hit = cell(r.get("mirror_hit_rate"), fmt=".3f") if mode in ("mirror", "warm") else "–"
             mb = [cell(r["origin_bytes_to_output"], 1e6, ".0f"), cell(r["origin_bytes"], 1e6, ".0f")]
             out.append(f"| {LABELS[mode]} | {nodes} | {cell(r['start_p50_seconds'])} | {cell(r['start_max_seconds'])} "
                        f"| {cell(r.get('local_start_p50_seconds'))} | {mb[0]} | {mb[1]} "
@@ -330,7 +335,8 @@ def write_png(res: dict[str, Any], path: Path) -> None:
 
     n = res["nodes"]
     keys = [(m, k) for m in MODES for k in sorted({1, n}) if f"{m}_{k}" in res["table"]]
-    short = {"single": "origin,\nno batching", "direct": "origin", "mirror": "mirror"}
+    short = {"single": "origin,\nno batching", "direct": "origin", "mirror": "mirror\n(cold)",
+             "warm": "mirror\n(preheated)"}
     names = [f"{short[m]}\n{k} node{'s' if k > 1 else ''}" for m, k in keys]
     rows = [res["table"][f"{m}_{k}"] for m, k in keys]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
@@ -410,6 +416,7 @@ class Fleet:
         self.mirror_link: Any = None
         self.mirror = ""  # host:port
         self.ref = ""
+        self.blobs: list[tuple[str, str]] = []  # (repository, digest) of the image's lazy blobs
         self.cmd: list[str] = []
         self.output = ""
 
@@ -432,6 +439,10 @@ class Fleet:
         base = push(self.st.info.registry)
         self.ref = bench._indexed(base, base.rsplit(":", 1)[0] + "-fleet:v1")
         bench._record(self.ref)
+        from bootseer.control import Control
+
+        self.blobs = [(ly["repository"].split("/", 1)[1], ly["digest"])  # the lazy blobs, for the preheat
+                      for ly in Control(self.st.info.snapshotter_control, timeout=30).call("status")["layers"]]
         # the recording's own daemons would go on filling its layers from the origin: stop them for good
         with contextlib.suppress(Exception):
             self.st._kill_tasks()
@@ -497,6 +508,24 @@ class Fleet:
         wait_for("mirror", lambda: requests.get(url, timeout=1).status_code == 200, 60, proc,
                  Path(self.st.info.logs["mirror"]))
 
+    def preheat(self, timeout: float = 300) -> None:
+        """What an operator does when an image is published: have the mirror copy each lazy blob, and wait until
+        it serves ranges of it.  One request per blob starts the copy (closed unread, as the fetcher does), then
+        one client asks again until the answer is a range."""
+        import requests
+
+        from integration.stack import wait_for
+
+        def ranged(repo: str, digest: str) -> bool:
+            with requests.get(f"http://{self.mirror}/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=0-0"},
+                              stream=True, timeout=30) as resp:
+                return resp.status_code == 206
+
+        for repo, digest in self.blobs:
+            ranged(repo, digest)
+        for repo, digest in self.blobs:
+            wait_for(f"the mirror's copy of {digest[:19]}", functools.partial(ranged, repo, digest), timeout)
+
     def teardown(self) -> None:
         for bench in self.nodes:
             with contextlib.suppress(Exception):
@@ -513,7 +542,7 @@ class Fleet:
 
         d = Path(bench.st.info.containerd_config).parent / "certs.d" / self.st.info.registry
         d.mkdir(parents=True, exist_ok=True)
-        text = mirror_hosts_toml(self.st.info.registry, self.mirror) if mode == "mirror" \
+        text = mirror_hosts_toml(self.st.info.registry, self.mirror) if mode in ("mirror", "warm") \
             else containerd_config.hosts_toml(self.st.info.registry)
         (d / "hosts.toml").write_text(text)
 
@@ -608,10 +637,12 @@ class Fleet:
             list(pool.map(lambda b: b.reset(), self.nodes))  # every node, so none is still filling
         for b in benches:
             self._hosts(b, mode)
-        if mode == "mirror":
+        if mode in ("mirror", "warm"):
             self.start_mirror()
         olog, mlog = self._origin_log(), Path(self.st.info.logs["mirror"])
         o0, m0, cpu0 = olog.stat().st_size, mlog.stat().st_size, self._origin_cpu()
+        if mode == "warm":
+            self.preheat()  # before the barrier; what it costs the origin is counted
 
         def start(b: Any) -> float:
             b.pull("prefetch")
@@ -642,7 +673,7 @@ class Fleet:
                        {"bytes": total.bytes, "requests": total.requests, "cpu_seconds": round(cpu2 - cpu0, 3)},
                        {"bytes": from_mirror[1], "requests": from_mirror[0]}, settled=settled,
                        settle_seconds=round(settle_s, 2), local_starts=local, node_fetch=fetched)
-        if mode == "mirror":
+        if mode in ("mirror", "warm"):
             m = self._log_since(mlog, m0, m1)
             run.mirror = {"blob_gets": m.blob_gets, "hits": m.blob_partial,
                           "hit_rate": round(m.blob_partial / m.blob_gets, 4) if m.blob_gets else 0.0,
@@ -659,8 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin-rate", default="1gbit", help="the origin registry's uplink, shared by all")
     p.add_argument("--mirror-rate", default="10gbit", help="the mirror's link")
     p.add_argument("--node-rate", default="1gbit", help="each node's link")
-    p.add_argument("--modes", default="single,direct,mirror",
-                   help="of single (one node straight from the origin without multi-range batching), direct, mirror")
+    p.add_argument("--modes", default="single,direct,mirror,warm",
+                   help="of single (one node straight from the origin without multi-range batching), direct, "
+                        "mirror, warm (N nodes through a preheated mirror)")
     p.add_argument("--settle-timeout", type=float, default=300.0,
                    help="seconds to wait after the last output for every node's layers to be complete")
     p.add_argument("--json", dest="json_path", help="write the result as JSON here")
@@ -698,7 +730,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fleet.setup()
             meta["command"] = fleet.cmd
             meta["netns"] = [f"bs-{st.info.netns_id}", *(link.ns for link in fleet.links)]
-            plan = [(m, k) for k in (1, args.nodes) for m in modes if k == 1 or m != "single"]
+            plan = [(m, k) for k in (1, args.nodes) for m in modes
+                    if (k == 1 and m != "warm") or (k > 1 and m != "single")]
             for i in range(args.runs):
                 for mode, nodes in plan[i % len(plan):] + plan[:i % len(plan)]:
                     r = fleet.run_once(mode, nodes, i)
