@@ -171,6 +171,12 @@ class FleetRun:
         return statistics.median(self.starts)
 
 
+def byte_hit_ratio(r: FleetRun) -> float:
+    """The share of the bytes the mirror served that it did not fetch from the origin for it."""
+    served = float(r.mirror.get("bytes_served", 0))
+    return 1.0 - r.origin_from_mirror["bytes"] / served if served else 0.0
+
+
 def _per_round(runs: list[FleetRun], mode: str, nodes: int, value: Callable[[FleetRun], float]) -> dict[int, float]:
     return {r.round: value(r) for r in runs if r.mode == mode and r.nodes == nodes}
 
@@ -261,6 +267,7 @@ def summarize(runs: list[FleetRun], n: int, meta: dict[str, Any]) -> dict[str, A
             }
             if mode in ("mirror", "warm"):
                 row["mirror_hit_rate"] = spread([r.mirror.get("hit_rate", 0.0) for r in rs]).as_dict(4)
+                row["mirror_byte_hit_ratio"] = spread([byte_hit_ratio(r) for r in rs]).as_dict(4)
                 row["mirror_bytes_served"] = spread([r.mirror.get("bytes_served", 0) for r in rs]).as_dict(0)
                 row["origin_bytes_for_mirror"] = spread([r.origin_from_mirror["bytes"] for r in rs]).as_dict(0)
             table[f"{mode}_{nodes}"] = row
@@ -286,8 +293,8 @@ def markdown(res: dict[str, Any]) -> str:
            f"{res.get('mirror_rate')}, each node {res.get('node_rate')}.  Produced by "
            f"`{res.get('command_line', 'bootseer bench fleet')}`.", "",
            "| mode | nodes | start p50 s | start max s | local start p50 s | origin MB (to output) "
-           "| origin MB (settled) | origin requests | origin CPU s | mirror hit rate |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| origin MB (settled) | origin requests | origin CPU s | mirror hit rate | mirror byte hit ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(d: dict[str, Any] | None, scale: float = 1.0, fmt: str = ".2f") -> str:
         if not d:
@@ -301,6 +308,7 @@ def markdown(res: dict[str, Any]) -> str:
             if r is None:
                 continue
             hit = cell(r.get("mirror_hit_rate"), fmt=".3f") if mode in ("mirror", "warm") else "–"
+            hit += " | " + (cell(r.get("mirror_byte_hit_ratio"), fmt=".3f") if mode in ("mirror", "warm") else "–")
             mb = [cell(r["origin_bytes_to_output"], 1e6, ".0f"), cell(r["origin_bytes"], 1e6, ".0f")]
             out.append(f"| {LABELS[mode]} | {nodes} | {cell(r['start_p50_seconds'])} | {cell(r['start_max_seconds'])} "
                        f"| {cell(r.get('local_start_p50_seconds'))} | {mb[0]} | {mb[1]} "
@@ -317,8 +325,10 @@ def markdown(res: dict[str, Any]) -> str:
             "done), what the fleet's start costs the origin in all; \"to output\" stops at the last node's output. "
             "Local start: the same nodes run the command again at once from their complete layers, page cache "
             "dropped (no registry): what starting N containers together costs this machine.  "
-            "Mirror hit rate: the share of the nodes' blob requests the mirror answered from its own storage "
-            "(206).  A goal is *inconclusive* when the per-round ratios straddle its bound."]
+            "Mirror hit rate: the share of the nodes' blob requests the mirror answered with a range from its own "
+            "storage (206; whole small blobs, answered 200, count as misses); byte hit ratio: the share of the bytes "
+            "it served that it did not fetch from the origin.  A goal is *inconclusive* when the per-round ratios "
+            "straddle its bound."]
     if not all(r.get("settled", True) for r in rows.values()):
         out += ["", "**Some runs did not settle** within the timeout: their origin figures stop there."]
     for note in res.get("notes", []):
@@ -766,8 +776,11 @@ def report(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.render:
+    if args.render:  # the summary is computed again from the runs: what this version of the code says of them
         res = json.loads(Path(args.render).read_text())
+        meta = {k: v for k, v in res.items() if k not in ("benchmark", "nodes", "table", "ratios", "ratio_spreads",
+                                                           "goals", "all_runs")}
+        res = summarize([FleetRun(**r) for r in res["all_runs"]], int(res["nodes"]), meta)
     else:
         if args.nodes < 2 or args.runs < 1:
             print("error: --nodes must be at least 2 and --runs at least 1", file=sys.stderr)
