@@ -305,8 +305,8 @@ class Fetcher:
         """Until the next probe of a filling mirror; at once when the read cannot wait that long (its next
         attempt goes past the mirror).  Prefetch and background fill wait as long as the mirror may fill."""
         now = time.monotonic()
-        if kind != DEMAND:
-            retry.until = max(retry.until or now, self._mirrors.window_end())
+        if kind != DEMAND:  # (no deadline of their own: the retry window, or as long as the mirror may fill)
+            retry.until = max(retry.until or now + self.config.retry_window, self._mirrors.window_end())
         delay = self._mirrors.next_probe_in()
         if retry.until is not None and now + delay >= retry.until:
             delay = 0.0
@@ -563,7 +563,10 @@ class Fetcher:
             if route == "wait":
                 raise MirrorFilling(f"waiting for {endpoints[idx]} to fill {self.spec.digest[:19]}")
             try:
-                out = fn(endpoints[idx])
+                try:
+                    out = fn(endpoints[idx])
+                finally:
+                    self._mirrors.answered(endpoints[idx])  # a first answer awaited no longer holds others back
                 self._endpoint = idx
                 return out
             except MirrorFilling:

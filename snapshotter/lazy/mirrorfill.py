@@ -13,6 +13,9 @@ Reading such an answer up to the range we wanted (what the fetcher does with a r
 fleet starting at once through a cold mirror costs the origin more than it would without the mirror.  Going
 past the mirror to the origin while it fills costs the origin every node's reads: no better.  So:
 
+* until a mirror has answered one range request of a blob, that request is the only one sent to it for the
+  blob: the others wait for its answer (a node's prefetch workers and readers would otherwise each get, and
+  each cost the origin, a whole-blob answer at once);
 * a ``200`` to a range request from a mirror closes the response unread (the origin's copy for it stops
   after what the sockets buffered) and the mirror counts as *filling* that blob;
 * reads of the blob wait for it — one probe at a time, at growing intervals with jitter (``probe`` doubling
@@ -56,11 +59,14 @@ class _Fill:
 class MirrorFills:
     """Which mirrors of one blob are filling it, and when each may be asked again (see the module doc)."""
 
+    ASK_POLL = 0.02  # how often a request held back by a first request in flight looks for its answer
+
     def __init__(self, mirrors: tuple[str, ...], *, wait: float, probe: float, probe_max: float) -> None:
         self.mirrors = frozenset(mirrors)
         self.wait, self.probe, self.probe_max = wait, probe, probe_max
         self._fills: dict[str, _Fill] = {}
         self._serves_ranges: set[str] = set()  # mirrors that answered a range request of this blob with 206
+        self._asking: set[str] = set()  # mirrors whose first answer for this blob is awaited
         self._lock = threading.Lock()
 
     def unproven(self, base: str) -> bool:
@@ -73,6 +79,7 @@ class MirrorFills:
         """``base`` answered a range request with the whole blob: it fills; the error to raise."""
         now = time.monotonic()
         with self._lock:
+            self._asking.discard(base)
             fill = self._fills.get(base)
             if fill is None:
                 self._fills[base] = _Fill(now, now + self._jitter(self.probe), min(2 * self.probe, self.probe_max))
@@ -83,8 +90,14 @@ class MirrorFills:
         """``base`` answered a range request of this blob with ``206``: it has the blob."""
         if base in self.mirrors:
             with self._lock:
+                self._asking.discard(base)
                 self._fills.pop(base, None)
                 self._serves_ranges.add(base)
+
+    def answered(self, base: str) -> None:
+        """A request to ``base`` ended (whatever its outcome): it no longer holds the others back."""
+        with self._lock:
+            self._asking.discard(base)
 
     def route(self, base: str, until: float | None) -> Route:
         """What a request to ``base`` should do now: ``try`` it (a probe is due: it is claimed, so that the
@@ -92,9 +105,14 @@ class MirrorFills:
         deadline ``until`` comes first, or the mirror filled too long)."""
         with self._lock:
             fill = self._fills.get(base)
-            if fill is None:
-                return "try"
             now = time.monotonic()
+            if fill is None:
+                if base not in self.mirrors or base in self._serves_ranges:
+                    return "try"
+                if base in self._asking:  # its first answer is awaited: it tells whether the blob is there
+                    return "skip" if until is not None and until < now + self.ASK_POLL else "wait"
+                self._asking.add(base)
+                return "try"
             if now - fill.since > self.wait:
                 return "skip"
             if now >= fill.next_probe:
@@ -110,10 +128,13 @@ class MirrorFills:
             return any(now - f.since <= self.wait for f in self._fills.values())
 
     def next_probe_in(self) -> float:
-        """Seconds until the earliest probe of a filling mirror is due (0 when one is due or none fills)."""
+        """Seconds until the earliest probe of a filling mirror is due, or until a first answer awaited may have
+        come (0 when one is due, or nothing is awaited)."""
         now = time.monotonic()
         with self._lock:
             due = [f.next_probe for f in self._fills.values() if now - f.since <= self.wait]
+            if self._asking:
+                due.append(now + self.ASK_POLL)
         return max(0.0, min(due) - now) if due else 0.0
 
     def window_end(self) -> float:

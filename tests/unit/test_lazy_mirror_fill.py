@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from bootseer.index import chunk_digests
+from bootseer.testkit import wait_until
 from integration.faultproxy import FaultProxy
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.fetcher import FetchConfig, Fetcher
@@ -94,3 +96,33 @@ def test_reads_go_past_a_mirror_that_never_serves_ranges(tmp_path: Path,
                     read_timeout=5.0)
     assert slow.read(0, 10) == DATA[:10]  # 200 from the mirror; its next probe is past the read's deadline
     assert len(_answers(registry)) == 3 and slow.stats.failures == 0
+
+
+def test_one_request_finds_out_whether_the_mirror_has_the_blob(tmp_path: Path,
+                                                               servers: tuple[FaultProxy, FaultProxy]) -> None:
+    """Readers of one blob at once send the mirror one request while its answer is unknown (each whole-blob
+    answer costs the origin a stream of the blob); the others wait for that answer, then use the mirror."""
+    mirror, registry = servers
+    mirror.add("ignore_range", times=1)
+    f = _fetcher(tmp_path, mirror, registry)
+    mirror.hold()
+    errors: list[BaseException] = []
+
+    def read(i: int) -> None:
+        try:
+            assert f.read(i * CS, 10) == DATA[i * CS : i * CS + 10]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in (1, 5, 9, 13)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: f.stats.retry_reasons.get("mirror_filling", 0) >= 3, 10, "3 readers waiting")
+        assert len(_answers(mirror)) == 1  # the first one, held: the others did not ask
+    finally:
+        mirror.release()
+    for t in threads:
+        t.join(10)
+    assert not errors and _answers(mirror)[0][1] == 200 and _answers(registry) == []
+    assert sorted(s for _, s in _answers(mirror)[1:]) == [206] * 4
