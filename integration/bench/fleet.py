@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import functools
 import json
 import os
 import secrets
@@ -521,20 +520,23 @@ class Fleet:
     def preheat(self, timeout: float = 300) -> None:
         """What an operator does when an image is published: have the mirror copy each lazy blob, and wait until
         it serves ranges of it.  One request per blob starts the copy (closed unread, as the fetcher does), then
-        one client asks again until the answer is a range."""
+        one client asks again, at the fetcher's pace (every whole-blob answer costs the origin a request and what
+        the sockets buffered), until the answer is a range."""
         import requests
-
-        from integration.stack import wait_for
 
         def ranged(repo: str, digest: str) -> bool:
             with requests.get(f"http://{self.mirror}/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=0-0"},
                               stream=True, timeout=30) as resp:
                 return resp.status_code == 206
 
-        for repo, digest in self.blobs:
-            ranged(repo, digest)
-        for repo, digest in self.blobs:
-            wait_for(f"the mirror's copy of {digest[:19]}", functools.partial(ranged, repo, digest), timeout)
+        waiting = [(repo, digest) for repo, digest in self.blobs if not ranged(repo, digest)]
+        deadline, pause = time.monotonic() + timeout, 0.5
+        while waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the mirror has not copied {len(waiting)} blob(s) after {timeout:.0f} s")
+            time.sleep(pause)  # the mirror's copy, polled with a deadline
+            pause = min(2 * pause, 2.0)
+            waiting = [(repo, digest) for repo, digest in waiting if not ranged(repo, digest)]
 
     def teardown(self) -> None:
         for bench in self.nodes:
