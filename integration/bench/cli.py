@@ -16,6 +16,7 @@ BENCHMARKS = {
     "startup": "container start-up: full pull vs lazy vs lazy+prefetch vs floor",
     "depsnap": "env-ready time: dependency snapshot hit vs install at start",
     "transient": "lazy start-up through a registry failing 20 % of range reads (503, cut bodies) vs healthy",
+    "fleet": "N nodes starting one image at once: straight from the origin vs through a pull-through mirror",
     "job": "whole job start (image + dependencies + checkpoint + first step): today vs BootSeer vs floor",
 }
 

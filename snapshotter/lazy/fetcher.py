@@ -36,6 +36,9 @@ any HTTP server.  The rules, and why:
   fails at once rather than waiting for nothing.  Not transient: any other 4xx (a 404 moves on to the next
   endpoint, then fails; it is never retried), a malformed answer, and a chunk that failed verification —
   that one is retried at most ``retries`` times, then EIO for the read that needs it, never wrong bytes.
+* **A mirror that has not cached the blob is waited for, not read through.**  A pull-through cache answers a
+  range request for a blob it is still copying with the whole blob (``200``), costing the origin a stream of
+  it per request; reads wait for it within their deadline instead (:mod:`snapshotter.lazy.mirrorfill`).
 * **Demand first** and **down means down** are the shared parts: the :class:`~snapshotter.lazy.scheduling.Scheduler`
   admits requests across all blobs, the :class:`~snapshotter.lazy.transport.HttpClient` keeps each endpoint's
   health; failures are classified in :mod:`snapshotter.lazy.errors`, multi-range answers parsed in
@@ -60,6 +63,7 @@ import requests
 
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.errors import Cancelled, CorruptChunk, FetchError, status_error, transport_error
+from snapshotter.lazy.mirrorfill import MirrorFilling, MirrorFills
 from snapshotter.lazy.multipart import BodyReader, read_parts
 from snapshotter.lazy.scheduling import DEMAND, KINDS, PREFETCH, Scheduler
 from snapshotter.lazy.spec import BlobSpec, coalesce
@@ -102,6 +106,9 @@ class FetchConfig:
     down_after_failures: int = 3  # distinct reads with failed requests that mark the endpoints down ...
     down_after_seconds: float = 2.0  # ... when nothing arrived for this long since the first failure
     tls_verify: bool | str = True  # False, True, or a CA bundle path
+    mirror_fill_wait: float = 120.0  # reads wait this long for a mirror filling a blob, then go past it
+    mirror_probe: float = 0.5  # first wait before asking a filling mirror again; doubles up to mirror_probe_max
+    mirror_probe_max: float = 2.0
 
 
 class MetricsSink(Protocol):
@@ -165,6 +172,9 @@ class Fetcher:
         self._failed: dict[int, tuple[float, FetchError]] = {}
         self._endpoint = 0  # index into spec.endpoints() of the one that last worked
         self._multi_range = True  # until the registry answers a multi-range request otherwise
+        cfg = self.config
+        self._mirrors = MirrorFills(spec.mirrors, wait=cfg.mirror_fill_wait, probe=cfg.mirror_probe,
+                                    probe_max=cfg.mirror_probe_max)
 
     # -- public --------------------------------------------------------------------------------------
     def read(self, offset: int, length: int, kind: str = DEMAND) -> bytes:
@@ -253,6 +263,8 @@ class Fetcher:
         (backoff, or the endpoints' ``Retry-After``) would end past the deadline."""
         if not last.transient:
             raise last
+        if isinstance(last, MirrorFilling):
+            return self._wait_for_mirror(last, kind, retry, cancel)
         if isinstance(last, CorruptChunk):
             retry.corrupt += 1
             if retry.corrupt > self.config.retries:
@@ -287,6 +299,27 @@ class Fetcher:
                 raise Cancelled("cancelled")
         elif delay > 0:
             time.sleep(delay)  # back-off between attempts
+
+    def _wait_for_mirror(self, last: MirrorFilling, kind: str, retry: _RetryState,
+                         cancel: threading.Event | None) -> None:
+        """Until the next probe of a filling mirror; at once when the read cannot wait that long (its next
+        attempt goes past the mirror).  Prefetch and background fill wait as long as the mirror may fill."""
+        now = time.monotonic()
+        if kind != DEMAND:  # (no deadline of their own: the retry window, or as long as the mirror may fill)
+            retry.until = max(retry.until or now + self.config.retry_window, self._mirrors.window_end())
+        delay = self._mirrors.next_probe_in()
+        if retry.until is not None and now + delay >= retry.until:
+            delay = 0.0
+        with self._lock:
+            self.stats.retries += 1
+            self.stats.retry_reasons[last.reason] = self.stats.retry_reasons.get(last.reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.retried(kind, last.reason)
+        if cancel is not None:
+            if cancel.wait(delay):
+                raise Cancelled("cancelled")
+        elif delay > 0:
+            time.sleep(delay)  # waiting for the mirror's next probe
 
     def busy(self) -> bool:
         with self._lock:
@@ -375,7 +408,8 @@ class Fetcher:
             error: FetchError | None = None
             try:
                 pieces = coalesce(need)
-                if len(pieces) > 1 and self._multi_range and self._fetch_multi(pieces, kind, deadline):
+                if len(pieces) > 1 and self._multi_range and not self._mirrors.filling() \
+                        and self._fetch_multi(pieces, kind, deadline):
                     pass
                 else:
                     for piece in pieces:
@@ -457,6 +491,8 @@ class Fetcher:
                 ctype = resp.headers.get("Content-Type", "")
                 boundary = re.search(r'boundary="?([^";]+)"?', ctype)
                 if resp.status_code != 206 or not ctype.startswith("multipart/byteranges") or boundary is None:
+                    if resp.status_code == 200 and self._mirrors.unproven(base):
+                        raise self._mirrors.answered_whole(base, url)
                     if resp.status_code in (200, 206):
                         self._multi_range = False
                         log.info("%s answers multi-range requests with %d %s; one range per request from now on",
@@ -466,6 +502,7 @@ class Fetcher:
                         return None
                     drain(resp)
                     raise status_error(url, f"({len(spans)} ranges)", resp)
+                self._mirrors.served_range(base)
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
                 return read_parts(BodyReader(resp, url, until), boundary.group(1).encode(), url, wanted, self.spec.size)
             finally:
@@ -518,11 +555,23 @@ class Fetcher:
         ready = [k for k in range(n) if not self.client.held(endpoints[(first + k) % n])]
         order = [(first + k) % n for k in (ready + [k for k in range(n) if k not in ready])]
         err: FetchError | None = None
+        reader = getattr(_current, "reader", None)
         for idx in order:
+            route = self._mirrors.route(endpoints[idx], None if reader is None else reader.until)
+            if route == "skip":
+                continue
+            if route == "wait":
+                raise MirrorFilling(f"waiting for {endpoints[idx]} to fill {self.spec.digest[:19]}")
             try:
-                out = fn(endpoints[idx])
+                try:
+                    out = fn(endpoints[idx])
+                finally:
+                    self._mirrors.answered(endpoints[idx])  # a first answer awaited no longer holds others back
                 self._endpoint = idx
                 return out
+            except MirrorFilling:
+                self._endpoint = idx  # not an outage, and the blob is asked of this mirror again
+                raise
             except FetchError as e:
                 self._endpoint = idx + 1  # mirrors first, the registry last, round and round
                 if e.retry_after is not None:
@@ -531,7 +580,6 @@ class Fetcher:
                     err = e
                     continue
                 cfg = self.config
-                reader = getattr(_current, "reader", None)
                 if self.client.request_failed(endpoints, id(reader) if reader is not None else 0,
                                               e.strerror or str(e), after=cfg.down_after_failures,
                                               span=cfg.down_after_seconds, seconds=cfg.failure_memo):
@@ -575,6 +623,11 @@ class Fetcher:
                     if resp.status_code == 401 and not refreshed:
                         refreshed = True
                         continue
+                    if resp.status_code == 200 and (start, end) != (0, self.spec.size) \
+                            and self._mirrors.unproven(base):
+                        raise self._mirrors.answered_whole(base, url)  # closed unread (see mirrorfill)
+                    if resp.status_code == 206:
+                        self._mirrors.served_range(base)
                     return self._body(resp, url, start, end, until, arrived)
                 finally:
                     resp.close()
