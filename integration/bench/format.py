@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bootseer.testkit import drop_caches
+from integration.bench.stats import ratio_spread
 
 PAGE = 4096
 CHUNK = 128 << 10  # the index's chunk size today
@@ -90,7 +91,7 @@ CANDIDATES = (
               "64 KiB pclusters"),
 )
 # node format → the per-chunk zstd levels computed for its wire (a compressed blob gains little from it: one row)
-ZSTD_WIRE = {"plain": ZSTD_LEVELS, "lz4": (3,), "lz4hc": (3,)}
+ZSTD_WIRE = {"plain": ZSTD_LEVELS, "lz4": ZSTD_LEVELS, "lz4hc": (3,)}
 
 
 def _log(msg: str) -> None:
@@ -237,13 +238,11 @@ def decompress_rate(blob: Path, chunks: Sequence[int], chunk_size: int, level: i
 
 
 # ---------------------------------------------------------------------------------------- seq read
-def write_as_cache(blob: Path, dest: Path, first: Sequence[int], *, preallocate: bool = False,
-                   sync_every: int = 16 << 20) -> None:
+def write_as_cache(blob: Path, dest: Path, first: Sequence[int], *, sync_every: int = 16 << 20) -> None:
     """Copy ``blob`` to ``dest`` the way a node's chunk cache comes to hold it: a sparse file of the blob's size,
     the start's chunks written first in the order it read them (prefetch), then the rest in ascending order
     (background fill), made durable batch by batch (the cache's flusher syncs every second) — so the file's
-    blocks land on disk in that order, not in the file's.  ``preallocate``: the whole file allocated first
-    (``posix_fallocate``), which keeps its blocks in file order whatever the write order."""
+    blocks land on disk in that order, not in the file's: what a swapped layer's loop device reads."""
     size = blob.stat().st_size
     n = (size + CHUNK - 1) // CHUNK
     head = list(dict.fromkeys(c for c in first if 0 <= c < n))
@@ -252,8 +251,6 @@ def write_as_cache(blob: Path, dest: Path, first: Sequence[int], *, preallocate:
     dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(dst, size)
-        if preallocate:
-            os.posix_fallocate(dst, 0, size)
         pending = 0
         for c in head + rest:
             data = os.pread(src, CHUNK, c * CHUNK)
@@ -489,15 +486,15 @@ def wire_rows(built: dict[str, Built], levels: Sequence[int], threads: int) -> t
                 "node_disk_per_layer": sizes, "node_disk_hot": sum(raw_hot),
                 "convert_seconds": round(sum(convert) + sum(secs for _, secs in per), 2),
                 "zstd_seconds": round(sum(secs for _, secs in per), 2)}
-        if name == "plain" and 3 in levels:  # (b) and (d) together: finer chunks, each compressed
+        if name in ZSTD_WIRE and 3 in levels:  # (b) and (d) together: finer chunks, each compressed
             sweep: dict[str, dict[str, int]] = {}
             for cs in FINER:
-                _log(f"plain: every {cs >> 10} KiB chunk through zstd -3 ...")
+                _log(f"{name}: every {cs >> 10} KiB chunk through zstd -3 ...")
                 frames: list[list[int]] = [zstd_chunk_sizes(p, cs, 3, threads)[0] for p in b.blobs]
                 sweep[str(cs)] = {"hot_bytes": sum(sum(sz[c] for c in chunks_of(pg, cs))
                                                    for sz, pg in zip(frames, b.pages, strict=True)),
                                   "whole_bytes": sum(sum(sz) for sz in frames)}
-            finer["plain+zstd3"] = sweep
+            finer[f"{name}+zstd3"] = sweep
     return wire, finer
 
 
@@ -575,10 +572,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, b in built.items():
                 items += [(name, "loop", b.blobs[seq_layer]), (name, "file", b.blobs[seq_layer])]
                 if b.first is not None:  # the node's own file, as its chunk cache wrote it (needs the start's order)
-                    for way, pre in (("cache", False), ("prealloc", True)):
-                        copy = scratch / name / f"{seq_layer}.{way}"
-                        write_as_cache(b.blobs[seq_layer], copy, b.first[seq_layer], preallocate=pre)
-                        items.append((name, way, copy))
+                    copy = scratch / name / f"{seq_layer}.cache"
+                    write_as_cache(b.blobs[seq_layer], copy, b.first[seq_layer])
+                    items.append((name, "cache", copy))
             for r in range(args.seq_runs):
                 k = r % len(items)
                 for name, how, path in items[k:] + items[:k]:
@@ -612,8 +608,12 @@ def summarize(args: argparse.Namespace, layers: list[Layer], built: dict[str, Bu
                         "digest": None if b.digests is None else b.digests[i]}
                        for i, m in enumerate(b.mkfs_seconds)],
             "seq_read_mb_s": runs,
-            "seq_read_vs_overlay": {how: round(statistics.median(v) / statistics.median(overlay_runs), 3)
-                                    for how, v in runs.items() if v and overlay_runs}}
+            # paired by round (each round reads every way once, in a rotated order): the machine's drift
+            # between rounds cancels out of each pair
+            "seq_read_vs_overlay": {how: round(ratio_spread(v, overlay_runs).median, 3)
+                                    for how, v in runs.items() if v and overlay_runs},
+            "seq_read_vs_overlay_spread": {how: ratio_spread(v, overlay_runs).as_dict(3)
+                                           for how, v in runs.items() if v and overlay_runs}}
     for w in wire.values():
         w["hot_seconds_at"] = {rate: round(transfer_seconds(w["hot_bytes"], rate), 2) for rate in RATES}
         node = formats.get(w["node"], {}).get("seq_read_vs_overlay", {})
@@ -631,7 +631,15 @@ def summarize(args: argparse.Namespace, layers: list[Layer], built: dict[str, Bu
 
 
 # ------------------------------------------------------------------------------------------ report
-WAYS = {"loop": "fresh loop", "file": "file-backed", "cache": "cache-written", "prealloc": "preallocated"}
+WAYS = {"loop": "fresh loop", "file": "file-backed", "cache": "cache-written"}
+
+
+def _ratio_text(v: float | None, sp: dict[str, float] | None) -> str:
+    if v is None:
+        return "–"
+    if sp and sp.get("n", 1) > 1 and sp["min"] != sp["max"]:
+        return f"{v:.2f} [{sp['min']:.2f}–{sp['max']:.2f}]"
+    return f"{v:.2f}"
 
 
 def _med(v: Sequence[float]) -> float | None:
@@ -677,13 +685,14 @@ def markdown(result: dict[str, Any]) -> str:
         reads = f.get("seq_read_mb_s", {})
         speeds = [_med(reads.get(way, [])) for way in WAYS]
         pages = result.get("finer", {}).get(name, {}).get("pages")
-        ratios = [f.get("seq_read_vs_overlay", {}).get(way) for way in WAYS]
+        spreads = f.get("seq_read_vs_overlay_spread", {})
+        ratios = [_ratio_text(f.get("seq_read_vs_overlay", {}).get(way), spreads.get(way)) for way in WAYS]
         out.append(f"| `{name}` {f['label']} | ({f['study']}) | {f['mkfs']} `{' '.join(f['mkfs_args'])}` | "
                    + " / ".join(f"{s / 1e6:.0f}" for s in sizes) + f" | {sum(sizes) / 1e6:.0f} | "
                    f"{sum(ly['mkfs_seconds'] for ly in f['layers']):.1f} | "
                    + (f"{pages / 1e6:.1f}" if pages is not None else "–") + " | "
                    + " / ".join(f"{v:.0f}" if v else "–" for v in speeds) + " | "
-                   + " / ".join(f"{v:.2f}" if v is not None else "–" for v in ratios) + " |")
+                   + " / ".join(ratios) + " |")
     if overlay:
         runs = result.get("overlay_seq_read_mb_s", [])
         out += ["", f"Overlayfs over the unpacked layer on local disk: {overlay:.0f} MB/s (median of {len(runs)}: "
@@ -692,8 +701,8 @@ def markdown(result: dict[str, Any]) -> str:
                 "Mounted from: *fresh loop* — a loop device on the blob as mkfs wrote it; *file-backed* — erofs "
                 "mounting that file itself; *cache-written* — a loop device on a copy written the way the node's "
                 "chunk cache writes it (sparse file, the start's chunks first in the order it read them, then the "
-                "rest ascending, synced every 16 MB): what a swapped layer reads today; *preallocated* — the same "
-                "with the whole file `fallocate`d first."]
+                "rest ascending, synced every 16 MB): what a swapped layer reads today.  The ratios pair each read "
+                "with the overlayfs read of its round (median [min–max] of the rounds)."]
     for name, why in result.get("skipped", {}).items():
         out.append(f"\nNot built: `{name}`: {why}")
     out += ["", "## The hot set on the wire", "",
@@ -722,13 +731,13 @@ def markdown(result: dict[str, Any]) -> str:
         sizes = [str(cs) for cs in FINER]
         out += ["", "## Finer hot ranges", "",
                 "Bytes to fetch for the recorded start when the unit of fetching is the 4 KiB page it really read, "
-                "or a chunk of the size given (raw, as stored; `plain+zstd3`: each chunk compressed with zstd -3).",
+                "or a chunk of the size given (raw, as stored; `+ zstd -3`: each chunk compressed with zstd -3).",
                 "", "| format | pages read MB | " + " | ".join(f"{int(c) >> 10} KiB" for c in sizes) + " |",
                 "|---|---:|" + "---:|" * len(sizes)]
         for name, f in finer.items():
-            if name == "plain+zstd3":
+            if name.endswith("+zstd3"):
                 row = " | ".join(f"{f[c]['hot_bytes'] / 1e6:.1f}" for c in sizes if c in f)
-                out.append(f"| `plain` + zstd -3 per chunk | – | {row} |")
+                out.append(f"| `{name[:-6]}` + zstd -3 per chunk | – | {row} |")
             else:
                 row = " | ".join(f"{f['chunks'][c] / 1e6:.1f}" for c in sizes)
                 out.append(f"| `{name}` | {f['pages'] / 1e6:.1f} | {row} |")
@@ -750,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default=",".join(c.name for c in CANDIDATES),
                    help="comma-separated subset of " + ",".join(c.name for c in CANDIDATES))
     p.add_argument("--levels", default="3,19", help="zstd levels of the per-chunk wire codec")
-    p.add_argument("--seq-runs", type=int, default=3, help="cold sequential reads per format and mount (median)")
+    p.add_argument("--seq-runs", type=int, default=5, help="cold sequential reads per format and mount (median)")
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                    help="threads compressing chunks")
     p.add_argument("--mkfs-new", help=f"a mkfs.erofs with zstd/lzma/deflate (default {NEW_MKFS} if present)")
