@@ -42,7 +42,8 @@ def test_arguments_are_checked_before_anything_runs(capsys: pytest.CaptureFixtur
     args = fmt.parse_args(["--formats", "plain, lz4hc,plain", "--levels", "19,3"])
     assert args.formats == ["plain", "lz4hc"] and args.levels == [3, 19]
     for bad, why in ((["--formats", "squashfs"], "choose from lz4hc"), (["--levels", "x"], "integers"),
-                     (["--levels", "30"], "from 1 to 22"), (["--seq-runs", "-1"], "seq-runs")):
+                     (["--levels", "30"], "from 1 to 22"), (["--seq-runs", "-1"], "seq-runs"),
+                     (["--recordings", "0"], "recordings")):
         with pytest.raises(ValueError, match=why):
             fmt.parse_args(bad)
     assert fmt.main(["--formats", "squashfs"]) == 2
