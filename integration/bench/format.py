@@ -858,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path")
     p.add_argument("--md", dest="md_path")
     p.add_argument("--render", metavar="JSON", help="only redraw --md from an earlier --json result")
+    p.add_argument("--note", action="append", default=[],
+                   help="a sentence to add to the result's notes (repeatable; with --render, kept in --json too)")
     p.add_argument("--root", type=Path, default=None, help="stack scratch dir (default: below the scratch dir)")
     p.add_argument("--scratch", type=Path, default=None, help="scratch parent (blobs and unpacked layers: ~5 GB)")
     p.add_argument("--cache", type=Path, default=Path("/var/cache/bootseer/images"), help="image cache")
@@ -892,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.render:
         result = json.loads(Path(args.render).read_text())
+        result["notes"] = [*result.get("notes", []), *args.note]
+        if args.json_path and args.note:
+            Path(args.json_path).write_text(json.dumps(result, indent=1) + "\n")
     else:
         if os.geteuid() != 0:
             print("error: the format study needs root (mounts, loop devices, drop_caches, the local stack)",
@@ -899,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.command_line = "bootseer bench format " + shlex.join(argv if argv is not None else sys.argv[1:])
         result = run(args)
+        result["notes"] = [*result.get("notes", []), *args.note]
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result)
