@@ -18,6 +18,7 @@ BENCHMARKS = {
     "transient": "lazy start-up through a registry failing 20 % of range reads (503, cut bodies) vs healthy",
     "fleet": "N nodes starting one image at once: straight from the origin vs through a pull-through mirror",
     "job": "whole job start (image + dependencies + checkpoint + first step): today vs BootSeer vs floor",
+    "format": "lazy-layer format study: hot-set wire bytes, node disk, conversion time, reads per blob format",
 }
 
 app = typer.Typer(help="Benchmarks (ratios against a same-run baseline; --json FILE for machines).",

@@ -1,13 +1,17 @@
 """Start-up benchmark: time from "pull the image" to the command's output, every way this machine can start
-the realistic image, side by side in one run on one shaped link.
+an image, side by side in one run on one shaped link.
 
-``bootseer bench startup [--runs N] [--rates 1gbit,200mbit] [--modes …] [--json FILE] [--md FILE] [--png FILE]``
-(or ``python -m integration.bench.startup``).  ``--render FILE.json`` redraws the table and chart of an earlier
-run without running anything.
+``bootseer bench startup [--image IMG --command CMD --expect TEXT] [--runs N] [--rates 1gbit,200mbit] [--modes …]
+[--json FILE] [--md FILE] [--png FILE]`` (or ``python -m integration.bench.startup``).  ``--render FILE.json``
+redraws the table and chart of an earlier run without running anything.
 
-One local stack (containerd 1.6, docker-registry in a network namespace behind a ``tbf``-shaped veth), the
-realistic image (Debian + python3 + numpy + torch CPU, three layers), its command ``python3 -c "import torch;
-print(torch.ones(2).sum())"``, and these modes:
+One local stack (containerd 1.6, docker-registry in a network namespace behind a ``tbf``-shaped veth), an image
+and these modes.  The image is by default the realistic one (Debian + python3 + numpy + torch CPU, three layers)
+with its command ``python3 -c "import torch; print(torch.ones(2).sum())"``; ``--image realistic-split`` is the same
+files in about eight layers (a second shape), and ``--image REF`` / ``oci-archive:PATH`` is the operator's own,
+copied into the benchmark's registry first, with ``--command`` (one shell-quoted string) and ``--expect`` (text of
+the stdout line that marks the start as done; the container is killed once it came, if it does not exit by
+itself) — see :mod:`integration.bench.imagesource`.
 
 * ``overlayfs``: ``ctr image pull`` (download, gunzip, unpack every layer) then ``ctr run`` — what a node does today.
 * ``floor``: the image already unpacked on the node, page cache dropped: ``ctr run`` only.  No way of getting the
@@ -27,14 +31,19 @@ are skipped with a message saying which.
 Every run is cold: containerd, the stargz peer and BootSeer's snapshotter are stopped, their state (content,
 snapshots, caches) deleted, the page cache dropped and all of them started again — a fresh containerd also
 redials the proxy snapshotters at once (one restarted under a running containerd can wait out a long gRPC
-back-off).  Each container's stdout is checked against the expected output.  The time runs from the start of
-the pull command to the moment the output line arrives.  Bytes: what crossed the shaped link until that moment
+back-off).  The time runs from the start of the pull command to the moment the expected line arrives; a run
+without it, or whose command exits non-zero, fails.  Bytes: what crossed the shaped link until that moment
 (the host end's receive counter) and what the registry logged as served, beside the hot set — the image bytes
 in the page cache after a floor run (uncompressed, what start-up reads), and the recorded hot-block manifest's
-bytes when BootSeer's recorder is present.  Modes rotate their order from run to run; medians over ``--runs``.
+bytes when BootSeer's recorder is present.  For the BootSeer modes, per layer at that moment: the EROFS blob's
+size, the bytes BootSeer fetched of it, and the disk its chunk cache takes on the node (allocated blocks of the
+cache files).  Modes rotate their order from run to run; medians over ``--runs``.
 
 JSON: ``all_runs`` (every run, with its round), ``run_counts`` (what was measured; ``runs`` is what was asked),
-``median_seconds`` and ``seconds`` (median, min, max, n), ``bytes``, ``ratios`` (time ratios of medians, e.g.
+``median_seconds`` and ``seconds`` (median, min, max, n), ``bytes`` (per rate and mode: ``link_to_output``, the
+wire bytes, and ``registry_to_output``), ``layers`` (per rate and BootSeer mode, one row per lazy layer:
+``position``, ``layer``, ``blob``, ``blob_size``, ``fetched_to_output``, ``disk_at_output``, medians over the
+runs), ``image`` and ``image_layers`` (compressed sizes), ``ratios`` (time ratios of medians, e.g.
 ``prefetch_vs_floor_1g``; ``fetched_vs_hotset_<rate>``) with ``ratio_spreads`` (the per-round ratios' range),
 ``goals`` (each with its verdict: met, not met, inconclusive when the spread straddles the bound, or not
 measured), ``skipped``.  Five runs or more for figures that are quoted: three leave the spread meaningless.
@@ -47,6 +56,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -62,6 +72,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bootseer.testkit import drop_caches
+from integration.bench.imagesource import REALISTIC_SEQ_READ_FILE, ImageSource, Workload
 from integration.bench.stats import Spread, ratio_spread, spread, verdict
 
 MODES = ("overlayfs", "floor", "stargz", "stargz-optimized", "lazy", "prefetch")
@@ -218,10 +229,12 @@ def markdown(result: dict[str, Any]) -> str:
                        f"{k.get('prefetch', 0) / 1e6:.0f} MB by prefetch, {k.get('background', 0) / 1e6:.0f} MB "
                        "in the background by the time of the output (median).")
     seq = result.get("seq_read_mb_s", {})
+    seq_file = result.get("seq_read_file") or SEQ_READ_FILE
     if seq.get("overlayfs_local") and seq.get("swapped_lazy"):
-        out.append(f"Cold sequential read of `{SEQ_READ_FILE.rsplit('/', 1)[1]}` inside a container: overlayfs on "
+        out.append(f"Cold sequential read of `{seq_file.rsplit('/', 1)[1]}` inside a container: overlayfs on "
                    f"local disk {statistics.median(seq['overlayfs_local']):.0f} MB/s, BootSeer lazy layers after "
                    f"they left FUSE {statistics.median(seq['swapped_lazy']):.0f} MB/s (median).")
+    out += layer_table(result)
     if result.get("partial"):
         out += ["", "**Partial result**: the run had not finished all rounds when this was written."]
     if result.get("skipped"):
@@ -246,6 +259,22 @@ def markdown(result: dict[str, Any]) -> str:
     for note in result.get("notes", []):
         out += ["", note]
     return "\n".join(out) + "\n"
+
+
+def layer_table(result: dict[str, Any]) -> list[str]:
+    """Markdown lines: per rate and BootSeer mode, each lazy layer's blob size, bytes fetched and disk used on
+    the node at the output (empty when no run measured them)."""
+    rows = [(rk, mode, ly) for rk, per in result.get("layers", {}).items() for mode, lys in per.items() for ly in lys]
+    if not rows:
+        return []
+    out = ["", "Per lazy layer at the output (median): the EROFS blob, the bytes BootSeer fetched of it, the disk "
+           "its chunk cache takes on the node (allocated blocks).", "",
+           "| rate | mode | # | layer | blob MB | fetched MB | disk MB |", "|---|---|---:|---|---:|---:|---:|"]
+    for rk, mode, ly in rows:
+        out.append(f"| {rk} | {LABELS.get(mode, mode)} | {ly['position']} | `{ly['layer'][7:19]}` | "
+                   f"{ly['blob_size'] / 1e6:.1f} | {ly['fetched_to_output'] / 1e6:.1f} | "
+                   f"{ly['disk_at_output'] / 1e6:.1f} |")
+    return out
 
 
 def write_png(result: dict[str, Any], path: Path) -> None:
@@ -274,7 +303,8 @@ def write_png(result: dict[str, Any], path: Path) -> None:
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(range(len(rates)), [f"registry link {r}" for r in rates])
     ax.set_ylabel("seconds from pull start to output (median)")
-    ax.set_title(f"Cold start of the realistic image ({result.get('runs')} runs per bar)")
+    image = str(result.get("image") or "the realistic image").split(" (", 1)[0]
+    ax.set_title(f"Cold start of {image} ({result.get('runs')} runs per bar)")
     ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     ax.grid(axis="y", alpha=0.3)
@@ -368,16 +398,20 @@ class Run:
 class Bench:
     """The stack plus the peer, restarted cold for every run."""
 
-    def __init__(self, st: Any, cfg: Any, modes: list[str], peer_binary: Path | None, log: Callable[[str], None]):
-        from integration import images
-        from integration.bench import peer
+    def __init__(self, st: Any, cfg: Any, modes: list[str], peer_binary: Path | None, log: Callable[[str], None],
+                 source: ImageSource | None = None, work: Workload | None = None, exit_timeout: float = 120.0):
+        from integration.bench import imagesource, peer
 
         self.st, self.cfg, self.modes, self.log = st, cfg, modes, log
         self.root = Path(st.info.root)
         self.cdir = Path(st.info.containerd_config).parent
         self.refs: dict[str, str] = {}
-        self.cmd = list(images.REALISTIC_CMD)
-        self.expected = images.REALISTIC_OUTPUT
+        self.source = source or ImageSource("builtin", "realistic")
+        self.work = work or imagesource.workload(self.source, None, None, None)
+        self.cmd = list(self.work.command)
+        self.expected = self.work.expect
+        self.exit_timeout = exit_timeout
+        self.blob_layers: dict[str, dict[str, dict[str, Any]]] = {}  # mode → EROFS blob → its layer, position
         self.peer: Any = None
         if peer_binary is not None:
             self.peer = peer.Peer(peer_binary, self.root / "stargz", self.root / "stargz.sock",
@@ -456,19 +490,24 @@ class Bench:
     def setup(self, cache: Path) -> None:
         """Every mode's image in the registry (conversions are cached: eStargz of 1 GB takes minutes)."""
         from integration import images
-        from integration.bench import peer
+        from integration.bench import imagesource, peer
 
-        self.log("pushing the realistic image (built once, then cached) ...")
-        base = images.push_realistic(self.st.info.registry)
+        self.log(f"pushing the image {self.source.label()} (built-in images are built once, then cached) ...")
+        base = imagesource.push_image(self.source, self.st.info.registry, cache)
         self.refs["overlayfs"] = self.refs["floor"] = base
+        self.facts = imagesource.image_facts(base)
         for mode, opt in (("stargz", None), ("stargz-optimized", self.cmd)):
             if mode not in self.modes:
                 continue
             tag = "v1-esgz" if opt is None else "v1-esgz-opt"
             ref = base.rsplit(":", 1)[0] + ":" + tag
-            key = hashlib.sha256(json.dumps([images.realistic_key(), tag, opt, _package_version("stargz-snapshotter")])
+            # the realistic image keeps its old key (its conversions cached on machines stay valid); any
+            # other image is keyed by what was pushed
+            what = images.realistic_key() if self.source.value == "realistic" else self.facts.manifest_digest
+            key = hashlib.sha256(json.dumps([what, tag, opt, _package_version("stargz-snapshotter")])
                                  .encode()).hexdigest()[:16]
-            layout = cache / f"realistic-{key}-{tag}"
+            name = "realistic" if self.source.value == "realistic" else "image"
+            layout = cache / f"{name}-{key}-{tag}"
             if not (layout / "index.json").exists():
                 self.log(f"{mode}: converting with ctr-remote (minutes; cached in {layout}) ...")
                 peer.convert_estargz(self.st, base, ref, NS, optimize_cmd=opt)
@@ -479,11 +518,18 @@ class Bench:
                 push(layout, tag, ref)
             self.refs[mode] = ref
         repo = base.rsplit(":", 1)[0]
-        if "lazy" in self.modes:
-            self.refs["lazy"] = self._indexed(base, repo + "-lazy:v1")
+        for mode in ("lazy", "prefetch"):
+            if mode in self.modes:
+                self.refs[mode] = self._indexed(base, f"{repo}-{mode}:v1")
+                self.blob_layers[mode] = self._blob_layers(self.refs[mode])
         if "prefetch" in self.modes:
-            self.refs["prefetch"] = self._indexed(base, repo + "-prefetch:v1")
             self._record(self.refs["prefetch"])
+
+    def _blob_layers(self, ref: str) -> dict[str, dict[str, Any]]:
+        """EROFS blob digest → ``{"layer", "position"}`` from ``ref``'s BootSeer index."""
+        from bootseer.status import image_blobs
+
+        return image_blobs(ref, str(self.cdir / "certs.d"), True, None)
 
     def _indexed(self, base: str, ref: str) -> str:
         """``base`` copied to ``ref`` and indexed with ``bootseer convert`` (BootSeer's EROFS blobs)."""
@@ -497,18 +543,20 @@ class Bench:
     def _record(self, ref: str) -> None:
         self.log(f"recording the hot blocks of {ref} with bootseer record ...")
         self.reset()
+        # stopped at the expected line, as the timed runs are: what the command reads after it is no start-up
         out = self.bootseer("record", ref, "--address", self.st.info.containerd_socket, "--control",
                             str(getattr(self.st.info, "snapshotter_control", "")), "--plain-http", "--json",
-                            "--", *self.cmd, timeout=1800).stdout
+                            "--ready-line", re.escape(self.expected), "--", *self.cmd, timeout=1800).stdout
         with contextlib.suppress(ValueError):
             self.recorded = json.loads(out)
 
     # -------------------------------------------------------------------------------- runs
     def run_container(self, snapshotter: str, ref: str, at_output: Callable[[], None] = lambda: None,
                       cmd: list[str] | None = None) -> tuple[float, str]:
-        """``ctr run --rm``: (the monotonic time the first stdout line arrived — ``at_output`` is called then —,
-        stdout); fails unless the container exits 0 and, for the benchmark's command, prints exactly the
-        expected output."""
+        """``ctr run --rm``: (the monotonic time the expected line arrived — ``at_output`` is called then —,
+        stdout).  The benchmark's command must print a line containing the expected text and then exit 0, or
+        still run ``exit_timeout`` seconds later (a server: its task is killed then); ``cmd`` (another command)
+        must exit 0, and its whole stdout is returned."""
         self.counter += 1
         name = f"startup-{os.getpid()}-{self.counter}"
         proc = subprocess.Popen(["ctr", "-a", self.st.info.containerd_socket, "-n", NS, "run", "--rm",
@@ -518,16 +566,33 @@ class Bench:
         reader = threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else ""), daemon=True)
         reader.start()
         assert proc.stdout is not None
-        first = proc.stdout.readline()
-        t_out = time.monotonic()
-        at_output()
-        rest = proc.stdout.read()
-        rc = proc.wait(timeout=1800)
+        lines: list[str] = []
+        t_out: float | None = None
+        if cmd is None:
+            for line in proc.stdout:
+                lines.append(line)
+                if self.expected in line:
+                    t_out = time.monotonic()
+                    at_output()
+                    break
+        rest: list[str] = []
+        drain = threading.Thread(target=lambda: rest.append(proc.stdout.read() if proc.stdout else ""), daemon=True)
+        drain.start()  # a server keeps writing: its pipe must not fill while we wait for it
+        killed = False
+        try:
+            rc = proc.wait(timeout=self.exit_timeout if t_out is not None else 1800)
+        except subprocess.TimeoutExpired:
+            killed = True  # it started (the line came) and keeps running: what a server does
+            self.st.ctr("task", "kill", "--signal", "SIGKILL", name, namespace=NS, check=False)
+            rc = proc.wait(timeout=120)
+        drain.join(timeout=60)
         reader.join(timeout=60)
-        out = first + rest
-        if rc != 0 or (cmd is None and out != self.expected):
-            raise RuntimeError(f"{snapshotter}: container output {out!r} (exit {rc}), expected {self.expected!r}; "
-                               f"stderr: {''.join(err).strip()[-1500:]}")
+        out = "".join(lines + rest)
+        if cmd is not None:
+            t_out = time.monotonic()
+        if t_out is None or (rc != 0 and not killed):
+            raise RuntimeError(f"{snapshotter}: container output {out[-1500:]!r} (exit {rc}), expected a line with "
+                               f"{self.expected!r} and exit 0; stderr: {''.join(err).strip()[-1500:]}")
         return t_out, out
 
     def pull(self, mode: str) -> None:
@@ -562,39 +627,46 @@ class Bench:
         t_pull = time.monotonic()
         at: dict[str, int] = {}
 
+        layers: list[dict[str, Any]] = []
+
         def sample() -> None:
             at["rx"], at["log"] = self.link_rx(), self.registry_log_size()
             if mode in ("lazy", "prefetch"):
-                at.update(self.fetched_by_kind())
+                docs = self.lazy_layers_now()
+                at.update(fetched_by_kind(docs))
+                layers.extend(self.layer_rows(mode, docs))
 
         t_out, _ = self.run_container(self.snapshotter_of(mode), self.refs[mode], sample)
         run = Run(mode, rate, round(t_out - t0, 3), round(t_pull - t0, 3), at["rx"] - rx0,
                   self.registry_served(log0, at["log"]))
         run.extra.update({f"fetched_{k}": at[k] for k in ("demand", "prefetch", "background") if k in at})
+        if layers:
+            run.extra["layers"] = layers
         if mode == "floor":
             run.extra["page_cache_bytes"], run.extra["unpacked_bytes"] = page_cache_bytes(
                 sorted((self.cdir / "root" / "io.containerd.snapshotter.v1.overlayfs" / "snapshots").glob("*/fs")))
         return run
 
-    def fetched_by_kind(self) -> dict[str, int]:
-        """BootSeer's snapshotter's own count of the bytes it fetched, by kind (demand, prefetch, background),
-        over all lazy layers — asked on its control socket, fast enough to call the moment the output arrives."""
+    def lazy_layers_now(self) -> list[dict[str, Any]] | None:
+        """The snapshotter's status of its lazy layers (asked on its control socket, fast enough to call the
+        moment the output arrives); None when it cannot say."""
         ctl = self.st.info.snapshotter_control
-        out = {"demand": 0, "prefetch": 0, "background": 0}
         if not ctl:
             self.log("no fetch counters: the stack runs no lazy snapshotter")
-            return {}
+            return None
         try:
             from bootseer.control import Control
 
-            for ly in Control(ctl, timeout=10).call("status")["layers"]:
-                for k, v in ((ly.get("fetched") or {}).get("bytes") or {}).items():
-                    if k in out:
-                        out[k] += int(v)
+            return list(Control(ctl, timeout=10).call("status")["layers"])
         except Exception as e:  # the figure is extra; a daemon without it must not fail the run
             self.log(f"no fetch counters from the snapshotter: {type(e).__name__}: {e}")
-            return {}
-        return out
+            return None
+
+    def layer_rows(self, mode: str, docs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """Per lazy layer of ``mode``'s image: blob size, bytes fetched, disk its chunk cache takes now."""
+        sroot = self.st.info.snapshotter_root
+        caches = cache_dirs(Path(sroot) / "lazy" / "cache") if sroot else {}  # LayerManager's root: <root>/lazy
+        return layer_rows(docs or [], self.blob_layers.get(mode, {}), caches)
 
     # ---------------------------------------------------------------- sequential read, swapped layer
     def lazy_status(self) -> list[dict[str, Any]]:
@@ -621,19 +693,77 @@ class Bench:
                     return None
                 time.sleep(1)
         drop_caches()
-        _, out = self.run_container(self.snapshotter_of(mode), self.refs[mode], cmd=SEQ_READ_CMD)
+        path = self.work.seq_read_file or SEQ_READ_FILE
+        _, out = self.run_container(self.snapshotter_of(mode), self.refs[mode], cmd=seq_read_cmd(path))
         n, secs = out.split()
         if int(n) < 100 << 20:
-            raise RuntimeError(f"seq read: read only {n} bytes of {SEQ_READ_FILE}")
+            raise RuntimeError(f"seq read: read only {n} bytes of {path}")
         return int(n) / float(secs) / 1e6
 
 
-SEQ_READ_FILE = "/usr/local/lib/python3.11/dist-packages/torch/lib/libtorch_cpu.so"  # ~400 MB, the largest
-SEQ_READ_CMD = ["python3", "-c", "import sys, time\n"
-                "t = time.monotonic(); n = 0\n"
-                "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
-                "    while (b := f.read(1 << 20)): n += len(b)\n"
-                "print(n, time.monotonic() - t)", SEQ_READ_FILE]
+SEQ_READ_FILE = REALISTIC_SEQ_READ_FILE  # ~400 MB, the largest
+
+
+def seq_read_cmd(path: str) -> list[str]:
+    """A cold sequential read of ``path`` in 1 MiB reads inside the container (its python3): prints bytes, s."""
+    return ["python3", "-c", "import sys, time\n"
+            "t = time.monotonic(); n = 0\n"
+            "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+            "    while (b := f.read(1 << 20)): n += len(b)\n"
+            "print(n, time.monotonic() - t)", path]
+
+
+SEQ_READ_CMD = seq_read_cmd(SEQ_READ_FILE)
+
+
+def cache_dirs(root: Path) -> dict[str, Path]:
+    """EROFS blob digest → its chunk cache directory below the snapshotter's ``cache/`` (from each cache's
+    ``meta.json``)."""
+    out: dict[str, Path] = {}
+    with contextlib.suppress(OSError):
+        for d in root.iterdir():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                out[str(json.loads((d / "meta.json").read_text())["digest"])] = d
+    return out
+
+
+def allocated_bytes(directory: Path) -> int:
+    """Disk the files below ``directory`` take (allocated blocks: a sparse chunk cache counts what it holds)."""
+    total = 0
+    for root, _dirs, names in os.walk(directory):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, n)).st_blocks * 512
+    return total
+
+
+def fetched_by_kind(docs: list[dict[str, Any]] | None) -> dict[str, int]:
+    """Bytes BootSeer fetched over all lazy layers by kind (demand, prefetch, background); {} when unknown."""
+    if docs is None:
+        return {}
+    out = {"demand": 0, "prefetch": 0, "background": 0}
+    for ly in docs:
+        for k, v in ((ly.get("fetched") or {}).get("bytes") or {}).items():
+            if k in out:
+                out[k] += int(v)
+    return out
+
+
+def layer_rows(docs: list[dict[str, Any]], blob_layers: dict[str, dict[str, Any]],
+               caches: dict[str, Path]) -> list[dict[str, Any]]:
+    """One row per lazy layer of the image (``blob_layers``: blob → its layer and position), in layer order:
+    the blob's size, the bytes fetched of it (all kinds), the disk its chunk cache takes."""
+    rows = []
+    for doc in docs:
+        where = blob_layers.get(str(doc.get("digest")))
+        if where is None:
+            continue  # another image's layer (none after a cold reset)
+        fetched = sum(int(v) for v in ((doc.get("fetched") or {}).get("bytes") or {}).values())
+        cache = caches.get(str(doc["digest"]))
+        rows.append({"position": int(where["position"]), "layer": str(where["layer"]), "blob": str(doc["digest"]),
+                     "blob_size": int(doc.get("size") or 0), "fetched_to_output": fetched,
+                     "disk_at_output": allocated_bytes(cache) if cache is not None else 0})
+    return sorted(rows, key=lambda r: r["position"])
 
 
 def _package_version(package: str) -> str:
@@ -656,6 +786,17 @@ def _skopeo_to_layout(ref: str, layout: Path, tag: str) -> None:
 # ------------------------------------------------------------------------------------------ driver
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bootseer bench startup", description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", default="realistic",
+                   help="realistic (default), realistic-split (the same files in ~8 layers), a registry reference "
+                        "(docker://REF or REF), oci-archive:PATH or oci:DIR — copied into the benchmark's registry")
+    p.add_argument("--command", help="the command to run in the image, one shell-quoted string (required with an "
+                                     "image other than the built-in ones)")
+    p.add_argument("--expect", help="text of the stdout line that ends the start (required with --command on an "
+                                    "image of your own); a command still running 'exit-timeout' s later is killed")
+    p.add_argument("--exit-timeout", type=float, default=120.0,
+                   help="seconds a command may run on after the expected line before its task is killed")
+    p.add_argument("--seq-read-file", help="file of the sequential-read figure (read with the image's python3); "
+                                           "default: libtorch_cpu.so for the built-in images, none otherwise")
     p.add_argument("--runs", type=int, default=5,
                    help="cold runs per mode and rate (median and spread; ≥ 5 for results)")
     p.add_argument("--rates", default=",".join(DEFAULT_RATES), help="registry link rates, e.g. 1gbit,200mbit")
@@ -679,12 +820,13 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from integration import images
-    from integration.bench import peer
+    from integration.bench import imagesource, peer
     from integration.netns import ShapedLink, parse_rate
     from integration.stack import StackConfig, running
 
     rates, modes = parse_rates(args.rates), parse_modes(args.modes)
+    source = imagesource.parse_image(args.image)
+    work = imagesource.workload(source, args.command, args.expect, args.seq_read_file)
     skipped: dict[str, str] = {}
     commands = _which_bootseer_commands() if {"lazy", "prefetch"} & set(modes) else set()
     for m in ("lazy", "prefetch"):
@@ -708,20 +850,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.time()
     cfg = StackConfig(root=root, rate=rates[0], sidecar=False,
                       snapshotter=bool({"lazy", "prefetch"} & set(modes)))
-    image_compressed = sum(ly["size"] for ly in images.build_realistic().layers)
     seq: dict[str, list[float]] = {}
     manifest_bytes: int | None = None
+    layer_sizes: list[int] = []
 
     def result(partial: bool) -> dict[str, Any]:
-        out = summarize(runs, rates, modes, args.runs, skipped, manifest_bytes, image_compressed,
-                        time.time() - t_start, seq)
+        out = summarize(runs, rates, modes, args.runs, skipped, manifest_bytes, sum(layer_sizes),
+                        time.time() - t_start, seq, image=image_label(source), command=work.command,
+                        layer_sizes=layer_sizes, seq_read_file=work.seq_read_file)
         out["partial"] = partial
         return out
 
     with running(cfg) as st:
-        bench = Bench(st, cfg, modes, peer_binary, _log)
+        bench = Bench(st, cfg, modes, peer_binary, _log, source, work, args.exit_timeout)
         bench.reset()
         bench.setup(args.cache)
+        layer_sizes = bench.facts.layer_sizes
         manifest_bytes = _manifest_hot_bytes(bench) if "prefetch" in modes else None
         if "prefetch" in modes and not manifest_bytes:  # a prefetch mode without a manifest is a lazy mode
             raise RuntimeError("the prefetch image has no hot-block manifest (did `bootseer record` fail?): "
@@ -737,7 +881,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _log(f"{rate} run {i + 1}/{args.runs} {mode:17s} {r.seconds:6.2f} s (pull {r.pull_seconds:5.2f} s)"
                          f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB")
                 write_outputs(result(partial=True), args)  # a long run interrupted still leaves its figures
-            if n_rate == 0 and "lazy" in modes and not args.no_seq_read:  # the link does not matter to it
+            if n_rate == 0 and "lazy" in modes and not args.no_seq_read and work.seq_read_file:
+                # (the link does not matter to it)
                 for i in range(args.runs):
                     for mode in ("floor", "lazy") if i % 2 == 0 else ("lazy", "floor"):
                         v = bench.seq_read(mode, timeout=args.swap_timeout)
@@ -759,14 +904,40 @@ def _manifest_hot_bytes(bench: Bench) -> int | None:
     return None
 
 
+def image_label(source: ImageSource) -> str:
+    if source.value == "realistic":
+        return "bootseer/realistic:v1 (Debian bookworm + python3 + numpy + torch CPU)"
+    if source.value == "realistic-split":
+        return "bootseer/realistic-split:v1 (the realistic image's files in ~8 layers)"
+    return source.label()
+
+
+def layer_medians(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per layer position, the medians over ``runs`` of the per-layer figures each run took at its output."""
+    by_pos: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        for row in r.extra.get("layers", []):
+            by_pos.setdefault(int(row["position"]), []).append(row)
+    out = []
+    for pos, rows in sorted(by_pos.items()):
+        out.append({"position": pos, "layer": rows[0]["layer"], "blob": rows[0]["blob"],
+                    "blob_size": rows[0]["blob_size"],
+                    "fetched_to_output": int(statistics.median(x["fetched_to_output"] for x in rows)),
+                    "disk_at_output": int(statistics.median(x["disk_at_output"] for x in rows)), "n": len(rows)})
+    return out
+
+
 def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipped: dict[str, str],
               manifest_bytes: int | None, image_compressed: int, seconds: float,
-              seq: dict[str, list[float]] | None = None) -> dict[str, Any]:
+              seq: dict[str, list[float]] | None = None, *, image: str | None = None,
+              command: list[str] | None = None, layer_sizes: list[int] | None = None,
+              seq_read_file: str | None = SEQ_READ_FILE) -> dict[str, Any]:
     from integration import images
 
     med: dict[str, dict[str, float]] = {}
     spreads: dict[str, dict[str, dict[str, float | int]]] = {}
     byts: dict[str, dict[str, dict[str, float]]] = {}
+    layers: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for rate in rates:
         rk = rate_key(rate)
         for mode in modes:
@@ -778,6 +949,9 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
             byts.setdefault(rk, {})[mode] = {
                 "link_to_output": int(statistics.median(r.link_bytes for r in rs)),
                 "registry_to_output": int(statistics.median(r.registry_bytes for r in rs))}
+            per_layer = layer_medians(rs)
+            if per_layer:
+                layers.setdefault(rk, {})[mode] = per_layer
     floors = [r for r in runs if r.mode == "floor" and "page_cache_bytes" in r.extra]
     hot: dict[str, Any] = {"image_compressed_bytes": image_compressed}
     if floors:
@@ -818,8 +992,9 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
                      "prefetch.")
     return {
         "benchmark": "startup",
-        "image": "bootseer/realistic:v1 (Debian bookworm + python3 + numpy + torch CPU)",
-        "command": list(images.REALISTIC_CMD),
+        "image": image or image_label(ImageSource("builtin", "realistic")),
+        "image_layers": list(layer_sizes or []),
+        "command": list(command or images.REALISTIC_CMD),
         "rates": rates,
         "modes": modes,
         "runs": n,  # requested per mode and rate; run_counts: what was measured
@@ -828,8 +1003,10 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         "median_seconds": med,
         "seconds": spreads,
         "bytes": byts,
+        "layers": layers,
         "hot_set": hot,
         "fetched_by_kind_to_output": fetched_kinds,
+        "seq_read_file": seq_read_file,
         "seq_read_mb_s": {"overlayfs_local": (seq or {}).get("floor", []),
                           "swapped_lazy": (seq or {}).get("lazy", [])},
         "ratios": ratios,
@@ -855,8 +1032,19 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
 def report(result: dict[str, Any]) -> None:
     for rk, m in result["median_seconds"].items():
         floor = m.get("floor")
-        print(f"at {rk}: " + ", ".join(f"{mode} {v:.2f} s" + (f" ({v / floor:.2f}× floor)" if floor else "")
-                                       for mode, v in m.items()))
+        wire = result.get("bytes", {}).get(rk, {})
+
+        def notes(mode: str, v: float, floor: float | None = floor, wire: dict[str, Any] = wire) -> str:
+            link = wire.get(mode, {}).get("link_to_output")
+            parts = ([f"{v / floor:.2f}× floor"] if floor else []) + \
+                ([f"{link / 1e6:.0f} MB wire"] if link is not None else [])
+            return f" ({', '.join(parts)})" if parts else ""
+
+        print(f"at {rk}: " + ", ".join(f"{mode} {v:.2f} s{notes(mode, v)}" for mode, v in m.items()))
+        for mode, lys in result.get("layers", {}).get(rk, {}).items():
+            for ly in lys:
+                print(f"  {mode} layer {ly['position']} {ly['layer'][:19]}: blob {ly['blob_size'] / 1e6:.1f} MB, "
+                      f"fetched {ly['fetched_to_output'] / 1e6:.1f} MB, disk {ly['disk_at_output'] / 1e6:.1f} MB")
     spreads = result.get("ratio_spreads", {})
     for k, v in sorted(result["ratios"].items()):
         g = result["goals"].get(k)
@@ -872,6 +1060,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         parse_rates(args.rates), parse_modes(args.modes)
+        if not args.render:
+            from integration.bench import imagesource
+
+            imagesource.workload(imagesource.parse_image(args.image), args.command, args.expect, args.seq_read_file)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

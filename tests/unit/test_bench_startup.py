@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from integration.bench import peer, startup
+from integration import images
+from integration.bench import imagesource, peer, startup
 
 
 def test_rate_keys_name_the_ratio_suffixes() -> None:
@@ -147,3 +148,129 @@ def test_summary_takes_medians_and_flags_a_prefetch_that_fetched_nothing() -> No
     assert res["fetched_by_kind_to_output"]["1g"]["prefetch"] == {"demand": 100, "prefetch": 0, "background": 200}
     assert any("fetched 0 bytes by prefetch" in n for n in res["notes"])
     assert "fetched 0 bytes by prefetch" in startup.markdown(res)
+
+
+# ------------------------------------------------------------------ --image, --command, --expect (issue 20)
+def test_image_sources_name_their_transport(tmp_path: Path) -> None:
+    assert imagesource.parse_image("realistic") == imagesource.ImageSource("builtin", "realistic")
+    assert imagesource.parse_image(" realistic-split ").builtin
+    src = imagesource.parse_image("ghcr.io/acme/train:v3")
+    assert (src.kind, src.skopeo()) == ("docker", "docker://ghcr.io/acme/train:v3")
+    assert imagesource.parse_image("docker://127.0.0.1:5000/a/b:v1").skopeo() == "docker://127.0.0.1:5000/a/b:v1"
+    archive = tmp_path / "img.tar"
+    archive.write_bytes(b"")
+    assert imagesource.parse_image(f"oci-archive:{archive}").skopeo() == f"oci-archive:{archive}"
+    assert imagesource.parse_image(f"oci-archive:{archive}:app:v2").skopeo() == f"oci-archive:{archive}:app:v2"
+    (tmp_path / "layout").mkdir()
+    (tmp_path / "layout" / "index.json").write_text("{}")
+    assert imagesource.parse_image(f"oci:{tmp_path / 'layout'}:v1").kind == "oci"
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("", "empty"),
+    ("oci-archive:/nonexistent/img.tar", "no such file"),
+    ("oci:/nonexistent", "no such directory"),
+    ("docker-archive:/tmp/x.tar", "give a registry reference"),
+    ("https://ghcr.io/acme/train", "give a registry reference"),
+    ("Bad Ref", "Bad Ref"),
+])
+def test_bad_image_sources_are_refused_with_the_reason(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        imagesource.parse_image(text)
+
+
+def test_an_oci_archive_must_be_a_file_and_a_layout_a_layout(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a file"):
+        imagesource.parse_image(f"oci-archive:{tmp_path}")
+    with pytest.raises(ValueError, match="not an OCI layout"):
+        imagesource.parse_image(f"oci:{tmp_path}")
+
+
+def test_an_image_of_ones_own_needs_a_command_and_an_expected_line() -> None:
+    src = imagesource.parse_image("ghcr.io/acme/train:v3")
+    with pytest.raises(ValueError, match="needs --command and --expect"):
+        imagesource.workload(src, None, None, None)
+    with pytest.raises(ValueError, match="needs --expect"):
+        imagesource.workload(src, "python3 -c 'print(1)'", None, None)
+    with pytest.raises(ValueError, match="--command is empty"):
+        imagesource.workload(src, "  ", "1", None)
+    with pytest.raises(ValueError, match="--expect is empty"):
+        imagesource.workload(src, "true", " ", None)
+    w = imagesource.workload(src, "python3 -c 'import torch; print(\"ready\")'", "ready", None)
+    assert w.command == ["python3", "-c", 'import torch; print("ready")'] and w.expect == "ready"
+    assert w.seq_read_file is None  # no figure for a file nobody named
+    # the built-in images keep the realistic command, its line and its largest file
+    d = imagesource.workload(imagesource.parse_image("realistic-split"), None, None, None)
+    assert d.command == list(images.REALISTIC_CMD) and d.expect in images.REALISTIC_OUTPUT
+    assert d.seq_read_file == startup.SEQ_READ_FILE
+
+
+def test_main_refuses_an_image_without_its_command_before_touching_the_machine(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert startup.main(["--image", "ghcr.io/acme/train:v3", "--expect", "ready"]) == 2
+    assert "needs --command" in capsys.readouterr().err
+    assert startup.main(["--image", "oci-archive:/nonexistent.tar", "--command", "true", "--expect", "x"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def _entry(name: str, size: int = 0, link: str | None = None) -> imagesource.Entry:
+    return imagesource.Entry(name, size, link)
+
+
+def test_split_cuts_by_bytes_and_never_between_a_hard_link_and_its_target() -> None:
+    es = [_entry(f"f{i}", 10) for i in range(8)]
+    assert imagesource.plan_cuts(es, 4) == [2, 4, 6]
+    assert imagesource.plan_cuts(es, 1) == [] and imagesource.plan_cuts([], 3) == []
+    # f5 is a hard link to f1: no cut may fall in between, so the first piece runs on to f5
+    linked = [*es[:5], _entry("f5", 0, "f1"), *es[6:]]
+    cuts = imagesource.plan_cuts(linked, 4)
+    assert all(not 1 < c <= 5 for c in cuts), cuts
+    # one file bigger than a piece is a piece of its own, and the rest still spread over the pieces left
+    big = [_entry("a", 10), _entry("big", 100), _entry("b", 10), _entry("c", 10), _entry("d", 10)]
+    assert imagesource.plan_cuts(big, 3) == [1, 2]
+
+
+def test_per_layer_rows_match_blobs_to_layers_and_count_allocated_blocks(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "abc"
+    cache.mkdir(parents=True)
+    (cache / "meta.json").write_text(json.dumps({"digest": "sha256:" + "b" * 64}))
+    with open(cache / "data", "wb") as fh:  # sparse: 1 MiB written of a 64 MiB file
+        fh.truncate(64 << 20)
+        fh.seek(8 << 20)
+        fh.write(b"x" * (1 << 20))
+    dirs = startup.cache_dirs(tmp_path / "cache")
+    assert dirs == {"sha256:" + "b" * 64: cache}
+    docs = [{"digest": "sha256:" + "b" * 64, "size": 64 << 20, "fetched": {"bytes": {"demand": 3, "prefetch": 4}}},
+            {"digest": "sha256:" + "c" * 64, "size": 5, "fetched": {"bytes": {"demand": 1}}},  # another image's
+            {"digest": "sha256:" + "d" * 64, "size": 7}]
+    where = {"sha256:" + "b" * 64: {"layer": "sha256:" + "1" * 64, "position": 2},
+             "sha256:" + "d" * 64: {"layer": "sha256:" + "2" * 64, "position": 1}}
+    rows = startup.layer_rows(docs, where, dirs)
+    assert [r["position"] for r in rows] == [1, 2]
+    assert rows[1]["fetched_to_output"] == 7 and rows[1]["blob_size"] == 64 << 20
+    assert (1 << 20) <= rows[1]["disk_at_output"] < (2 << 20)  # the sparse file's blocks, not its size
+    assert rows[0]["disk_at_output"] == 0 and rows[0]["fetched_to_output"] == 0
+    assert startup.fetched_by_kind(docs) == {"demand": 4, "prefetch": 4, "background": 0}
+    assert startup.fetched_by_kind(None) == {}
+
+
+def test_per_layer_figures_reach_the_json_the_table_and_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    def layer(pos: int, fetched: int) -> dict[str, object]:
+        return {"position": pos, "layer": f"sha256:{pos}" + "0" * 63, "blob": "sha256:" + "e" * 64,
+                "blob_size": 50_000_000, "fetched_to_output": fetched, "disk_at_output": fetched + 4096}
+
+    runs = [startup.Run("lazy", "1gbit", s, 0.0, 40_000_000, 0, {"round": i, "layers": [layer(1, f), layer(2, 0)]})
+            for i, (s, f) in enumerate([(5.0, 10_000_000), (6.0, 30_000_000), (7.0, 20_000_000)])]
+    res = startup.summarize(runs, ["1gbit"], ["lazy"], 3, {}, None, 1000, 1.0, image="ghcr.io/acme/train:v3",
+                            command=["serve"], layer_sizes=[600, 400], seq_read_file=None)
+    assert res["image"] == "ghcr.io/acme/train:v3" and res["command"] == ["serve"]
+    assert res["image_layers"] == [600, 400] and res["seq_read_file"] is None
+    rows = res["layers"]["1g"]["lazy"]
+    assert [(r["position"], r["fetched_to_output"], r["n"]) for r in rows] == [(1, 20_000_000, 3), (2, 0, 3)]
+    md = startup.markdown(res)
+    assert "| 1g | BootSeer lazy | 1 | `100000000000` | 50.0 | 20.0 | 20.0 |" in md
+    assert "# Start-up benchmark: ghcr.io/acme/train:v3" in md
+    startup.report(res)
+    out = capsys.readouterr().out
+    assert "lazy 6.00 s (40 MB wire)" in out
+    assert "lazy layer 1 sha256:100000000000: blob 50.0 MB, fetched 20.0 MB, disk 20.0 MB" in out
