@@ -118,7 +118,9 @@ def test_one_request_finds_out_whether_the_mirror_has_the_blob(tmp_path: Path,
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: f.stats.retry_reasons.get("mirror_filling", 0) >= 3, 10, "3 readers waiting")
+        # the first reader's request reaches the mirror on its own schedule: wait for it as well
+        wait_until(lambda: f.stats.retry_reasons.get("mirror_filling", 0) >= 3 and len(_answers(mirror)) >= 1,
+                   10, "3 readers waiting and the first one's request at the mirror")
         assert len(_answers(mirror)) == 1  # the first one, held: the others did not ask
     finally:
         mirror.release()
