@@ -569,9 +569,10 @@ class Bench:
         lines: list[str] = []
         t_out: float | None = None
         if cmd is None:
+            span = self.expected.count("\n") + 1  # an expected output of several lines is matched across lines
             for line in proc.stdout:
                 lines.append(line)
-                if self.expected in line:
+                if self.expected in line or (span > 1 and self.expected in "".join(lines[-span:])):
                     t_out = time.monotonic()
                     at_output()
                     break
