@@ -289,6 +289,10 @@ class LazyLayer:
                     return
                 pause = min(pause * 2, self.fill_config.retry_max)
         if not self._cancel.is_set() and self.cache.complete:
+            # hashing the whole blob is background work too: a layer that demand reads or prefetch
+            # completed waits, like a fill request, until no start-up needs the CPU
+            if not self.cache.verified and not self.fetcher.scheduler.wait_quiet(self._cancel):
+                return
             try:
                 ok = self.cache.verify_blob(self._cancel)
             except OSError as e:
