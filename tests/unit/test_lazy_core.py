@@ -737,3 +737,31 @@ def test_layer_tells_its_demand_observer_about_every_read(tmp_path: Path, served
     assert layer.read_cached(CS, 10) == data[CS : CS + 10] and layer.demand_observer is None
     assert seen == [(CS + 10, 100, False), (CS + 200, 50, True)]
     layer.cache.close()
+
+
+def test_fill_runs_at_a_lower_cpu_priority_than_the_daemon(tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
+    """Fill (download, sha256, cache writes) on a node with few cores must not take CPU from the containers
+    it runs for: its thread runs at ``FillConfig.nice``, the daemon's other threads do not."""
+    from snapshotter.lazy.layer import FillConfig, LayerPaths, LazyLayer
+
+    data, srv = served
+    spec = _spec(data, srv.url)
+    sched = Scheduler(4, 1)
+    release = sched.hold_background()  # the fill thread waits for its first slot
+    paths = LayerPaths(cache=tmp_path / "c", mountpoint=tmp_path / "m", fuse_file=tmp_path / "f")
+    layer = LazyLayer(spec, paths, fetcher_factory=lambda cache: Fetcher(spec, cache, scheduler=sched,
+                                                                         client=HttpClient()),
+                      fs=BlobFS(threads=1), server=None, hooks=_Hooks(), fill=FillConfig(nice=10))
+    layer.mounted = True  # as if set up: the fill may start
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    try:
+        layer.start_fill()
+        wait_until(lambda: sched._waiting[BACKGROUND] == 1, 10, "the fill thread queued for a slot")
+        thread = layer._fill_thread
+        assert thread is not None and thread.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == max(10, own)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    finally:
+        layer.stop_workers()
+        release()
+        layer.cache.close()
