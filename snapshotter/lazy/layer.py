@@ -86,6 +86,10 @@ class FillConfig:
     # as one multi-range request (Fetcher.ensure_runs); 0: one run per request.  Bounded so that a request
     # admitted for its earliest run does not carry bytes due much later (see LazyLayer.prefetch)
     prefetch_batch_window: float = 0.05
+    # nice value of the fill threads (download, per-chunk sha256, cache writes, the whole-blob hash, swap):
+    # on a node with few cores a fill at the containers' priority takes CPU from the workload it runs for
+    # (docs/bench/design-measurements.md); 0 keeps the daemon's priority
+    nice: int = 10
     direct_io_after_swap: bool = False  # loop reads the cache file with O_DIRECT: one page-cache copy
     # read-ahead of the loop device (erofs reads ahead, and faults around mmap'ed pages, by this much):
     # None keeps the kernel's default; smaller values fetch less around each lazy read
@@ -263,8 +267,20 @@ class LazyLayer:
             return
         if self._fill_thread is not None and self._fill_thread.is_alive():
             return
-        self._fill_thread = threading.Thread(target=self._fill, name=f"fill-{self.name[7:19]}", daemon=True)
+        self._fill_thread = threading.Thread(target=self._fill_at_low_priority, name=f"fill-{self.name[7:19]}",
+                                             daemon=True)
         self._fill_thread.start()
+
+    def _fill_at_low_priority(self) -> None:
+        """The fill thread: :meth:`_fill` at ``FillConfig.nice`` (Linux: per thread).  A thread's nice value
+        does not hold the GIL longer: its CPU-heavy steps (sha256, file I/O) release it."""
+        if self.fill_config.nice > 0:
+            try:
+                tid = threading.get_native_id()  # never raised above the daemon's own priority
+                os.setpriority(os.PRIO_PROCESS, tid, max(self.fill_config.nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            except OSError as e:  # the fill runs at the daemon's priority then
+                log.info("background fill of %s at normal priority: %s", self.spec.digest[:19], e)
+        self._fill()
 
     def _fill(self) -> None:
         pause = 0.5
@@ -289,6 +305,10 @@ class LazyLayer:
                     return
                 pause = min(pause * 2, self.fill_config.retry_max)
         if not self._cancel.is_set() and self.cache.complete:
+            # hashing the whole blob is background work too: a layer that demand reads or prefetch
+            # completed waits, like a fill request, until no start-up needs the CPU
+            if not self.cache.verified and not self.fetcher.scheduler.wait_quiet(self._cancel):
+                return
             try:
                 ok = self.cache.verify_blob(self._cancel)
             except OSError as e:

@@ -6,6 +6,10 @@ The ranges are cut into runs of chunks in first-access order, each run all missi
 ``prefetch``, then push it into the page cache) or all local (push only: a second start of the image after
 its layers were released).  ``concurrency`` workers take runs in that order; a worker may send several
 missing runs in one multi-range request (``Fetcher.ensure_runs``) when they are due close together.
+
+From its start to its end a job holds the daemon's background fill back (``Scheduler.hold_background``), and
+past its end until the recorded start-up it serves has read for the last time: a start-up with prefetch
+moves its hot set and its demand reads over the link, never fill requests between them.
 """
 
 from __future__ import annotations
@@ -90,8 +94,13 @@ def start(spec: BlobSpec, cache: ChunkCache, fetcher: Fetcher, ranges: Sequence[
     cap = fetcher.config.max_range_bytes
     tasks = runs_to_do(spec, cache, ranges, cap)
     job = Prefetch(sum(len(run) for run, fetch in tasks if fetch))
-    if tasks:
-        before()
+    release = fetcher.scheduler.hold_background(max(due_of.values(), default=None))
+    try:
+        if tasks:
+            before()
+    except BaseException:
+        release()
+        raise
     lock = threading.Lock()
     workers = max(1, min(concurrency, len(tasks) or 1))
     left = [workers]
@@ -129,6 +138,7 @@ def start(spec: BlobSpec, cache: ChunkCache, fetcher: Fetcher, ranges: Sequence[
                 last = left[0] == 0
             if last:
                 job.finished = time.monotonic()
+                release()
                 job.done.set()
 
     threads = []

@@ -59,16 +59,25 @@ class Scheduler:
     ``max_requests`` bounds requests in flight; one slot is kept for demand reads (prefetch and background
     may not take the last one), background fill runs at most ``background_requests`` at once, through
     ``bucket``, and only while no demand read or prefetch is waiting or in flight and none has been for
-    ``background_idle`` seconds.  Reads served from the local cache count as activity too (see
-    :meth:`note_read`): a start-up whose hot blocks were prefetched makes no fetches at all, and a fill
-    started then competes with it for the CPU (hashing, copying) and the disk.  So that a workload reading
-    without pause still gets its layers completed (and off FUSE), a fill held back by reads alone for
-    ``background_max_wait`` seconds proceeds anyway.
+    ``background_idle`` seconds, and no prefetch job holds it back (:meth:`hold_background`: a job from its
+    start to its end, then the idle window; and until the recorded start-up it serves is over).  Reads
+    served from the local cache count as activity too (see :meth:`note_read`): a start-up whose hot blocks
+    were prefetched makes no fetches at all, and a fill started then competes with it for the CPU (hashing,
+    copying) and the disk.  So that a workload reading without pause still gets its layers completed (and
+    off FUSE), a fill held back by reads alone for ``background_max_wait`` seconds proceeds anyway.
 
     Why the idle window: a container's start-up reads come in bursts separated by short compute gaps.  A
     background request started in such a gap holds the link (a 4 MiB run is 0.17 s at 200 Mbit/s) when the
     next demand read arrives, and over a whole start-up the fill took half the link from the reads the
-    container was waiting for.  Filling once the start-up has gone quiet costs nothing that matters."""
+    container was waiting for.  Filling once the start-up has gone quiet costs nothing that matters.
+
+    Why prefetch *jobs* hold it, not only their requests: between two requests of a job (its workers push
+    the chunks they got into the page cache, the layer moves onto the page cache, a batch waits for the
+    next), nothing is waiting or in flight, and without ``background_idle`` a fill request took the link
+    there.  And once a job is done the start-up it served is not: the container reads what was pushed into
+    the page cache without reaching FUSE (no :meth:`note_read`), so "quiet" says nothing then — the
+    recording says how long the start-up reads, and fill waits for that (at most ``background_max_wait``
+    seconds from the job's start, so a wrong recording cannot hold fill back for long)."""
 
     def __init__(self, max_requests: int = 8, background_requests: int = 2,
                  background_rate: float | None = None, background_idle: float = 0.0,
@@ -86,6 +95,8 @@ class Scheduler:
         self._active = dict.fromkeys(KINDS, 0)
         self._waiting = dict.fromkeys(KINDS, 0)
         self._prefetch_due: list[float] = []  # due times of the prefetch requests waiting for a slot
+        self._jobs = 0  # prefetch jobs running (hold_background)
+        self._held_until = -float("inf")  # background held back until then (the recorded start-ups' ends)
 
     def _may_start(self, kind: str, due: float | None = None) -> bool:
         total = sum(self._active.values())
@@ -94,12 +105,17 @@ class Scheduler:
         if kind == PREFETCH:
             return (total < self.max_requests - 1 and not self._waiting[DEMAND]
                     and (due is None or not self._prefetch_due or due <= min(self._prefetch_due)))
-        if not (total < self.max_requests - 1 and self._active[BACKGROUND] < self.background_requests
-                and not self._waiting[DEMAND] and not self._waiting[PREFETCH] and not self._active[DEMAND]
-                and not self._active[PREFETCH]):
+        if not (total < self.max_requests - 1 and self._active[BACKGROUND] < self.background_requests):
+            return False
+        return self._quiet()
+
+    def _quiet(self) -> bool:
+        """Whether background work (a fill request, hashing a completed layer) may run now, slots aside."""
+        if (self._jobs or self._waiting[DEMAND] or self._waiting[PREFETCH] or self._active[DEMAND]
+                or self._active[PREFETCH]):
             return False
         now = self._clock()
-        if now - self._last_foreground < self.background_idle:
+        if now - self._last_foreground < self.background_idle or now < self._held_until:
             return False
         if now - self._last_read >= self.background_idle:
             self._held_by_reads_since = None
@@ -114,6 +130,38 @@ class Scheduler:
         link for one run before the container's first read, or the hot-block prefetch, came in)."""
         with self._cond:
             self._last_foreground = max(self._last_foreground, self._clock())
+
+    def hold_background(self, until: float | None = None) -> Callable[[], None]:
+        """A prefetch job starts: background fill waits until the returned function is called (the job's
+        end; the idle window counts from then) and, with ``until`` (a clock value: when the recorded
+        start-up the job serves reads for the last time), until then — at most ``background_max_wait``
+        seconds from now.  The function may be called more than once."""
+        released = [False]
+        with self._cond:
+            self._jobs += 1
+            if until is not None:
+                self._held_until = max(self._held_until, min(until, self._clock() + self.background_max_wait))
+
+        def release() -> None:
+            with self._cond:
+                if released[0]:
+                    return
+                released[0] = True
+                self._jobs -= 1
+                self._last_foreground = max(self._last_foreground, self._clock())
+                self._cond.notify_all()
+
+        return release
+
+    def wait_quiet(self, cancel: threading.Event) -> bool:
+        """Block until background work may run (:meth:`_quiet`, no slot taken: hashing a layer that demand
+        reads or prefetch completed is CPU a start-up would otherwise share); False if ``cancel`` was set."""
+        with self._cond:
+            while not self._quiet():
+                if cancel.is_set():
+                    return False
+                self._cond.wait(0.5)  # time-based conditions (the idle window) are re-checked
+        return not cancel.is_set()
 
     def note_read(self) -> None:
         """A read was served from the local cache (called on every FUSE read; a plain store, no lock)."""

@@ -23,6 +23,7 @@ import trio
 from bootseer.index import chunk_digests
 from bootseer.testkit import free_port, run_with_deadline, wait_until
 from integration.faultproxy import FaultProxy
+from snapshotter.lazy import prefetchjob
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.errors import FetchError
 from snapshotter.lazy.fetcher import FetchConfig, Fetcher
@@ -523,6 +524,76 @@ def test_mount_holds_background_back_for_the_idle_window() -> None:
     assert s._may_start(BACKGROUND)
 
 
+def test_a_prefetch_job_holds_background_back_until_the_start_up_it_serves_is_over() -> None:
+    """Fill waits for a prefetch job from its start to its end — also while none of its requests is queued
+    or in flight — then for the idle window, and until the recorded start-up has read for the last time
+    (the container reads prefetched chunks from the page cache, which the daemon never sees)."""
+    now = [100.0]
+    s = Scheduler(max_requests=4, background_requests=1, background_idle=2.0, background_max_wait=30.0,
+                  clock=lambda: now[0])
+    release = s.hold_background(until=112.0)  # the recording's last first read: 12 s into the start-up
+    now[0] += 5.0
+    assert not s._may_start(BACKGROUND) and s._may_start(PREFETCH)  # quiet for 5 s, but the job runs
+    release()
+    release()  # idempotent
+    now[0] += 3.0
+    assert not s._may_start(BACKGROUND)  # t=108: quiet since the job's end, but the start-up reads until 112
+    now[0] = 112.0
+    assert s._may_start(BACKGROUND)
+
+    s.hold_background(until=now[0] + 3600.0)()  # a recording far off holds fill back for at most max_wait
+    now[0] += 29.0
+    assert not s._may_start(BACKGROUND)
+    now[0] += 2.0
+    assert s._may_start(BACKGROUND)
+
+    cancel, quiet = threading.Event(), []  # hashing a completed layer waits for the same quiet
+    release = s.hold_background()
+    t = threading.Thread(target=lambda: quiet.append(s.wait_quiet(cancel)))
+    t.start()
+    t.join(0.3)  # bounded wait: still held while the job runs
+    assert t.is_alive()
+    release()
+    now[0] += 2.0
+    t.join(10)
+    assert quiet == [True]
+    s.hold_background()
+    cancel.set()
+    assert s.wait_quiet(cancel) is False
+
+
+def test_fill_of_a_layer_waits_while_a_prefetch_job_of_another_is_between_requests(
+        tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
+    """A prefetch job's worker pushing its first run into the page cache has no request queued or in flight;
+    another layer's fill must not take the link then (nor with no idle window at all): every byte the
+    job fetches goes out before any fill request."""
+    data, srv = served
+    sched = Scheduler(8, 2)  # no idle window: only the job's hold keeps the fill back
+    spec = _spec(data, srv.url)
+    a, b = _fetcher(tmp_path / "a", spec, sched=sched), _fetcher(tmp_path / "b", spec, sched=sched)
+    warming, gate = threading.Event(), threading.Event()
+
+    def warm(run: list[int]) -> int:
+        warming.set()
+        gate.wait(10)
+        return 0
+
+    job, workers = prefetchjob.start(spec, b.cache, b, [(0, CS), (4 * CS, CS)], concurrency=1, start_time=None,
+                                     batch_window=0.0, cancel=threading.Event(), warm=warm, before=lambda: None,
+                                     name="b")
+    assert warming.wait(10)  # chunk 0 fetched, the worker is between its two requests
+    fill = threading.Thread(target=a.ensure, args=(range(10, 20), BACKGROUND), kwargs={"cancel": threading.Event()})
+    fill.start()
+    wait_until(lambda: sched._waiting[BACKGROUND] == 1 or not fill.is_alive(), 10, "fill queued (or done)")
+    gate.set()
+    assert job.done.wait(10) and job.fetched == 2
+    fill.join(10)
+    for w in workers:
+        w.join(10)
+    assert _spans(srv) == [(0, CS), (4 * CS, 5 * CS), (10 * CS, len(data))]
+    assert a.stats.bytes[BACKGROUND] == len(data) - 10 * CS  # and the fill does complete afterwards
+
+
 def test_queued_background_fetch_claims_nothing_a_demand_read_needs(tmp_path: Path,
                                                                    served: tuple[bytes, FaultProxy]) -> None:
     """A background fetch waiting for its slot must not hold the chunks it will fetch: a demand read of them
@@ -666,3 +737,31 @@ def test_layer_tells_its_demand_observer_about_every_read(tmp_path: Path, served
     assert layer.read_cached(CS, 10) == data[CS : CS + 10] and layer.demand_observer is None
     assert seen == [(CS + 10, 100, False), (CS + 200, 50, True)]
     layer.cache.close()
+
+
+def test_fill_runs_at_a_lower_cpu_priority_than_the_daemon(tmp_path: Path, served: tuple[bytes, FaultProxy]) -> None:
+    """Fill (download, sha256, cache writes) on a node with few cores must not take CPU from the containers
+    it runs for: its thread runs at ``FillConfig.nice``, the daemon's other threads do not."""
+    from snapshotter.lazy.layer import FillConfig, LayerPaths, LazyLayer
+
+    data, srv = served
+    spec = _spec(data, srv.url)
+    sched = Scheduler(4, 1)
+    release = sched.hold_background()  # the fill thread waits for its first slot
+    paths = LayerPaths(cache=tmp_path / "c", mountpoint=tmp_path / "m", fuse_file=tmp_path / "f")
+    layer = LazyLayer(spec, paths, fetcher_factory=lambda cache: Fetcher(spec, cache, scheduler=sched,
+                                                                         client=HttpClient()),
+                      fs=BlobFS(threads=1), server=None, hooks=_Hooks(), fill=FillConfig(nice=10))
+    layer.mounted = True  # as if set up: the fill may start
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    try:
+        layer.start_fill()
+        wait_until(lambda: sched._waiting[BACKGROUND] == 1, 10, "the fill thread queued for a slot")
+        thread = layer._fill_thread
+        assert thread is not None and thread.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == max(10, own)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    finally:
+        layer.stop_workers()
+        release()
+        layer.cache.close()
