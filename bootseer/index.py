@@ -182,8 +182,8 @@ def inflate(frame: bytes | memoryview, length: int) -> bytes:
     if d is None:
         d = _zstd.d = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
     try:
-        announced = zstandard.frame_content_size(frame)
-        if announced not in (length, zstandard.CONTENTSIZE_UNKNOWN):
+        announced = zstandard.frame_content_size(frame)  # -1: the frame does not say
+        if announced != -1 and announced != length:
             raise CorruptFrame(f"frame announces {announced} bytes for a chunk of {length}")
         out = d.decompress(frame, max_output_size=length)
     except zstandard.ZstdError as e:
