@@ -524,7 +524,7 @@ class Fetcher:
             data = inflate(piece, length) if self.spec.codec else piece
             got = hashlib.sha256(data).hexdigest()
         except CorruptFrame as e:
-            got = f"a {self.spec.codec} frame that {e}"
+            got = f"no chunk (its {self.spec.codec} frame refused: {e})"
         if got != self.spec.chunks[i]:
             log.error("blob %s chunk %d (bytes %d-%d) failed verification: expected sha256 %s, got %s",
                       self.spec.digest, i, off, off + length - 1, self.spec.chunks[i], got)

@@ -258,3 +258,23 @@ def test_v3_prefetch_runs_go_as_one_multi_range_request_of_frames(tmp_path: Path
             off, n = lb.chunk_range(i)
             assert f.cache.has(i) and f.cache.read(off, n) == data[off : off + n]
         assert not f.cache.has(3)
+
+
+def test_tools_read_the_node_blob_back_from_the_wire_blob(tmp_path: Path, registry: Registry) -> None:
+    """What a tool (or a test) that needs the EROFS image itself does with a v3 layer: the registry holds only
+    the wire blob; the node blob is inflated from it, every chunk verified."""
+    from bootseer.index import fetch_node_blob, read_chunk
+    from bootseer.registry import RegistryClient
+
+    data = _node_blob(n_chunks=9)
+    lb, wire = _layer(tmp_path, data)
+    push_blob(registry.url, REPO, wire)
+    client, ref = RegistryClient(plain_http=True), f"{registry.url.removeprefix('http://')}/{REPO}"
+    with open(tmp_path / "back", "w+b") as fh:
+        fetch_node_blob(client, ref, lb, fh)
+    assert (tmp_path / "back").read_bytes() == data
+    assert read_chunk(client, ref, lb, 8) == data[8 * CS :]
+    forged, bad = _forged(lb, wire, 2, zstandard.ZstdCompressor().compress(bytes(CS)))
+    push_blob(registry.url, REPO, bad)
+    with open(tmp_path / "bad", "wb") as fh, pytest.raises(BadIndex, match="chunk 2"):
+        fetch_node_blob(client, ref, forged, fh)
