@@ -9,9 +9,10 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
   (``application/vnd.oci.empty.v1+json``, ``{}``), ``subject`` = the image manifest's descriptor, and layers:
 
   1. the **index blob** (media type :data:`INDEX_MEDIA_TYPE`, the same string as the artifact type);
-  2. every EROFS blob it names (media type :data:`EROFS_MEDIA_TYPE`, annotation
-     ``io.bootseer.layer.digest`` = the original layer digest) — listed so that registry garbage collection
-     keeps them alive as long as the index exists, and so ``skopeo copy --all`` / ``oras copy`` carry them.
+  2. every blob nodes fetch from (the wire blob of a v3 layer, media type :data:`WIRE_MEDIA_TYPE`; the EROFS
+     blob otherwise, :data:`EROFS_MEDIA_TYPE`; annotation ``io.bootseer.layer.digest`` = the original layer
+     digest) — listed so that registry garbage collection keeps them alive as long as the index exists, and
+     so ``skopeo copy --all`` / ``oras copy`` carry them.
 
   It is pushed by digest and found with the referrers API or, on registries without it (distribution 2.8),
   the referrers tag schema (``sha256-<hex>`` tag on an OCI index), see :meth:`RegistryClient.referrers`.
@@ -19,22 +20,33 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
 * **index blob** — canonical JSON (sorted keys, no whitespace), so converting the same image twice yields
   the same bytes, hence the same digests all the way up::
 
-      {"schemaVersion": 2,
+      {"schemaVersion": 3,
        "mediaType": "application/vnd.bootseer.index.v1+json",
        "subject": "sha256:<image manifest digest>",
-       "converter": {"format": "erofs", "compression": "lz4hc", "version": 2},
+       "converter": {"format": "erofs", "compression": "lz4hc", "version": 3},
        "layers": [{"digest": "sha256:<original layer>", "mediaType": "<its media type>", "size": <its size>,
                    "diffID": "sha256:<sha256 of its uncompressed tar>",
                    "blob": {"mediaType": "application/vnd.bootseer.layer.v1.erofs",
                             "digest": "sha256:<erofs blob>", "size": <bytes>},
-                   "chunkSize": 1048576,
-                   "chunks": ["<sha256 hex of chunk 0>", ...]}],
+                   "chunkSize": 131072,
+                   "chunks": ["<sha256 hex of chunk 0>", ...],
+                   "wire": {"codec": "zstd",
+                            "blob": {"mediaType": "application/vnd.bootseer.layer.v1.erofs.zstd-frames",
+                                     "digest": "sha256:<wire blob>", "size": <bytes>},
+                            "frames": "<base64 of one little-endian uint32 per chunk>"}}],
        "skipped": [{"digest": "sha256:...", "mediaType": "...", "reason": "..."}]}
 
   Chunk *i* covers bytes ``[i*chunkSize, min((i+1)*chunkSize, size))`` of the EROFS blob; the last chunk is
   short.  Every lazily fetched range is checked against these digests before it is served or cached.
   ``skipped`` lists layers that have no EROFS blob (unknown media type, refused as hostile, …), with the
   reason; nodes pull those the ordinary way.
+
+  ``wire`` (new in schema version 3; a v2 index has none and its blobs are fetched as stored): chunk *i*
+  travels as frame *i* of the wire blob, the frames back to back (``frames`` are their sizes), so a run of
+  chunks is one byte range of it.  The chunk digests stay those of the EROFS bytes: a node inflates each frame
+  into at most its chunk's length (:func:`inflate`) and checks the digest before serving or caching it.  The
+  registry holds only the wire blob (the EROFS blob is rebuilt from it; :func:`fetch_node_blob` for tools).
+  A node passes over a layer whose ``codec`` it does not know (that layer is pulled the ordinary way).
 
   ``diffID`` (new in schema version 2) is the sha256 of the tar stream the converter unpacked: it binds the
   EROFS blob to what the image's config says the layer is.  A node uses an entry only if its (``digest``,
@@ -43,7 +55,8 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
 
   Bounds, checked before anything is materialised: the blob at most :data:`MAX_INDEX_BYTES`, at most
   :data:`MAX_LAYERS` layers, a chunk size of at most :data:`MAX_CHUNK_SIZE`, exactly as many chunk digests as
-  the blob size needs, each 64 hex digits.
+  the blob size needs, each 64 hex digits; a frame table of exactly one frame per chunk, adding up to the wire
+  blob's size, no frame empty or over :func:`frame_bound` of its chunk.
 
 * **signature** — the artifact manifest is signed by the converter in cosign's key-based format
   (:mod:`bootseer.trust`); nodes take the newest index that carries a signature their policy trusts.
