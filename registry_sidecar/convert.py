@@ -189,6 +189,9 @@ class LayerResult:
         if self.blob:
             out["blob"] = {"digest": self.blob.blob.digest, "size": self.blob.blob.size,
                            "chunks": self.blob.chunk_count}
+            if self.blob.wire is not None:
+                out["wire"] = {"digest": self.blob.wire.blob.digest, "size": self.blob.wire.blob.size,
+                               "codec": self.blob.wire.codec}
         return out
 
 
@@ -206,13 +209,14 @@ class ImageResult:
         conv = [lr for lr in self.layers if lr.status == "converted"]
         bytes_in = sum(lr.size for lr in conv)
         bytes_out = sum(lr.blob.blob.size for lr in conv if lr.blob)
+        pushed = sum(lr.blob.fetched.size for lr in conv if lr.blob)  # the wire blobs of a v3 index
         return {
             "ref": self.ref, "manifest": self.manifest_digest, "index": self.index_digest,
             "already_indexed": self.already_indexed, "bound": self.bound,
             "layers": len(self.layers), "converted": len(conv),
             "reused": sum(lr.status == "reused" for lr in self.layers),
             "skipped": [{"digest": lr.digest, "reason": lr.reason} for lr in self.layers if lr.status == "skipped"],
-            "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "bytes_in": bytes_in, "bytes_out": bytes_out, "bytes_pushed": pushed,
             "unpacked_bytes": sum(lr.unpacked_bytes for lr in conv),
             "seconds": round(self.seconds, 3),
             "mb_per_s": round(bytes_in / 1e6 / self.seconds, 2) if self.seconds > 0 and bytes_in else 0.0,
