@@ -96,6 +96,12 @@ def test_v3_index_round_trip_and_v2_still_written_and_read(tmp_path: Path) -> No
     # a wire object in a v2 document is not read (a v2 layer is fetched as stored)
     doc["schemaVersion"] = 2
     assert ImageIndex.from_json(json.dumps(doc).encode()).layers[lb.layer_digest].wire is None
+    # on the node: the spec persists its frame table, and never shares a layer with the as-stored spec
+    spec, plain = _spec(lb, "http://127.0.0.1:1"), _spec(v2, "http://127.0.0.1:1")
+    assert BlobSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec and spec.key != plain.key
+    assert spec.blob_url("http://h").endswith(lb.wire.blob.digest) and plain.blob_url("http://h").endswith(
+        lb.blob.digest)
+    assert "wire" not in plain.to_json()  # (a v2 layer's persisted spec is what it always was)
 
 
 def _frames(doc: dict[str, Any]) -> list[int]:
