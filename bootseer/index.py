@@ -9,9 +9,10 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
   (``application/vnd.oci.empty.v1+json``, ``{}``), ``subject`` = the image manifest's descriptor, and layers:
 
   1. the **index blob** (media type :data:`INDEX_MEDIA_TYPE`, the same string as the artifact type);
-  2. every EROFS blob it names (media type :data:`EROFS_MEDIA_TYPE`, annotation
-     ``io.bootseer.layer.digest`` = the original layer digest) — listed so that registry garbage collection
-     keeps them alive as long as the index exists, and so ``skopeo copy --all`` / ``oras copy`` carry them.
+  2. every blob nodes fetch from (the wire blob of a v3 layer, media type :data:`WIRE_MEDIA_TYPE`; the EROFS
+     blob otherwise, :data:`EROFS_MEDIA_TYPE`; annotation ``io.bootseer.layer.digest`` = the original layer
+     digest) — listed so that registry garbage collection keeps them alive as long as the index exists, and
+     so ``skopeo copy --all`` / ``oras copy`` carry them.
 
   It is pushed by digest and found with the referrers API or, on registries without it (distribution 2.8),
   the referrers tag schema (``sha256-<hex>`` tag on an OCI index), see :meth:`RegistryClient.referrers`.
@@ -19,22 +20,33 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
 * **index blob** — canonical JSON (sorted keys, no whitespace), so converting the same image twice yields
   the same bytes, hence the same digests all the way up::
 
-      {"schemaVersion": 2,
+      {"schemaVersion": 3,
        "mediaType": "application/vnd.bootseer.index.v1+json",
        "subject": "sha256:<image manifest digest>",
-       "converter": {"format": "erofs", "compression": "lz4hc", "version": 2},
+       "converter": {"format": "erofs", "compression": "lz4hc", "version": 3},
        "layers": [{"digest": "sha256:<original layer>", "mediaType": "<its media type>", "size": <its size>,
                    "diffID": "sha256:<sha256 of its uncompressed tar>",
                    "blob": {"mediaType": "application/vnd.bootseer.layer.v1.erofs",
                             "digest": "sha256:<erofs blob>", "size": <bytes>},
-                   "chunkSize": 1048576,
-                   "chunks": ["<sha256 hex of chunk 0>", ...]}],
+                   "chunkSize": 131072,
+                   "chunks": ["<sha256 hex of chunk 0>", ...],
+                   "wire": {"codec": "zstd",
+                            "blob": {"mediaType": "application/vnd.bootseer.layer.v1.erofs.zstd-frames",
+                                     "digest": "sha256:<wire blob>", "size": <bytes>},
+                            "frames": "<base64 of one little-endian uint32 per chunk>"}}],
        "skipped": [{"digest": "sha256:...", "mediaType": "...", "reason": "..."}]}
 
   Chunk *i* covers bytes ``[i*chunkSize, min((i+1)*chunkSize, size))`` of the EROFS blob; the last chunk is
   short.  Every lazily fetched range is checked against these digests before it is served or cached.
   ``skipped`` lists layers that have no EROFS blob (unknown media type, refused as hostile, …), with the
   reason; nodes pull those the ordinary way.
+
+  ``wire`` (new in schema version 3; a v2 index has none and its blobs are fetched as stored): chunk *i*
+  travels as frame *i* of the wire blob, the frames back to back (``frames`` are their sizes), so a run of
+  chunks is one byte range of it.  The chunk digests stay those of the EROFS bytes: a node inflates each frame
+  into at most its chunk's length (:func:`inflate`) and checks the digest before serving or caching it.  The
+  registry holds only the wire blob (the EROFS blob is rebuilt from it; :func:`fetch_node_blob` for tools).
+  A node passes over a layer whose ``codec`` it does not know (that layer is pulled the ordinary way).
 
   ``diffID`` (new in schema version 2) is the sha256 of the tar stream the converter unpacked: it binds the
   EROFS blob to what the image's config says the layer is.  A node uses an entry only if its (``digest``,
@@ -43,7 +55,8 @@ The index is an OCI artifact attached to the image manifest as a *referrer*:
 
   Bounds, checked before anything is materialised: the blob at most :data:`MAX_INDEX_BYTES`, at most
   :data:`MAX_LAYERS` layers, a chunk size of at most :data:`MAX_CHUNK_SIZE`, exactly as many chunk digests as
-  the blob size needs, each 64 hex digits.
+  the blob size needs, each 64 hex digits; a frame table of exactly one frame per chunk, adding up to the wire
+  blob's size, no frame empty or over :func:`frame_bound` of its chunk.
 
 * **signature** — the artifact manifest is signed by the converter in cosign's key-based format
   (:mod:`bootseer.trust`); nodes take the newest index that carries a signature their policy trusts.
@@ -60,12 +73,18 @@ it with :func:`find_index`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import struct
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import zstandard
 
 from bootseer.reference import Reference
 from bootseer.registry import (
@@ -96,13 +115,25 @@ BOUND_FROM_ANNOTATION = "io.bootseer.index.subject"  # ... and the manifest it w
 # but cost more per-chunk hashing and bookkeeping in Python; 128 KiB is also the largest read FUSE and erofs
 # read-ahead send (figures: docs/bench/design-measurements.md).
 DEFAULT_CHUNK_SIZE = 128 << 10
-FORMAT_VERSION = 2  # 2: per-layer diffID (a node refuses any other version and pulls the ordinary way)
+# 2: per-layer diffID; 3: a layer may name a *wire* blob (its chunks compressed one frame each) beside the node
+# blob.  A node reads the versions in READ_VERSIONS and passes over any other index (the ordinary pull).
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
+WIRE_MEDIA_TYPE = "application/vnd.bootseer.layer.v1.erofs.zstd-frames"
+WIRE_CODECS = ("zstd",)  # codecs this code decompresses; a layer of another codec is pulled the ordinary way
 MAX_CHUNK_SIZE = 4 << 20  # a chunk is one bytearray on the node: a registry must not choose its size
 MAX_INDEX_BYTES = 16 << 20  # ~250k chunk digests: 32 GB of blobs at the default chunk size
 MAX_CANDIDATES = 64  # referrers of one image looked at, newest first: a registry writer cannot make a node
 # check thousands (unsigned answers are cached too, see TrustPolicy.signature)
 MAX_LAYERS = 1024  # images have at most a few hundred layers (containerd's overlay caps lowerdirs at 500)
 CONVERTER = {"format": "erofs", "compression": "lz4hc", "version": FORMAT_VERSION}
+
+
+def frame_bound(length: int) -> int:
+    """The largest frame accepted for a chunk of ``length`` bytes: zstd's worst case (ZSTD_compressBound:
+    incompressible data stored raw, plus block and frame headers) with room to spare, so a hostile frame
+    table cannot make one chunk's request many times the chunk."""
+    return length + (length >> 7) + 1024
 
 
 # ------------------------------------------------------------------------------------ chunk arithmetic
@@ -148,6 +179,34 @@ def hash_chunks(path: Path, chunk_size: int) -> tuple[str, int, tuple[str, ...]]
     return "sha256:" + whole.hexdigest(), size, tuple(chunks)
 
 
+# ------------------------------------------------------------------------------------------- wire frames
+_zstd = threading.local()  # .d: this thread's ZstdDecompressor (one is not safe to share between threads)
+MAX_WINDOW = 8 << 20  # a frame of one chunk (at most MAX_CHUNK_SIZE) never needs a larger window: refuse one
+
+
+class CorruptFrame(ValueError):
+    """A wire frame that does not decompress to exactly its chunk's length."""
+
+
+def inflate(frame: bytes | memoryview, length: int) -> bytes:
+    """Frame → the ``length`` bytes of its chunk, never more: a frame whose header announces another size is
+    refused before anything is allocated, one without a size is decompressed into at most ``length`` bytes
+    (a zstd bomb cannot inflate past its chunk).  The caller still checks the chunk's digest."""
+    d = getattr(_zstd, "d", None)
+    if d is None:
+        d = _zstd.d = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    try:
+        announced = zstandard.frame_content_size(frame)  # -1: the frame does not say
+        if announced != -1 and announced != length:
+            raise CorruptFrame(f"frame announces {announced} bytes for a chunk of {length}")
+        out = d.decompress(frame, max_output_size=length)
+    except zstandard.ZstdError as e:
+        raise CorruptFrame(str(e)) from e
+    if len(out) != length:
+        raise CorruptFrame(f"frame decompressed to {len(out)} bytes for a chunk of {length}")
+    return bytes(out)
+
+
 # ------------------------------------------------------------------------------------------ the format
 class BadIndex(RegistryError):
     """The index artifact exists but is malformed."""
@@ -165,6 +224,76 @@ def _is_sha256(digest: str) -> bool:
 
 
 @dataclass(frozen=True)
+class WireBlob:
+    """How a layer's chunks travel (index v3): chunk *i* of the node blob is frame *i* of ``blob``, the frames
+    back to back, compressed with ``codec``.  The node decompresses each frame and checks the chunk's digest
+    (of the node bytes) before anything is served or cached.  ``frames`` is empty for a codec this code does
+    not know (its table is not parsed: the node pulls that layer the ordinary way)."""
+
+    codec: str
+    blob: Descriptor
+    frames: tuple[int, ...]
+
+    @property
+    def known(self) -> bool:
+        return self.codec in WIRE_CODECS
+
+    def offsets(self) -> tuple[int, ...]:
+        """Start of every frame in the wire blob, and its end last."""
+        out = [0]
+        for f in self.frames:
+            out.append(out[-1] + f)
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"codec": self.codec,
+                "blob": {"mediaType": self.blob.media_type, "digest": self.blob.digest, "size": self.blob.size},
+                "frames": pack_frames(self.frames)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], node_size: int, chunk_size: int, layer: str) -> WireBlob:
+        """Parse and bound the wire object of a layer whose node blob is ``node_size`` bytes (a hostile index:
+        the frame table must cut exactly the wire blob, one frame per chunk, none over :func:`frame_bound`)."""
+        codec = d["codec"]
+        try:
+            blob = Descriptor.from_dict(d["blob"])
+        except RegistryError as e:
+            raise BadIndex(f"layer {layer}: wire blob: {e}") from e
+        if not isinstance(codec, str) or not codec:
+            raise BadIndex(f"layer {layer}: wire codec {codec!r} is not a name")
+        if not _is_sha256(blob.digest) or not isinstance(blob.size, int) or blob.size <= 0:
+            raise BadIndex(f"layer {layer}: wire blob {blob.digest!r} of {blob.size!r} bytes")
+        if codec not in WIRE_CODECS:
+            return cls(codec, blob, ())
+        frames = unpack_frames(d["frames"], n_chunks(node_size, chunk_size), layer)
+        if sum(frames) != blob.size:
+            raise BadIndex(f"layer {layer}: frames add up to {sum(frames)} bytes, the wire blob has {blob.size}")
+        for i, f in enumerate(frames):
+            length = chunk_span(node_size, chunk_size, i)[1]
+            if not 0 < f <= frame_bound(length):
+                raise BadIndex(f"layer {layer}: frame {i} of {f} bytes for a chunk of {length}")
+        return cls(codec, blob, frames)
+
+
+def pack_frames(frames: tuple[int, ...] | list[int]) -> str:
+    """The frame table as the index holds it: little-endian uint32 per frame, base64."""
+    return base64.b64encode(struct.pack(f"<{len(frames)}I", *frames)).decode()
+
+
+def unpack_frames(text: object, count: int, layer: str = "") -> tuple[int, ...]:
+    """The inverse of :func:`pack_frames`, for exactly ``count`` frames (else :class:`BadIndex`)."""
+    if not isinstance(text, str) or len(text) != 4 * ((4 * count + 2) // 3):
+        raise BadIndex(f"layer {layer}: the frame table is not {count} packed uint32")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError as e:
+        raise BadIndex(f"layer {layer}: the frame table is not base64: {e}") from e
+    if len(raw) != 4 * count:
+        raise BadIndex(f"layer {layer}: {len(raw) // 4} frames for {count} chunks")
+    return struct.unpack(f"<{count}I", raw)
+
+
+@dataclass(frozen=True)
 class LayerBlob:
     """The EROFS stand-in of one original layer."""
 
@@ -176,6 +305,12 @@ class LayerBlob:
     chunks: tuple[str, ...]  # sha256 hex per chunk
     diff_id: str = ""  # sha256 of the uncompressed tar the blob was built from ("" only in a v1 index)
     source: str = ""  # "registry/repository" to fetch the blob from (set by the reader)
+    wire: WireBlob | None = None  # index v3: the chunks travel compressed, in this blob; None: as stored
+
+    @property
+    def fetched(self) -> Descriptor:
+        """The blob a node fetches chunks from, and the registry must keep: the wire blob, or the node blob."""
+        return self.wire.blob if self.wire is not None else self.blob
 
     @property
     def chunk_count(self) -> int:
@@ -191,13 +326,17 @@ class LayerBlob:
         return hashlib.sha256(data).hexdigest() == self.chunks[i]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"digest": self.layer_digest, "mediaType": self.layer_media_type, "size": self.layer_size,
-                "diffID": self.diff_id,
-                "blob": {"mediaType": self.blob.media_type, "digest": self.blob.digest, "size": self.blob.size},
-                "chunkSize": self.chunk_size, "chunks": list(self.chunks)}
+        out = {"digest": self.layer_digest, "mediaType": self.layer_media_type, "size": self.layer_size,
+               "diffID": self.diff_id,
+               "blob": {"mediaType": self.blob.media_type, "digest": self.blob.digest, "size": self.blob.size},
+               "chunkSize": self.chunk_size, "chunks": list(self.chunks)}
+        if self.wire is not None:
+            out["wire"] = self.wire.to_dict()
+        return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "") -> LayerBlob:
+    def from_dict(cls, d: dict[str, Any], source: str = "", version: int = FORMAT_VERSION) -> LayerBlob:
+        """Parse and bound one layer entry; ``wire`` is read only in a v3 index (a v2 index has none)."""
         blob = Descriptor.from_dict(d["blob"])
         chunk_size = int(d["chunkSize"])
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
@@ -211,8 +350,13 @@ class LayerBlob:
         diff_id = str(d["diffID"])
         if not _is_sha256(diff_id) or not _is_sha256(str(d["digest"])) or not _is_sha256(blob.digest):
             raise BadIndex(f"layer {d.get('digest')}: digests must be sha256:<64 hex>")
+        wire = None
+        if version >= 3 and d.get("wire") is not None:
+            if not isinstance(d["wire"], dict):
+                raise BadIndex(f"layer {d.get('digest')}: wire is not an object")
+            wire = WireBlob.from_dict(d["wire"], blob.size, chunk_size, str(d.get("digest")))
         return cls(str(d["digest"]), str(d.get("mediaType", "")), int(d.get("size", 0)), blob, chunk_size, chunks,
-                   diff_id, source)
+                   diff_id, source, wire)
 
 
 @dataclass
@@ -220,10 +364,16 @@ class ImageIndex:
     subject: str
     layers: dict[str, LayerBlob] = field(default_factory=dict)  # original layer digest → blob, in image order
     skipped: list[dict[str, str]] = field(default_factory=list)
+    version: int = FORMAT_VERSION  # schema version written (and read): 2 has no wire blobs
 
     def to_json(self) -> bytes:
-        doc = {"schemaVersion": FORMAT_VERSION, "mediaType": INDEX_MEDIA_TYPE, "subject": self.subject,
-               "converter": CONVERTER, "layers": [lb.to_dict() for lb in self.layers.values()],
+        if self.version not in READ_VERSIONS:
+            raise ValueError(f"index version {self.version} is not one of {READ_VERSIONS}")
+        if self.version < 3 and any(lb.wire is not None for lb in self.layers.values()):
+            raise ValueError("an index of version 2 cannot name wire blobs")
+        doc = {"schemaVersion": self.version, "mediaType": INDEX_MEDIA_TYPE, "subject": self.subject,
+               "converter": {**CONVERTER, "version": self.version},
+               "layers": [lb.to_dict() for lb in self.layers.values()],
                "skipped": self.skipped}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -235,23 +385,74 @@ class ImageIndex:
             doc = json.loads(raw)
             if doc.get("mediaType") != INDEX_MEDIA_TYPE:
                 raise BadIndex(f"not a BootSeer index ({doc.get('mediaType')!r})")
-            if doc.get("schemaVersion") != FORMAT_VERSION:
-                raise UnsupportedIndex(f"BootSeer index schema version {doc.get('schemaVersion')!r}; this node "
-                                       f"reads version {FORMAT_VERSION}")
+            version = doc.get("schemaVersion")
+            if type(version) is not int or version not in READ_VERSIONS:
+                raise UnsupportedIndex(f"BootSeer index schema version {version!r}; this node reads versions "
+                                       f"{', '.join(map(str, READ_VERSIONS))}")
             if len(doc.get("layers") or []) > MAX_LAYERS:
                 raise BadIndex(f"index of {len(doc['layers'])} layers, more than {MAX_LAYERS}")
-            layers = [LayerBlob.from_dict(d, source) for d in doc.get("layers") or []]
-            return cls(str(doc["subject"]), {lb.layer_digest: lb for lb in layers}, list(doc.get("skipped") or []))
+            layers = [LayerBlob.from_dict(d, source, version) for d in doc.get("layers") or []]
+            return cls(str(doc["subject"]), {lb.layer_digest: lb for lb in layers}, list(doc.get("skipped") or []),
+                       version)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BadIndex(f"malformed BootSeer index: {e}") from e
 
 
-def artifact_manifest(index_blob: Descriptor, subject: Descriptor, layers: list[LayerBlob]) -> bytes:
-    """The referrer manifest for an index blob (canonical JSON, deterministic)."""
+def read_chunk(client: RegistryClient, ref: Reference | str, lb: LayerBlob, i: int) -> bytes:
+    """Chunk ``i`` of ``lb``'s node blob, fetched the way a node does (its frame decompressed, for a v3
+    layer) and verified: for tools and tests; the snapshotter's data path is :mod:`snapshotter.lazy.fetcher`."""
+    off, length = lb.chunk_range(i)
+    if lb.wire is None:
+        data = client.get_blob_range(ref, lb.blob.digest, off, length)
+    else:
+        if not lb.wire.known:
+            raise BadIndex(f"layer {lb.layer_digest}: wire codec {lb.wire.codec!r} is not one this code reads")
+        offsets = lb.wire.offsets()
+        try:
+            data = inflate(client.get_blob_range(ref, lb.wire.blob.digest, offsets[i], offsets[i + 1] - offsets[i]),
+                           length)
+        except CorruptFrame as e:
+            raise BadIndex(f"layer {lb.layer_digest}: chunk {i}: {e}") from e
+    if not lb.verify_chunk(i, data):
+        raise BadIndex(f"layer {lb.layer_digest}: chunk {i} does not match its digest")
+    return data
+
+
+def fetch_node_blob(client: RegistryClient, ref: Reference | str, lb: LayerBlob, dest: IO[bytes]) -> None:
+    """Write ``lb``'s whole node blob (the EROFS image) to ``dest``, every chunk verified: the blob itself, or
+    for a v3 layer its wire blob (all the registry holds of it), downloaded whole and inflated frame by frame."""
+    if lb.wire is not None and not lb.wire.known:
+        raise BadIndex(f"layer {lb.layer_digest}: wire codec {lb.wire.codec!r} is not one this code reads")
+    got = lb.fetched
+    with tempfile.TemporaryFile() as tmp:
+        client.fetch_blob(ref, got.digest, tmp, got.size)  # (verified against its digest on the way)
+        at = lb.wire.offsets() if lb.wire is not None else None
+        for i in range(lb.chunk_count):
+            off, length = lb.chunk_range(i)
+            if at is None:
+                tmp.seek(off)
+                data = tmp.read(length)
+            else:
+                tmp.seek(at[i])
+                try:
+                    data = inflate(tmp.read(at[i + 1] - at[i]), length)
+                except CorruptFrame as e:
+                    raise BadIndex(f"layer {lb.layer_digest}: chunk {i}: {e}") from e
+            if not lb.verify_chunk(i, data):
+                raise BadIndex(f"layer {lb.layer_digest}: chunk {i} does not match its digest")
+            dest.write(data)
+
+
+def artifact_manifest(index_blob: Descriptor, subject: Descriptor, layers: list[LayerBlob],
+                      version: int = FORMAT_VERSION) -> bytes:
+    """The referrer manifest for an index blob (canonical JSON, deterministic).  It lists the blobs nodes
+    fetch (the wire blob of a v3 layer, which is all the registry holds of it; the EROFS blob otherwise)."""
     blobs: dict[str, dict[str, Any]] = {}
     for lb in layers:  # one entry per distinct blob (two identical layers share one)
-        blobs.setdefault(lb.blob.digest, {"mediaType": EROFS_MEDIA_TYPE, "digest": lb.blob.digest,
-                                          "size": lb.blob.size, "annotations": {LAYER_ANNOTATION: lb.layer_digest}})
+        got = lb.fetched
+        blobs.setdefault(got.digest, {"mediaType": WIRE_MEDIA_TYPE if lb.wire is not None else EROFS_MEDIA_TYPE,
+                                      "digest": got.digest, "size": got.size,
+                                      "annotations": {LAYER_ANNOTATION: lb.layer_digest}})
     doc = {
         "schemaVersion": 2,
         "mediaType": MT_OCI_MANIFEST,
@@ -260,7 +461,7 @@ def artifact_manifest(index_blob: Descriptor, subject: Descriptor, layers: list[
         "layers": [{"mediaType": INDEX_MEDIA_TYPE, "digest": index_blob.digest, "size": index_blob.size},
                    *blobs.values()],
         "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size},
-        "annotations": {"io.bootseer.index.version": str(FORMAT_VERSION)},
+        "annotations": {"io.bootseer.index.version": str(version)},
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -278,7 +479,7 @@ def push_index(client: RegistryClient, repo: Reference | str, index: ImageIndex,
     desc = client.push_blob(ref, raw)
     client.push_blob(ref, EMPTY_JSON)
     manifest = artifact_manifest(Descriptor(INDEX_MEDIA_TYPE, desc.digest, desc.size), subject,
-                                 list(index.layers.values()))
+                                 list(index.layers.values()), index.version)
     digest = client.push_referrer(ref, manifest, MT_OCI_MANIFEST)
     if signer is not None:
         sign_artifact(client, ref, digest, signer)
@@ -392,22 +593,34 @@ __all__ = [
     "BOUND_INDEX_ANNOTATION",
     "DEFAULT_CHUNK_SIZE",
     "EROFS_MEDIA_TYPE",
+    "FORMAT_VERSION",
     "INDEX_MEDIA_TYPE",
+    "READ_VERSIONS",
+    "WIRE_CODECS",
+    "WIRE_MEDIA_TYPE",
     "BadIndex",
+    "CorruptFrame",
     "ImageIndex",
     "LayerBlob",
     "UnsupportedIndex",
+    "WireBlob",
     "artifact_manifest",
     "bind_manifest",
     "bound_index",
     "chunk_digests",
     "chunk_span",
     "chunks_covering",
+    "fetch_node_blob",
     "find_index",
+    "frame_bound",
     "hash_chunks",
+    "inflate",
     "manifest_descriptor",
     "n_chunks",
+    "pack_frames",
     "push_index",
+    "read_chunk",
     "sha256_digest",
     "unbound_digest",
+    "unpack_frames",
 ]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from bootseer import log as bslog
-from bootseer.index import DEFAULT_CHUNK_SIZE
+from bootseer.index import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
 from bootseer.reference import Reference, ReferenceError
 from bootseer.registry import Platform, RegistryClient, RegistryError
 from bootseer.trust import TrustError, default_signer, generate_keypair
@@ -114,6 +114,11 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Convert even if the image already has an index."),
     chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, help="Chunk size of the index, bytes."),
     parallel: int = typer.Option(2, help="Layers converted at once."),
+    index_version: int = typer.Option(FORMAT_VERSION, "--index-version", min=2, max=3,
+                                      help="Index format: 3 sends each chunk as a zstd frame of a wire blob (the "
+                                      "only blob pushed); 2 pushes the EROFS blob, fetched as stored (nodes that "
+                                      "read only v2)."),
+    wire_level: int = typer.Option(3, "--wire-level", min=1, max=22, help="zstd level of the v3 wire frames."),
     state_dir: Path | None = typer.Option(None, help="Share the sidecar's layer map (sqlite) in this directory."),
     hosts_dir: Path | None = typer.Option(None, help="containerd certs.d directory with hosts.toml files (default: "
                                           "env BOOTSEER_HOSTS_DIR, else the local stack's, else "
@@ -160,7 +165,9 @@ def convert(
     if signer is None:
         err.print("[yellow]warning:[/yellow] no --signing-key: the index is pushed unsigned (nodes that require "
                   "signatures will pull this image the ordinary way)")
-    converter = ImageConverter(client, ConvertOptions(chunk_size=chunk_size, parallel=parallel), layer_map, signer)
+    opts = ConvertOptions(chunk_size=chunk_size, parallel=parallel, index_version=index_version,
+                          wire_level=wire_level)
+    converter = ImageConverter(client, opts, layer_map, signer)
     results: list[ImageResult] = []
     try:
         for p in platforms:

@@ -43,7 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bootseer import __version__
-from bootseer.index import DEFAULT_CHUNK_SIZE
+from bootseer.index import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
 from bootseer.reference import Reference, is_loopback
 from bootseer.registry import (
     IMAGE_MANIFEST_TYPES,
@@ -81,6 +81,8 @@ class SidecarConfig:
     retry_max: float = 600.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     compression: str = "lz4hc,4"  # mkfs.erofs -z (see registry_sidecar.convert)
+    index_version: int = FORMAT_VERSION  # 3: chunks sent as zstd frames of a wire blob; 2: the EROFS blob as stored
+    wire_level: int = 3  # zstd level of the v3 wire frames
     parallel: int = 2
     nice: int = 0
     max_bytes: int | None = None
@@ -125,7 +127,8 @@ class SidecarConfig:
     def convert_options(self) -> ConvertOptions:
         return ConvertOptions(chunk_size=self.chunk_size, compression=self.compression, parallel=self.parallel,
                               nice=self.nice, max_bytes=self.max_bytes, allow_devices=self.allow_devices,
-                              workdir=Path(self.state_dir) / "scratch")
+                              workdir=Path(self.state_dir) / "scratch", index_version=self.index_version,
+                              wire_level=self.wire_level)
 
 
 @dataclass(frozen=True)

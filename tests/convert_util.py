@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+from bootseer.index import fetch_node_blob
 from bootseer.reference import Reference
 from bootseer.registry import Manifest, RegistryClient
 from integration.stack import Stack
@@ -90,13 +91,9 @@ def mounted_index(client: RegistryClient, image: str, manifest_digest: str, laye
             lb = reader.lookup(image, manifest_digest, ld)
             assert lb is not None, f"layer {ld} has no EROFS blob in the index"
             blob = work / f"layer{i}.erofs"
-            with open(blob, "wb") as fh:
-                client.fetch_blob(ref, lb.blob.digest, fh, lb.blob.size)
-            with open(blob, "rb") as fh:
-                for c in range(lb.chunk_count):
-                    off, n = lb.chunk_range(c)
-                    fh.seek(off)
-                    assert lb.verify_chunk(c, fh.read(n)), f"chunk {c} of {lb.blob.digest} does not verify"
+            with open(blob, "wb") as fh:  # chunk by chunk, each verified (from its wire frame for index v3)
+                fetch_node_blob(client, ref, lb, fh)
+            assert blob.stat().st_size == lb.blob.size
             mp = work / f"l{i}"
             mp.mkdir()
             subprocess.run(["mount", "-t", "erofs", "-o", "ro,loop", str(blob), str(mp)], check=True,

@@ -413,6 +413,7 @@ class Bench:
         self.exit_timeout = exit_timeout
         self.blob_layers: dict[str, dict[str, dict[str, Any]]] = {}  # mode → EROFS blob → its layer, position
         self.peer: Any = None
+        self.index_version: int | None = None  # `bootseer convert --index-version` (None: its default)
         if peer_binary is not None:
             self.peer = peer.Peer(peer_binary, self.root / "stargz", self.root / "stargz.sock",
                                   self.root / "logs" / "stargz.log")
@@ -537,7 +538,8 @@ class Bench:
         subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--src-tls-verify=false",
                         "--dest-tls-verify=false", f"docker://{base}", f"docker://{ref}"], check=True,
                        capture_output=True)
-        self.bootseer("convert", "--plain-http", "--state-dir", str(self.root / "convert-state"), ref)
+        version = [] if self.index_version is None else ["--index-version", str(self.index_version)]
+        self.bootseer("convert", "--plain-http", "--state-dir", str(self.root / "convert-state"), *version, ref)
         return ref
 
     def _record(self, ref: str) -> None:
@@ -813,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=None, help="stack scratch dir (default: a fresh /tmp/bs-startup-*)")
     p.add_argument("--cache", type=Path, default=Path("/var/cache/bootseer/images"),
                    help="where converted images and the peer's build are kept")
+    p.add_argument("--index-version", type=int, choices=(2, 3), default=None,
+                   help="the BootSeer index format the image is converted to (default: bootseer convert's)")
     return p
 
 
@@ -864,6 +868,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with running(cfg) as st:
         bench = Bench(st, cfg, modes, peer_binary, _log, source, work, args.exit_timeout)
+        bench.index_version = args.index_version
         bench.reset()
         bench.setup(args.cache)
         layer_sizes = bench.facts.layer_sizes

@@ -61,6 +61,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from bootseer.index import CorruptFrame, inflate
 from snapshotter.lazy.cache import ChunkCache
 from snapshotter.lazy.errors import Cancelled, CorruptChunk, FetchError, status_error, transport_error
 from snapshotter.lazy.mirrorfill import MirrorFilling, MirrorFills
@@ -398,7 +399,7 @@ class Fetcher:
             with self._lock:
                 self.stats.dedup_waits += len(theirs)
             return theirs
-        nbytes = sum(self.spec.chunk_span(i)[1] for i in need)
+        nbytes = sum(self.spec.wire_span(i)[1] for i in need)  # what crosses the link
         with self.scheduler.slot(kind, nbytes, deadline, cancel, due):
             with self._lock:
                 need, theirs = self._split(every)
@@ -432,8 +433,8 @@ class Fetcher:
         """GET the contiguous chunks ``run`` (the caller holds a slot and has claimed them); each chunk is
         verified and stored the moment its last byte arrives, and its waiters go on then — a reader needing
         the first chunk of an 8 MiB prefetch run does not wait for the other 63."""
-        start = self.spec.chunk_span(run[0])[0]
-        last_off, last_len = self.spec.chunk_span(run[-1])
+        start = self.spec.wire_span(run[0])[0]  # frames are contiguous: a run of chunks is one range
+        last_off, last_len = self.spec.wire_span(run[-1])
         end = last_off + last_len
         bad: list[int] = []
         t0 = time.monotonic()
@@ -452,15 +453,15 @@ class Fetcher:
             raise CorruptChunk(f"chunk(s) {bad} of {self.spec.digest} failed sha256 verification")
 
     def _settler(self, run: list[int], start: int, bad: list[int]) -> Callable[[bytearray, int], None]:
-        """``arrived(buffer, n)`` for the body of ``run`` (starting at blob offset ``start``): settles each
-        chunk once its bytes are among the first ``n``."""
+        """``arrived(buffer, n)`` for the body of ``run`` (starting at offset ``start`` of the fetched blob):
+        settles each chunk once its bytes (its frame, on a compressed wire) are among the first ``n``."""
         settled = 0  # chunks of run handled so far
 
         def arrived(buf: bytearray, got: int) -> None:
             nonlocal settled
             while settled < len(run):
                 i = run[settled]
-                off, length = self.spec.chunk_span(i)
+                off, length = self.spec.wire_span(i)
                 if off - start + length > got:
                     return
                 self._settle(i, memoryview(buf)[off - start : off - start + length], bad)
@@ -475,8 +476,8 @@ class Fetcher:
         (the single-range path refreshes the token); raises :class:`FetchError` on failure."""
         spans = []
         for piece in pieces:
-            last_off, last_len = self.spec.chunk_span(piece[-1])
-            spans.append((self.spec.chunk_span(piece[0])[0], last_off + last_len))
+            last_off, last_len = self.spec.wire_span(piece[-1])
+            spans.append((self.spec.wire_span(piece[0])[0], last_off + last_len))
         bad: list[int] = []
         t0 = time.monotonic()
 
@@ -504,7 +505,8 @@ class Fetcher:
                     raise status_error(url, f"({len(spans)} ranges)", resp)
                 self._mirrors.served_range(base)
                 wanted = {a: (b, self._settler(piece, a, bad)) for piece, (a, b) in zip(pieces, spans, strict=True)}
-                return read_parts(BodyReader(resp, url, until), boundary.group(1).encode(), url, wanted, self.spec.size)
+                return read_parts(BodyReader(resp, url, until), boundary.group(1).encode(), url, wanted,
+                                  self.spec.fetch_size)
             finally:
                 resp.close()
 
@@ -515,18 +517,24 @@ class Fetcher:
         return True
 
     def _settle(self, i: int, piece: memoryview, bad: list[int]) -> None:
-        """Verify chunk ``i`` and store it (its waiters go on), or count it in ``bad``."""
-        got = hashlib.sha256(piece).hexdigest()
+        """Verify chunk ``i`` (on a compressed wire: its frame, decompressed) and store it (its waiters go
+        on), or count it in ``bad``: a frame that does not inflate to exactly its chunk fails as a digest does."""
+        off, length = self.spec.chunk_span(i)
+        try:
+            data = inflate(piece, length) if self.spec.codec else piece
+            got = hashlib.sha256(data).hexdigest()
+        except CorruptFrame as e:
+            got = f"no chunk (its {self.spec.codec} frame refused: {e})"
         if got != self.spec.chunks[i]:
-            bad.append(i)
-            off = self.spec.chunk_span(i)[0]
             log.error("blob %s chunk %d (bytes %d-%d) failed verification: expected sha256 %s, got %s",
-                      self.spec.digest, i, off, off + len(piece) - 1, self.spec.chunks[i], got)
+                      self.spec.digest, i, off, off + length - 1, self.spec.chunks[i], got)
+            bad.append(i)
             with self._lock:
                 self.stats.corrupt += 1
             if self.metrics is not None:
                 self.metrics.corrupt(self.spec, i)
             return
+        piece = memoryview(data)
         self.cache.put(i, piece)
         # Progress, not only a whole answer, proves the endpoints alive: with 8 MiB requests in flight a
         # few short failures would otherwise count "in a row" while the big answers are still arriving.
@@ -623,7 +631,7 @@ class Fetcher:
                     if resp.status_code == 401 and not refreshed:
                         refreshed = True
                         continue
-                    if resp.status_code == 200 and (start, end) != (0, self.spec.size) \
+                    if resp.status_code == 200 and (start, end) != (0, self.spec.fetch_size) \
                             and self._mirrors.unproven(base):
                         raise self._mirrors.answered_whole(base, url)  # closed unread (see mirrorfill)
                     if resp.status_code == 206:

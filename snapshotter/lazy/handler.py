@@ -41,7 +41,7 @@ from bootseer import events
 from snapshotter.lazy.ahead import SetUpAhead, ahead_owner
 from snapshotter.lazy.lookups import Lookups, LookupUnavailable
 from snapshotter.lazy.manager import LayerManager
-from snapshotter.lazy.spec import BlobSpec, TlsSettings
+from snapshotter.lazy.spec import BlobSpec, TlsSettings, wire_fields
 from snapshotter.metastore import Record
 from snapshotter.remote import (
     LABEL_CRI_IMAGE_LAYERS,
@@ -251,7 +251,7 @@ class RegistryAuthHook:
             try:
                 # a deadline of its own: the fetch that asked waits on it (a tarpit realm must not hold it)
                 with self.client.deadline(REFRESH_DEADLINE):
-                    self.client.blob_exists(Reference(registry, spec.repository), spec.digest)
+                    self.client.blob_exists(Reference(registry, spec.repository), spec.fetch_digest)
             except Exception as e:  # the fetch then fails with the registry's own answer
                 log.warning("token refresh for %s/%s failed: %s", host, spec.repository, e)
         header = self.client.auth.cached_header(host, scopes)
@@ -352,4 +352,4 @@ class RegistrySpecs:
             raise RuntimeError(f"{ref.registry}: no endpoint to fetch lazy blobs from")
         return BlobSpec(registry=bases[-1], mirrors=tuple(bases[:-1]), repository=ref.repository,
                         digest=blob.blob.digest, size=blob.blob.size, chunk_size=blob.chunk_size,
-                        chunks=tuple(blob.chunks))
+                        chunks=tuple(blob.chunks), **wire_fields(blob))

@@ -118,10 +118,15 @@ class IndexReader:
 
     def bound(self, image_ref: str, manifest_digest: str, layer_digest: str) -> tuple[LayerBlob, ImageLayers] | None:
         """The layer's EROFS blob, only if the index binds it to the pulled image (layer digest and diffID at
-        every position the layer has in the manifest), with the image's layers; None if there is no blob.
+        every position the layer has in the manifest), with the image's layers; None if there is no blob, or
+        its chunks travel in a codec this node does not know (index v3: that layer is pulled the ordinary way).
         Raises :class:`ImageMismatch` when index and image disagree."""
         blob = self.lookup(image_ref, manifest_digest, layer_digest)
         if blob is None:
+            return None
+        if blob.wire is not None and not blob.wire.known:
+            log.warning("layer %s of %s: its index sends chunks with codec %r, which this node does not read; "
+                        "ordinary pull of that layer", layer_digest[:19], image_ref, blob.wire.codec)
             return None
         img = self.image_layers(image_ref, manifest_digest)
         where = img.positions(layer_digest)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bootseer.index import chunk_span, chunks_covering, n_chunks
+from bootseer.index import WIRE_CODECS, LayerBlob, chunk_span, chunks_covering, frame_bound, n_chunks
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -28,6 +28,11 @@ class BlobSpec:
     ``registry`` is a base URL (``http://host:port`` or ``https://host``); ``mirrors`` are tried first, in
     order (a P2P engine such as Dragonfly, a pull-through cache), the registry last.  ``chunks`` holds the
     lowercase hex sha256 of every chunk; the last chunk may be shorter than ``chunk_size``.
+
+    With a ``codec`` (index v3) the chunks travel compressed: chunk *i* is frame *i* (``frames[i]`` bytes) of
+    the wire blob ``wire_digest``, the frames back to back; everything that speaks blob offsets (the cache,
+    reads, hot-block manifests) still speaks those of the node blob ``digest``, only the requests speak wire
+    offsets (:meth:`wire_span`).
     """
 
     registry: str
@@ -39,6 +44,11 @@ class BlobSpec:
     mirrors: tuple[str, ...] = ()
     # Extra, non-secret request headers (e.g. a User-Agent); secrets come from the AuthHook.
     headers: Mapping[str, str] = field(default_factory=dict)
+    codec: str = ""  # "": fetched as stored; else the wire codec (one of bootseer.index.WIRE_CODECS)
+    wire_digest: str = ""
+    wire_size: int = 0
+    frames: tuple[int, ...] = ()
+    _wire_offsets: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _DIGEST.match(self.digest):
@@ -52,6 +62,25 @@ class BlobSpec:
                 raise ValueError(f"chunk digest must be 64 lowercase hex characters, not {c!r}")
         if not self.registry.startswith(("http://", "https://")):
             raise ValueError(f"registry must be a base URL (http[s]://host[:port]), not {self.registry!r}")
+        if self.codec or self.wire_digest or self.frames:
+            self._check_wire()
+
+    def _check_wire(self) -> None:
+        """The frame table must cut exactly the wire blob, one frame per chunk, none past its bound (the index
+        checked this too; a spec is also read back from disk)."""
+        if self.codec not in WIRE_CODECS:
+            raise ValueError(f"wire codec {self.codec!r} is not one of {WIRE_CODECS}")
+        if not _DIGEST.match(self.wire_digest):
+            raise ValueError(f"wire digest must be sha256:<64 hex>, not {self.wire_digest!r}")
+        if len(self.frames) != len(self.chunks) or sum(self.frames) != self.wire_size:
+            raise ValueError(f"{len(self.frames)} frames of {sum(self.frames)} bytes for {len(self.chunks)} chunks "
+                             f"and a wire blob of {self.wire_size}")
+        offsets = [0]
+        for i, f in enumerate(self.frames):
+            if not 0 < f <= frame_bound(self.chunk_span(i)[1]):
+                raise ValueError(f"frame {i} of {f} bytes for a chunk of {self.chunk_span(i)[1]}")
+            offsets.append(offsets[-1] + f)
+        object.__setattr__(self, "_wire_offsets", tuple(offsets))
 
     # -- identity ----------------------------------------------------------------------------------
     @property
@@ -61,6 +90,8 @@ class BlobSpec:
         blob digest but not the chunk table or the source never share a mount or a cache: the bytes a layer
         served were verified against *its* chunk table, fetched from *its* registry, and nothing else."""
         h = hashlib.sha256(f"{self.identity()}\n{self.registry.rstrip('/')}\n{self.repository}\n".encode())
+        if self.codec:  # fetched from another blob: never the layer of a spec fetching the node blob as stored
+            h.update(f"{self.codec}\n{self.wire_digest}\n".encode())
         return f"{self.digest}+{h.hexdigest()[:16]}"
 
     @property
@@ -78,6 +109,22 @@ class BlobSpec:
         """(offset, length) of chunk ``index`` in the blob."""
         return chunk_span(self.size, self.chunk_size, index)
 
+    @property
+    def fetch_digest(self) -> str:
+        """The blob the requests ask for: the wire blob, or the node blob itself."""
+        return self.wire_digest if self.codec else self.digest
+
+    @property
+    def fetch_size(self) -> int:
+        return self.wire_size if self.codec else self.size
+
+    def wire_span(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index``'s bytes in the fetched blob (its frame, or the chunk itself)."""
+        if not self.codec:
+            return self.chunk_span(index)
+        off = self._wire_offsets[index]
+        return off, self._wire_offsets[index + 1] - off
+
     def chunks_for(self, offset: int, length: int) -> range:
         """Indices of the chunks that cover ``[offset, offset+length)`` (clamped to the blob)."""
         return chunks_covering(self.size, self.chunk_size, offset, length)
@@ -93,20 +140,35 @@ class BlobSpec:
         return [*self.mirrors, self.registry]
 
     def blob_url(self, base: str) -> str:
-        return f"{base.rstrip('/')}/v2/{self.repository}/blobs/{self.digest}"
+        return f"{base.rstrip('/')}/v2/{self.repository}/blobs/{self.fetch_digest}"
 
     # -- persistence -------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"registry": self.registry, "repository": self.repository, "digest": self.digest,
-                "size": self.size, "chunk_size": self.chunk_size, "chunks": list(self.chunks),
-                "mirrors": list(self.mirrors), "headers": dict(self.headers)}
+        doc: dict[str, Any] = {"registry": self.registry, "repository": self.repository, "digest": self.digest,
+                               "size": self.size, "chunk_size": self.chunk_size, "chunks": list(self.chunks),
+                               "mirrors": list(self.mirrors), "headers": dict(self.headers)}
+        if self.codec:
+            doc["wire"] = {"codec": self.codec, "digest": self.wire_digest, "size": self.wire_size,
+                           "frames": list(self.frames)}
+        return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> BlobSpec:
+        wire = doc.get("wire") or {}
         return cls(registry=str(doc["registry"]), repository=str(doc["repository"]), digest=str(doc["digest"]),
                    size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
                    chunks=tuple(str(c) for c in doc["chunks"]), mirrors=tuple(doc.get("mirrors", ())),
-                   headers=dict(doc.get("headers", {})))
+                   headers=dict(doc.get("headers", {})), codec=str(wire.get("codec", "")),
+                   wire_digest=str(wire.get("digest", "")), wire_size=int(wire.get("size", 0)),
+                   frames=tuple(int(f) for f in wire.get("frames", ())))
+
+
+def wire_fields(blob: LayerBlob) -> dict[str, Any]:
+    """The :class:`BlobSpec` fields for how an index entry's chunks travel (none: as stored)."""
+    if blob.wire is None:
+        return {}
+    return {"codec": blob.wire.codec, "wire_digest": blob.wire.blob.digest, "wire_size": blob.wire.blob.size,
+            "frames": blob.wire.frames}
 
 
 def digest_of_name(name: str) -> str:

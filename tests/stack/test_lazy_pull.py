@@ -41,7 +41,7 @@ import requests
 
 from bootseer.control import Control
 from bootseer.cri import CRIClient
-from bootseer.index import DEFAULT_CHUNK_SIZE
+from bootseer.index import DEFAULT_CHUNK_SIZE, LayerBlob
 from integration import images
 from integration.stack import Stack, StackConfig, loops_below, mounts_below, running, wait_for
 from tests.conftest import scratch_root
@@ -70,8 +70,8 @@ class Lazy:
     def status(self) -> list[dict[str, Any]]:
         return list(self.control.call("status")["layers"])
 
-    def blobs(self) -> list[str]:
-        """Digests of the realistic image's EROFS blobs (from the registry's index)."""
+    def index_layers(self) -> list[LayerBlob]:
+        """The realistic image's layer entries in the registry's index."""
         from bootseer.registry import RegistryClient
         from snapshotter.lazy.index_reader import IndexReader
 
@@ -79,7 +79,11 @@ class Lazy:
         man, _ = client.resolve_image(self.ref)
         idx = IndexReader(client).image_index(self.ref, man.digest)
         assert idx is not None, "the sidecar did not index the image"
-        return [idx.layers[ly["digest"]].blob.digest for ly in self.layers]
+        return [idx.layers[ly["digest"]] for ly in self.layers]
+
+    def blobs(self) -> list[str]:
+        """Digests of the realistic image's EROFS blobs (what the snapshotter's status names)."""
+        return [lb.blob.digest for lb in self.index_layers()]
 
     @property
     def certs(self) -> str:
@@ -322,16 +326,29 @@ def _chunk_inside(blob: Path, rel: str, chunk_size: int) -> int:
 
 
 def test_corrupt_chunk_is_eio_for_that_file_only(lazy: Lazy, ns: str) -> None:
+    """A chunk of torch's library damaged in the registry's storage (its zstd frame, index v3: the sidecar's
+    default) is EIO for that file only."""
+    from bootseer.index import fetch_node_blob
+    from bootseer.registry import RegistryClient
+
     lazy.cold(ns)
-    blob_digest = lazy.blobs()[2]  # torch's layer
-    data = Path(lazy.st.info.registry_storage) / "docker/registry/v2/blobs/sha256" / blob_digest[7:9] / \
-        blob_digest[7:] / "data"
-    chunk_size = DEFAULT_CHUNK_SIZE  # the realistic image is indexed with the default
-    k = _chunk_inside(data, TORCH_LIB, chunk_size)
+    lb = lazy.index_layers()[2]  # torch's layer
+    assert lb.chunk_size == DEFAULT_CHUNK_SIZE and lb.wire is not None
+    node = Path(tempfile.mkdtemp(prefix="bs-lz-node-")) / "torch.erofs"
+    try:  # the EROFS image itself is not in the registry: rebuilt from its frames, to find a chunk of the file
+        with open(node, "wb") as fh:
+            fetch_node_blob(RegistryClient(hosts_dir=lazy.certs, plain_http=True), lazy.ref, lb, fh)
+        k = _chunk_inside(node, TORCH_LIB, lb.chunk_size)
+    finally:
+        subprocess.run(["rm", "-rf", str(node.parent)], check=False)
+    digest = lb.fetched.digest
+    data = Path(lazy.st.info.registry_storage) / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / \
+        "data"
+    at = lb.wire.offsets()[k] + lb.wire.frames[k] // 2  # inside frame k
     with open(data, "r+b") as f:
-        f.seek(k * chunk_size + 4096)
+        f.seek(at)
         original = f.read(8)
-        f.seek(k * chunk_size + 4096)
+        f.seek(at)
         f.write(bytes(b ^ 0xFF for b in original))
     try:
         res = bootseer_pull(lazy, ns, lazy.ref)
@@ -348,7 +365,7 @@ def test_corrupt_chunk_is_eio_for_that_file_only(lazy: Lazy, ns: str) -> None:
         assert "failed verification" in Path(lazy.st.info.logs["snapshotter"]).read_text()
     finally:
         with open(data, "r+b") as f:
-            f.seek(k * chunk_size + 4096)
+            f.seek(at)
             f.write(original)
 
 

@@ -186,7 +186,7 @@ def test_cleanup_releases_lazy_layers_no_snapshot_uses(tmp_path: Path) -> None:
     recorded snapshots stay mounted, and brings the unused caches under their budget.  Before, only a daemon
     restart did either."""
     from bootseer.index import find_index
-    from snapshotter.lazy.spec import BlobSpec
+    from snapshotter.lazy.spec import BlobSpec, wire_fields
     from tests.snapshotter_fixtures import Client
 
     cfg = StackConfig(root=scratch_root("gc"), cri_snapshotter="bootseer", sidecar=False,
@@ -203,7 +203,8 @@ def test_cleanup_releases_lazy_layers_no_snapshot_uses(tmp_path: Path) -> None:
         assert found is not None
         blob = next(iter(found[1].layers.values()))
         spec = BlobSpec(registry=f"http://{st.info.registry}", repository="gc/leaked", digest=blob.blob.digest,
-                        size=blob.blob.size, chunk_size=blob.chunk_size, chunks=tuple(blob.chunks))
+                        size=blob.blob.size, chunk_size=blob.chunk_size, chunks=tuple(blob.chunks),
+                        **wire_fields(blob))
         ctl = Control(str(st.info.snapshotter_control), timeout=120)
         ctl.call("acquire", spec=spec.to_json(), owner=f"{ns}/sha256:never-recorded")  # the abandoned hold
         [leaked_before], [kept_before] = _layers_of(st, "gc/leaked"), _layers_of(st, "gc/kept")

@@ -138,7 +138,7 @@ def _forge(world: World, repo: str, signer: Signer | None) -> None:
     layers[first] = replace(evil_blob, layer_digest=first, diff_id=real.layers[first].diff_id, source="")
     # the EROFS blob must be in the repository the index is read from (a registry writer can mount it there)
     world.client.push_blob(Reference.parse(ref), world.client.get_blob(Reference.parse(world.evil),
-                                                                        evil_blob.blob.digest))
+                                                                        evil_blob.fetched.digest))
     push_index(world.client, ref, ImageIndex(man.digest, layers), manifest_descriptor(man), signer=signer)
 
 
@@ -237,7 +237,7 @@ def test_a_bound_image_keeps_its_own_index(world: World, ns: str, tmp_path: Path
     layers = dict(pinned.layers)
     layers[first] = replace(evil_blob, layer_digest=first, diff_id=pinned.layers[first].diff_id, source="")
     repo = Reference.parse(bound)
-    world.client.push_blob(repo, world.client.get_blob(Reference.parse(world.evil), evil_blob.blob.digest))
+    world.client.push_blob(repo, world.client.get_blob(Reference.parse(world.evil), evil_blob.fetched.digest))
     push_index(world.client, repo, ImageIndex(man.digest, layers), manifest_descriptor(man), signer=world.signer)
     modes = _modes(_pull(world, ns, bound))
     assert modes[0] == "lazy", modes

@@ -125,8 +125,10 @@ def test_index_parse_bounds_before_anything_is_materialised() -> None:
     assert ImageIndex.from_json(idx.to_json()).to_json() == idx.to_json()  # canonical round trip
     with pytest.raises(UnsupportedIndex, match="schema version 1"):  # an old index: the ordinary pull
         ImageIndex.from_json(_index([_layer()], version=1))
-    with pytest.raises(UnsupportedIndex):
-        ImageIndex.from_json(_index([_layer()], version=3))
+    with pytest.raises(UnsupportedIndex):  # a newer converter's: the ordinary pull
+        ImageIndex.from_json(_index([_layer()], version=4))
+    with pytest.raises(UnsupportedIndex):  # (a bool is not a version, though True == 1 in Python)
+        ImageIndex.from_json(_index([_layer()], version=True))
     big = 64 << 30  # one chunk would be one 64 GiB bytearray on the node
     cases = [
         _layer(chunkSize=big, chunks=["44" * 32],
