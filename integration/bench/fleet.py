@@ -450,7 +450,8 @@ class Fleet:
         bench._record(self.ref)
         from bootseer.control import Control
 
-        self.blobs = [(ly["repository"].split("/", 1)[1], ly["digest"])  # the lazy blobs, for the preheat
+        # the blobs the registry serves (index format 3: the wire blob, not the EROFS digest), for the preheat
+        self.blobs = [(ly["repository"].split("/", 1)[1], ly["wire_digest"])
                       for ly in Control(self.st.info.snapshotter_control, timeout=30).call("status")["layers"]]
         # the recording's own daemons would go on filling its layers from the origin: stop them for good
         with contextlib.suppress(Exception):

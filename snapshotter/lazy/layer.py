@@ -500,6 +500,7 @@ class LazyLayer:
     def status(self) -> dict[str, object]:
         return {
             "digest": self.spec.digest,
+            "wire_digest": self.spec.fetch_digest,  # the blob the registry serves for it (index format 3: not `digest`)
             "size": self.spec.size,
             "chunk_size": self.spec.chunk_size,
             "chunks": self.spec.n_chunks,

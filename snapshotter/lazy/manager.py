@@ -420,7 +420,8 @@ class LayerManager:
             if layer is not None:
                 doc = layer.status()
             else:
-                doc = {"digest": spec.digest, "size": spec.size, "mounted": False, "swapped": False,
+                doc = {"digest": spec.digest, "wire_digest": spec.fetch_digest, "size": spec.size,
+                       "mounted": False, "swapped": False,
                        "bytes_local": self._disk_bytes(names[key])}
             doc["key"] = key
             doc["owners"] = owners

@@ -6,11 +6,29 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from integration.bench import fleet
 
+_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
+
+@pytest.fixture
+def ip_forward() -> Iterator[None]:
+    """The benchmark needs the host to route between the fleet's namespaces and leaves the setting to the operator
+    (a fresh machine has it off until something like dockerd turns it on); the test turns it on and restores it."""
+    before = _FORWARD.read_text().strip()
+    _FORWARD.write_text("1\n")
+    try:
+        yield
+    finally:
+        _FORWARD.write_text(f"{before}\n")
+
+
+@pytest.mark.usefixtures("ip_forward")
 def test_fleet_bench_two_nodes_small_image(tmp_path: Path) -> None:
     out = tmp_path / "fleet.json"
     rc = fleet.main(["--image", "small", "--nodes", "2", "--runs", "1", "--root", str(tmp_path / "root"),
