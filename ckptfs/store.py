@@ -17,8 +17,9 @@ Supported URIs
     clusters also need a ticket (``kinit``) and ``?kerb_ticket=/path`` in the URI.  Not exercised by the
     tests here (no Hadoop on the test machines); it goes through the same ``pyarrow.fs`` calls as S3.
 ``fsspec+PROTO://…`` or any other protocol fsspec knows (``http://``, ``gs://``, ``abfs://``…)
-    ``fsspec.filesystem(PROTO)`` behind pyarrow's ``FSSpecHandler``.  ``http(s)://`` is read-only and is
-    opened without fsspec's read cache, so a chunk read is exactly one ranged GET.
+    ``fsspec.filesystem(PROTO)`` behind pyarrow's ``FSSpecHandler``.  ``http(s)://`` is read-only; a chunk read is
+    exactly one ranged GET, received by :mod:`ckptfs.httpranges` into the reader's buffer (fsspec lists the
+    store and reads its manifest; with ``fsspec_options`` set, fsspec does the reads too).
 
 The reader only needs ``read_range``; ``put`` needs ``open_output``/``write_atomic``.  Everything else in
 ckptfs talks to a :class:`Store`, never to a filesystem directly, so a new backend is one branch here.
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from ckptfs.httpranges import HttpRanges
 
 _PIECE = 256 << 10  # copy/hash granularity: small enough to stay in L2 between the copy and the hash
 _LOCAL_PIECE = 1 << 20  # local reads: 1 MiB O_DIRECT requests, hashed as each lands
@@ -138,6 +141,9 @@ def open_store(uri: str, options: StoreOptions | None = None) -> Store:
         fs, root = _fsspec_filesystem(proto, uri.split("+", 1)[1], opts)
         return Store(uri, fs, root, kind="fsspec")
     fs, root = _fsspec_filesystem(scheme, uri, opts)
+    if scheme in ("http", "https") and not opts.fsspec_options:
+        # chunk reads bypass fsspec (ckptfs.httpranges says why); fsspec still lists and reads the manifest
+        return Store(uri, fs, root, kind="http", ranges=HttpRanges())
     return Store(uri, fs, root, kind="fsspec")
 
 
@@ -149,14 +155,16 @@ class Store:
     for ``read_at`` and shared; fsspec handles are not, so those are cached per thread.
     """
 
-    def __init__(self, uri: str, fs: pafs.FileSystem, root: str, *, kind: str) -> None:
+    def __init__(self, uri: str, fs: pafs.FileSystem, root: str, *, kind: str,
+                 ranges: HttpRanges | None = None) -> None:
         self.uri = uri
         self.fs = fs
         self.root = root
         self.kind = kind
+        self.ranges = ranges  # http(s): chunk reads straight into the caller's buffer
         self._lock = threading.Lock()
         self._handles: OrderedDict[tuple[int, str], Any] = OrderedDict()
-        self._per_thread = kind == "fsspec"
+        self._per_thread = kind in ("fsspec", "http")
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -189,6 +197,10 @@ class Store:
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` of object ``rel``; ``OSError`` on failure or short read."""
+        if self.ranges is not None:
+            buf = bytearray(length)
+            self.ranges.read_into(self.join(rel), offset, memoryview(buf))
+            return bytes(buf)
         try:
             h = self._handle(rel)
             parts: list[bytes] = []
@@ -212,6 +224,9 @@ class Store:
         verification is the largest CPU cost of a load.
         """
         n = len(out)
+        if self.ranges is not None:
+            self.ranges.read_into(self.join(rel), offset, out, hasher)
+            return
         if self.kind != "local":
             data = memoryview(self.read_range(rel, offset, n))
             for lo in range(0, n, _PIECE):
@@ -336,6 +351,8 @@ class Store:
             self._handles.clear()
         for h in handles:
             _close_quietly(h)
+        if self.ranges is not None:
+            self.ranges.close()
 
 
 class _Fd:
