@@ -25,6 +25,7 @@ import re
 import ssl
 import threading
 import urllib.parse
+import weakref
 from typing import Any
 
 from bootseer.log import redact
@@ -46,7 +47,8 @@ class HttpRanges:
         self._context = context
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: list[http.client.HTTPConnection] = []
+        # every thread's connections, for close(); weak, so a finished thread's go with its thread-local
+        self._all: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
 
     # -- connections ---------------------------------------------------------------------------------
     def _conns(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
@@ -68,18 +70,19 @@ class HttpRanges:
                 c = http.client.HTTPConnection(host, timeout=self.timeout)
             conns[(scheme, netloc)] = c
             with self._lock:
-                self._all.append(c)
+                self._all.add(c)
         return c
 
     def _drop(self, scheme: str, netloc: str) -> None:
-        c = self._conns().pop((scheme, netloc), None)
+        """Close this thread's socket to ``netloc``; the connection object opens a new one on its next request."""
+        c = self._conns().get((scheme, netloc))
         if c is not None:
             c.close()
 
     def close(self) -> None:
         """Close every thread's connections (the store is closed; threads may still hold references)."""
         with self._lock:
-            conns, self._all = self._all, []
+            conns = list(self._all)
         for c in conns:
             c.close()
 

@@ -54,7 +54,8 @@ class _Server:
             def _serve(self, head: bool) -> None:
                 with server.lock:
                     server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                            "range": self.headers.get("Range"), "port": server.port})
+                                            "range": self.headers.get("Range"), "port": server.port,
+                                            "peer": self.client_address[1]})
                     n = len(server.requests)
                 if "redirect" in server.faults and server.redirect_to:
                     self.send_response(302)
@@ -149,9 +150,16 @@ def test_keepalive_connections_are_reused(served: tuple[_Server, dict[str, bytes
         out = memoryview(bytearray(CS))
         ranges = store.ranges
         assert ranges is not None
-        for i in range(4):
+        for i in range(2):
             store.read_range_into(_stripe(srv), i * CS, out)
         # one thread, one host: one connection, opened once
+        assert len({r["peer"] for r in srv.requests if r["range"]}) == 1
+        # the server now closes after each answer: the first goes over the kept connection, each later one
+        # over a new socket, and the thread keeps one connection object throughout
+        srv.faults.add("close")
+        for i in range(3):
+            store.read_range_into(_stripe(srv), i * CS, out)
+        assert len({r["peer"] for r in srv.requests if r["range"]}) == 3
         assert len(ranges._all) == 1
     finally:
         store.close()
