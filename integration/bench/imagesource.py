@@ -38,7 +38,7 @@ REALISTIC_EXPECT = "tensor(2.)"  # the line the realistic image's command prints
 REALISTIC_SEQ_READ_FILE = "/usr/local/lib/python3.11/dist-packages/torch/lib/libtorch_cpu.so"
 USER_REPO = "bench/image"  # where an imported image lands in the benchmark's registry
 SPLIT_LAYERS = 8
-SPLIT_VERSION = 2  # bump when build_split's output changes: the cache key follows it
+SPLIT_VERSION = 3  # bump when build_split's output changes: the cache key follows it
 
 Kind = Literal["builtin", "docker", "oci-archive", "oci"]
 
@@ -217,6 +217,25 @@ def plan_cuts(entries: list[Entry], pieces: int) -> list[int]:
     return cuts
 
 
+def parents_to_add(info: tarfile.TarInfo, dirs: dict[str, tarfile.TarInfo], held: set[str]) -> list[tarfile.TarInfo]:
+    """The directory entries a piece must hold before ``info``: its ancestors seen earlier in the layer
+    (``dirs``) that this piece does not hold yet (``held``, updated).
+
+    A layer built by Docker or BuildKit carries the entry of every parent directory of what it holds, and tools
+    rely on it: stargz-snapshotter's optimizer refuses a layer whose file's parent is missing ("failed to sort
+    tar entries").  A cut in tar order would leave a piece's files without their parents, so each piece repeats
+    them, with the original's owner, mode and times — as Docker does for a directory a later step writes into."""
+    out: list[tarfile.TarInfo] = []
+    parts = info.name.rstrip("/").split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        d = "/".join(parts[:i])
+        if d in held or d not in dirs:
+            continue
+        held.add(d)
+        out.append(dirs[d])
+    return out
+
+
 def split_key() -> str:
     from integration import images
 
@@ -229,8 +248,9 @@ def build_split(cache: Path, pieces: int = SPLIT_LAYERS, log: IO[str] = sys.stde
 
     Each of the realistic image's layers is cut in tar order into runs of about (image bytes / ``pieces``)
     — the torch layer into several, the small pip layer not at all — so the files, their order, owners, modes
-    and times are the realistic image's; only the layer boundaries move.  The realistic image has no whiteouts
-    (refused if it had: a cut could separate a whiteout from what it hides)."""
+    and times are the realistic image's; only the layer boundaries move (each piece repeats the entries of its
+    files' parent directories, as a Docker layer holds them: :func:`parents_to_add`).  The realistic image has no
+    whiteouts (refused if it had: a cut could separate a whiteout from what it hides)."""
     from integration import images
     from integration.oci import Layout
 
@@ -260,13 +280,21 @@ def build_split(cache: Path, pieces: int = SPLIT_LAYERS, log: IO[str] = sys.stde
             k = max(1, round(pieces * size / total))
             bounds = [0, *plan_cuts(entries, k), len(entries)]
             members = _members(blob)
+            dirs: dict[str, tarfile.TarInfo] = {}  # the layer's directory entries so far, by name
             for p in range(len(bounds) - 1):
                 count = bounds[p + 1] - bounds[p]
 
-                def write(dst: IO[bytes], count: int = count, members: Iterator[Member] = members) -> None:
+                def write(dst: IO[bytes], count: int = count, members: Iterator[Member] = members,
+                          dirs: dict[str, tarfile.TarInfo] = dirs) -> None:
+                    held: set[str] = set()
                     with tarfile.open(fileobj=dst, mode="w|", format=tarfile.PAX_FORMAT) as tf:
                         for _ in range(count):
                             info, data = next(members)
+                            for parent in parents_to_add(info, dirs, held):
+                                tf.addfile(parent)
+                            if info.isdir():
+                                dirs[info.name.rstrip("/")] = info
+                                held.add(info.name.rstrip("/"))
                             tf.addfile(info, data)
 
                 print(f"realistic-split: layer {n + 1} piece {p + 1}/{len(bounds) - 1} ({count} entries)",

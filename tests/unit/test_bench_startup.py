@@ -4,6 +4,7 @@ name, the report, and the stargz peer's build key.  No benchmark runs and no Go 
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,26 @@ def test_split_cuts_by_bytes_and_never_between_a_hard_link_and_its_target() -> N
     # one file bigger than a piece is a piece of its own, and the rest still spread over the pieces left
     big = [_entry("a", 10), _entry("big", 100), _entry("b", 10), _entry("c", 10), _entry("d", 10)]
     assert imagesource.plan_cuts(big, 3) == [1, 2]
+
+
+def test_each_split_piece_holds_the_parent_directories_of_its_files() -> None:
+    def info(name: str, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.mode, ti.uid = kind, 0o751, 7
+        return ti
+
+    dirs = {"usr": info("usr/", tarfile.DIRTYPE), "usr/lib": info("usr/lib/", tarfile.DIRTYPE),
+            "usr/lib/torch": info("usr/lib/torch/", tarfile.DIRTYPE)}
+    held: set[str] = set()
+    got = imagesource.parents_to_add(info("usr/lib/torch/a.so"), dirs, held)
+    # outermost first, the original entries (owner, mode) — so an unpacker creates them as the image had them
+    assert [d.name for d in got] == ["usr/", "usr/lib/", "usr/lib/torch/"] and got[2].uid == 7
+    # a second file of the same directory needs nothing more in this piece
+    assert imagesource.parents_to_add(info("usr/lib/torch/b.so"), dirs, held) == []
+    # a parent the layer never had (it came from a lower layer) is not made up
+    assert imagesource.parents_to_add(info("etc/x"), dirs, set()) == []
+    assert imagesource.parents_to_add(info("usr/lib/torch/sub/"), dirs, {"usr"}) == [dirs["usr/lib"],
+                                                                                      dirs["usr/lib/torch"]]
 
 
 def test_per_layer_rows_match_blobs_to_layers_and_count_allocated_blocks(tmp_path: Path) -> None:
