@@ -81,6 +81,8 @@ class CkptOperations(pyfuse3.Operations):
     def __init__(self, ckpt: Checkpoint, *, threads: int = 16) -> None:
         super().__init__()
         self.ckpt = ckpt
+        # every open sets keep_cache: what the kernel was given stays in its page cache
+        ckpt.source.consumer_keeps_pages = True
         self._limiter = trio.CapacityLimiter(max(1, threads))
         self._uid, self._gid = os.getuid(), os.getgid()
         self._nodes: dict[int, _Node] = {}

@@ -325,3 +325,54 @@ def test_prefetch_plan_takes_matching_files_in_order_up_to_the_bound() -> None:
     assert plan(files, ["*"], 120) == [Planned("model.pt", 100), Planned("optim/state.pt", 20)]  # cut at the bound
     assert plan(files, ["model.*"], 0) == []
     assert plan(files, ["nothing"], 1000) == []
+
+
+def _two_readers(ck: Checkpoint) -> None:
+    """Reader A reads chunks 20.. to the end; then reader B starts at chunk 10 and reads on sequentially."""
+    f = ck.file("model.bin")
+    a, b = ReadState(), ReadState()
+    for i in range(20, len(f.chunks)):
+        ck.read(f, i * CS, CS, a)
+    for i in (10, 11):
+        ck.read(f, i * CS, CS, b)
+    ck.source.wait_idle()
+
+
+@pytest.mark.parametrize("keeps_pages", [True, False])
+def test_read_ahead_passes_over_chunks_the_page_cache_already_has(tree: tuple[Path, dict[str, bytes]],
+                                                                   tmp_path: Path, keeps_pages: bool) -> None:
+    """Under a FUSE mount the kernel keeps what it was given: B's read-ahead must not fetch again the chunks A
+    already read (they would be fetched for nobody: B finds them in the page cache).  Without that consumer
+    (the Python API) a recycled chunk is read ahead again, as a reader of its own needs it."""
+    src, _ = tree
+    ckptfs.put(src, str(tmp_path / "store"), chunk_size=CS, stripes=4)
+    ck = Checkpoint(str(tmp_path / "store"),
+                    reader_options=ReaderOptions(threads=4, readahead=30, memory_budget=64 * CS))
+    ck.source.consumer_keeps_pages = keeps_pages
+    with ck:
+        _two_readers(ck)
+    reads = ck.source.stats.store_reads
+    once = len(ck.file("model.bin").chunks) - 10
+    if keeps_pages:
+        assert reads == once  # chunks 10.. each fetched once
+    else:
+        assert reads > once
+
+
+def test_a_chunk_asked_for_again_turns_read_ahead_back_on(tree: tuple[Path, dict[str, bytes]],
+                                                          tmp_path: Path) -> None:
+    """When the kernel asks for a chunk it was already given, its page cache let pages go: from then on
+    read-ahead fetches what it had passed over, or a re-read would be one demand fetch at a time."""
+    src, files = tree
+    ckptfs.put(src, str(tmp_path / "store"), chunk_size=CS, stripes=4)
+    with Checkpoint(str(tmp_path / "store"),
+                    reader_options=ReaderOptions(threads=4, readahead=30, memory_budget=64 * CS)) as ck:
+        ck.source.consumer_keeps_pages = True
+        _two_readers(ck)
+        f = ck.file("model.bin")
+        before = ck.source.stats.store_reads
+        c = ReadState()
+        assert ck.read(f, 20 * CS, CS, c) == files["model.bin"][20 * CS : 21 * CS]  # delivered, asked again
+        ck.read(f, 21 * CS, CS, c)  # sequential: read-ahead runs over the chunks it passed over before
+        ck.source.wait_idle()
+        assert ck.source.stats.store_reads >= before + 8
