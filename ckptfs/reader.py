@@ -301,7 +301,7 @@ class ChunkSource:
         when ``consumer_keeps_pages``: chunks already read from and recycled.  Their bytes sit in the kernel's
         page cache, which answers the reader without asking us; reading them ahead again fetched them for
         nobody — with two readers on one file (the mount's prefetch and the job's ``torch.load``) each one's
-        read-ahead refetched what the other had already delivered, 0.3–0.7 GB per 2.2 GB checkpoint.
+        read-ahead refetched what the other had already delivered (docs/bench/design-measurements.md).
         """
         n = 0
         for ref in refs:
