@@ -29,6 +29,20 @@ def busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _HZ
 
 
+def process_seconds(pid: int | None) -> float | None:
+    """CPU-seconds (user + system, its own threads; reaped children too) process ``pid`` has used; None when
+    there is no such process.  Read at two moments, the difference is what it spent between them."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+    return sum(int(x) for x in fields[11:15]) / _HZ  # utime stime cutime cstime
+
+
 class MachineCpu:
     """Samples :func:`busy_seconds` every ``interval`` on a thread while the ``with`` block runs."""
 

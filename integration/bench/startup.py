@@ -46,7 +46,11 @@ wire bytes, and ``registry_to_output``), ``layers`` (per rate and BootSeer mode,
 runs), ``image`` and ``image_layers`` (compressed sizes), ``ratios`` (time ratios of medians, e.g.
 ``prefetch_vs_floor_1g``; ``fetched_vs_hotset_<rate>``) with ``ratio_spreads`` (the per-round ratios' range),
 ``goals`` (each with its verdict: met, not met, inconclusive when the spread straddles the bound, or not
-measured), ``skipped``.  Five runs or more for figures that are quoted: three leave the spread meaningless.
+measured), ``cpu_seconds`` (per rate and mode, medians from the pull's start to its end, ``pull``, and to the
+output, ``to_output``: the machine's ``busy`` and ``idle`` core-seconds and the CPU-seconds of the
+``registry``, the node's ``snapshotter`` and ``containerd`` — the registry shares this machine's cores, which
+a remote one would not), ``cores``, ``skipped``.  Five runs or more for figures that are quoted: three leave
+the spread meaningless.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bootseer.testkit import drop_caches
+from integration.bench.cpu import busy_seconds, process_seconds
 from integration.bench.imagesource import REALISTIC_SEQ_READ_FILE, ImageSource, Workload
 from integration.bench.stats import Spread, ratio_spread, spread, verdict
 
@@ -146,6 +151,50 @@ def registry_bytes(lines: Iterable[str]) -> int:
         if doc.get("http.request.method") == "GET":
             total += int(doc.get("http.response.written") or 0)
     return total
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """CPU-seconds each process spent between two :meth:`Bench.cpu_now` readings, the machine's busy
+    CPU-seconds and its idle core-seconds (cores × wall − busy) over the ``wall`` seconds between them."""
+    out = {k: round(after[k] - before[k], 3) for k in after if k in before}
+    if "busy" in out:
+        out["idle"] = round(max(0.0, (os.cpu_count() or 1) * wall - out["busy"]), 3)
+    return out
+
+
+def cpu_text(c: dict[str, float]) -> str:
+    """The log's note on a pull's CPU: how much of the machine was busy, and who."""
+    if "busy" not in c:
+        return ""
+    who = ", ".join(f"{k} {c[k]:.2f}" for k in ("registry", "snapshotter", "containerd") if k in c)
+    return f"; pull CPU {c['busy']:.2f} core-s busy, {c.get('idle', 0):.2f} idle ({who})"
+
+
+def median_cpu(readings: list[dict[str, float]]) -> dict[str, float]:
+    """Per part of :func:`cpu_spent`, its median over the runs that have it."""
+    keys = sorted({k for r in readings for k in r})
+    return {k: round(statistics.median(r[k] for r in readings if k in r), 3) for k in keys}
+
+
+def cpu_table(result: dict[str, Any]) -> list[str]:
+    """Markdown: CPU-seconds per mode from the pull's start, to the pull's end and to the output."""
+    rows = []
+    for rk, per in result.get("cpu_seconds", {}).items():
+        for mode in MODES:
+            for part, label in (("pull", "pull"), ("to_output", "to output")):
+                c = per.get(mode, {}).get(part)
+                if not c:
+                    continue
+                cells = " | ".join(f"{c[k]:.2f}" if k in c else "–"
+                                   for k in ("busy", "idle", "registry", "snapshotter", "containerd"))
+                rows.append(f"| {LABELS[mode]} @ {rk} | {label} | {cells} |")
+    if not rows:
+        return []
+    return ["", f"CPU from the pull's start (medians; core-seconds on this machine's {result.get('cores', '?')} "
+            "cores, which the registry shares here — a real registry runs elsewhere): the whole machine busy and "
+            "idle, the registry, the node's snapshotter (BootSeer's or stargz's), containerd:", "",
+            "| mode | until | machine busy | idle | registry | snapshotter | containerd |",
+            "|---|---|---:|---:|---:|---:|---:|", *rows]
 
 
 def by_round(runs: list[Run], rate: str, mode: str) -> dict[int, float]:
@@ -235,6 +284,7 @@ def markdown(result: dict[str, Any]) -> str:
                    f"local disk {statistics.median(seq['overlayfs_local']):.0f} MB/s, BootSeer lazy layers after "
                    f"they left FUSE {statistics.median(seq['swapped_lazy']):.0f} MB/s (median).")
     out += layer_table(result)
+    out += cpu_table(result)
     if result.get("partial"):
         out += ["", "**Partial result**: the run had not finished all rounds when this was written."]
     if result.get("skipped"):
@@ -624,16 +674,20 @@ class Bench:
             self.pull(mode)  # not timed: the floor starts with the image on the node
             self.reset(wipe=False)
         rx0, log0 = self.link_rx(), self.registry_log_size()
+        cpu0 = self.cpu_now(mode)
         t0 = time.monotonic()
         if mode != "floor":
             self.pull(mode)
         t_pull = time.monotonic()
+        cpu_pull = self.cpu_now(mode)
         at: dict[str, int] = {}
+        cpu_out: dict[str, float] = {}
 
         layers: list[dict[str, Any]] = []
 
         def sample() -> None:
             at["rx"], at["log"] = self.link_rx(), self.registry_log_size()
+            cpu_out.update(self.cpu_now(mode))
             if mode in ("lazy", "prefetch"):
                 docs = self.lazy_layers_now()
                 at.update(fetched_by_kind(docs))
@@ -643,12 +697,31 @@ class Bench:
         run = Run(mode, rate, round(t_out - t0, 3), round(t_pull - t0, 3), at["rx"] - rx0,
                   self.registry_served(log0, at["log"]))
         run.extra.update({f"fetched_{k}": at[k] for k in ("demand", "prefetch", "background") if k in at})
+        run.extra["cpu_pull"] = cpu_spent(cpu0, cpu_pull, t_pull - t0)
+        run.extra["cpu_to_output"] = cpu_spent(cpu0, cpu_out, t_out - t0)
         if layers:
             run.extra["layers"] = layers
         if mode == "floor":
             run.extra["page_cache_bytes"], run.extra["unpacked_bytes"] = page_cache_bytes(
                 sorted((self.cdir / "root" / "io.containerd.snapshotter.v1.overlayfs" / "snapshots").glob("*/fs")))
         return run
+
+    def cpu_now(self, mode: str) -> dict[str, float]:
+        """CPU-seconds used so far by the machine (``busy``) and by the processes serving ``mode``'s start:
+        the registry, the node's snapshotter (BootSeer's or the stargz peer) and containerd.  Why: all of them
+        share this machine's cores, and a remote registry would not — a start that saturates them says so."""
+        node: int | None = None
+        if self.snapshotter_of(mode) == "bootseer":
+            node = self.st.info.pids.get("snapshotter")
+        elif self.snapshotter_of(mode) == "stargz" and self.peer is not None and self.peer.proc is not None:
+            node = self.peer.proc.pid
+        out = {"busy": busy_seconds()}
+        for name, pid in (("registry", self.st.info.pids.get("registry")), ("snapshotter", node),
+                          ("containerd", self.st.info.pids.get("containerd"))):
+            v = process_seconds(pid)
+            if v is not None:
+                out[name] = v
+        return out
 
     def lazy_layers_now(self) -> list[dict[str, Any]] | None:
         """The snapshotter's status of its lazy layers (asked on its control socket, fast enough to call the
@@ -885,7 +958,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     r.extra["round"] = i
                     runs.append(r)
                     _log(f"{rate} run {i + 1}/{args.runs} {mode:17s} {r.seconds:6.2f} s (pull {r.pull_seconds:5.2f} s)"
-                         f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB")
+                         f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB"
+                         + cpu_text(r.extra.get("cpu_pull", {})))
                 write_outputs(result(partial=True), args)  # a long run interrupted still leaves its figures
             if n_rate == 0 and "lazy" in modes and not args.no_seq_read and work.seq_read_file:
                 # (the link does not matter to it)
@@ -944,6 +1018,7 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
     spreads: dict[str, dict[str, dict[str, float | int]]] = {}
     byts: dict[str, dict[str, dict[str, float]]] = {}
     layers: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    cpus: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for rate in rates:
         rk = rate_key(rate)
         for mode in modes:
@@ -955,6 +1030,9 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
             byts.setdefault(rk, {})[mode] = {
                 "link_to_output": int(statistics.median(r.link_bytes for r in rs)),
                 "registry_to_output": int(statistics.median(r.registry_bytes for r in rs))}
+            cpu = {part: median_cpu([r.extra.get(f"cpu_{part}", {}) for r in rs]) for part in ("pull", "to_output")}
+            if any(cpu.values()):
+                cpus.setdefault(rk, {})[mode] = cpu
             per_layer = layer_medians(rs)
             if per_layer:
                 layers.setdefault(rk, {})[mode] = per_layer
@@ -1009,6 +1087,8 @@ def summarize(runs: list[Run], rates: list[str], modes: list[str], n: int, skipp
         "median_seconds": med,
         "seconds": spreads,
         "bytes": byts,
+        "cpu_seconds": cpus,
+        "cores": os.cpu_count(),
         "layers": layers,
         "hot_set": hot,
         "fetched_by_kind_to_output": fetched_kinds,

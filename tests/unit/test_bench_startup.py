@@ -4,6 +4,7 @@ name, the report, and the stargz peer's build key.  No benchmark runs and no Go 
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -295,3 +296,37 @@ def test_per_layer_figures_reach_the_json_the_table_and_the_report(capsys: pytes
     out = capsys.readouterr().out
     assert "lazy 6.00 s (40 MB wire)" in out
     assert "lazy layer 1 sha256:100000000000: blob 50.0 MB, fetched 20.0 MB, disk 20.0 MB" in out
+
+
+def test_process_cpu_is_what_the_kernel_accounts_and_none_for_no_process() -> None:
+    from integration.bench.cpu import process_seconds
+
+    t = os.times()
+    own = process_seconds(os.getpid())
+    after = os.times()
+    assert own is not None
+    assert t.user + t.system + t.children_user + t.children_system - 0.02 <= own
+    assert own <= after.user + after.system + after.children_user + after.children_system + 0.02
+    assert process_seconds(None) is None
+    assert process_seconds(2**22 + 1) is None  # above pid_max's ceiling: never a process
+
+
+def test_cpu_per_mode_reaches_the_json_and_the_table() -> None:
+    before = {"busy": 100.0, "registry": 5.0, "snapshotter": 2.0, "containerd": 1.0}
+    after = {"busy": 101.6, "registry": 5.6, "snapshotter": 2.75, "containerd": 1.05}
+    spent = startup.cpu_spent(before, after, 1.0)
+    cores = os.cpu_count() or 1
+    assert spent["busy"] == 1.6 and spent["registry"] == 0.6 and spent["snapshotter"] == 0.75
+    assert spent["idle"] == round(max(0.0, cores - 1.6), 3)
+    assert startup.cpu_spent({"busy": 1.0}, {"busy": 2.0, "registry": 1.0}, 1.0).keys() == {"busy", "idle"}
+
+    runs = [startup.Run("prefetch", "1gbit", s, 1.0, 0, 0,
+                        {"round": i, "cpu_pull": {"busy": b, "registry": r},
+                         "cpu_to_output": {"busy": 2 * b, "registry": 2 * r}})
+            for i, (s, b, r) in enumerate([(4.0, 1.5, 0.5), (5.0, 1.7, 0.7), (6.0, 1.6, 0.9)])]
+    res = startup.summarize(runs, ["1gbit"], ["prefetch"], 3, {}, None, 1000, 1.0)
+    assert res["cpu_seconds"]["1g"]["prefetch"] == {"pull": {"busy": 1.6, "registry": 0.7},
+                                                    "to_output": {"busy": 3.2, "registry": 1.4}}
+    md = startup.markdown(res)
+    assert "| BootSeer lazy + prefetch @ 1g | pull | 1.60 | – | 0.70 | – | – |" in md
+    assert "pull CPU 1.60 core-s busy" in startup.cpu_text({"busy": 1.6, "idle": 0.4, "registry": 0.7})
