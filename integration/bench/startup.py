@@ -959,7 +959,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs.append(r)
                     _log(f"{rate} run {i + 1}/{args.runs} {mode:17s} {r.seconds:6.2f} s (pull {r.pull_seconds:5.2f} s)"
                          f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB"
-                         + cpu_text(r.extra.get("cpu_pull", {})))
+                         + (cpu_text(r.extra.get("cpu_pull", {})) if mode != "floor" else ""))
                 write_outputs(result(partial=True), args)  # a long run interrupted still leaves its figures
             if n_rate == 0 and "lazy" in modes and not args.no_seq_read and work.seq_read_file:
                 # (the link does not matter to it)
