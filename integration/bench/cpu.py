@@ -87,7 +87,12 @@ def split(wall: float, busy: float, own_user: float, own_sys: float, cores: int)
     core-seconds (``cores × wall`` minus all busy time)."""
     other = max(0.0, busy - own_user - own_sys)
     return {"wall_s": round(wall, 3), "own_user_s": round(own_user, 3), "own_sys_s": round(own_sys, 3),
-            "other_cpu_s": round(other, 3), "idle_core_s": round(max(0.0, cores * wall - busy), 3)}
+            "other_cpu_s": round(other, 3), "idle_core_s": round(idle_core_seconds(wall, busy, cores), 3)}
+
+
+def idle_core_seconds(wall: float, busy: float, cores: int) -> float:
+    """Core-seconds no one used over ``wall`` seconds in which the machine was ``busy`` CPU-seconds."""
+    return max(0.0, cores * wall - busy)
 
 
 def trainer_phases(events: Path, job_id: str, cpu: MachineCpu) -> dict[str, dict[str, float]]:

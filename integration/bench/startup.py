@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bootseer.testkit import drop_caches
-from integration.bench.cpu import busy_seconds, process_seconds
+from integration.bench.cpu import busy_seconds, idle_core_seconds, process_seconds
 from integration.bench.imagesource import REALISTIC_SEQ_READ_FILE, ImageSource, Workload
 from integration.bench.stats import Spread, ratio_spread, spread, verdict
 
@@ -158,7 +158,7 @@ def cpu_spent(before: dict[str, float], after: dict[str, float], wall: float) ->
     CPU-seconds and its idle core-seconds (cores × wall − busy) over the ``wall`` seconds between them."""
     out = {k: round(after[k] - before[k], 3) for k in after if k in before}
     if "busy" in out:
-        out["idle"] = round(max(0.0, (os.cpu_count() or 1) * wall - out["busy"]), 3)
+        out["idle"] = round(idle_core_seconds(wall, out["busy"], os.cpu_count() or 1), 3)
     return out
 
 
@@ -697,7 +697,8 @@ class Bench:
         run = Run(mode, rate, round(t_out - t0, 3), round(t_pull - t0, 3), at["rx"] - rx0,
                   self.registry_served(log0, at["log"]))
         run.extra.update({f"fetched_{k}": at[k] for k in ("demand", "prefetch", "background") if k in at})
-        run.extra["cpu_pull"] = cpu_spent(cpu0, cpu_pull, t_pull - t0)
+        if mode != "floor":  # the floor starts with the image on the node: no pull
+            run.extra["cpu_pull"] = cpu_spent(cpu0, cpu_pull, t_pull - t0)
         run.extra["cpu_to_output"] = cpu_spent(cpu0, cpu_out, t_out - t0)
         if layers:
             run.extra["layers"] = layers
@@ -959,7 +960,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs.append(r)
                     _log(f"{rate} run {i + 1}/{args.runs} {mode:17s} {r.seconds:6.2f} s (pull {r.pull_seconds:5.2f} s)"
                          f" link {r.link_bytes / 1e6:7.1f} MB, registry {r.registry_bytes / 1e6:7.1f} MB"
-                         + (cpu_text(r.extra.get("cpu_pull", {})) if mode != "floor" else ""))
+                         + cpu_text(r.extra.get("cpu_pull", {})))
                 write_outputs(result(partial=True), args)  # a long run interrupted still leaves its figures
             if n_rate == 0 and "lazy" in modes and not args.no_seq_read and work.seq_read_file:
                 # (the link does not matter to it)

@@ -329,4 +329,9 @@ def test_cpu_per_mode_reaches_the_json_and_the_table() -> None:
                                                     "to_output": {"busy": 3.2, "registry": 1.4}}
     md = startup.markdown(res)
     assert "| BootSeer lazy + prefetch @ 1g | pull | 1.60 | – | 0.70 | – | – |" in md
+    floor = [startup.Run("floor", "1gbit", 3.0, 0.0, 0, 0, {"round": 0, "cpu_to_output": {"busy": 2.5}})]
+    res = startup.summarize(floor, ["1gbit"], ["floor"], 1, {}, None, 1000, 1.0)
+    assert res["cpu_seconds"]["1g"]["floor"] == {"pull": {}, "to_output": {"busy": 2.5}}
+    md = startup.markdown(res)
+    assert "| floor (local, cold cache) @ 1g | to output | 2.50 |" in md and "@ 1g | pull |" not in md
     assert "pull CPU 1.60 core-s busy" in startup.cpu_text({"busy": 1.6, "idle": 0.4, "registry": 0.7})
