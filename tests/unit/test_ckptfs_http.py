@@ -52,18 +52,21 @@ class _Server:
                 self._serve(head=False)
 
             def _serve(self, head: bool) -> None:
+                # one reading of the faults per request: a test switches them between its reads, and a switch
+                # must not reach a request whose answer the client has already received
                 with server.lock:
+                    faults = set(server.faults)
                     server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                             "range": self.headers.get("Range"), "port": server.port,
                                             "peer": self.client_address[1]})
                     n = len(server.requests)
-                if "redirect" in server.faults and server.redirect_to:
+                if "redirect" in faults and server.redirect_to:
                     self.send_response(302)
                     self.send_header("Location", server.redirect_to + self.path)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                if "503" in server.faults and server.fail_every and n % server.fail_every == 0 and not head:
+                if "503" in faults and server.fail_every and n % server.fail_every == 0 and not head:
                     body = b"busy, try again"
                     self.send_response(503)
                     self.send_header("Content-Length", str(len(body)))
@@ -78,9 +81,9 @@ class _Server:
                     return
                 data = path.read_bytes()
                 m = re.match(r"bytes=(\d+)-(\d+)$", self.headers.get("Range") or "")
-                if m and "ignore-range" not in server.faults:
+                if m and "ignore-range" not in faults:
                     lo, hi = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
-                    if "wrong-range" in server.faults:
+                    if "wrong-range" in faults:
                         lo, hi = lo + 1, hi + 1
                     body = data[lo : hi + 1]
                     self.send_response(206)
@@ -89,18 +92,18 @@ class _Server:
                     body = data
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
-                if "close" in server.faults:
+                if "close" in faults:
                     self.send_header("Connection", "close")
                 self.end_headers()
                 if head:
                     return
-                if "short" in server.faults and len(body) > 100:
+                if "short" in faults and len(body) > 100:
                     self.wfile.write(body[: len(body) // 2])
                     self.close_connection = True
                     return
                 self.wfile.write(body)
-                if "close" in server.faults:
-                    self.close_connection = True
+                if "silent-close" in faults:
+                    self.close_connection = True  # closed without saying so, as an idle timeout or a proxy does
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -163,6 +166,29 @@ def test_keepalive_connections_are_reused(served: tuple[_Server, dict[str, bytes
         assert len(ranges._all) == 1
     finally:
         store.close()
+
+
+def test_a_kept_connection_the_server_closed_silently_is_retried_once_on_a_new_one(
+        served: tuple[_Server, dict[str, bytes]]) -> None:
+    """A server (or a proxy's idle timeout) may close a kept-alive connection without a ``Connection: close``;
+    the next request on it fails before any byte of an answer and must go out again on a new socket."""
+    srv, _ = served
+    srv.faults.add("silent-close")
+    stripe = _stripe(srv)
+    want = (srv.root / "ck" / stripe).read_bytes()
+    ranges = HttpRanges(timeout=10)
+    try:
+        for i in range(3):
+            out = memoryview(bytearray(CS))
+            ranges.read_into(f"{srv.url}/ck/{stripe}", i * CS, out)
+            assert bytes(out) == want[i * CS : (i + 1) * CS]
+        # each request after the first found its kept connection closed and was sent again on a new socket;
+        # the server saw each read once
+        ranged = [r for r in srv.requests if r["range"]]
+        assert len(ranged) == 3
+        assert len({r["peer"] for r in ranged}) == 3
+    finally:
+        ranges.close()
 
 
 def _stripe(srv: _Server) -> str:
