@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import requests
 
 from bootseer.reference import Reference
-from bootseer.registry.errors import DigestMismatch, NotFound, RegistryError
+from bootseer.registry.errors import DigestMismatch, NotFound
 from bootseer.registry.oci import (
     MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
@@ -73,23 +73,13 @@ class Manifests(Transport):
                       reference: str | None) -> tuple[str, requests.Response]:
         digest = sha256_digest(raw)
         target = reference or (ref.tag if ref.tag and not ref.digest else None) or digest
-        attempt = 0
-        while True:
-            try:
-                _, resp = self._request(ref, "PUT", f"/{ref.repository}/manifests/{target}", capability="push",
-                                        push=True, ok=(200, 201, 202), headers={"Content-Type": media_type},
-                                        data=raw)
-                break
-            except RegistryError as e:
-                # DIGEST_INVALID on a manifest we hashed ourselves: docker-registry 2.8 read the link file of a
-                # blob the manifest names while another push of that blob rewrote it (its filesystem driver
-                # truncates, then writes), and answers this beside MANIFEST_BLOB_UNKNOWN (seen in CI with two
-                # `depsnap run` builders pushing the same image).  Once that write ends the link reads again.
-                if e.status != 400 or e.code != "DIGEST_INVALID" or attempt >= self.retries:
-                    raise
-                log.info("PUT of manifest %s met a blob link being rewritten; trying again", digest)
-            self._sleep_backoff(attempt, what=f"PUT manifest {digest}", reason="manifest_link_race")
-            attempt += 1
+        # DIGEST_INVALID on a manifest we hashed ourselves: docker-registry 2.8 read the link file of a blob the
+        # manifest names while another push of that blob rewrote it (its filesystem driver truncates, then
+        # writes), and answers this beside MANIFEST_BLOB_UNKNOWN (seen in CI with two `depsnap run` builders
+        # pushing the same image).  Once that write ends the link reads again: sent again after a pause.
+        _, resp = self._request(ref, "PUT", f"/{ref.repository}/manifests/{target}", capability="push", push=True,
+                                ok=(200, 201, 202), headers={"Content-Type": media_type}, data=raw,
+                                retry_codes=("DIGEST_INVALID",))
         announced = resp.headers.get("Docker-Content-Digest")
         if announced and announced != digest:
             raise DigestMismatch(f"registry stored the manifest as {announced}, we sent {digest}")

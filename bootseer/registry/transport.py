@@ -146,8 +146,11 @@ class Transport:
         stream: bool = False,
         retries: int | None = None,
         redirects: bool = True,
+        retry_codes: tuple[str, ...] = (),
     ) -> requests.Response:
-        """One logical request to one endpoint: auth challenges answered, transient failures retried."""
+        """One logical request to one endpoint: auth challenges answered, transient failures retried — and a
+        4xx answer whose (first) error code is in ``retry_codes``, which for this request means "a moment
+        later it succeeds"."""
         ok = tuple(ok)
         retries = self.retries if retries is None else retries
         authed = False
@@ -200,7 +203,13 @@ class Transport:
                                     f"http_{resp.status_code}")
                 attempt += 1
                 continue
-            raise _error_from(resp, method, url, ep.host)
+            err = _error_from(resp, method, url, ep.host)
+            if retry_codes and err.code in retry_codes and attempt < retries:
+                log.info("%s %s: %s; retrying", method, _path(url), err.code)
+                self._sleep_backoff(attempt, what=str(err), reason=f"code_{err.code}")
+                attempt += 1
+                continue
+            raise err
 
     @staticmethod
     def _cred_host(ep: Endpoint) -> str:
